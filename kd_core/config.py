@@ -1,0 +1,345 @@
+"""The one configuration: `params.yaml`, validated with pydantic.
+
+Every stage takes a `PipelineConfig`. Unknown keys are errors (a typo must not silently fall back to a
+default), and every error names the key path and the allowed values, e.g.
+
+    params.yaml: students[1].method: unknown method 'fkd' (allowed: kd, sft)
+
+Methods and divergences are looked up by name in their registries (`kd_core.methods`,
+`kd_core.losses.divergences`), so a new module registering a name is all it takes to extend them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad params.yaml: the message is one line per problem, each naming the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+class SplitConfig(_Strict):
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be < 1")
+        return self
+
+
+class EvalSetConfig(_Strict):
+    """A named extra evaluation set read from a local file (same field mapping rules as the main data)."""
+
+    path: str
+    limit: int | None = Field(None, ge=1, description="keep the first N valid rows")
+    filter_field: str | None = Field(None, description="keep only rows whose field is truthy")
+
+
+class DataConfig(_Strict):
+    source: Literal["builtin", "file", "hub"] = "builtin"
+    builtin_examples: int = Field(3000, ge=10)
+    builtin_seed: int = 0
+    path: str | None = None
+    hub_name: str | None = None
+    hub_split: str = "train"
+    field_map: dict[str, str] = Field(default_factory=dict, description="our field -> source column")
+    max_chars: int = Field(4000, ge=16, description="rows whose prompt+response exceed this are bad")
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    split: SplitConfig = SplitConfig()
+    template: Literal["alpaca", "minimal"] = "alpaca"
+    eval_sets: dict[str, EvalSetConfig] = Field(default_factory=dict)
+
+    @field_validator("field_map")
+    @classmethod
+    def _known_fields(cls, v: dict[str, str]) -> dict[str, str]:
+        allowed = {"instruction", "context", "response", "category"}
+        bad = sorted(set(v) - allowed)
+        if bad:
+            raise ValueError(f"unknown field(s) {bad} (allowed: {', '.join(sorted(allowed))})")
+        return v
+
+    @model_validator(mode="after")
+    def _source_args(self) -> DataConfig:
+        if self.source == "file" and not self.path:
+            raise ValueError("path: required when source is 'file'")
+        if self.source == "hub" and not self.hub_name:
+            raise ValueError("hub_name: required when source is 'hub'")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- models
+class ArchConfig(_Strict):
+    """A model built from a config (randomly initialised), GPT-2 or Llama shaped."""
+
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    n_layer: int = Field(2, ge=1)
+    hidden: int = Field(128, ge=8)
+    n_head: int = Field(4, ge=1)
+    n_kv_head: int | None = Field(None, ge=1, description="llama only; default = n_head")
+    intermediate: int | None = Field(None, ge=8, description="MLP width; default 4*hidden")
+
+    @model_validator(mode="after")
+    def _heads(self) -> ArchConfig:
+        if self.hidden % self.n_head:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class ModelSource(_Strict):
+    """Exactly one of: `config` (build from an architecture), `checkpoint` (path or hub name),
+    `from_teacher_layers` (student only: copy the teacher and keep these layer indices)."""
+
+    config: ArchConfig | None = None
+    checkpoint: str | None = None
+    gguf_file: str | None = None
+    from_teacher_layers: list[int] | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        given = [k for k in ("config", "checkpoint", "from_teacher_layers") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of config, checkpoint, from_teacher_layers (got {given or 'none'})")
+        return self
+
+
+class TrainingConfig(_Strict):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, ge=-1, description="overrides epochs when > 0")
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    seed: int | None = Field(None, description="default: the pipeline seed")
+    save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: only the final model)")
+    logging_steps: int = Field(20, ge=1)
+    deepspeed: str | None = Field(None, description="path to a DeepSpeed json (infra/deepspeed/*.json)")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="default: peft's choice for the architecture")
+
+
+class TeacherConfig(_Strict):
+    name: str = "teacher"
+    model: ModelSource
+    train: bool = Field(True, description="false: use the checkpoint as is (no SFT)")
+    finetune: Literal["full", "lora"] = "full"
+    lora: LoraConfig = LoraConfig()
+    training: TrainingConfig = TrainingConfig()
+
+
+class FinetuneConfig(_Strict):
+    """Post-distillation fine-tuning: cross-entropy on the task data at a smaller learning rate."""
+
+    enabled: bool = False
+    epochs: float = Field(1.0, gt=0)
+    lr_scale: float = Field(0.1, gt=0, le=1, description="learning rate = distillation lr * lr_scale")
+
+
+class StudentConfig(_Strict):
+    name: str = Field("", description="filled from the key under `students`")
+    method: str = "kd"
+    divergence: str = "fkl"
+    divergence_args: dict[str, float] = Field(default_factory=dict)
+    method_args: dict[str, Any] = Field(default_factory=dict)
+    alpha: float = Field(0.0, ge=0, le=1, description="weight of the CE loss: alpha*CE + (1-alpha)*KD")
+    temperature: float = Field(1.0, gt=0)
+    model: ModelSource
+    training: TrainingConfig = TrainingConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+
+    @model_validator(mode="after")
+    def _registered_names(self) -> StudentConfig:
+        from kd_core.losses.divergences import DIVERGENCES
+        from kd_core.methods import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown method {self.method!r} (allowed: {', '.join(sorted(METHODS))})")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence: unknown divergence {self.divergence!r} "
+                             f"(allowed: {', '.join(sorted(DIVERGENCES))})")
+        spec = DIVERGENCES[self.divergence].params
+        for key, value in self.divergence_args.items():
+            if key not in spec:
+                allowed = ", ".join(sorted(spec)) or "none"
+                raise ValueError(f"divergence_args.{key}: not a parameter of {self.divergence!r} (allowed: {allowed})")
+            p = spec[key]
+            if not p.low <= value <= p.high:
+                raise ValueError(f"divergence_args.{key}: {value} is outside [{p.low}, {p.high}]")
+        METHODS[self.method].validate_args(self.method_args)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- rest
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class EvaluationConfig(_Strict):
+    eval_sets: list[str] = Field(default_factory=lambda: ["test"],
+                                 description="'test' (the split) and names from data.eval_sets")
+    limit: int | None = Field(None, ge=1, description="first N prompts of each set")
+    sample_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    greedy: bool = True
+    generation: GenerationConfig = GenerationConfig()
+
+
+class ChampionRule(_Strict):
+    metric: str = "test/rougeL_sampled_mean"
+    mode: Literal["max", "min"] = "max"
+    min_delta: float = Field(0.0, ge=0, description="move the alias only when better by more than this")
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str | None = Field(None, description="default: env MLFLOW_TRACKING_URI, else sqlite in run_dir's project")
+    experiment: str = "kd-pipeline"
+    registered_model: str = "kd-student"
+    register_teacher_as: str = "kd-teacher"
+    champion: ChampionRule = ChampionRule()
+
+
+class OrchestrationConfig(_Strict):
+    max_parallel_students: int = Field(1, ge=1)
+    retries: int = Field(1, ge=0, description="Prefect retries for transient failures")
+
+
+class TokenizerConfig(_Strict):
+    """For models built from a config: a byte-level BPE trained on the train split."""
+
+    vocab_size: int = Field(2048, ge=64)
+    max_length: int = Field(128, ge=8, description="tokens; longer samples are truncated or dropped")
+    overlong: Literal["truncate", "drop"] = "truncate"
+
+
+class PipelineConfig(_Strict):
+    run_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    teacher: TeacherConfig
+    students: dict[str, StudentConfig] = Field(min_length=1, description="name -> student")
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    @field_validator("students", mode="before")
+    @classmethod
+    def _names_from_keys(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise ValueError("must be a mapping of student name -> settings")
+        out = {}
+        for name, body in v.items():
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"{name!r}: a student name is letters, digits, '_', '.', '-'")
+            out[name] = {**body, "name": name} if isinstance(body, dict) else body
+        return out
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineConfig:
+        names = list(self.students)
+        if self.teacher.name in names:
+            raise ValueError(f"students: name {self.teacher.name!r} is the teacher's")
+        known = {"test", *self.data.eval_sets}
+        for i, name in enumerate(self.evaluation.eval_sets):
+            if name not in known:
+                raise ValueError(f"evaluation.eval_sets[{i}]: unknown eval set {name!r} (allowed: {', '.join(sorted(known))})")
+        return self
+
+    # ---- helpers
+    def student(self, name: str) -> StudentConfig:
+        if name not in self.students:
+            raise KeyError(f"no student named {name!r} (students: {', '.join(self.students)})")
+        return self.students[name]
+
+    def fingerprint(self) -> str:
+        """Short hash of the whole config: tags registered models with the params that produced them."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ""
+        for part in e["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e['input']!r})"
+        # model validators report at the parent; their message starts with the sub-key ("method: ...")
+        sub = re.match(r"^([A-Za-z_][\w.\[\]]*): (.*)$", msg)
+        if sub and e["type"] == "value_error":
+            loc, msg = (f"{loc}.{sub.group(1)}" if loc else sub.group(1)), sub.group(2)
+        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any], source: str = "params.yaml") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return parse_config(raw, source=str(path))
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` (list indices as numbers, like `dvc exp run -S`)."""
+    node: Any = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents + [leaf]:
+        is_last = key is leaf
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"override {dotted!r}: {key!r} is not an index of a list of {len(node)}")
+            if is_last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+        elif isinstance(node, dict):
+            if is_last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise ConfigError(f"override {dotted!r}: cannot descend into a {type(node).__name__} at {key!r}")

@@ -1,0 +1,35 @@
+"""The prompt template: the one place that turns a row into a prompt.
+
+`alpaca` is the Dolly/Alpaca format used by MiniLLM, DistiLLM and the OKD paper for training and
+evaluation. `minimal` keeps the section markers but drops the preamble: at tiny scale the preamble's ~30
+tokens per example would dominate training time. The loss covers the response tokens only; the prompt is
+context.
+"""
+
+from __future__ import annotations
+
+_ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
+)
+_ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+_MINIMAL_WITH_INPUT = "### Instruction:\n{instruction}\n### Input:\n{context}\n### Response:\n"
+_MINIMAL_NO_INPUT = "### Instruction:\n{instruction}\n### Response:\n"
+
+TEMPLATES: dict[str, tuple[str, str]] = {
+    "alpaca": (_ALPACA_WITH_INPUT, _ALPACA_NO_INPUT),
+    "minimal": (_MINIMAL_WITH_INPUT, _MINIMAL_NO_INPUT),
+}
+
+
+def format_prompt(row: dict, template: str) -> str:
+    """The prompt for a row with keys instruction and (optional) context; ends where the response starts."""
+    with_input, no_input = TEMPLATES[template]
+    context = (row.get("context") or "").strip()
+    fmt = with_input if context else no_input
+    return fmt.format(instruction=row["instruction"].strip(), context=context)

@@ -1,0 +1,125 @@
+"""Tokenizer and tensors: one tokenizer for the whole run, response-only labels, padding-aware collation.
+
+Models built from a config get a byte-level BPE trained locally on the train split with `tokenizers`;
+checkpoints bring their own tokenizer, which the prepare stage copies into the run folder so that every
+stage (and every student) uses the same one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from kd_core.data.template import format_prompt
+
+IGNORE_INDEX = -100
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, model_max_length=max_length)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:  # many causal LMs ship without one; eos is the usual stand-in
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on prompt tokens
+
+
+def encode_example(row: dict, tokenizer: PreTrainedTokenizerBase, template: str, max_length: int,
+                   overlong: str = "truncate") -> EncodedExample | None:
+    """Prompt + response + EOS; labels cover the response and EOS only.
+
+    Returns None when the example has no response token left within max_length (or is over-long and
+    overlong == "drop"): callers count these.
+    """
+    prompt_ids = tokenizer(format_prompt(row, template))["input_ids"]
+    response_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt_ids + response_ids
+    if len(ids) > max_length:
+        if overlong == "drop" or len(prompt_ids) >= max_length:
+            return None
+        ids = ids[:max_length]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
+    return EncodedExample(ids, labels)
+
+
+def encode_prompt(row: dict, tokenizer: PreTrainedTokenizerBase, template: str, max_prompt_length: int) -> list[int]:
+    """Prompt ids for generation, keeping the end (where the response starts) when too long."""
+    ids = tokenizer(format_prompt(row, template))["input_ids"]
+    return ids[-max_prompt_length:]
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[EncodedExample]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.examples[i]
+        return {"input_ids": ex.input_ids, "labels": ex.labels}
+
+
+def encode_rows(rows: list[dict], tokenizer, template: str, max_length: int, overlong: str) -> tuple[EncodedDataset, int]:
+    """The encoded data set and the number of rows dropped for length."""
+    examples = [encode_example(r, tokenizer, template, max_length, overlong) for r in rows]
+    kept = [e for e in examples if e is not None]
+    return EncodedDataset(kept), len(examples) - len(kept)
+
+
+@dataclass
+class CausalCollator:
+    """Right-pads a list of {input_ids, labels} to the longest in the batch.
+
+    Output: input_ids [B,T] (pad id), attention_mask [B,T] (1 = real token), labels [B,T] (IGNORE_INDEX on
+    prompt and padding). Position t's logits predict input_ids[t+1], so losses compare logits[:, :-1]
+    with labels[:, 1:].
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt batch for generation: (input_ids [B,T], attention_mask [B,T])."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask

@@ -1,0 +1,119 @@
+"""Comparison across the MLflow registry: a table of registered versions (teacher and students), each KD
+student against the SFT student of the same run, a size-versus-quality plot, as markdown, JSON and PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kd_core import tracking
+from kd_core.io import write_json_atomic, write_text_atomic
+
+COLUMNS = [  # (metric key, header, format)
+    ("test/rougeL_sampled_mean", "ROUGE-L (T=1)", "{:.2f}"),
+    ("test/rougeL_greedy", "ROUGE-L greedy", "{:.2f}"),
+    ("test/exact_match_sampled_mean", "EM % (T=1)", "{:.1f}"),
+    ("test/exact_match_greedy", "EM % greedy", "{:.1f}"),
+    ("val/ppl", "val ppl", "{:.2f}"),
+    ("test/top1_agreement", "top-1 agree", "{:.3f}"),
+    ("train_time_s", "train s", "{:.0f}"),
+]
+
+
+def _fmt(metrics: dict, key: str, fmt: str) -> str:
+    if key not in metrics:
+        return "–"
+    text = fmt.format(metrics[key])
+    lo, hi = key.replace("_mean", "_ci_low"), key.replace("_mean", "_ci_high")
+    if key.endswith("_mean") and lo in metrics and hi in metrics:
+        text += f" [{metrics[lo]:.2f}, {metrics[hi]:.2f}]"
+    return text
+
+
+def collect_rows(cfg) -> list[dict]:
+    rows = tracking.version_rows(cfg.tracking.register_teacher_as) + tracking.version_rows(cfg.tracking.registered_model)
+    for r in rows:
+        r["label"] = f"{r['tags'].get('kd.model', '?')} ({r['name']} v{r['version']})"
+    return rows
+
+
+def _vs_sft(rows: list[dict], params_hash: str, key: str) -> list[dict]:
+    """Each KD student of this params hash against the SFT student of the same run."""
+    same = [r for r in rows if r["tags"].get("kd.params_hash") == params_hash and r["tags"].get("kd.role") == "student"]
+    sft = next((r for r in reversed(same) if r["tags"].get("kd.method") == "sft" and key in r["metrics"]), None)
+    if sft is None:
+        return []
+    out = []
+    for r in same:
+        if r is sft or key not in r["metrics"]:
+            continue
+        out.append({"model": r["tags"].get("kd.model"), "method": r["tags"].get("kd.method"),
+                    "divergence": r["tags"].get("kd.divergence"), "value": r["metrics"][key],
+                    "sft": sft["metrics"][key], "delta": r["metrics"][key] - sft["metrics"][key]})
+    return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = ["model", "role", "method", "params"] + [h for _, h, _ in COLUMNS] + ["aliases"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        t = r["tags"]
+        method = t.get("kd.method", "")
+        if t.get("kd.divergence"):
+            method += f" ({t['kd.divergence']})"
+        cells = [r["label"], t.get("kd.role", ""), method, t.get("kd.parameters", "")]
+        cells += [_fmt(r["metrics"], k, f) for k, _, f in COLUMNS] + [", ".join(r["aliases"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], key: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if key not in r["metrics"] or not r["tags"].get("kd.parameters"):
+            continue
+        x, y = int(r["tags"]["kd.parameters"]), r["metrics"][key]
+        lo, hi = r["metrics"].get(key.replace("_mean", "_ci_low")), r["metrics"].get(key.replace("_mean", "_ci_high"))
+        marker = "s" if r["tags"].get("kd.role") == "teacher" else "o"
+        yerr = [[y - lo], [hi - y]] if lo is not None and hi is not None else None
+        ax.errorbar([x], [y], yerr=yerr, fmt=marker, capsize=3)
+        ax.annotate(f"{r['tags'].get('kd.model')} v{r['version']}", (x, y), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(key)
+    ax.set_title("size vs quality (registered versions, 95% CI over seeds)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def build_report(cfg, out_dir: Path) -> dict:
+    rows = collect_rows(cfg)
+    if not rows:
+        raise LookupError(f"no registered versions of {cfg.tracking.registered_model!r} at {tracking.tracking_uri(cfg)}")
+    key = cfg.tracking.champion.metric
+    vs_sft = _vs_sft(rows, cfg.fingerprint(), key)
+    md = ["# Registered models", "", f"Tracking store: `{tracking.tracking_uri(cfg)}`; CI = 95% Student-t over "
+          f"{len(cfg.evaluation.sample_seeds)} sampling seeds.", "", markdown_table(rows), ""]
+    if vs_sft:
+        md += [f"## KD students vs the SFT student (this run, `{key}`)", "", "| model | method | value | SFT | Δ |",
+               "|---|---|---|---|---|"]
+        md += [f"| {v['model']} | {v['method']} ({v['divergence']}) | {v['value']:.2f} | {v['sft']:.2f} | {v['delta']:+.2f} |"
+               for v in vs_sft]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "compare.md", "\n".join(md) + "\n")
+    write_json_atomic(out_dir / "compare.json", {"rows": rows, "vs_sft": vs_sft, "metric": key})
+    _plot(rows, key, out_dir / "size_vs_quality.png")
+    points = [{"model": r["label"], "parameters": int(r["tags"].get("kd.parameters") or 0),
+               key.replace("/", "_"): r["metrics"][key]} for r in rows if key in r["metrics"]]
+    write_json_atomic(out_dir / "plot_points.json", points)  # DVC plots (dvc.yaml)
+    return {"rows": rows, "vs_sft": vs_sft, "markdown": str(out_dir / "compare.md"),
+            "json": str(out_dir / "compare.json"), "plot": str(out_dir / "size_vs_quality.png")}

@@ -1,0 +1,330 @@
+"""Teacher-forced token statistics: top-1 agreement (OKD eq. 3), teacher uncertainty UNC (eq. 4),
+per-token forward KL, logit standard deviations, and UNC-bucketed summaries (OKD Figures 2 and 5).
+
+Notation: p = teacher, q = student; forward KL = KL(p || q) = sum_v p(v) (log p(v) - log q(v)).
+
+Batches follow the project convention: dicts with ``input_ids [B, T]``, ``attention_mask [B, T]`` and
+``labels [B, T]`` (-100 on prompt and padding positions). Position t's logits predict ``input_ids[t+1]``,
+so ``logits[:, :-1]`` is compared with ``labels[:, 1:]``; response tokens are ``labels[:, 1:] != -100``.
+Only response tokens contribute to any statistic.
+
+When teacher and student vocabularies differ by padded rows, logits are sliced to the smaller size
+(shared vocabulary) before any statistic, so e.g. the logit STD is over the shared vocabulary only.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from kd_core.losses.divergences import fkl, shared_vocab
+
+__all__ = [
+    "TokenStats",
+    "causal_lm_logits",
+    "position_ids_from_mask",
+    "collect_token_stats",
+    "top1_agreement",
+    "unc_buckets",
+    "plot_unc_buckets",
+]
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------------------------
+# helpers shared with exposure_bias.py
+# --------------------------------------------------------------------------------------------------------
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(*models: torch.nn.Module) -> Iterator[None]:
+    """Put models in eval() for the duration and restore their previous training flags afterwards."""
+    flags = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, f in zip(models, flags):
+            m.train(f)
+
+
+def _accepts_kwarg(model: torch.nn.Module, name: str, *, allow_var_kw: bool) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return allow_var_kw
+    if name in params:
+        return True
+    return allow_var_kw and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` 0/1 mask -> ``[B, T]`` position ids ``cumsum(mask) - 1`` clipped at 0.
+
+    Correct for left padding (first real token gets position 0) and harmless for right padding.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def causal_lm_logits(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    logits_to_keep: int | None = None,
+) -> torch.Tensor:
+    """Forward a causal LM with explicit ``position_ids`` (so left-padded rows equal their unpadded forward).
+
+    Args:
+        input_ids: ``[B, T]`` on the model's device.
+        attention_mask: ``[B, T]`` (1 = real token), left or right padding.
+        logits_to_keep: if given, only the last ``k`` positions are returned (passed to the model when its
+            ``forward`` supports ``logits_to_keep``, otherwise sliced afterwards).
+
+    Returns:
+        ``[B, T, V]`` (or ``[B, k, V]``) float32 logits. Call under ``torch.no_grad()`` / ``inference_mode``.
+    """
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if _accepts_kwarg(model, "position_ids", allow_var_kw=True):
+        kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+    if _accepts_kwarg(model, "use_cache", allow_var_kw=True):
+        kwargs["use_cache"] = False
+    native_keep = logits_to_keep is not None and _accepts_kwarg(model, "logits_to_keep", allow_var_kw=False)
+    if native_keep:
+        kwargs["logits_to_keep"] = int(logits_to_keep)  # type: ignore[arg-type]
+    logits = model(**kwargs).logits
+    if logits_to_keep is not None and logits.shape[1] != logits_to_keep:
+        logits = logits[:, -int(logits_to_keep) :]
+    return logits.float()
+
+
+# --------------------------------------------------------------------------------------------------------
+# token statistics
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class TokenStats:
+    """Per-response-token statistics, each a 1-D float32 CPU tensor ``[N]`` over all response tokens
+    (batches concatenated in order; within a batch, row-major over ``[B, T-1]``).
+
+    Attributes:
+        unc: teacher uncertainty (OKD eq. 4) ``1 - p(g_t)`` = sum of teacher softmax mass off the
+            ground-truth token, at temperature 1.
+        kl: forward KL(p || q) at the requested temperature (both distributions divided by it).
+        agree: 1.0 where ``argmax p == argmax q`` (OKD eq. 3), else 0.0.
+        student_logit_std: std over the (shared) vocabulary of the student's raw logits (population std,
+            ddof=0) - the "STD" of OKD Figures 2/5.
+        teacher_logit_std: same for the teacher.
+        student_nll: ``-log q(g_t)`` at temperature 1.
+    """
+
+    unc: torch.Tensor
+    kl: torch.Tensor
+    agree: torch.Tensor
+    student_logit_std: torch.Tensor
+    teacher_logit_std: torch.Tensor
+    student_nll: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = None
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, torch.Tensor) or v.dim() != 1:
+                raise ValueError(f"TokenStats.{f.name} must be a 1-D tensor")
+            if n is None:
+                n = v.numel()
+            elif v.numel() != n:
+                raise ValueError(f"TokenStats fields differ in length ({f.name}: {v.numel()} vs {n})")
+
+    def __len__(self) -> int:
+        return int(self.unc.numel())
+
+    @classmethod
+    def empty(cls) -> "TokenStats":
+        z = torch.zeros(0, dtype=torch.float32)
+        return cls(*(z.clone() for _ in fields(cls)))
+
+    @classmethod
+    def cat(cls, parts: Iterable["TokenStats"]) -> "TokenStats":
+        parts = list(parts)
+        if not parts:
+            return cls.empty()
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+    def summary(self) -> dict[str, float]:
+        """Means of every field over all tokens (``n`` = token count); NaN for an empty set."""
+        out: dict[str, float] = {"n": float(len(self))}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = float(v.double().mean()) if v.numel() else float("nan")
+        return out
+
+
+def _batch_token_stats(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> TokenStats:
+    """``[N, V_s]``, ``[N, V_t]`` logits at response positions and ``[N]`` targets -> TokenStats."""
+    s, t = shared_vocab(student_logits, teacher_logits)
+    if int(targets.max()) >= s.shape[-1]:
+        raise ValueError(f"a label id ({int(targets.max())}) is outside the shared vocabulary ({s.shape[-1]})")
+    g = targets.long().unsqueeze(-1)
+    t_logp = F.log_softmax(t, dim=-1)
+    s_logp = F.log_softmax(s, dim=-1)
+    # UNC as the sum of off-target mass (no cancellation in 1 - p when p ~ 1).
+    unc = t_logp.exp().scatter(-1, g, 0.0).sum(-1)
+    student_nll = -s_logp.gather(-1, g).squeeze(-1)
+    agree = (t.argmax(-1) == s.argmax(-1)).float()
+    if temperature != 1.0:
+        t_logp = F.log_softmax(t / temperature, dim=-1)
+        s_logp = F.log_softmax(s / temperature, dim=-1)
+    kl = fkl(s_logp, t_logp)  # KL(p || q), arguments are (student, teacher)
+    return TokenStats(
+        unc=unc.cpu(),
+        kl=kl.cpu(),
+        agree=agree.cpu(),
+        student_logit_std=s.std(-1, correction=0).cpu(),
+        teacher_logit_std=t.std(-1, correction=0).cpu(),
+        student_nll=student_nll.cpu(),
+    )
+
+
+def collect_token_stats(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    temperature: float = 1.0,
+) -> TokenStats:
+    """Teacher-force both models over ``batches`` and collect per-response-token statistics.
+
+    Args:
+        student, teacher: HF causal LMs (may sit on different devices; may differ in vocab size by padded
+            rows). They are put in ``eval()`` for the call and their training flags restored afterwards.
+        batches: iterable of dicts with ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B, T]``.
+            Positions with ``labels == -100`` (prompt, padding) are excluded.
+        temperature: applied to both distributions for ``kl`` only (UNC, NLL, agreement and STDs use raw
+            logits).
+
+    Returns:
+        ``TokenStats`` with 1-D tensors of length N = number of response tokens over all batches.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dev_s, dev_t = _model_device(student), _model_device(teacher)
+    parts: list[TokenStats] = []
+    with _eval_mode(student, teacher), torch.inference_mode():
+        for batch in batches:
+            input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            if input_ids.shape != labels.shape or input_ids.shape != mask.shape:
+                raise ValueError("input_ids, attention_mask and labels must have the same [B, T] shape")
+            targets = labels[:, 1:]
+            sel = targets != IGNORE_INDEX  # [B, T-1]
+            if not bool(sel.any()):
+                continue
+            s_logits = causal_lm_logits(student, input_ids.to(dev_s), mask.to(dev_s))[:, :-1]
+            s_logits = s_logits[sel.to(dev_s)]  # [N, V_s]
+            t_logits = causal_lm_logits(teacher, input_ids.to(dev_t), mask.to(dev_t))[:, :-1]
+            t_logits = t_logits[sel.to(dev_t)].to(dev_s)  # [N, V_t]
+            parts.append(_batch_token_stats(s_logits, t_logits, targets[sel].to(dev_s), float(temperature)))
+    return TokenStats.cat(parts)
+
+
+def top1_agreement(stats: TokenStats) -> float:
+    """Mean of ``stats.agree`` (OKD eq. 3 pooled over all response tokens); NaN if there are none."""
+    if len(stats) == 0:
+        return float("nan")
+    return float(stats.agree.double().mean())
+
+
+def unc_buckets(stats: TokenStats, n_buckets: int = 3) -> list[dict[str, float]]:
+    """Split tokens into ``n_buckets`` equal-count groups by teacher UNC (easy -> hard) and summarise each.
+
+    Tokens are sorted by UNC (stable sort, so ties keep their collection order) and cut into
+    ``n_buckets`` contiguous groups whose sizes differ by at most one (``torch.tensor_split``), i.e. the
+    empirical UNC quantiles are the edges. Groups therefore partition all tokens and are ordered by UNC;
+    tokens with equal UNC may fall on both sides of an edge. Because UNC depends on the teacher and the
+    data only, every student evaluated against the same teacher and data gets the same buckets.
+
+    Returns:
+        A list (easy first) of dicts with ``bucket, unc_low, unc_high, unc_mean, count, logit_std``
+        (mean student logit STD), ``teacher_logit_std, kl, top1_agreement, student_nll`` (means).
+
+    Raises:
+        ValueError: if there are fewer tokens than buckets.
+    """
+    if n_buckets < 1:
+        raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
+    if len(stats) < n_buckets:
+        raise ValueError(f"unc_buckets: {len(stats)} tokens cannot fill {n_buckets} buckets")
+    order = torch.argsort(stats.unc, stable=True)
+    out: list[dict[str, float]] = []
+    for i, idx in enumerate(torch.tensor_split(order, n_buckets)):
+        unc = stats.unc[idx].double()
+        out.append(
+            {
+                "bucket": i,
+                "unc_low": float(unc.min()),
+                "unc_high": float(unc.max()),
+                "unc_mean": float(unc.mean()),
+                "count": int(idx.numel()),
+                "logit_std": float(stats.student_logit_std[idx].double().mean()),
+                "teacher_logit_std": float(stats.teacher_logit_std[idx].double().mean()),
+                "kl": float(stats.kl[idx].double().mean()),
+                "top1_agreement": float(stats.agree[idx].double().mean()),
+                "student_nll": float(stats.student_nll[idx].double().mean()),
+            }
+        )
+    return out
+
+
+def _bucket_labels(n: int) -> list[str]:
+    if n == 3:
+        return ["easy", "medium", "hard"]
+    if n == 2:
+        return ["easy", "hard"]
+    return [f"Q{i + 1}" for i in range(n)]
+
+
+def plot_unc_buckets(buckets_by_model: Mapping[str, list[dict[str, float]]], path: str | Path) -> Path:
+    """Three panels (student logit STD, KL(p||q), top-1 agreement) against UNC bucket, one line per model.
+
+    Uses matplotlib's Agg canvas directly (no pyplot, no global backend change). Writes a PNG to ``path``
+    (parent folders created) and returns it as a ``Path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not buckets_by_model:
+        raise ValueError("plot_unc_buckets: no models given")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(13, 3.8))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    panels = [("logit_std", "STD of student logits"), ("kl", "KL(p || q)"), ("top1_agreement", "Top-1 agreement")]
+    n_max = max(len(b) for b in buckets_by_model.values())
+    for ax, (key, title) in zip(axes, panels):
+        for name, buckets in buckets_by_model.items():
+            xs = list(range(len(buckets)))
+            ax.plot(xs, [b[key] for b in buckets], marker="o", label=name)
+        ax.set_title(title)
+        ax.set_xticks(list(range(n_max)))
+        ax.set_xticklabels(_bucket_labels(n_max))
+        ax.set_xlabel("teacher UNC bucket")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    return path

@@ -1,0 +1,389 @@
+"""Token-level divergences between a student and a teacher next-token distribution.
+
+Conventions
+-----------
+* ``p`` is the **teacher** distribution, ``q`` the **student** distribution.
+  Forward KL is ``KL(p || q)`` (mode covering), reverse KL is ``KL(q || p)``
+  (mode seeking).
+* Every divergence is a pure function over *log-probabilities*::
+
+      fn(student_logprobs: Tensor[..., V], teacher_logprobs: Tensor[..., V], **params) -> Tensor[...]
+
+  The last (vocabulary) dimension is reduced; one value per position is returned.
+  Log-probabilities are expected to be already temperature-scaled by the caller
+  (see :func:`logprobs` / :func:`token_divergence`). No ``T**2`` factor is applied.
+* Inputs in half precision are cast up to fp32 (fp64 stays fp64).
+* Zero probabilities (log-prob ``-inf``, e.g. from vocabulary entries masked with
+  ``-inf`` logits) are handled with the convention ``0 * log(0 / x) = 0``: they
+  give finite values and finite gradients.  Mixtures ``w*p + (1-w)*q`` are formed
+  in log space (log-add-exp), never as ``log(p + q)`` on probabilities.  The only
+  way to get ``inf`` is a genuinely infinite divergence, e.g. ``KL(p || q)`` where
+  the student puts exactly zero mass on a token the teacher supports.  Mixture
+  based divergences (``jsd`` with 0 < beta < 1, ``skl``/``srkl`` with alpha > 0,
+  ``tvd``) are always finite.
+
+Registry
+--------
+Divergences are registered with :func:`register_divergence` and looked up with
+:func:`get_divergence`; a :class:`Divergence` fills parameter defaults and checks
+their ranges when called::
+
+    div = get_divergence("jsd")
+    per_pos = div(student_lp, teacher_lp, beta=0.9)   # Tensor[...]
+
+Helpers for the training loop: :func:`logprobs`, :func:`shared_vocab`,
+:func:`token_divergence`, :func:`masked_token_sum_and_count`, :func:`reduce_tokens`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "ParamSpec",
+    "Divergence",
+    "DIVERGENCES",
+    "register_divergence",
+    "get_divergence",
+    "logprobs",
+    "shared_vocab",
+    "token_divergence",
+    "masked_token_sum_and_count",
+    "reduce_tokens",
+    "fkl",
+    "rkl",
+    "jsd",
+    "tvd",
+    "skl",
+    "srkl",
+    "akl",
+]
+
+_NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A scalar hyper-parameter of a divergence: default value and closed interval ``[low, high]``."""
+
+    default: float
+    low: float
+    high: float
+
+    def check(self, name: str, value: float) -> float:
+        """Return ``value`` as float; ``ValueError`` naming the param if outside ``[low, high]`` (or NaN)."""
+        v = float(value)
+        if not (self.low <= v <= self.high):
+            raise ValueError(f"parameter {name!r}={v!r} is outside the allowed interval [{self.low}, {self.high}]")
+        return v
+
+
+DivergenceFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A registered divergence: ``fn(student_logprobs, teacher_logprobs, **params) -> Tensor[...]``."""
+
+    name: str
+    fn: DivergenceFn
+    params: dict[str, ParamSpec] = field(default_factory=dict)
+    doc: str = ""
+
+    def resolve_params(self, **overrides: float) -> dict[str, float]:
+        """Defaults updated with ``overrides``; unknown names -> ``TypeError``, out of range -> ``ValueError``."""
+        unknown = set(overrides) - set(self.params)
+        if unknown:
+            raise TypeError(
+                f"divergence {self.name!r} got unknown parameter(s) {sorted(unknown)}; "
+                f"allowed: {sorted(self.params) or 'none'}"
+            )
+        resolved = {k: spec.default for k, spec in self.params.items()}
+        for k, v in overrides.items():
+            resolved[k] = self.params[k].check(k, v)
+        return resolved
+
+    def __call__(self, student_logprobs: Tensor, teacher_logprobs: Tensor, **overrides: float) -> Tensor:
+        return self.fn(student_logprobs, teacher_logprobs, **self.resolve_params(**overrides))
+
+
+DIVERGENCES: dict[str, Divergence] = {}
+
+
+def register_divergence(
+    name: str, params: dict[str, ParamSpec] | None = None
+) -> Callable[[DivergenceFn], DivergenceFn]:
+    """Decorator registering ``fn`` in :data:`DIVERGENCES` under ``name`` (docstring becomes ``doc``).
+
+    The decorated function is returned unchanged, so it stays directly callable.
+    """
+
+    def deco(fn: DivergenceFn) -> DivergenceFn:
+        if name in DIVERGENCES:
+            raise ValueError(f"divergence {name!r} is already registered")
+        specs = dict(params or {})
+        for k, spec in specs.items():
+            spec.check(k, spec.default)  # defaults must lie in their own interval
+        DIVERGENCES[name] = Divergence(name=name, fn=fn, params=specs, doc=(fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def get_divergence(name: str) -> Divergence:
+    """Look up a registered divergence; ``KeyError`` listing the allowed names if unknown."""
+    try:
+        return DIVERGENCES[name]
+    except KeyError:
+        raise KeyError(f"unknown divergence {name!r}; allowed: {', '.join(sorted(DIVERGENCES))}") from None
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+def _up(x: Tensor) -> Tensor:
+    """Cast half/bfloat16 (and integer) tensors up to fp32; fp32/fp64 are kept."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _kl(logp_a: Tensor, logp_b: Tensor) -> Tensor:
+    """``KL(a || b) = sum_v a_v (log a_v - log b_v)`` over the last dim, from log-probs.
+
+    Entries with ``a_v = 0`` (``log a_v = -inf``) contribute exactly 0, with zero
+    (finite) gradient: both logs are replaced by 0 there *before* the product, so
+    no ``0 * inf`` appears in forward or backward.
+    """
+    support = logp_a > _NEG_INF
+    la = torch.where(support, logp_a, 0.0)
+    lb = torch.where(support, logp_b, 0.0)
+    terms = torch.where(support, la.exp() * (la - lb), 0.0)
+    return terms.sum(-1)
+
+
+def _log_mix(logp_a: Tensor, logp_b: Tensor, w: float) -> Tensor:
+    """``log(w * a + (1 - w) * b)`` elementwise from log-probs, computed in log space.
+
+    ``w == 0`` / ``w == 1`` return ``logp_b`` / ``logp_a``.  Entries where both
+    inputs are ``-inf`` give ``-inf`` with zero gradient (no NaN from logaddexp).
+    """
+    if w <= 0.0:
+        return logp_b
+    if w >= 1.0:
+        return logp_a
+    dead = (logp_a == _NEG_INF) & (logp_b == _NEG_INF)
+    la = logp_a.masked_fill(dead, 0.0)
+    lb = logp_b.masked_fill(dead, 0.0)
+    mix = torch.logaddexp(la + math.log(w), lb + math.log1p(-w))
+    return mix.masked_fill(dead, _NEG_INF)
+
+
+# --------------------------------------------------------------------------- divergences
+
+
+@register_divergence("fkl")
+def fkl(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """Forward KL, KL(p || q) = sum_v p_v (log p_v - log q_v), p = teacher, q = student.
+
+    Shapes: [..., V], [..., V] -> [...].
+    """
+    return _kl(_up(teacher_logprobs), _up(student_logprobs))
+
+
+@register_divergence("rkl")
+def rkl(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """Reverse KL, KL(q || p) = sum_v q_v (log q_v - log p_v), p = teacher, q = student.
+
+    Shapes: [..., V], [..., V] -> [...].
+    """
+    return _kl(_up(student_logprobs), _up(teacher_logprobs))
+
+
+@register_divergence("jsd", params={"beta": ParamSpec(default=0.5, low=0.0, high=1.0)})
+def jsd(student_logprobs: Tensor, teacher_logprobs: Tensor, beta: float = 0.5) -> Tensor:
+    """Generalized Jensen-Shannon divergence (GKD, Agarwal et al. 2024, eq. 1), TRL convention.
+
+    With p = teacher, q = student and M = beta * p + (1 - beta) * q::
+
+        JSD_beta = beta * KL(p || M) + (1 - beta) * KL(q || M)        for 0 < beta < 1
+        JSD_0    = KL(p || q)   (forward KL)
+        JSD_1    = KL(q || p)   (reverse KL)
+
+    This is exactly ``GKDTrainer.generalized_jsd_loss`` in TRL (checked against
+    ``trl/experimental/gkd/gkd_trainer.py`` of trl 1.16.0 and
+    ``trl/trainer/gkd_trainer.py`` of earlier releases): the endpoints are
+    special-cased to forward / reverse KL.  Note that the interior formula itself
+    tends to 0 as beta -> 0 or 1 (roughly ``beta * KL(p||q)`` for small beta), so
+    the endpoint values are a *definition*, not a limit.  The value is bounded by
+    the beta-entropy ``h(beta) <= log 2`` in the interior.
+
+    Shapes: [..., V], [..., V] -> [...].
+    """
+    lq, lp = _up(student_logprobs), _up(teacher_logprobs)
+    beta = float(beta)
+    if beta <= 0.0:
+        return _kl(lp, lq)
+    if beta >= 1.0:
+        return _kl(lq, lp)
+    lm = _log_mix(lp, lq, beta)
+    return beta * _kl(lp, lm) + (1.0 - beta) * _kl(lq, lm)
+
+
+@register_divergence("tvd")
+def tvd(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """Total variation distance, 0.5 * sum_v |p_v - q_v| (symmetric, in [0, 1]).
+
+    Shapes: [..., V], [..., V] -> [...].
+    """
+    return 0.5 * (_up(teacher_logprobs).exp() - _up(student_logprobs).exp()).abs().sum(-1)
+
+
+@register_divergence("skl", params={"alpha": ParamSpec(default=0.1, low=0.0, high=1.0)})
+def skl(student_logprobs: Tensor, teacher_logprobs: Tensor, alpha: float = 0.1) -> Tensor:
+    """DistiLLM skew (forward) KL, KL(p || alpha * p + (1 - alpha) * q), p = teacher, q = student.
+
+    ``alpha = 0`` is the plain forward KL ``KL(p || q)``; ``alpha = 1`` is 0.
+    Finite for any alpha > 0 (the mixture covers the teacher's support).
+    Shapes: [..., V], [..., V] -> [...].
+    """
+    lq, lp = _up(student_logprobs), _up(teacher_logprobs)
+    return _kl(lp, _log_mix(lp, lq, float(alpha)))
+
+
+@register_divergence("srkl", params={"alpha": ParamSpec(default=0.1, low=0.0, high=1.0)})
+def srkl(student_logprobs: Tensor, teacher_logprobs: Tensor, alpha: float = 0.1) -> Tensor:
+    """DistiLLM skew reverse KL, KL(q || (1 - alpha) * p + alpha * q), p = teacher, q = student.
+
+    ``alpha = 0`` is the plain reverse KL ``KL(q || p)``; ``alpha = 1`` is 0.
+    Shapes: [..., V], [..., V] -> [...].
+    """
+    lq, lp = _up(student_logprobs), _up(teacher_logprobs)
+    return _kl(lq, _log_mix(lq, lp, float(alpha)))
+
+
+@register_divergence("akl", params={"mu": ParamSpec(default=0.5, low=0.0, high=1.0)})
+def akl(student_logprobs: Tensor, teacher_logprobs: Tensor, mu: float = 0.5) -> Tensor:
+    """Adaptive KL (Wu et al. 2024, "Rethinking KL Divergence in KD for LLMs", arXiv:2404.02657).
+
+    Sort the teacher probs p descending; the *head* is the smallest prefix whose
+    cumulative teacher mass reaches ``mu`` (token i, in sorted order, is in the
+    head iff the mass strictly before it is < mu; so mu = 0 gives an empty head),
+    the *tail* is the rest.  With gaps g_head = sum_head |p - q| and
+    g_tail = sum_tail |p - q|::
+
+        AKL = g_head / (g_head + g_tail) * KL(p || q) + g_tail / (g_head + g_tail) * KL(q || p)
+
+    The weights are computed under ``no_grad`` (detached).  When both gaps are 0
+    (p == q) the weights are 0.5 / 0.5 (both KLs are 0 there anyway).
+    Ties in p are ordered arbitrarily by ``torch.sort``.
+
+    Note: the authors' reference code puts token i in the head iff the inclusive
+    cumulative mass is <= mu (plus always the top-1 token); this implementation
+    follows the "smallest prefix reaching mu" definition, which differs only in
+    whether the token crossing mu belongs to the head.
+
+    Shapes: [..., V], [..., V] -> [...].
+    """
+    lq, lp = _up(student_logprobs), _up(teacher_logprobs)
+    with torch.no_grad():
+        p_sorted, idx = lp.exp().sort(dim=-1, descending=True)
+        q_sorted = lq.exp().gather(-1, idx)
+        gap = (p_sorted - q_sorted).abs()
+        mass_before = F.pad(p_sorted.cumsum(-1)[..., :-1], (1, 0))
+        head = mass_before < float(mu)
+        g_head = torch.where(head, gap, 0.0).sum(-1)
+        g_tail = torch.where(head, 0.0, gap).sum(-1)
+        total = g_head + g_tail
+        w_head = torch.where(total > 0, g_head / total.clamp_min(torch.finfo(total.dtype).tiny), 0.5)
+    return w_head * _kl(lp, lq) + (1.0 - w_head) * _kl(lq, lp)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def logprobs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log_softmax(logits / temperature, -1)`` computed in (at least) fp32. Shape [..., V] -> [..., V]."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    return F.log_softmax(_up(logits) / temperature, dim=-1)
+
+
+def shared_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Slice both ``[..., V_s]`` / ``[..., V_t]`` tensors to ``V = min(V_s, V_t)`` along the last dim.
+
+    Models of one tokenizer family often differ only by padded embedding rows
+    (``resize_token_embeddings(pad_to_multiple_of=...)``) appended *after* the real
+    vocabulary; those rows are dropped so that both distributions live on the same
+    (real) vocabulary.  Differing tokenizers are out of scope (that needs
+    cross-tokenizer alignment).  Returns the inputs unchanged when V matches.
+    """
+    vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+    if vs == vt:
+        return student_logits, teacher_logits
+    v = min(vs, vt)
+    return student_logits[..., :v], teacher_logits[..., :v]
+
+
+def token_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    name: str,
+    temperature: float = 1.0,
+    **params: float,
+) -> Tensor:
+    """Per-position divergence ``name`` between student and teacher logits.
+
+    ``[B, T, V_s]``, ``[B, T, V_t]`` -> ``[B, T]`` (any leading shape works):
+    :func:`shared_vocab`, then :func:`logprobs` of both at ``temperature``, then
+    ``get_divergence(name)(student_lp, teacher_lp, **params)``.  The teacher is not
+    detached here; produce its logits under ``torch.no_grad()``.
+    """
+    div = get_divergence(name)
+    s, t = shared_vocab(student_logits, teacher_logits)
+    return div(logprobs(s, temperature), logprobs(t, temperature), **params)
+
+
+def masked_token_sum_and_count(per_token: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum(per_token * mask), sum(mask))`` over all elements; ``[B, T]``, ``[B, T]`` -> scalars.
+
+    ``mask`` is bool or numeric (numeric values act as weights).  Masked-out
+    positions are *selected away* (``torch.where``), so NaN/inf values at padding
+    positions never leak into the sum.
+    """
+    if mask.shape != per_token.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != per_token shape {tuple(per_token.shape)}")
+    keep = mask.bool() if mask.dtype != torch.bool else mask
+    weights = per_token if mask.dtype == torch.bool else per_token * mask.to(per_token.dtype)
+    total = torch.where(keep, weights, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum()
+    count = mask.sum() if mask.dtype != torch.bool else keep.sum()
+    return total, count.to(per_token.dtype)
+
+
+def reduce_tokens(per_token: Tensor, mask: Tensor, num_items: int | Tensor | None = None) -> Tensor:
+    """``sum(per_token * mask) / num_items`` -> scalar; ``num_items`` defaults to ``mask.sum()``.
+
+    The denominator is clamped to >= 1 (a batch without response tokens gives 0).
+
+    Gradient accumulation: the trainer passes ``num_items`` = number of response
+    tokens in the *whole* accumulated batch (all micro-batches, all ranks if it is
+    all-reduced).  Each micro-batch then returns its partial sum over that global
+    count, so summing the micro-batch losses gives exactly the token mean over the
+    full batch, independent of how padding is distributed between micro-batches
+    (averaging per-micro-batch means would not).
+    """
+    total, count = masked_token_sum_and_count(per_token, mask)
+    if num_items is None:
+        denom = count
+    elif isinstance(num_items, Tensor):
+        denom = num_items.to(device=total.device, dtype=total.dtype)
+    else:
+        denom = torch.tensor(float(num_items), device=total.device, dtype=total.dtype)
+    return total / denom.clamp_min(1.0)

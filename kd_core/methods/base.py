@@ -1,0 +1,109 @@
+"""The method interface and registry.
+
+A method turns one micro-batch into a loss. It declares what it needs (`needs_teacher`), validates its own
+`method_args` with a pydantic model, and returns the loss already normalised by the number of response
+tokens in the whole gradient-accumulation batch (`ctx.num_items`), so that summing micro-batch losses
+gives the token mean over the accumulated batch regardless of padding or micro-batch sizes.
+
+New methods are new modules in this package that use `@register_method`: nothing else changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kd_core.data.tokenize import IGNORE_INDEX
+
+
+class NoArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class StepContext:
+    """Everything a method may use for one micro-batch.
+
+    batch: input_ids / attention_mask / labels [B,T] (right padded, labels IGNORE_INDEX off the response).
+    num_items: response tokens (labels[:, 1:] != IGNORE_INDEX) in the whole accumulated batch (all ranks).
+    progress: fraction of training done, in [0, 1] (for schedules).
+    """
+
+    student: torch.nn.Module
+    batch: dict[str, torch.Tensor]
+    num_items: torch.Tensor | int
+    teacher: torch.nn.Module | None = None
+    tokenizer: Any = None
+    progress: float = 0.0
+    state: dict[str, Any] = field(default_factory=dict)  # per-run scratch space owned by the method
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)  # unnormalised per-term values for logging
+
+
+class Method:
+    name: ClassVar[str]
+    needs_teacher: ClassVar[bool] = True
+    Args: ClassVar[type[BaseModel]] = NoArgs
+
+    def __init__(self, student_cfg, method_args: dict[str, Any] | None = None):
+        self.cfg = student_cfg
+        self.args = self.Args.model_validate(method_args or {})
+
+    @classmethod
+    def validate_args(cls, method_args: dict[str, Any]) -> None:
+        try:
+            cls.Args.model_validate(method_args)
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            allowed = ", ".join(cls.Args.model_fields) or "none"
+            raise ValueError(f"method_args.{key}: {msg} (method {cls.name!r} takes: {allowed})") from None
+
+    def compute_loss(self, ctx: StepContext) -> LossOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """Extra modules trained alongside the student (e.g. OKD's online teacher module)."""
+        return []
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str):
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return deco
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r} (allowed: {', '.join(sorted(METHODS))})") from None
+
+
+# ----------------------------------------------------------------------------------------------- shared pieces
+def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Align next-token predictions with targets: logits[:, :-1] [B,T-1,V], targets [B,T-1], mask [B,T-1]."""
+    targets = labels[:, 1:]
+    mask = targets.ne(IGNORE_INDEX)
+    return logits[:, :-1], targets.clamp(min=0), mask
+
+
+def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy −log q(target) [B,T] from logits [B,T,V]."""
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")

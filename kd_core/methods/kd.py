@@ -1,0 +1,42 @@
+"""`kd`: token-level distillation on the references (teacher forcing) with any registered divergence.
+
+loss = α · CE(y) + (1 − α) · Σ_response D(p_T(·|y_<t,x) || q_S(·|y_<t,x)) / N
+
+with p_T, q_S the teacher's and student's next-token distributions at temperature τ (both scaled), D the
+divergence named by `divergence` (fkl = KL(p_T || q_S), rkl = KL(q_S || p_T), jsd, tvd, ...), α = `alpha`,
+and N the response tokens of the accumulated batch. The teacher runs in eval mode without gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kd_core.losses.divergences import reduce_tokens, token_divergence
+from kd_core.methods.base import LossOutput, Method, StepContext, register_method, shifted, token_ce
+
+
+def teacher_logits(ctx: StepContext) -> torch.Tensor:
+    with torch.no_grad():
+        return ctx.teacher(input_ids=ctx.batch["input_ids"], attention_mask=ctx.batch["attention_mask"]).logits
+
+
+@register_method("kd")
+class TokenKD(Method):
+    needs_teacher = True
+
+    def compute_loss(self, ctx: StepContext) -> LossOutput:
+        cfg = self.cfg
+        s_logits = ctx.student(input_ids=ctx.batch["input_ids"], attention_mask=ctx.batch["attention_mask"]).logits
+        t_logits = teacher_logits(ctx)
+        s_logits, targets, mask = shifted(s_logits, ctx.batch["labels"])
+        t_logits = t_logits[:, :-1]
+        div = token_divergence(s_logits, t_logits, cfg.divergence, temperature=cfg.temperature, **cfg.divergence_args)
+        kd = reduce_tokens(div, mask, ctx.num_items)
+        logs = {"kd": float(reduce_tokens(div.detach(), mask))}
+        if cfg.alpha > 0:
+            ce = token_ce(s_logits, targets)
+            loss = cfg.alpha * reduce_tokens(ce, mask, ctx.num_items) + (1 - cfg.alpha) * kd
+            logs["ce"] = float(reduce_tokens(ce.detach(), mask))
+        else:
+            loss = kd
+        return LossOutput(loss, logs)

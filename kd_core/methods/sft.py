@@ -1,0 +1,21 @@
+"""`sft`: supervised fine-tuning on the references, no teacher (the baseline every KD method is compared to).
+
+loss = Σ_response −log q(y_t | y_<t, x) / N, with N the response tokens of the accumulated batch.
+"""
+
+from __future__ import annotations
+
+from kd_core.losses.divergences import reduce_tokens
+from kd_core.methods.base import LossOutput, Method, StepContext, register_method, shifted, token_ce
+
+
+@register_method("sft")
+class SFT(Method):
+    needs_teacher = False
+
+    def compute_loss(self, ctx: StepContext) -> LossOutput:
+        logits = ctx.student(input_ids=ctx.batch["input_ids"], attention_mask=ctx.batch["attention_mask"]).logits
+        logits, targets, mask = shifted(logits, ctx.batch["labels"])
+        ce = token_ce(logits, targets)
+        loss = reduce_tokens(ce, mask, ctx.num_items)
+        return LossOutput(loss, {"ce": float(reduce_tokens(ce.detach(), mask))})

@@ -1,0 +1,395 @@
+"""The pipeline stages, each a plain function of (validated config, run paths) that returns what it made.
+
+The Prefect flow (`flows/pipeline.py`), `dvc.yaml` (via `kd stage NAME`) and the CLI all call these and
+nothing else. Every output lives under `cfg.run_dir` and is written atomically.
+
+    prepare -> train_teacher -> distill(student) -> finetune(student) -> evaluate(model) -> register -> compare
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from kd_core import tracking
+from kd_core.config import PipelineConfig, StudentConfig
+from kd_core.data.builtin import generate_builtin
+from kd_core.data.sources import (DataError, RawRow, check_report, normalize_rows, read_file, read_hub)
+from kd_core.data.split import split_rows
+from kd_core.data.template import format_prompt
+from kd_core.data.tokenize import encode_rows, load_tokenizer, train_bpe_tokenizer
+from kd_core.io import atomic_dir, read_jsonl, write_json_atomic, write_jsonl_atomic
+from kd_core.methods import get_method
+from kd_core.models import check_vocab_compatible, count_parameters, load_checkpoint, make_model
+from kd_core.training import train
+
+log = logging.getLogger("kd")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig) -> RunPaths:
+        return cls(Path(cfg.run_dir))
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def split(self, name: str) -> Path:
+        return self.data / f"{name}.jsonl"
+
+    def eval_set(self, name: str) -> Path:
+        return self.split("test") if name == "test" else self.data / "eval" / f"{name}.jsonl"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "models" / "teacher"
+
+    def distilled(self, student: str) -> Path:
+        return self.root / "students" / student / "distilled"
+
+    def student(self, student: str) -> Path:
+        return self.root / "students" / student / "model"
+
+    def train_info(self, model: str) -> Path:
+        return self.root / "train_info" / f"{model}.json"
+
+    def model_dir(self, cfg: PipelineConfig, name: str) -> Path:
+        return self.teacher if name == cfg.teacher.name else self.student(cfg.student(name).name)
+
+    def metrics(self, name: str) -> Path:
+        return self.root / "metrics" / f"{name}.json"
+
+    def generations(self, name: str) -> Path:
+        return self.root / "generations" / name
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry.json"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+
+def _seed(cfg: PipelineConfig, training_seed: int | None) -> int:
+    return cfg.seed if training_seed is None else training_seed
+
+
+def _file_hash(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _n_positions(cfg: PipelineConfig) -> int:
+    return cfg.tokenizer.max_length + cfg.evaluation.generation.max_new_tokens
+
+
+# ----------------------------------------------------------------------------------------------- 1. data
+def _load_main_rows(cfg: PipelineConfig):
+    d = cfg.data
+    if d.source == "builtin":
+        raw = (RawRow(r, f"builtin row {i}") for i, r in enumerate(generate_builtin(d.builtin_examples, d.builtin_seed)))
+        what = "builtin data"
+    elif d.source == "file":
+        raw, what = read_file(d.path), str(d.path)
+    else:
+        raw, what = read_hub(d.hub_name, d.hub_split), f"{d.hub_name}[{d.hub_split}]"
+    rows, report = normalize_rows(raw, field_map=d.field_map, max_chars=d.max_chars, template=d.template, id_prefix="row")
+    check_report(report, d.max_bad_fraction, what)
+    return rows, report
+
+
+def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
+    """Load, validate and split the data; write named eval sets; build the run's tokenizer."""
+    rows, report = _load_main_rows(cfg)
+    splits = split_rows(rows, cfg.data.split.val_fraction, cfg.data.split.test_fraction, cfg.data.split.seed)
+    for name, part in splits.items():
+        if not part and (name == "train" or getattr(cfg.data.split, f"{name}_fraction", 1) > 0):
+            raise DataError(f"split {name!r} is empty after validation ({len(rows)} valid rows): "
+                            f"use more data or change data.split")
+    eval_reports = {}
+    eval_rows: dict[str, list[dict]] = {}
+    for name, es in cfg.data.eval_sets.items():
+        erows, erep = normalize_rows(read_file(es.path), field_map=cfg.data.field_map, max_chars=cfg.data.max_chars,
+                                     template=cfg.data.template, id_prefix=name)
+        check_report(erep, cfg.data.max_bad_fraction, f"data.eval_sets.{name} ({es.path})")
+        if es.filter_field:
+            keep = {str(r.values.get("id")) for r in read_file(es.path) if r.values.get(es.filter_field)}
+            erows = [r for r in erows if r["id"] in keep]
+        eval_rows[name] = erows[: es.limit] if es.limit else erows
+        eval_reports[name] = erep.to_dict() | {"written": len(eval_rows[name])}
+
+    # tokenizer: the teacher checkpoint's own, else a BPE trained on the train split
+    teacher_src = cfg.teacher.model
+    if teacher_src.checkpoint:
+        tok = load_tokenizer_from_checkpoint(teacher_src.checkpoint, teacher_src.gguf_file, teacher_src.trust_remote_code)
+    else:
+        texts = (format_prompt(r, cfg.data.template) + r["response"] for r in splits["train"])
+        tok = train_bpe_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.max_length)
+    with atomic_dir(paths.tokenizer) as tmp:
+        tok.save_pretrained(str(tmp))
+
+    with atomic_dir(paths.data) as tmp:
+        for name, part in splits.items():
+            write_jsonl_atomic(tmp / f"{name}.jsonl", part)
+        for name, erows in eval_rows.items():
+            write_jsonl_atomic(tmp / "eval" / f"{name}.jsonl", erows)
+        summary = {"main": report.to_dict(), "eval_sets": eval_reports,
+                   "splits": {k: len(v) for k, v in splits.items()},
+                   "data_version": _file_hash(*(tmp / f"{n}.jsonl" for n in ("train", "val", "test")))}
+        write_json_atomic(tmp / "report.json", summary)
+    log.info("prepared data: %s", summary["splits"])
+    with tracking.stage_run(cfg, paths.root, "prepare") as _:
+        import mlflow
+        mlflow.log_params({"data.source": cfg.data.source, "data.version": summary["data_version"]})
+        mlflow.log_metrics({f"rows_{k}": v for k, v in summary["splits"].items()} | {"rows_bad": report.total - report.kept})
+        mlflow.log_dict(summary, "data_report.json")
+    return summary
+
+
+def load_tokenizer_from_checkpoint(checkpoint: str, gguf_file: str | None, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _data_version(paths: RunPaths) -> str:
+    return json.loads((paths.data / "report.json").read_text())["data_version"]
+
+
+def _train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, split: str = "train"):
+    ds, dropped = encode_rows(read_jsonl(paths.split(split)), tokenizer, cfg.data.template,
+                              cfg.tokenizer.max_length, cfg.tokenizer.overlong)
+    if len(ds) == 0:
+        raise DataError(f"split {split!r}: every example is longer than tokenizer.max_length={cfg.tokenizer.max_length}")
+    return ds, dropped
+
+
+def _mlflow_logger():
+    import mlflow
+
+    def on_log(entry: dict) -> None:
+        metrics = {k: float(v) for k, v in entry.items() if k != "step"}
+        if metrics:
+            mlflow.log_metrics(metrics, step=int(entry["step"]))
+    return on_log
+
+
+# ----------------------------------------------------------------------------------------------- 2. teacher
+def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
+    """Supervised fine-tuning of the teacher (full or LoRA), or materialise a given checkpoint as is."""
+    tc = cfg.teacher
+    tokenizer = load_tokenizer(paths.tokenizer)
+    seed = _seed(cfg, tc.training.seed)
+    model = make_model(tc.model, tokenizer, _n_positions(cfg), seed)
+    info: dict = {"name": tc.name, "parameters": count_parameters(model), "trained": tc.train, "finetune": tc.finetune}
+    with tracking.stage_run(cfg, paths.root, "train_teacher", tc.name, params=tc.model_dump(mode="json")):
+        if not tc.train:
+            with atomic_dir(paths.teacher) as tmp:
+                model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+            info.update(train_time_s=0.0, steps=0)
+        else:
+            ds, dropped = _train_set(cfg, paths, tokenizer)
+            if tc.finetune == "lora":
+                model = _with_lora(model, tc.lora)
+            result = train(model, ds, tokenizer, tc.training, paths.teacher, method=get_method("sft")(None),
+                           seed=seed, on_log=_mlflow_logger(), save=tc.finetune == "full")
+            if tc.finetune == "lora":  # merge the adapter so the teacher is a plain causal LM
+                merged = model.merge_and_unload()
+                with atomic_dir(paths.teacher) as tmp:
+                    merged.save_pretrained(str(tmp))
+                    tokenizer.save_pretrained(str(tmp))
+            info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
+                        dropped_overlong=dropped)
+        _log_info_metrics(info)
+    write_json_atomic(paths.train_info(tc.name), info)
+    return info
+
+
+def _with_lora(model, lora_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                                            target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM"))
+
+
+def _log_info_metrics(info: dict) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+
+def load_teacher(paths: RunPaths):
+    if not paths.teacher.is_dir():
+        raise FileNotFoundError(f"{paths.teacher}: no teacher model; run the train_teacher stage first")
+    return load_checkpoint(paths.teacher)
+
+
+# ----------------------------------------------------------------------------------------------- 3. distill
+def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
+    """Train one student with its method against the (frozen) teacher."""
+    sc: StudentConfig = cfg.student(student_name)
+    tokenizer = load_tokenizer(paths.tokenizer)
+    method = get_method(sc.method)(sc, sc.method_args)
+    needs_teacher = method.needs_teacher or sc.model.from_teacher_layers is not None
+    teacher = load_teacher(paths) if needs_teacher else None
+    seed = _seed(cfg, sc.training.seed)
+    student = make_model(sc.model, tokenizer, _n_positions(cfg), seed, teacher=teacher)
+    if teacher is not None:
+        check_vocab_compatible(teacher, student, tokenizer)
+    ds, dropped = _train_set(cfg, paths, tokenizer)
+    info: dict = {"name": sc.name, "method": sc.method, "divergence": sc.divergence if method.needs_teacher else "",
+                  "parameters": count_parameters(student)}
+    params = sc.model_dump(mode="json", exclude={"finetune"})
+    with tracking.stage_run(cfg, paths.root, "distill", sc.name, params=params):
+        result = train(student, ds, tokenizer, sc.training, paths.distilled(sc.name), method=method, seed=seed,
+                       teacher=teacher if method.needs_teacher else None, on_log=_mlflow_logger())
+        info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
+                    teacher_forward_passes=result.teacher_forward_passes, dropped_overlong=dropped)
+        _log_info_metrics(info)
+    write_json_atomic(paths.train_info(f"{sc.name}.distill"), info)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------- 4. finetune
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link a model folder (no copy of the weights), falling back to copying across devices."""
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+    shutil.copytree(src, dst, copy_function=link, dirs_exist_ok=True)
+
+
+def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
+    """Post-distillation fine-tuning (CE at lr × lr_scale); when disabled the distilled model is final."""
+    sc = cfg.student(student_name)
+    src = paths.distilled(sc.name)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no distilled model; run the distill stage for {sc.name!r} first")
+    distill_info = json.loads(paths.train_info(f"{sc.name}.distill").read_text())
+    info = dict(distill_info, finetuned=sc.finetune.enabled, finetune_time_s=0.0)
+    if not sc.finetune.enabled:
+        with atomic_dir(paths.student(sc.name)) as tmp:
+            _link_tree(src, tmp)
+    else:
+        tokenizer = load_tokenizer(paths.tokenizer)
+        model = load_checkpoint(src)
+        ds, _ = _train_set(cfg, paths, tokenizer)
+        lr = sc.training.learning_rate * sc.finetune.lr_scale
+        with tracking.stage_run(cfg, paths.root, "finetune", sc.name, params=sc.finetune.model_dump()):
+            result = train(model, ds, tokenizer, sc.training, paths.student(sc.name), method=get_method("sft")(sc),
+                           seed=_seed(cfg, sc.training.seed), epochs=sc.finetune.epochs, learning_rate=lr,
+                           on_log=_mlflow_logger())
+            info.update(finetune_time_s=result.wall_time_s, finetune_steps=result.steps)
+    info["train_time_s"] = distill_info["train_time_s"] + info["finetune_time_s"]
+    write_json_atomic(paths.train_info(sc.name), info)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------- 5. evaluate
+def evaluate(cfg: PipelineConfig, paths: RunPaths, model_name: str) -> dict:
+    """Generation metrics on every eval set (greedy and sampled over seeds), validation loss, agreement."""
+    from kd_core.evaluation.run import evaluate_model
+
+    model_dir = paths.model_dir(cfg, model_name)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no model for {model_name!r}; run its training stages first")
+    with tracking.stage_run(cfg, paths.root, "evaluate", model_name):
+        metrics = evaluate_model(cfg, paths, model_name, model_dir)
+        import mlflow
+        mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if isinstance(v, (int, float))})
+    write_json_atomic(paths.metrics(model_name), metrics)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------- 6. register
+def _is_better(new: float, old: float | None, mode: str, min_delta: float) -> bool:
+    if old is None:
+        return True
+    return new > old + min_delta if mode == "max" else new < old - min_delta
+
+
+def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
+    """Log every model of the run to MLflow as a transformers model, register it, move `champion`."""
+    names = [cfg.teacher.name] + list(cfg.students)
+    missing = [n for n in names if not paths.metrics(n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no metrics for {missing}: run the evaluate stage first (nothing registered)")
+    data_version = _data_version(paths)
+    teacher_info = json.loads(paths.train_info(cfg.teacher.name).read_text())
+    registered: dict = {"versions": {}}
+    for name in names:
+        is_teacher = name == cfg.teacher.name
+        info = json.loads(paths.train_info(name).read_text())
+        metrics = json.loads(paths.metrics(name).read_text())
+        sc = None if is_teacher else cfg.student(name)
+        tags = {"kd.role": "teacher" if is_teacher else "student", "kd.model": name,
+                "kd.method": "teacher-sft" if is_teacher else sc.method,
+                "kd.divergence": "" if is_teacher else info.get("divergence", ""),
+                "kd.teacher": cfg.teacher.name, "kd.teacher_parameters": str(teacher_info["parameters"]),
+                "kd.parameters": str(info["parameters"]), "kd.params_hash": cfg.fingerprint(),
+                "kd.data_version": data_version, "kd.run_dir": str(paths.root),
+                "kd.finetuned": str(info.get("finetuned", False)).lower()}
+        reg_name = cfg.tracking.register_teacher_as if is_teacher else cfg.tracking.registered_model
+        numeric = {k.replace("@", "_at_"): v for k, v in metrics.items() if isinstance(v, (int, float))}
+        numeric |= {"train_time_s": info.get("train_time_s", 0.0), "parameters": info["parameters"]}
+        with tracking.stage_run(cfg, paths.root, "register", name):
+            version = tracking.log_model_and_register(paths.model_dir(cfg, name), reg_name, tags, numeric)
+        registered["versions"][name] = {"registered_model": reg_name, "version": version}
+    registered["champion"] = update_champion(cfg)
+    write_json_atomic(paths.registry, registered)
+    return registered
+
+
+def update_champion(cfg: PipelineConfig) -> dict:
+    """Move alias `champion` of the student model to the best version by the rule in params."""
+    rule = cfg.tracking.champion
+    rows = tracking.version_rows(cfg.tracking.registered_model)
+    key = rule.metric.replace("@", "_at_")
+    scored = [r for r in rows if key in r["metrics"]]
+    if not scored:
+        return {"moved": False, "reason": f"no version has metric {rule.metric!r}"}
+    current = next((r for r in rows if "champion" in r["aliases"]), None)
+    best = (max if rule.mode == "max" else min)(scored, key=lambda r: r["metrics"][key])
+    old = current["metrics"].get(key) if current else None
+    if current is not None and current["version"] == best["version"]:
+        return {"moved": False, "version": best["version"], "reason": "already champion"}
+    if _is_better(best["metrics"][key], old, rule.mode, rule.min_delta):
+        tracking.set_alias(cfg.tracking.registered_model, "champion", best["version"])
+        return {"moved": True, "version": best["version"], "metric": rule.metric, "value": best["metrics"][key]}
+    return {"moved": False, "version": current["version"] if current else None,
+            "reason": f"best {best['metrics'][key]:.4g} not better than {old} by > {rule.min_delta}"}
+
+
+# ----------------------------------------------------------------------------------------------- 7. compare
+def compare(cfg: PipelineConfig, paths: RunPaths) -> dict:
+    """Side-by-side table of registered versions (teacher and students), markdown + JSON + plot."""
+    from kd_core.evaluation.compare import build_report
+
+    tracking.setup(cfg)
+    return build_report(cfg, paths.reports)
+
+
+STAGES = {"prepare": prepare, "train_teacher": train_teacher, "distill": distill, "finetune": finetune,
+          "evaluate": evaluate, "register": register, "compare": compare}

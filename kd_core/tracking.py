@@ -1,0 +1,140 @@
+"""MLflow: one parent run per pipeline (run folder), a nested run per stage, the model registry.
+
+The tracking store defaults to a sqlite file in the project (no server); `tracking.tracking_uri` in
+params or `MLFLOW_TRACKING_URI` points it at a real server. Stages run as separate processes under DVC,
+so the parent run's id is kept in the run folder (`mlflow_parent.json`) and each stage attaches to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from kd_core.config import PipelineConfig
+from kd_core.io import write_json_atomic
+
+PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def setup(cfg: PipelineConfig) -> str:
+    """Point MLflow at the configured store and select (creating if needed) the experiment."""
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    if client.get_experiment_by_name(cfg.tracking.experiment) is None:
+        location = None
+        if uri.startswith("sqlite:"):  # keep artifacts in the project, beside the sqlite file
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # a concurrent run created it
+            client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    return uri
+
+
+def _parent_file(run_dir: Path) -> Path:
+    return run_dir / "mlflow_parent.json"
+
+
+def parent_run_id(cfg: PipelineConfig, run_dir: Path) -> str:
+    """The pipeline's parent run for this run folder (created on first use, reused by later stages)."""
+    setup(cfg)
+    path = _parent_file(run_dir)
+    uri = tracking_uri(cfg)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("tracking_uri") == uri:
+            try:
+                MlflowClient().get_run(saved["run_id"])
+                return saved["run_id"]
+            except mlflow.exceptions.MlflowException:
+                pass  # the store was reset: start a new parent
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    run = MlflowClient().create_run(
+        exp.experiment_id, run_name=f"pipeline:{run_dir.name}",
+        tags={"kd.role": "pipeline", "kd.run_dir": str(run_dir), "kd.params_hash": cfg.fingerprint()})
+    MlflowClient().set_terminated(run.info.run_id, "RUNNING")
+    write_json_atomic(path, {"run_id": run.info.run_id, "tracking_uri": uri})
+    return run.info.run_id
+
+
+def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = obj
+
+
+@contextlib.contextmanager
+def stage_run(cfg: PipelineConfig, run_dir: Path, stage: str, model_name: str | None = None,
+              params: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A nested MLflow run for one stage; FAILED if the stage raises."""
+    parent = parent_run_id(cfg, run_dir)
+    name = f"{stage}:{model_name}" if model_name else stage
+    with mlflow.start_run(run_id=parent, nested=False):
+        with mlflow.start_run(run_name=name, nested=True, tags={"kd.stage": stage, "kd.model": model_name or "",
+                                                                "kd.params_hash": cfg.fingerprint()}) as run:
+            if params:
+                flat: dict[str, Any] = {}
+                _flatten("", params, flat)
+                mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+            yield run
+
+
+def log_history(history: list[dict]) -> None:
+    for entry in history:
+        metrics = {k: float(v) for k, v in entry.items() if k != "step"}
+        if metrics:
+            mlflow.log_metrics(metrics, step=int(entry["step"]))
+
+
+def log_model_and_register(model_dir: Path, registered_name: str, tags: dict[str, str], metrics: dict[str, float]) -> int:
+    """Log the saved model as an MLflow transformers model in the active run and register a version."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    mlflow.set_tags(tags)
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
+        pip_requirements=PIP_REQUIREMENTS)
+    version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+    return int(version.version)
+
+
+def version_rows(registered_name: str) -> list[dict]:
+    """Every registered version with its tags, its run's metrics and aliases, oldest first."""
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name='{registered_name}'")
+    except mlflow.exceptions.MlflowException:
+        return []
+    aliases: dict[str, list[str]] = {}
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        for alias, ver in client.get_registered_model(registered_name).aliases.items():
+            aliases.setdefault(str(ver), []).append(alias)
+    rows = []
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        metrics = client.get_run(v.run_id).data.metrics if v.run_id else {}
+        rows.append({"name": registered_name, "version": int(v.version), "run_id": v.run_id, "tags": dict(v.tags),
+                     "metrics": dict(metrics), "aliases": aliases.get(str(v.version), [])})
+    return rows
+
+
+def set_alias(registered_name: str, alias: str, version: int) -> None:
+    MlflowClient().set_registered_model_alias(registered_name, alias, str(version))
