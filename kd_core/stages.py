@@ -140,7 +140,7 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
         tok = load_tokenizer_from_checkpoint(teacher_src.checkpoint, teacher_src.gguf_file, teacher_src.trust_remote_code)
     else:
         texts = (format_prompt(r, cfg.data.template) + r["response"] for r in splits["train"])
-        tok = train_bpe_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.max_length)
+        tok = train_bpe_tokenizer(texts, cfg.tokenizer.vocab_size)
     with atomic_dir(paths.tokenizer) as tmp:
         tok.save_pretrained(str(tmp))
 

@@ -104,8 +104,12 @@ def log_history(history: list[dict]) -> None:
 
 def log_model_and_register(model_dir: Path, registered_name: str, tags: dict[str, str], metrics: dict[str, float]) -> int:
     """Log the saved model as an MLflow transformers model in the active run and register a version."""
+    import logging
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # it looks for a hub model card and license for local folders: noise, not information
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})

@@ -1,0 +1,127 @@
+"""End-to-end runs of the tiny configuration: stage functions, the Prefect flow, `dvc repro`, and bad
+input that must register nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kd_core.config import parse_config
+from kd_core.stages import RunPaths
+from tests.conftest import REPO, tiny_params, write_params
+
+KD = str(Path(sys.executable).with_name("kd"))
+
+
+def _registered(name: str) -> list:
+    try:
+        return MlflowClient().search_model_versions(f"name='{name}'")
+    except Exception:
+        return []
+
+
+def _check_run(project: Path, cfg) -> None:
+    paths = RunPaths.of(cfg)
+    for name in ["teacher", *cfg.students]:
+        metrics = json.loads((project / paths.metrics(name)).read_text())
+        assert metrics["val/loss"] > 0 and 0 <= metrics["test/rougeL_sampled_mean"] <= 100
+        assert metrics["test/rougeL_sampled_ci_low"] <= metrics["test/rougeL_sampled_mean"] <= metrics["test/rougeL_sampled_ci_high"]
+        if name != "teacher":
+            assert 0 <= metrics["test/top1_agreement"] <= 1
+    students = {v.tags["kd.model"]: v for v in _registered("kd-student")}
+    assert set(students) == set(cfg.students)
+    fkl = students["fkl"]
+    assert fkl.tags["kd.method"] == "kd" and fkl.tags["kd.divergence"] == "fkl"
+    assert fkl.tags["kd.params_hash"] == cfg.fingerprint() and fkl.tags["kd.teacher"] == "teacher"
+    assert int(fkl.tags["kd.parameters"]) > 0 and fkl.tags["kd.data_version"]
+    assert [v.tags["kd.role"] for v in _registered("kd-teacher")] == ["teacher"]
+    champion = MlflowClient().get_model_version_by_alias("kd-student", "champion")
+    assert champion.tags["kd.model"] in cfg.students
+    report = (project / paths.reports / "compare.md").read_text()
+    assert "teacher (kd-teacher v1)" in report and "fkl (kd-student" in report
+    assert (project / paths.reports / "size_vs_quality.png").stat().st_size > 1000
+    # the registered model loads back as a transformers pipeline
+    import mlflow
+
+    loaded = mlflow.transformers.load_model(f"models:/kd-student/{fkl.version}")
+    assert loaded.model.config.n_layer == 1
+
+
+@pytest.mark.slow
+def test_prefect_flow_end_to_end(project):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import kd_pipeline
+
+    path = write_params(project, tiny_params())
+    with prefect_test_harness():
+        result = kd_pipeline(params_path=str(path))
+    cfg = parse_config(tiny_params())
+    assert set(result["registered"]["versions"]) == {"teacher", "sft", "fkl"}
+    _check_run(project, cfg)
+    # the run's MLflow runs: a parent with nested stage runs
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tiny").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kd.role") == "pipeline"]
+    assert len(parents) == 1
+    stages = {r.data.tags.get("kd.stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert {"prepare", "train_teacher", "distill", "finetune", "evaluate", "register"} <= stages
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end_and_noop(project):
+    params = tiny_params()
+    del params["students"]["sft"]  # one student keeps the stage count (one process each) down
+    params["tracking"]["champion"]["metric"] = "val/ppl"
+    params["tracking"]["champion"]["mode"] = "min"
+    write_params(project, params)
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.copytree(REPO / "kd_core", project / "kd_core", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+    def sh(*cmd):
+        return subprocess.run(cmd, cwd=project, env=env, check=True, capture_output=True, text=True)
+
+    sh("git", "init", "-q")
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init")
+    sh("dvc", "init", "-q")
+    sh("dvc", "config", "core.analytics", "false")
+    first = sh("dvc", "repro")
+    assert "Running stage 'distill@fkl'" in first.stdout
+    assert "Running stage 'compare'" in first.stdout
+    second = sh("dvc", "repro")
+    assert "Running stage" not in second.stdout  # nothing to do
+    lock = (project / "dvc.lock").read_text()
+    assert "distill@fkl" in lock and "runs/tiny/models/teacher" in lock
+    cfg = parse_config(params)
+    _check_run(project, cfg)
+    # an experiment with one param changed reruns only the stages that depend on it
+    exp = sh("dvc", "exp", "run", "-S", "tracking.champion.min_delta=0.5")
+    assert "Running stage 'register'" in exp.stdout and "Running stage 'distill" not in exp.stdout
+
+
+def test_bad_params_exit_nonzero_and_register_nothing(project):
+    params = tiny_params()
+    params["students"]["fkl"].update(divergence="jsd", divergence_args={"beta": 3})
+    write_params(project, params)
+    out = subprocess.run([KD, "run"], cwd=project, capture_output=True, text=True)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ["error: params.yaml: students.fkl.divergence_args.beta: 3.0 is outside [0.0, 1.0]"]
+    assert not (project / "runs").exists() and not (project / "mlflow.db").exists()
+
+
+def test_missing_data_file_is_one_clear_error(project):
+    params = tiny_params()
+    params["data"] = {"source": "file", "path": "nope.jsonl"}
+    write_params(project, params)
+    out = subprocess.run([KD, "stage", "prepare"], cwd=project, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "error: nope.jsonl: data file not found" in out.stderr
+    assert _registered("kd-student") == []
