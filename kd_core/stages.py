@@ -264,7 +264,8 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
         result = train(student, ds, tokenizer, sc.training, paths.distilled(sc.name), method=method, seed=seed,
                        teacher=teacher if method.needs_teacher else None, on_log=_mlflow_logger())
         info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
-                    teacher_forward_passes=result.teacher_forward_passes, dropped_overlong=dropped)
+                    teacher_forward_passes=result.teacher_forward_passes, generated_tokens=result.generated_tokens,
+                    dropped_overlong=dropped)
         _log_info_metrics(info)
     write_json_atomic(paths.train_info(f"{sc.name}.distill"), info)
     return info

@@ -9,6 +9,7 @@ up to the exact token mean of the accumulated batch whatever the padding.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ class TrainResult:
     final_loss: float
     history: list[dict]
     teacher_forward_passes: int
+    generated_tokens: int
 
 
 class DistillationTrainer(Trainer):
@@ -45,11 +47,10 @@ class DistillationTrainer(Trainer):
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
         self.teacher_forward_passes = 0
+        self.generated_tokens = 0  # on-policy methods add what they generate (cost reporting)
         # Our losses are normalised by num_items_in_batch: have the Trainer count it and not rescale.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
-        if teacher is not None:
-            teacher.to(self.args.device).eval().requires_grad_(False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if num_items_in_batch is None:  # e.g. called outside the training loop
@@ -57,7 +58,7 @@ class DistillationTrainer(Trainer):
         max_steps = max(self.state.max_steps, 1)
         ctx = StepContext(student=model, batch=inputs, num_items=num_items_in_batch, teacher=self.teacher,
                           tokenizer=self.processing_class, progress=self.state.global_step / max_steps,
-                          state=self.method_state)
+                          state=self.method_state, trainer=self)
         out = self.method.compute_loss(ctx)
         if self.teacher is not None:
             self.teacher_forward_passes += inputs["input_ids"].shape[0]
@@ -140,6 +141,9 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
     ckpt_dir = out_dir.parent / f".{out_dir.name}-checkpoints"
     args = training_arguments(cfg, ckpt_dir, seed, epochs, learning_rate)
     callback = _MetricsCallback(on_log)
+    if teacher is not None:
+        teacher.to(args.device).eval().requires_grad_(False)
+    teacher = method.setup(model, teacher)
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=CausalCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, method=method, teacher=teacher, callbacks=[callback])
@@ -151,6 +155,8 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
         with atomic_dir(out_dir) as tmp:
             trainer.save_model(str(tmp))
             tokenizer.save_pretrained(str(tmp))
+            method.save_artifacts(tmp)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the final model supersedes resume checkpoints
     final = output.training_loss if output.training_loss is not None else math.nan
     return TrainResult(out_dir, output.global_step, wall, float(final), callback.history,
-                       trainer.teacher_forward_passes)
+                       trainer.teacher_forward_passes, trainer.generated_tokens)

@@ -11,6 +11,7 @@ New methods are new modules in this package that use `@register_method`: nothing
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -40,6 +41,7 @@ class StepContext:
     tokenizer: Any = None
     progress: float = 0.0
     state: dict[str, Any] = field(default_factory=dict)  # per-run scratch space owned by the method
+    trainer: Any = None  # the DistillationTrainer (cost counters: teacher_forward_passes, generated_tokens)
 
 
 @dataclass
@@ -68,12 +70,28 @@ class Method:
             allowed = ", ".join(cls.Args.model_fields) or "none"
             raise ValueError(f"method_args.{key}: {msg} (method {cls.name!r} takes: {allowed})") from None
 
+    def setup(self, student: torch.nn.Module, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
+        """`prepare` once (later calls return the same teacher): the trainer and tests both call this."""
+        if not getattr(self, "_is_setup", False):
+            self.teacher_in_use = self.prepare(student, teacher)
+            self._is_setup = True
+        return self.teacher_in_use
+
+    def prepare(self, student: torch.nn.Module, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
+        """Called once before training with the frozen teacher (eval mode, no grad); returns the teacher to
+        use. A method may wrap it (OKD adds a trainable online module) or build extra modules (projections)."""
+        return teacher
+
     def compute_loss(self, ctx: StepContext) -> LossOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
     def trainable_modules(self) -> list[torch.nn.Module]:
-        """Extra modules trained alongside the student (e.g. OKD's online teacher module)."""
+        """Extra modules trained alongside the student (OKD's online module, hidden-state projections).
+        Their parameters join the optimizer; only parameters with requires_grad=True are trained."""
         return []
+
+    def save_artifacts(self, out_dir: Path) -> None:
+        """Write method-specific artifacts next to the saved student (e.g. OKD's trained online module)."""
 
 
 METHODS: dict[str, type[Method]] = {}
