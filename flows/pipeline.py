@@ -47,6 +47,7 @@ def _stage_task(name: str):
 
 prepare_task = _stage_task("prepare")
 train_teacher_task = _stage_task("train_teacher")
+transfer_task = _stage_task("transfer")
 distill_task = _stage_task("distill")
 finetune_task = _stage_task("finetune")
 evaluate_task = _stage_task("evaluate")
@@ -66,11 +67,25 @@ def kd_pipeline(params_path: str = "params.yaml", overrides: dict | None = None)
     configured(prepare_task)(**args)
     configured(train_teacher_task)(**args)
     with ThreadPoolTaskRunner(max_workers=cfg.orchestration.max_parallel_students) as runner:
-        evals = [runner.submit(configured(evaluate_task, cfg.teacher.name), args | {"model": cfg.teacher.name})]
-        for s in cfg.students.values():  # each student's chain depends only on the teacher
-            distilled = runner.submit(configured(distill_task, s.name), args | {"model": s.name})
-            tuned = runner.submit(configured(finetune_task, s.name), args | {"model": s.name}, wait_for=[distilled])
-            evals.append(runner.submit(configured(evaluate_task, s.name), args | {"model": s.name}, wait_for=[tuned]))
+        finished: dict[str, object] = {}  # model name -> future of its last training task
+        transfers: dict[str, object] = {}
+
+        def after(model: str) -> list:
+            return [finished[model]] if model in finished else []  # the teacher is already trained
+
+        for name in cfg.chain_order():  # teacher assistants before the students they teach
+            st = cfg.students[name]
+            waits = after(st.teacher)
+            if st.train_data in cfg.transfer_sets:
+                if st.train_data not in transfers:
+                    source = cfg.transfer_sets[st.train_data].source
+                    transfers[st.train_data] = runner.submit(configured(transfer_task, st.train_data),
+                                                             args | {"model": st.train_data}, wait_for=after(source))
+                waits = waits + [transfers[st.train_data]]
+            distilled = runner.submit(configured(distill_task, name), args | {"model": name}, wait_for=waits)
+            finished[name] = runner.submit(configured(finetune_task, name), args | {"model": name}, wait_for=[distilled])
+        evals = [runner.submit(configured(evaluate_task, name), args | {"model": name}, wait_for=after(name))
+                 for name in [cfg.teacher.name, *cfg.students]]
         for future in evals:
             future.result()
     registered = configured(register_task)(**args)

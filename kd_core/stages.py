@@ -16,13 +16,17 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from kd_core import tracking
 from kd_core.config import PipelineConfig, StudentConfig
 from kd_core.data.builtin import generate_builtin
 from kd_core.data.sources import (DataError, RawRow, check_report, normalize_rows, read_file, read_hub)
 from kd_core.data.split import split_rows
 from kd_core.data.template import format_prompt
-from kd_core.data.tokenize import encode_rows, load_tokenizer, train_bpe_tokenizer
+from kd_core.data.tokenize import (IGNORE_INDEX, CausalCollator, EncodedDataset, encode_example, encode_prompt,
+                                   encode_rows, load_tokenizer, train_bpe_tokenizer)
+from kd_core.generation import generate
 from kd_core.io import atomic_dir, read_jsonl, write_json_atomic, write_jsonl_atomic
 from kd_core.methods import get_method
 from kd_core.models import check_vocab_compatible, count_parameters, load_checkpoint, make_model
@@ -33,6 +37,8 @@ log = logging.getLogger("kd")
 
 @dataclass(frozen=True)
 class RunPaths:
+    """Where every output of a run lives: all under `cfg.run_dir`, one folder per kind of output."""
+
     root: Path
 
     @classmethod
@@ -44,6 +50,7 @@ class RunPaths:
         return self.root / "data"
 
     def split(self, name: str) -> Path:
+        """A split (train / val / test) or a transfer set, by name."""
         return self.data / f"{name}.jsonl"
 
     def eval_set(self, name: str) -> Path:
@@ -53,21 +60,16 @@ class RunPaths:
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
 
-    @property
-    def teacher(self) -> Path:
-        return self.root / "models" / "teacher"
+    def model(self, name: str) -> Path:
+        """The final model of the teacher or of a student (what is evaluated, registered, and teaches TAs' students)."""
+        return self.root / "models" / name
 
     def distilled(self, student: str) -> Path:
-        return self.root / "students" / student / "distilled"
-
-    def student(self, student: str) -> Path:
-        return self.root / "students" / student / "model"
+        """A student after distillation, before post-distillation fine-tuning."""
+        return self.root / "distilled" / student
 
     def train_info(self, model: str) -> Path:
         return self.root / "train_info" / f"{model}.json"
-
-    def model_dir(self, cfg: PipelineConfig, name: str) -> Path:
-        return self.teacher if name == cfg.teacher.name else self.student(cfg.student(name).name)
 
     def metrics(self, name: str) -> Path:
         return self.root / "metrics" / f"{name}.json"
@@ -96,7 +98,9 @@ def _file_hash(*paths: Path) -> str:
 
 
 def _n_positions(cfg: PipelineConfig) -> int:
-    return cfg.tokenizer.max_length + cfg.evaluation.generation.max_new_tokens
+    """Positions a model built from a config needs: the longest prompt plus the longest generation."""
+    longest = max([cfg.evaluation.generation.max_new_tokens, *(t.max_new_tokens for t in cfg.transfer_sets.values())])
+    return cfg.tokenizer.max_length + longest
 
 
 # ----------------------------------------------------------------------------------------------- 1. data
@@ -144,15 +148,14 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     with atomic_dir(paths.tokenizer) as tmp:
         tok.save_pretrained(str(tmp))
 
-    with atomic_dir(paths.data) as tmp:
-        for name, part in splits.items():
-            write_jsonl_atomic(tmp / f"{name}.jsonl", part)
+    for name, part in splits.items():
+        write_jsonl_atomic(paths.split(name), part)
+    with atomic_dir(paths.data / "eval") as tmp:
         for name, erows in eval_rows.items():
-            write_jsonl_atomic(tmp / "eval" / f"{name}.jsonl", erows)
-        summary = {"main": report.to_dict(), "eval_sets": eval_reports,
-                   "splits": {k: len(v) for k, v in splits.items()},
-                   "data_version": _file_hash(*(tmp / f"{n}.jsonl" for n in ("train", "val", "test")))}
-        write_json_atomic(tmp / "report.json", summary)
+            write_jsonl_atomic(tmp / f"{name}.jsonl", erows)
+    summary = {"main": report.to_dict(), "eval_sets": eval_reports, "splits": {k: len(v) for k, v in splits.items()},
+               "data_version": _file_hash(*(paths.split(n) for n in ("train", "val", "test")))}
+    write_json_atomic(paths.data / "report.json", summary)
     log.info("prepared data: %s", summary["splits"])
     with tracking.stage_run(cfg, paths.root, "prepare") as _:
         import mlflow
@@ -176,6 +179,8 @@ def _data_version(paths: RunPaths) -> str:
 
 
 def _train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, split: str = "train"):
+    if not paths.split(split).is_file():
+        raise FileNotFoundError(f"{paths.split(split)}: no data {split!r}; run the prepare (or transfer) stage first")
     ds, dropped = encode_rows(read_jsonl(paths.split(split)), tokenizer, cfg.data.template,
                               cfg.tokenizer.max_length, cfg.tokenizer.overlong)
     if len(ds) == 0:
@@ -203,7 +208,7 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
     info: dict = {"name": tc.name, "parameters": count_parameters(model), "trained": tc.train, "finetune": tc.finetune}
     with tracking.stage_run(cfg, paths.root, "train_teacher", tc.name, params=tc.model_dump(mode="json")):
         if not tc.train:
-            with atomic_dir(paths.teacher) as tmp:
+            with atomic_dir(paths.model(cfg.teacher.name)) as tmp:
                 model.save_pretrained(str(tmp))
                 tokenizer.save_pretrained(str(tmp))
             info.update(train_time_s=0.0, steps=0)
@@ -211,11 +216,11 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
             ds, dropped = _train_set(cfg, paths, tokenizer)
             if tc.finetune == "lora":
                 model = _with_lora(model, tc.lora)
-            result = train(model, ds, tokenizer, tc.training, paths.teacher, method=get_method("sft")(None),
+            result = train(model, ds, tokenizer, tc.training, paths.model(cfg.teacher.name), method=get_method("sft")(None),
                            seed=seed, on_log=_mlflow_logger(), save=tc.finetune == "full")
             if tc.finetune == "lora":  # merge the adapter so the teacher is a plain causal LM
                 merged = model.merge_and_unload()
-                with atomic_dir(paths.teacher) as tmp:
+                with atomic_dir(paths.model(cfg.teacher.name)) as tmp:
                     merged.save_pretrained(str(tmp))
                     tokenizer.save_pretrained(str(tmp))
             info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
@@ -238,10 +243,67 @@ def _log_info_metrics(info: dict) -> None:
     mlflow.log_metrics({k: float(v) for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
-def load_teacher(paths: RunPaths):
-    if not paths.teacher.is_dir():
-        raise FileNotFoundError(f"{paths.teacher}: no teacher model; run the train_teacher stage first")
-    return load_checkpoint(paths.teacher)
+def load_model(paths: RunPaths, name: str):
+    """A finished model of this run (the teacher or a student acting as teacher assistant)."""
+    if not paths.model(name).is_dir():
+        raise FileNotFoundError(f"{paths.model(name)}: no model {name!r} yet; run its training stages first")
+    return load_checkpoint(paths.model(name))
+
+
+# ----------------------------------------------------------------------------------------------- 2b. transfer
+@torch.inference_mode()
+def _mean_logprobs(model, dataset, pad_id: int, batch_size: int = 32) -> list[float]:
+    """Mean log-probability of each example's response tokens under `model` (teacher forcing)."""
+    collate = CausalCollator(pad_id)
+    out: list[float] = []
+    for i in range(0, len(dataset), batch_size):
+        batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        mask = targets.ne(IGNORE_INDEX)
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out += ((lp * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+    return out
+
+
+def transfer(cfg: PipelineConfig, paths: RunPaths, set_name: str) -> dict:
+    """Generate a transfer set (SeqKD data) with a model over the train prompts: `data/<set_name>.jsonl`."""
+    if set_name not in cfg.transfer_sets:
+        raise KeyError(f"no transfer set {set_name!r} (transfer_sets: {', '.join(cfg.transfer_sets) or 'none'})")
+    ts = cfg.transfer_sets[set_name]
+    tokenizer = load_tokenizer(paths.tokenizer)
+    model = load_model(paths, ts.source)
+    rows = read_jsonl(paths.split("train"))
+    prompts = [encode_prompt(r, tokenizer, cfg.data.template, cfg.tokenizer.max_length) for r in rows]
+    generated, empty, tokens, seconds = [], 0, 0, 0.0
+    with tracking.stage_run(cfg, paths.root, "transfer", set_name, params=ts.model_dump()):
+        for k in range(ts.n_samples):
+            gen = generate(model, tokenizer, prompts, max_new_tokens=ts.max_new_tokens, do_sample=not ts.greedy,
+                           temperature=ts.temperature, top_p=ts.top_p, seed=ts.seed + k,
+                           batch_size=cfg.evaluation.generation.batch_size)
+            tokens, seconds = tokens + gen.new_tokens, seconds + gen.seconds
+            for row, text in zip(rows, gen.texts):
+                if not text:
+                    empty += 1
+                    continue
+                generated.append(dict(row, response=text, id=f"{row['id']}~{set_name}{k}", generated_by=ts.source))
+        if ts.strategy == "confidence" and generated:
+            encoded = [encode_example(r, tokenizer, cfg.data.template, cfg.tokenizer.max_length) for r in generated]
+            usable = [i for i, e in enumerate(encoded) if e is not None]
+            scores = dict(zip(usable, _mean_logprobs(model, EncodedDataset([encoded[i] for i in usable]),
+                                                     tokenizer.pad_token_id)))
+            keep = max(1, round(ts.keep_fraction * len(generated)))
+            best = sorted(scores, key=lambda i: -scores[i])[:keep]
+            generated = [generated[i] for i in sorted(best)]
+        out_rows = (rows if ts.strategy == "augment" else []) + generated
+        if not out_rows:
+            raise DataError(f"transfer set {set_name!r}: {ts.source!r} generated only empty responses")
+        write_jsonl_atomic(paths.split(set_name), out_rows)
+        info = {"rows": len(out_rows), "prompts": len(rows), "empty_generations": empty, "generated_tokens": tokens,
+                "generation_seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0}
+        _log_info_metrics(info)
+    write_json_atomic(paths.train_info(f"transfer.{set_name}"), info)
+    return info
 
 
 # ----------------------------------------------------------------------------------------------- 3. distill
@@ -251,14 +313,14 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     tokenizer = load_tokenizer(paths.tokenizer)
     method = get_method(sc.method)(sc, sc.method_args)
     needs_teacher = method.needs_teacher or sc.model.from_teacher_layers is not None
-    teacher = load_teacher(paths) if needs_teacher else None
+    teacher = load_model(paths, sc.teacher) if needs_teacher else None
     seed = _seed(cfg, sc.training.seed)
     student = make_model(sc.model, tokenizer, _n_positions(cfg), seed, teacher=teacher)
     if teacher is not None:
         check_vocab_compatible(teacher, student, tokenizer)
-    ds, dropped = _train_set(cfg, paths, tokenizer)
+    ds, dropped = _train_set(cfg, paths, tokenizer, sc.train_data)
     info: dict = {"name": sc.name, "method": sc.method, "divergence": sc.divergence if method.needs_teacher else "",
-                  "parameters": count_parameters(student)}
+                  "teacher": sc.teacher, "train_data": sc.train_data, "parameters": count_parameters(student)}
     params = sc.model_dump(mode="json", exclude={"finetune"})
     with tracking.stage_run(cfg, paths.root, "distill", sc.name, params=params):
         result = train(student, ds, tokenizer, sc.training, paths.distilled(sc.name), method=method, seed=seed,
@@ -291,7 +353,7 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     distill_info = json.loads(paths.train_info(f"{sc.name}.distill").read_text())
     info = dict(distill_info, finetuned=sc.finetune.enabled, finetune_time_s=0.0)
     if not sc.finetune.enabled:
-        with atomic_dir(paths.student(sc.name)) as tmp:
+        with atomic_dir(paths.model(sc.name)) as tmp:
             _link_tree(src, tmp)
     else:
         tokenizer = load_tokenizer(paths.tokenizer)
@@ -299,7 +361,7 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
         ds, _ = _train_set(cfg, paths, tokenizer)
         lr = sc.training.learning_rate * sc.finetune.lr_scale
         with tracking.stage_run(cfg, paths.root, "finetune", sc.name, params=sc.finetune.model_dump()):
-            result = train(model, ds, tokenizer, sc.training, paths.student(sc.name), method=get_method("sft")(sc),
+            result = train(model, ds, tokenizer, sc.training, paths.model(sc.name), method=get_method("sft")(sc),
                            seed=_seed(cfg, sc.training.seed), epochs=sc.finetune.epochs, learning_rate=lr,
                            on_log=_mlflow_logger())
             info.update(finetune_time_s=result.wall_time_s, finetune_steps=result.steps)
@@ -313,7 +375,7 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths, model_name: str) -> dict:
     """Generation metrics on every eval set (greedy and sampled over seeds), validation loss, agreement."""
     from kd_core.evaluation.run import evaluate_model
 
-    model_dir = paths.model_dir(cfg, model_name)
+    model_dir = paths.model(model_name)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: no model for {model_name!r}; run its training stages first")
     with tracking.stage_run(cfg, paths.root, "evaluate", model_name):
@@ -345,10 +407,15 @@ def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
         info = json.loads(paths.train_info(name).read_text())
         metrics = json.loads(paths.metrics(name).read_text())
         sc = None if is_teacher else cfg.student(name)
-        tags = {"kd.role": "teacher" if is_teacher else "student", "kd.model": name,
+        teaches = [s.name for s in cfg.students.values() if s.teacher == name]
+        role = "teacher" if is_teacher else "assistant" if teaches else "student"
+        own_teacher = "" if is_teacher else sc.teacher
+        tags = {"kd.role": role, "kd.model": name,
                 "kd.method": "teacher-sft" if is_teacher else sc.method,
                 "kd.divergence": "" if is_teacher else info.get("divergence", ""),
-                "kd.teacher": cfg.teacher.name, "kd.teacher_parameters": str(teacher_info["parameters"]),
+                "kd.teacher": own_teacher, "kd.root_teacher": cfg.teacher.name,
+                "kd.train_data": "train" if is_teacher else sc.train_data,
+                "kd.teacher_parameters": str(teacher_info["parameters"]),
                 "kd.parameters": str(info["parameters"]), "kd.params_hash": cfg.fingerprint(),
                 "kd.data_version": data_version, "kd.run_dir": str(paths.root),
                 "kd.finetuned": str(info.get("finetuned", False)).lower()}
@@ -356,7 +423,7 @@ def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
         numeric = {k.replace("@", "_at_"): v for k, v in metrics.items() if isinstance(v, (int, float))}
         numeric |= {"train_time_s": info.get("train_time_s", 0.0), "parameters": info["parameters"]}
         with tracking.stage_run(cfg, paths.root, "register", name):
-            version = tracking.log_model_and_register(paths.model_dir(cfg, name), reg_name, tags, numeric)
+            version = tracking.log_model_and_register(paths.model(name), reg_name, tags, numeric)
         registered["versions"][name] = {"registered_model": reg_name, "version": version}
     registered["champion"] = update_champion(cfg)
     write_json_atomic(paths.registry, registered)
@@ -392,5 +459,5 @@ def compare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     return build_report(cfg, paths.reports)
 
 
-STAGES = {"prepare": prepare, "train_teacher": train_teacher, "distill": distill, "finetune": finetune,
+STAGES = {"prepare": prepare, "train_teacher": train_teacher, "transfer": transfer, "distill": distill, "finetune": finetune,
           "evaluate": evaluate, "register": register, "compare": compare}

@@ -25,9 +25,10 @@ TINY_PARAMS = {
     "tokenizer": {"vocab_size": 300, "max_length": 48},
     "teacher": {"name": "teacher", "model": {"config": {"arch": "gpt2", "n_layer": 1, "hidden": 48, "n_head": 2}},
                 "training": TINY_TRAINING},
+    "transfer_sets": {},
     "students": {
-        "sft": {"method": "sft", "model": TINY_MODEL, "training": TINY_TRAINING},
-        "fkl": {"method": "kd", "divergence": "fkl", "model": TINY_MODEL, "training": TINY_TRAINING,
+        "sft": {"method": "sft", "teacher": "teacher", "train_data": "train", "model": TINY_MODEL, "training": TINY_TRAINING},
+        "fkl": {"method": "kd", "teacher": "teacher", "train_data": "train", "divergence": "fkl", "model": TINY_MODEL, "training": TINY_TRAINING,
                 "finetune": {"enabled": True, "epochs": 0.2, "lr_scale": 0.1}},
     },
     "evaluation": {"eval_sets": ["test"], "limit": 6, "sample_seeds": [0, 1],

@@ -104,3 +104,24 @@ def test_fingerprint_tracks_content():
     a, b = parse_config(tiny_params()), parse_config(tiny_params(seed=1))
     assert a.fingerprint() == parse_config(yaml.safe_load(yaml.safe_dump(tiny_params()))).fingerprint()
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_chains_and_transfer_sets_are_checked():
+    p = tiny_params()
+    p["students"]["sft"]["teacher"] = "fkl"
+    p["students"]["fkl"]["teacher"] = "sft"
+    assert "cycle" in _error(p)
+    p = tiny_params()
+    p["students"]["fkl"]["teacher"] = "nobody"
+    assert "students.fkl.teacher: unknown model 'nobody' (allowed: teacher, sft)" in _error(p)
+    p = tiny_params()
+    p["students"]["sft"]["method"] = "seqkd"
+    assert "students.sft.train_data: method 'seqkd' trains on a transfer set" in _error(p)
+    p = tiny_params()
+    p["transfer_sets"] = {"gen": {"source": "sft"}}
+    p["students"]["sft"]["train_data"] = "gen"
+    assert "cycle" in _error(p)  # sft would need its own generations
+    p["students"]["sft"]["train_data"] = "train"
+    p["students"]["fkl"].update(train_data="gen", teacher="teacher")
+    cfg = parse_config(p)
+    assert cfg.chain_order() == ["sft", "fkl"] and cfg.dependencies("fkl") == ["teacher", "sft"]

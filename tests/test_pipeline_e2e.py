@@ -125,3 +125,37 @@ def test_missing_data_file_is_one_clear_error(project):
     assert out.returncode == 2
     assert "error: nope.jsonl: data file not found" in out.stderr
     assert _registered("kd-student") == []
+
+
+@pytest.mark.slow
+def test_teacher_assistant_chain_and_seqkd_through_the_flow(project):
+    """teacher -> ta -> small (a chain of two links), and a SeqKD student on a teacher-generated set."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import kd_pipeline
+    from tests.conftest import TINY_MODEL, TINY_TRAINING
+
+    params = tiny_params()
+    params["transfer_sets"] = {"teacher_samples": {"source": "teacher", "n_samples": 2, "max_new_tokens": 8,
+                                                   "strategy": "confidence", "keep_fraction": 0.5}}
+    params["students"] = {
+        "small": {"method": "kd", "teacher": "ta", "train_data": "train", "divergence": "rkl", "model": TINY_MODEL,
+                  "training": TINY_TRAINING},
+        "ta": {"method": "kd", "teacher": "teacher", "train_data": "train", "divergence": "fkl",
+               "model": {"config": {"arch": "llama", "n_layer": 1, "hidden": 40, "n_head": 2}}, "training": TINY_TRAINING},
+        "seq": {"method": "seqkd", "teacher": "teacher", "train_data": "teacher_samples", "model": TINY_MODEL,
+                "training": TINY_TRAINING},
+    }
+    path = write_params(project, params)
+    cfg = parse_config(params)
+    assert cfg.chain_order() == ["ta", "small", "seq"]
+    with prefect_test_harness():
+        kd_pipeline(params_path=str(path))
+    transfer = [json.loads(line) for line in (project / "runs/tiny/data/teacher_samples.jsonl").read_text().splitlines()]
+    n_train = len((project / "runs/tiny/data/train.jsonl").read_text().splitlines())
+    assert 0 < len(transfer) <= n_train + 1 and all(r["generated_by"] == "teacher" for r in transfer)
+    info = json.loads((project / "runs/tiny/train_info/small.json").read_text())
+    assert info["teacher"] == "ta"
+    versions = {v.tags["kd.model"]: v.tags for v in _registered("kd-student")}
+    assert versions["ta"]["kd.role"] == "assistant" and versions["small"]["kd.teacher"] == "ta"
+    assert versions["seq"]["kd.train_data"] == "teacher_samples" and versions["seq"]["kd.method"] == "seqkd"

@@ -39,7 +39,7 @@ def collect_rows(cfg) -> list[dict]:
 
 def _vs_sft(rows: list[dict], params_hash: str, key: str) -> list[dict]:
     """Each KD student of this params hash against the SFT student of the same run."""
-    same = [r for r in rows if r["tags"].get("kd.params_hash") == params_hash and r["tags"].get("kd.role") == "student"]
+    same = [r for r in rows if r["tags"].get("kd.params_hash") == params_hash and r["tags"].get("kd.role") != "teacher"]
     sft = next((r for r in reversed(same) if r["tags"].get("kd.method") == "sft" and key in r["metrics"]), None)
     if sft is None:
         return []

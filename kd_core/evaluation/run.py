@@ -105,7 +105,7 @@ def _agreement_with_teacher(cfg, paths, student, tokenizer, model_name: str) -> 
     """Top-1 agreement (OKD eq. 3), KL(teacher || student) and UNC buckets on the test split."""
     from kd_core.evaluation.teacher_forcing import collect_token_stats, top1_agreement, unc_buckets
 
-    teacher = load_checkpoint(paths.teacher)
+    teacher = load_checkpoint(paths.model(cfg.teacher.name))
     test_ds, _ = encode_rows(read_jsonl(paths.split("test")), tokenizer, cfg.data.template,
                              cfg.tokenizer.max_length, cfg.tokenizer.overlong)
     if not len(test_ds):

@@ -53,6 +53,7 @@ class LossOutput:
 class Method:
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = True
+    needs_transfer_set: ClassVar[bool] = False  # trains on model-generated data (`train_data` must name a transfer set)
     Args: ClassVar[type[BaseModel]] = NoArgs
 
     def __init__(self, student_cfg, method_args: dict[str, Any] | None = None):

@@ -1,0 +1,70 @@
+"""`gkd`: Generalized Knowledge Distillation (Agarwal et al., ICLR 2024, arXiv:2306.13649).
+
+Per micro-batch: with probability `lmbda` the responses are replaced by samples of the student
+(temperature `gen_temperature`, at most `max_new_tokens`, stopping at EOS); otherwise the references are
+kept (`seq_kd: true` first replaces them by teacher samples, as TRL's GKDTrainer). Then
+
+    loss = α · CE(references) + (1 − α) · Σ_{supervised t} D(p_T(·|y_<t, x) || q_S(·|y_<t, x)) / norm
+
+with D the configured divergence at temperature τ (default when `divergence` is not set: jsd, beta 0.5,
+TRL's generalized JSD: beta = 0 is KL(p||q), beta = 1 is KL(q||p)); p = teacher, q = student. norm: see
+`onpolicy` (the token mean over the supervised tokens weighted by the micro-batch's reference-token share;
+exactly Σ / N on the references, so `lmbda = 0` is the `kd` method with the same divergence).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from kd_core.methods.base import LossOutput, Method, StepContext, register_method
+from kd_core.methods.onpolicy import (count_generation, distill_on_batch, extract_prompts, generation_batch,
+                                      generation_settings, method_divergence, sample)
+
+
+class GKDArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lmbda: float = Field(0.5, ge=0, le=1, description="probability that a micro-batch uses student samples")
+    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of the generations")
+    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
+    seq_kd: bool = Field(False, description="replace the references by teacher samples (before the lmbda draw)")
+
+
+@register_method("gkd")
+class GKD(Method):
+    needs_teacher = True
+    Args = GKDArgs
+    default_divergence = ("jsd", {"beta": 0.5})
+
+    @property
+    def effective_divergence(self) -> tuple[str, dict]:
+        """(name, params) of the divergence actually used (the method's default unless set explicitly)."""
+        return method_divergence(self.cfg, *self.default_divergence)
+
+    def make_batch(self, ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool, dict[str, float]]:
+        """The micro-batch the loss is computed on, whether its responses were replaced, and logs."""
+        args = self.args
+        batch, replaced, logs = ctx.batch, False, {"on_policy": 0.0}
+        if args.seq_kd or args.lmbda > 0:
+            settings = generation_settings(ctx, args)
+            prompts = extract_prompts(ctx.batch)
+            device = ctx.batch["input_ids"].device
+            if args.seq_kd:
+                gen = sample([(ctx.teacher, 1.0)], prompts, **settings)
+                count_generation(ctx, gen, teacher_generated=True)
+                batch, replaced = generation_batch(gen, settings["eos_token_id"], settings["pad_token_id"], device), True
+            on_policy = args.lmbda >= 1 or (args.lmbda > 0 and float(torch.rand(())) < args.lmbda)
+            if on_policy:
+                gen = sample([(ctx.student, 1.0)], prompts, **settings)
+                count_generation(ctx, gen)
+                batch, replaced = generation_batch(gen, settings["eos_token_id"], settings["pad_token_id"], device), True
+                logs = {"on_policy": 1.0, "gen_len": gen.num_tokens / max(len(gen), 1)}
+        return batch, replaced, logs
+
+    def compute_loss(self, ctx: StepContext) -> LossOutput:
+        name, params = self.effective_divergence
+        batch, replaced, logs = self.make_batch(ctx)
+        res = distill_on_batch(ctx, self.cfg, batch, replaced=replaced, divergence=name, divergence_args=params)
+        res.out.logs.update(logs)
+        return res.out

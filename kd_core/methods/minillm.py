@@ -1,0 +1,188 @@
+"""`minillm`: MiniLLM (Gu et al., ICLR 2024, arXiv:2306.08543): minimise the sequence-level reverse KL
+KL(q_θ || p) = E_{y~q_θ} Σ_t KL(q_θ(·|y_<t,x) || p(·|y_<t,x)) (p = teacher, q = student) by policy gradient.
+
+Per micro-batch: responses y are sampled from the prompts with teacher-mixed sampling, p̃ = α·p + (1−α)·q_θ
+(α = `teacher_mix`, default 0.2; 0 = pure student sampling) at `gen_temperature`, at most `max_new_tokens`
+tokens, stopping at EOS. On the sampled tokens (EOS included; padding and everything after EOS never enter
+a reward, an advantage or a mean), with all distributions at temperature τ:
+
+    r_t     = log p(y_t|y_<t,x) − log q_θ(y_t|y_<t,x)                                    (per-token reward)
+    R_{t+1} = Σ_{t'>t} γ^{t'−t−1} r_t'  /  #{valid t' > t}                   (long-term reward, length norm.)
+    A_t     = whiten(R_{t+1}) over the valid tokens of the micro-batch (optional)
+    w_t     = q_θ(y_t|·) / p̃(y_t|·)                                 (per-token importance weight, detached)
+    ρ_t     = exp(log q_θ(y_t) − sg[log q_θ(y_t)]) · w_t
+    L_long  = mean_t max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε))                (PPO clip, ε = `clip_range`)
+    L_single= mean_t KL(q_θ(·|y_<t,x) || p(·|y_<t,x))                     (exact per-step reverse KL)
+
+    loss = (1 − α_cfg) · (L_single + L_long − sg[L_long]) + α_cfg · CE(references) + lm_coef · CE(references)
+
+The single-step term is the exact expectation over y_t of the step-t reward (its gradient is taken
+directly), so the long-term reward starts at t+1 (the paper's decomposition; `single_step: false` is the
+plain policy gradient with R_t including r_t, the loss value then being the detached single-step mean).
+The loss value is the per-token reverse KL of the samples (the surrogate L_long adds gradient, not value).
+"mean_t" is the `onpolicy` normalisation (token mean weighted by the micro-batch's reference-token share).
+
+Simplifications vs. the paper/official code (microsoft/LMOps minillm), documented in docs/methods_onpolicy.md:
+one policy-gradient step per sampled batch (no rollout store, no multiple PPO epochs: ρ = w at the step);
+no value model (the official code has none either: advantages are whitened normalised returns); the
+pretraining-corpus LM loss L_PT is replaced by an optional CE on the references (`lm_coef`); the
+single-step term is unweighted by w_t (as the official `_reg_loss`); no reward clipping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from kd_core.losses.divergences import logprobs, reduce_tokens, rkl, shared_vocab
+from kd_core.methods.base import LossOutput, Method, StepContext, register_method, shifted, token_ce
+from kd_core.methods.onpolicy import (count_generation, extract_prompts, generation_batch, generation_settings,
+                                      model_logits, reference_token_count, sample, teacher_logits,
+                                      token_mean_scaled)
+
+
+class MiniLLMArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    teacher_mix: float = Field(0.2, ge=0, lt=1, description="α of the sampling mixture α·p + (1−α)·q")
+    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
+    clip_range: float = Field(0.2, gt=0, lt=1, description="PPO clip of the importance ratio")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount of the long-term reward")
+    length_norm: bool = Field(True, description="divide the long-term reward by the number of future tokens")
+    whiten: bool = Field(True, description="whiten the advantages over the micro-batch's valid tokens")
+    single_step: bool = Field(True, description="exact single-step reverse-KL term (else plain policy gradient)")
+    lm_coef: float = Field(0.0, ge=0, description="weight of an added CE on the references (L_PT stand-in)")
+
+
+def discounted_future(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, include_current: bool) -> torch.Tensor:
+    """Σ_{t' ≥ t (or > t)} γ^{t'−t(−1)} r_t' over valid positions only; [B,T] -> [B,T]. Invalid positions'
+    rewards are selected away (torch.where), so NaN/inf there never leak in."""
+    r = torch.where(mask, rewards, torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+    out = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])
+    for t in range(r.shape[1] - 1, -1, -1):
+        if include_current:
+            running = r[:, t] + gamma * running
+            out[:, t] = running
+        else:
+            out[:, t] = running
+            running = r[:, t] + gamma * running
+    return out
+
+
+def advantages(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, length_norm: bool = True,
+               whiten: bool = True, include_current: bool = False) -> torch.Tensor:
+    """MiniLLM advantages A_t on [B,T] rewards; 0 at invalid positions; no NaN for any mask (empty rows,
+    one-token rows) or any value at invalid positions."""
+    mask = mask.bool()
+    rewards = rewards.float()
+    ret = discounted_future(rewards, mask, gamma, include_current)
+    if length_norm:
+        m = mask.float()
+        suffix = m.flip(-1).cumsum(-1).flip(-1)  # valid tokens at positions >= t
+        count = suffix if include_current else suffix - m
+        ret = ret / count.clamp_min(1.0)
+    zero = torch.zeros((), dtype=ret.dtype, device=ret.device)
+    ret = torch.where(mask, ret, zero)
+    n = int(mask.sum())
+    if whiten and n > 0:
+        mean = ret.sum() / n
+        var = torch.where(mask, (ret - mean) ** 2, zero).sum() / n
+        ret = torch.where(mask, (ret - mean) * torch.rsqrt(var + 1e-8), zero)
+    return ret
+
+
+@dataclass
+class MiniLLMTerms:
+    single: torch.Tensor      # [B,T-1] KL(q_t || p_t) (with grad)
+    pg: torch.Tensor          # [B,T-1] PPO-clipped surrogate (with grad)
+    mask: torch.Tensor        # [B,T-1] supervised (generated) positions
+    rewards: torch.Tensor     # [B,T-1] r_t (detached, 0 off the mask)
+    advantages: torch.Tensor  # [B,T-1]
+    weights: torch.Tensor     # [B,T-1] importance weights w_t (1 without teacher mixing)
+
+
+def minillm_terms(student_logits: torch.Tensor, teacher_logits_: torch.Tensor, labels: torch.Tensor,
+                  args: MiniLLMArgs, temperature: float = 1.0) -> MiniLLMTerms:
+    """Per-token MiniLLM terms from full-sequence logits [B,T,V] of a generated batch (labels on the
+    generated tokens). The teacher's logits must carry no gradient."""
+    s, targets, mask = shifted(student_logits, labels)
+    s, t = shared_vocab(s, teacher_logits_[:, :-1])
+    targets = targets.clamp(max=s.shape[-1] - 1)
+    zero = torch.zeros((), device=s.device)
+    lq, lp = logprobs(s, temperature), logprobs(t, temperature)
+    single = rkl(lq, lp)
+    logq_tok = lq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        lp_tok = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        rewards = torch.where(mask, lp_tok - logq_tok.detach(), zero)
+        adv = advantages(rewards, mask, gamma=args.gamma, length_norm=args.length_norm, whiten=args.whiten,
+                         include_current=not args.single_step)
+        if args.teacher_mix > 0:
+            a = args.teacher_mix
+            lq_g = logprobs(s.detach(), args.gen_temperature).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            lp_g = logprobs(t, args.gen_temperature).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            lmix = torch.logaddexp(lp_g + math.log(a), lq_g + math.log1p(-a))
+            w = torch.where(mask, (lq_g - lmix).exp(), zero + 1.0)
+        else:
+            w = torch.ones_like(rewards)
+    ratio = torch.exp(logq_tok - logq_tok.detach()) * w
+    eps = args.clip_range
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - eps, 1.0 + eps))
+    return MiniLLMTerms(single, pg, mask, rewards, adv, w)
+
+
+@register_method("minillm")
+class MiniLLM(Method):
+    needs_teacher = True
+    Args = MiniLLMArgs
+
+    def __init__(self, student_cfg, method_args=None):
+        super().__init__(student_cfg, method_args)
+        cfg = student_cfg
+        if cfg is not None and "divergence" in getattr(cfg, "model_fields_set", set()) and cfg.divergence != "rkl":
+            raise ValueError(f"method 'minillm' optimises the reverse KL: divergence must be rkl or unset "
+                             f"(got {cfg.divergence!r})")
+
+    effective_divergence = ("rkl", {})  # what the objective minimises (sequence-level reverse KL)
+
+    def generate(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """A right-padded batch of teacher-mixed samples of the micro-batch's prompts."""
+        settings = generation_settings(ctx, self.args)
+        a = self.args.teacher_mix
+        mixture = [(ctx.student, 1.0 - a), (ctx.teacher, a)]
+        gen = sample(mixture, extract_prompts(ctx.batch), **settings)
+        count_generation(ctx, gen, teacher_generated=a > 0)
+        return generation_batch(gen, settings["eos_token_id"], settings["pad_token_id"], ctx.batch["input_ids"].device)
+
+    def loss_on(self, ctx: StepContext, gen_batch: dict[str, torch.Tensor]) -> LossOutput:
+        """The MiniLLM loss on a given generated batch (labels on generated tokens)."""
+        cfg, args = self.cfg, self.args
+        s_logits = model_logits(ctx.student, gen_batch)
+        t_logits = teacher_logits(ctx.teacher, gen_batch)
+        terms = minillm_terms(s_logits, t_logits, gen_batch["labels"], args, cfg.temperature)
+        n_ref = reference_token_count(ctx.batch)
+        single = token_mean_scaled(terms.single, terms.mask, n_ref, ctx.num_items)
+        pg = token_mean_scaled(terms.pg, terms.mask, n_ref, ctx.num_items)
+        rl = (single if args.single_step else single.detach()) + (pg - pg.detach())
+        mask = terms.mask
+        logs = {"rkl": float(reduce_tokens(terms.single.detach(), mask)),
+                "reward": float(reduce_tokens(terms.rewards, mask)),
+                "pg": float(reduce_tokens(terms.pg.detach(), mask)),
+                "iw": float(reduce_tokens(terms.weights, mask)),
+                "gen_len": float(mask.sum()) / max(mask.shape[0], 1)}
+        loss = (1 - cfg.alpha) * rl if cfg.alpha > 0 else rl
+        ce_weight = cfg.alpha + args.lm_coef
+        if ce_weight > 0:
+            r_logits, r_targets, r_mask = shifted(model_logits(ctx.student, ctx.batch), ctx.batch["labels"])
+            ce = token_ce(r_logits, r_targets)
+            loss = loss + ce_weight * reduce_tokens(ce, r_mask, ctx.num_items)
+            logs["ce"] = float(reduce_tokens(ce.detach(), r_mask))
+        return LossOutput(loss, logs)
+
+    def compute_loss(self, ctx: StepContext) -> LossOutput:
+        return self.loss_on(ctx, self.generate(ctx))
