@@ -140,8 +140,9 @@ def print_table(result: dict) -> None:
         table.add_row(r["label"], method, t.get("kd.parameters", ""), *[_fmt(r["metrics"], k, f) for k, _, f in COLUMNS],
                       ", ".join(r["aliases"]))
     Console(width=200).print(table)
-    for v in result.get("vs_sft", []):
-        typer.echo(f"  {v['model']:>12} vs sft: {v['value']:.2f} vs {v['sft']:.2f} ({v['delta']:+.2f})")
+    for p in result.get("paired_vs_sft", []):
+        typer.echo(f"  {p['model']:>12} vs {p['vs']}: ΔROUGE-L {p['mean_diff']:+.2f} "
+                   f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}], p = {p['p_value']:.3f} over {p['n_prompts']} test prompts")
 
 
 def main() -> None:  # pragma: no cover

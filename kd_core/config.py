@@ -228,12 +228,18 @@ class EvaluationConfig(_Strict):
     sample_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
     greedy: bool = True
     generation: GenerationConfig = GenerationConfig()
+    unc_buckets: int = Field(3, ge=1, description="teacher-uncertainty buckets for the agreement/KL analysis")
+    exaccerr_lengths: list[int] = Field(default_factory=lambda: [8, 16], description="ExAccErr(l) for these l")
+    exaccerr_prompts: int = Field(32, ge=0, description="prompts of the test split used for ExAccErr (0: off)")
+    exaccerr_samples: int = Field(2, ge=1, description="prefixes sampled per prompt and model")
 
 
 class ChampionRule(_Strict):
     metric: str = "test/rougeL_sampled_mean"
     mode: Literal["max", "min"] = "max"
     min_delta: float = Field(0.0, ge=0, description="move the alias only when better by more than this")
+    significance: float | None = Field(
+        None, gt=0, lt=1, description="also require a paired bootstrap p-value below this (per-prompt test ROUGE-L)")
 
 
 class TrackingConfig(_Strict):

@@ -99,7 +99,8 @@ def _file_hash(*paths: Path) -> str:
 
 def _n_positions(cfg: PipelineConfig) -> int:
     """Positions a model built from a config needs: the longest prompt plus the longest generation."""
-    longest = max([cfg.evaluation.generation.max_new_tokens, *(t.max_new_tokens for t in cfg.transfer_sets.values())])
+    longest = max([cfg.evaluation.generation.max_new_tokens, *cfg.evaluation.exaccerr_lengths,
+                   *(t.max_new_tokens for t in cfg.transfer_sets.values())])
     return cfg.tokenizer.max_length + longest
 
 
@@ -423,6 +424,11 @@ def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
         numeric = {k.replace("@", "_at_"): v for k, v in metrics.items() if isinstance(v, (int, float))}
         numeric |= {"train_time_s": info.get("train_time_s", 0.0), "parameters": info["parameters"]}
         with tracking.stage_run(cfg, paths.root, "register", name):
+            import mlflow
+
+            per_prompt = paths.generations(name) / "test.jsonl"
+            if per_prompt.is_file():  # per-prompt scores: the champion rule's paired test reads them back
+                mlflow.log_artifact(str(per_prompt), artifact_path="eval")
             version = tracking.log_model_and_register(paths.model(name), reg_name, tags, numeric)
         registered["versions"][name] = {"registered_model": reg_name, "version": version}
     registered["champion"] = update_champion(cfg)
@@ -443,11 +449,37 @@ def update_champion(cfg: PipelineConfig) -> dict:
     old = current["metrics"].get(key) if current else None
     if current is not None and current["version"] == best["version"]:
         return {"moved": False, "version": best["version"], "reason": "already champion"}
-    if _is_better(best["metrics"][key], old, rule.mode, rule.min_delta):
-        tracking.set_alias(cfg.tracking.registered_model, "champion", best["version"])
-        return {"moved": True, "version": best["version"], "metric": rule.metric, "value": best["metrics"][key]}
-    return {"moved": False, "version": current["version"] if current else None,
-            "reason": f"best {best['metrics'][key]:.4g} not better than {old} by > {rule.min_delta}"}
+    if not _is_better(best["metrics"][key], old, rule.mode, rule.min_delta):
+        return {"moved": False, "version": current["version"] if current else None,
+                "reason": f"best {best['metrics'][key]:.4g} not better than {old} by > {rule.min_delta}"}
+    decision = {"moved": True, "version": best["version"], "metric": rule.metric, "value": best["metrics"][key]}
+    if rule.significance is not None and current is not None:
+        test = _paired_registry_test(current["run_id"], best["run_id"], cfg.seed)
+        if test is None or test["p_value"] >= rule.significance:
+            return {"moved": False, "version": current["version"], "paired_test": test,
+                    "reason": f"not significant at p < {rule.significance}"}
+        decision["paired_test"] = test
+    tracking.set_alias(cfg.tracking.registered_model, "champion", best["version"])
+    return decision
+
+
+def _paired_registry_test(old_run: str, new_run: str, seed: int) -> dict | None:
+    """Paired bootstrap of two registered versions on the prompts both were evaluated on."""
+    import mlflow
+
+    from kd_core.evaluation.stats import paired_bootstrap
+
+    scores = []
+    for run_id in (old_run, new_run):
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="eval/test.jsonl")
+        except Exception:  # an older version without per-prompt scores
+            return None
+        scores.append({r["id"]: r.get("rougeL_sampled_mean") for r in read_jsonl(local)})
+    ids = [i for i in scores[0] if scores[0][i] is not None and scores[1].get(i) is not None]
+    if len(ids) < 2:
+        return None
+    return paired_bootstrap([scores[0][i] for i in ids], [scores[1][i] for i in ids], seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------- 7. compare
@@ -456,7 +488,7 @@ def compare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     from kd_core.evaluation.compare import build_report
 
     tracking.setup(cfg)
-    return build_report(cfg, paths.reports)
+    return build_report(cfg, paths)
 
 
 STAGES = {"prepare": prepare, "train_teacher": train_teacher, "transfer": transfer, "distill": distill, "finetune": finetune,

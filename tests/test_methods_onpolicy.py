@@ -180,6 +180,13 @@ def test_minillm_advantages_ignore_padding(whiten, gamma):
     other = advantages(garbage, mask, gamma=gamma, whiten=whiten)
     assert torch.isfinite(base).all() and torch.equal(base, other)
     assert torch.equal(base[~mask], torch.zeros(int((~mask).sum())))
+    # more padding (a wider batch) changes nothing either
+    wide = advantages(torch.cat([rewards, torch.randn(3, 4, generator=g)], 1),
+                      torch.cat([mask, torch.zeros(3, 4, dtype=torch.bool)], 1), gamma=gamma, whiten=whiten)
+    torch.testing.assert_close(wide[:, :7], base)
+    if whiten:  # statistics over the valid tokens only
+        assert float(base[mask].mean()) == pytest.approx(0.0, abs=1e-6)
+        assert float(base[mask].pow(2).mean()) == pytest.approx(1.0, abs=1e-4)
     # no NaN for an empty mask or single-token rows
     assert torch.equal(advantages(rewards, torch.zeros_like(mask), gamma=gamma, whiten=whiten), torch.zeros_like(rewards))
 

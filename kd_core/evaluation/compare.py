@@ -4,6 +4,7 @@ student against the SFT student of the same run, a size-versus-quality plot, as 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from kd_core import tracking
@@ -95,7 +96,45 @@ def _plot(rows: list[dict], key: str, path: Path) -> None:
     tmp.replace(path)
 
 
-def build_report(cfg, out_dir: Path) -> dict:
+def _paired_vs_sft(cfg, paths, set_name: str = "test") -> list[dict]:
+    """Each student of this run against the SFT student on the same prompts (paired bootstrap over prompts
+    of the per-prompt ROUGE-L averaged over sampling seeds): mean difference, 95% CI, p-value."""
+    from kd_core.evaluation.stats import paired_bootstrap
+    from kd_core.io import read_jsonl
+
+    sft = next((s.name for s in cfg.students.values() if s.method == "sft"), None)
+    if sft is None or not (paths.generations(sft) / f"{set_name}.jsonl").is_file():
+        return []
+    base = {r["id"]: r.get("rougeL_sampled_mean") for r in read_jsonl(paths.generations(sft) / f"{set_name}.jsonl")}
+    out = []
+    for name in [cfg.teacher.name, *cfg.students]:
+        f = paths.generations(name) / f"{set_name}.jsonl"
+        if name == sft or not f.is_file():
+            continue
+        other = {r["id"]: r.get("rougeL_sampled_mean") for r in read_jsonl(f)}
+        ids = [i for i in base if base[i] is not None and other.get(i) is not None]
+        if len(ids) < 2:
+            continue
+        res = paired_bootstrap([base[i] for i in ids], [other[i] for i in ids], seed=cfg.seed)
+        out.append({"model": name, "vs": sft, "n_prompts": len(ids), **res})
+    return out
+
+
+def _unc_plot(cfg, paths, path: Path) -> bool:
+    from kd_core.evaluation.teacher_forcing import plot_unc_buckets
+
+    buckets = {}
+    for name in cfg.students:
+        f = paths.generations(name) / "unc_buckets.json"
+        if f.is_file() and (data := json.loads(f.read_text())):
+            buckets[name] = data
+    if buckets:
+        plot_unc_buckets(buckets, path)
+    return bool(buckets)
+
+
+def build_report(cfg, paths) -> dict:
+    out_dir: Path = paths.reports
     rows = collect_rows(cfg)
     if not rows:
         raise LookupError(f"no registered versions of {cfg.tracking.registered_model!r} at {tracking.tracking_uri(cfg)}")
@@ -108,12 +147,22 @@ def build_report(cfg, out_dir: Path) -> dict:
                "|---|---|---|---|---|"]
         md += [f"| {v['model']} | {v['method']} ({v['divergence']}) | {v['value']:.2f} | {v['sft']:.2f} | {v['delta']:+.2f} |"
                for v in vs_sft]
+    paired = _paired_vs_sft(cfg, paths)
+    if paired:
+        md += ["", "## Paired comparison with the SFT student (test prompts, bootstrap over prompts)", "",
+               "Per-prompt ROUGE-L averaged over sampling seeds; Δ = model − SFT.", "",
+               "| model | prompts | Δ ROUGE-L | 95% CI | p-value |", "|---|---|---|---|---|"]
+        md += [f"| {p['model']} | {p['n_prompts']} | {p['mean_diff']:+.2f} | [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | "
+               f"{p['p_value']:.3f} |" for p in paired]
     out_dir.mkdir(parents=True, exist_ok=True)
+    if _unc_plot(cfg, paths, out_dir / "unc_buckets.png"):
+        md += ["", "## Teacher-uncertainty buckets", "", "![UNC buckets](unc_buckets.png)"]
+    md += ["", "![size vs quality](size_vs_quality.png)"]
     write_text_atomic(out_dir / "compare.md", "\n".join(md) + "\n")
-    write_json_atomic(out_dir / "compare.json", {"rows": rows, "vs_sft": vs_sft, "metric": key})
+    write_json_atomic(out_dir / "compare.json", {"rows": rows, "vs_sft": vs_sft, "paired_vs_sft": paired, "metric": key})
     _plot(rows, key, out_dir / "size_vs_quality.png")
     points = [{"model": r["label"], "parameters": int(r["tags"].get("kd.parameters") or 0),
                key.replace("/", "_"): r["metrics"][key]} for r in rows if key in r["metrics"]]
     write_json_atomic(out_dir / "plot_points.json", points)  # DVC plots (dvc.yaml)
-    return {"rows": rows, "vs_sft": vs_sft, "markdown": str(out_dir / "compare.md"),
+    return {"rows": rows, "vs_sft": vs_sft, "paired_vs_sft": paired, "markdown": str(out_dir / "compare.md"),
             "json": str(out_dir / "compare.json"), "plot": str(out_dir / "size_vs_quality.png")}

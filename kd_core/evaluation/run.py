@@ -87,9 +87,10 @@ def evaluate_model(cfg, paths, model_name: str, model_dir) -> dict:
     metrics: dict[str, float] = {"parameters": count_parameters(model)}
     val_ds, _ = encode_rows(read_jsonl(paths.split("val")), tokenizer, cfg.data.template,
                             cfg.tokenizer.max_length, cfg.tokenizer.overlong)
-    if len(val_ds):
-        loss = validation_loss(model, val_ds, tokenizer.pad_token_id)
-        metrics["val/loss"], metrics["val/ppl"] = loss, math.exp(min(loss, 50.0))
+    for split, ds in (("val", val_ds), ("test", _encoded_split(cfg, paths, tokenizer, "test"))):
+        if len(ds):
+            loss = validation_loss(model, ds, tokenizer.pad_token_id)
+            metrics[f"{split}/loss"], metrics[f"{split}/ppl"] = loss, math.exp(min(loss, 50.0))
     for set_name in cfg.evaluation.eval_sets:
         rows = read_jsonl(paths.eval_set(set_name))
         rows = rows[: cfg.evaluation.limit] if cfg.evaluation.limit else rows
@@ -101,20 +102,40 @@ def evaluate_model(cfg, paths, model_name: str, model_dir) -> dict:
     return metrics
 
 
+def _encoded_split(cfg, paths, tokenizer, split: str):
+    ds, _ = encode_rows(read_jsonl(paths.split(split)), tokenizer, cfg.data.template, cfg.tokenizer.max_length,
+                        cfg.tokenizer.overlong)
+    return ds
+
+
 def _agreement_with_teacher(cfg, paths, student, tokenizer, model_name: str) -> dict:
-    """Top-1 agreement (OKD eq. 3), KL(teacher || student) and UNC buckets on the test split."""
+    """Teacher-relative metrics on the test split (the teacher p is the oracle):
+    top-1 agreement (OKD eq. 3), KL(p || q), UNC-bucketed STD / KL / agreement (eq. 4, Figs. 2 and 5),
+    and ExAccErr(l) (eqs. 5-7) on sampled prefixes."""
+    from kd_core.evaluation.exposure_bias import exaccerr
     from kd_core.evaluation.teacher_forcing import collect_token_stats, top1_agreement, unc_buckets
 
+    ev = cfg.evaluation
     teacher = load_checkpoint(paths.model(cfg.teacher.name))
-    test_ds, _ = encode_rows(read_jsonl(paths.split("test")), tokenizer, cfg.data.template,
-                             cfg.tokenizer.max_length, cfg.tokenizer.overlong)
+    test_rows = read_jsonl(paths.split("test"))
+    test_ds = _encoded_split(cfg, paths, tokenizer, "test")
     if not len(test_ds):
         return {}
     stats = collect_token_stats(student, teacher, list(_batches(test_ds, tokenizer.pad_token_id, 32)))
-    buckets = unc_buckets(stats, n_buckets=3)
-    write_json_atomic(paths.generations(model_name) / "unc_buckets.json", buckets)
     out = {"test/top1_agreement": top1_agreement(stats), "test/kl_teacher_student": float(stats.kl.mean())}
+    buckets = unc_buckets(stats, n_buckets=ev.unc_buckets) if len(stats) >= ev.unc_buckets else []
+    write_json_atomic(paths.generations(model_name) / "unc_buckets.json", buckets)
     for i, b in enumerate(buckets):
-        out[f"test/unc_bucket{i}_top1_agreement"] = b["top1_agreement"]
-        out[f"test/unc_bucket{i}_kl"] = b["kl"]
+        for key in ("top1_agreement", "kl", "logit_std"):
+            out[f"test/unc_bucket{i}_{key}"] = b[key]
+    if ev.exaccerr_prompts and ev.exaccerr_lengths:
+        prompts = [encode_prompt(r, tokenizer, cfg.data.template, cfg.tokenizer.max_length)
+                   for r in test_rows[: ev.exaccerr_prompts]]
+        result = exaccerr(student, teacher, prompts, ev.exaccerr_lengths, n_samples=ev.exaccerr_samples, seed=cfg.seed,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        write_json_atomic(paths.generations(model_name) / "exaccerr.json", {str(k): v for k, v in result.items()})
+        for length, r in result.items():
+            out[f"test/exaccerr_l{length}"] = r["value"]
+            out[f"test/exaccerr_l{length}_ci_low"] = r["ci_low"]
+            out[f"test/exaccerr_l{length}_ci_high"] = r["ci_high"]
     return out
