@@ -134,6 +134,13 @@ class TrainingConfig(_Strict):
     logging_steps: int = Field(20, ge=1)
     deepspeed: str | None = Field(None, description="path to a DeepSpeed json (infra/deepspeed/*.json)")
 
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_file(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"DeepSpeed config {v!r} not found (e.g. infra/deepspeed/zero2.json)")
+        return v
+
 
 class LoraConfig(_Strict):
     r: int = Field(8, ge=1)

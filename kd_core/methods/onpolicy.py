@@ -241,7 +241,7 @@ def sample(mixture: Sequence[tuple[torch.nn.Module, float]], prompts: list[list[
     total = sum(w for _, w in mixture)
     log_w = [math.log(w / total) for _, w in mixture]
     n_rows = len(prompts)
-    width = max(len(p) for p in prompts)
+    width = max((len(p) for p in prompts), default=0)
     steps = max_new_tokens if max_length is None else min(max_new_tokens, max_length - width)
     tokens: list[list[int]] = [[] for _ in range(n_rows)]
     ended = [False] * n_rows
