@@ -406,6 +406,8 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    # YAML anchors load as one shared object: un-alias so an override of one student changes only that one
+    raw = json.loads(json.dumps(raw, default=str))
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     return parse_config(raw, source=str(path))

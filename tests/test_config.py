@@ -125,3 +125,13 @@ def test_chains_and_transfer_sets_are_checked():
     p["students"]["fkl"].update(train_data="gen", teacher="teacher")
     cfg = parse_config(p)
     assert cfg.chain_order() == ["sft", "fkl"] and cfg.dependencies("fkl") == ["teacher", "sft"]
+
+
+def test_override_of_one_student_does_not_leak_through_yaml_anchors(tmp_path):
+    (tmp_path / "params.yaml").write_text(
+        "teacher: {model: {config: {n_layer: 1}}}\n"
+        "students:\n"
+        "  a: {model: {config: {n_layer: 1}}, training: &t {learning_rate: 0.1}}\n"
+        "  b: {model: {config: {n_layer: 1}}, training: *t}\n")
+    cfg = load_config(tmp_path / "params.yaml", {"students.a.training.learning_rate": 0.5})
+    assert cfg.student("a").training.learning_rate == 0.5 and cfg.student("b").training.learning_rate == 0.1
