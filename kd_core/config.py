@@ -189,7 +189,7 @@ class StudentConfig(_Strict):
     teacher: str = Field("teacher", description="who teaches it: the teacher, or another student (a teacher assistant)")
     train_data: str = Field("train", description="'train' (the split) or the name of a transfer set")
     method: str = "kd"
-    divergence: str = "fkl"
+    divergence: str = Field("fkl", description="default: the method's own (fkl for kd, jsd for gkd, ...)")
     divergence_args: dict[str, float] = Field(default_factory=dict)
     method_args: dict[str, Any] = Field(default_factory=dict)
     alpha: float = Field(0.0, ge=0, le=1, description="weight of the CE loss: alpha*CE + (1-alpha)*KD")
@@ -198,6 +198,17 @@ class StudentConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     finetune: FinetuneConfig = FinetuneConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_default_divergence(cls, data: Any) -> Any:
+        """No divergence given: the method's default (and its default args) is what gets recorded."""
+        from kd_core.methods import METHODS
+
+        if isinstance(data, dict) and data.get("divergence") is None and data.get("method", "kd") in METHODS:
+            name, args = METHODS[data.get("method", "kd")].default_divergence
+            data = {**data, "divergence": name, "divergence_args": {**args, **(data.get("divergence_args") or {})}}
+        return data
+
     @model_validator(mode="after")
     def _registered_names(self) -> StudentConfig:
         from kd_core.losses.divergences import DIVERGENCES
@@ -205,6 +216,10 @@ class StudentConfig(_Strict):
 
         if self.method not in METHODS:
             raise ValueError(f"method: unknown method {self.method!r} (allowed: {', '.join(sorted(METHODS))})")
+        allowed_div = METHODS[self.method].allowed_divergences
+        if allowed_div is not None and self.divergence not in allowed_div:
+            raise ValueError(f"divergence: method {self.method!r} works with {self.divergence!r} only if it is one of "
+                             f"{', '.join(sorted(allowed_div))} (allowed: {', '.join(sorted(allowed_div))})")
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence: unknown divergence {self.divergence!r} "
                              f"(allowed: {', '.join(sorted(DIVERGENCES))})")

@@ -54,6 +54,9 @@ class Method:
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = True
     needs_transfer_set: ClassVar[bool] = False  # trains on model-generated data (`train_data` must name a transfer set)
+    # the divergence used when params name none, and (if not None) the only ones the method accepts
+    default_divergence: ClassVar[tuple[str, dict]] = ("fkl", {})
+    allowed_divergences: ClassVar[frozenset[str] | None] = None
     Args: ClassVar[type[BaseModel]] = NoArgs
 
     def __init__(self, student_cfg, method_args: dict[str, Any] | None = None):

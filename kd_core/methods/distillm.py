@@ -127,7 +127,7 @@ class DistiLLM(Method):
     @property
     def effective_divergence(self) -> tuple[str, dict]:
         """(name, params) of the divergence actually used (the method's default unless set explicitly)."""
-        return method_divergence(self.cfg, *self.default_divergence)
+        return method_divergence(self.cfg)
 
     def make_batch(self, ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool, str]:
         st = self.state(ctx)

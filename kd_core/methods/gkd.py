@@ -40,7 +40,7 @@ class GKD(Method):
     @property
     def effective_divergence(self) -> tuple[str, dict]:
         """(name, params) of the divergence actually used (the method's default unless set explicitly)."""
-        return method_divergence(self.cfg, *self.default_divergence)
+        return method_divergence(self.cfg)
 
     def make_batch(self, ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool, dict[str, float]]:
         """The micro-batch the loss is computed on, whether its responses were replaced, and logs."""

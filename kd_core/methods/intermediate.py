@@ -26,7 +26,6 @@ disables the student's attention-probability dropout (the maps must be true dist
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, Literal
 
@@ -37,8 +36,6 @@ from kd_core.losses.divergences import DIVERGENCES, reduce_tokens, token_diverge
 from kd_core.losses.intermediate import (attention_divergence, hidden_state_loss, resolve_layer_map,
                                          scaled_position_mean)
 from kd_core.methods.base import LossOutput, Method, StepContext, register_method, shifted, token_ce
-
-log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------- shared helpers
@@ -195,7 +192,8 @@ class IntermediateKD(Method):
         reset_extra_grads_each_step(ctx, self.trainable_modules())
         active = self.active_pairs(ctx.progress)
         hidden_pairs = active if a.hidden_weight > 0 else []
-        attn_pairs = [k for k in active if self.pairs[k][0] > 0 and self.pairs[k][1] > 0] if a.attention_weight > 0 else []
+        attn_pairs = ([k for k in active if self.pairs[k][0] > 0 and self.pairs[k][1] > 0]
+                      if a.attention_weight > 0 else [])
         kd_weight = (1.0 - cfg.alpha) if a.kd_weight is None else a.kd_weight
         use_kd = kd_weight > 0 and self.kd_active(ctx.progress)
 

@@ -141,12 +141,8 @@ class MiniLLM(Method):
     needs_teacher = True
     Args = MiniLLMArgs
 
-    def __init__(self, student_cfg, method_args=None):
-        super().__init__(student_cfg, method_args)
-        cfg = student_cfg
-        if cfg is not None and "divergence" in getattr(cfg, "model_fields_set", set()) and cfg.divergence != "rkl":
-            raise ValueError(f"method 'minillm' optimises the reverse KL: divergence must be rkl or unset "
-                             f"(got {cfg.divergence!r})")
+    default_divergence = ("rkl", {})
+    allowed_divergences = frozenset({"rkl"})  # the objective is the sequence-level reverse KL
 
     effective_divergence = ("rkl", {})  # what the objective minimises (sequence-level reverse KL)
 

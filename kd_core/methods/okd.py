@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from kd_core.losses.divergences import get_divergence, logprobs, reduce_tokens, shared_vocab
 from kd_core.methods.base import LossOutput, Method, StepContext, register_method, shifted, token_ce
@@ -68,14 +68,15 @@ class OKDArgs(BaseModel):
     encoder_hidden_size: int | None = Field(None, ge=1, description="P-tuning encoder width; default model width")
     encoder_type: Literal["MLP", "LSTM"] = "MLP"
 
-    @model_validator(mode="after")
-    def _args_of_module(self) -> OKDArgs:
+    @field_validator(*sorted(_LORA_KEYS | _PROMPT_KEYS | _PREFIX_KEYS | _PTUNING_KEYS))
+    @classmethod
+    def _applies_to_module(cls, v, info: ValidationInfo):
+        module = info.data.get("module", "lora")
         allowed = {"lora": _LORA_KEYS, "prefix": _PROMPT_KEYS | _PREFIX_KEYS,
-                   "ptuning": _PROMPT_KEYS | _PTUNING_KEYS}[self.module]
-        stray = sorted((_LORA_KEYS | _PROMPT_KEYS | _PREFIX_KEYS | _PTUNING_KEYS) & self.model_fields_set - allowed)
-        if stray:
-            raise ValueError(f"{', '.join(stray)} do not apply to module {self.module!r}")
-        return self
+                   "ptuning": _PROMPT_KEYS | _PTUNING_KEYS}[module]
+        if info.field_name not in allowed:
+            raise ValueError(f"does not apply to module {module!r}")
+        return v
 
 
 class _OnlineParams(torch.nn.Module):

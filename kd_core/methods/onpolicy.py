@@ -316,13 +316,10 @@ def count_generation(ctx, gen: Generation, teacher_generated: bool = False) -> N
 
 
 # ----------------------------------------------------------------------------------------------- shared loss
-def method_divergence(cfg, default: str | None = None, default_args: dict | None = None) -> tuple[str, dict]:
-    """The divergence a method uses: `cfg.divergence` / `cfg.divergence_args` when the config names a
-    divergence explicitly, else the method's own default (GKD: jsd, DistiLLM: skl) when it has one."""
-    explicit = cfg is not None and "divergence" in getattr(cfg, "model_fields_set", {"divergence"})
-    if default is None or explicit:
-        return cfg.divergence, dict(cfg.divergence_args)
-    return default, dict(default_args or {})
+def method_divergence(cfg) -> tuple[str, dict]:
+    """The divergence a method uses: the config's (which holds the method's `default_divergence` when
+    params name none, see `StudentConfig`)."""
+    return cfg.divergence, dict(cfg.divergence_args)
 
 
 def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
