@@ -218,8 +218,8 @@ class StudentConfig(_Strict):
             raise ValueError(f"method: unknown method {self.method!r} (allowed: {', '.join(sorted(METHODS))})")
         allowed_div = METHODS[self.method].allowed_divergences
         if allowed_div is not None and self.divergence not in allowed_div:
-            raise ValueError(f"divergence: method {self.method!r} works with {self.divergence!r} only if it is one of "
-                             f"{', '.join(sorted(allowed_div))} (allowed: {', '.join(sorted(allowed_div))})")
+            raise ValueError(f"divergence: {self.divergence!r} does not fit method {self.method!r} "
+                             f"(allowed: {', '.join(sorted(allowed_div))})")
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence: unknown divergence {self.divergence!r} "
                              f"(allowed: {', '.join(sorted(DIVERGENCES))})")
