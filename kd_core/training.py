@@ -88,6 +88,15 @@ class DistillationTrainer(Trainer):
         return optimizer
 
 
+class _ZeroExtraGrads(TrainerCallback):
+    """The Trainer clears the model's gradients only; clear the whole optimizer's (extra modules such as
+    OKD's online module or hidden-state projections are in it) after every optimizer step."""
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+
+
 class _MetricsCallback(TrainerCallback):
     def __init__(self, on_log=None):
         self.history: list[dict] = []
@@ -146,7 +155,7 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
     teacher = method.setup(model, teacher)
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=CausalCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, method=method, teacher=teacher, callbacks=[callback])
+        processing_class=tokenizer, method=method, teacher=teacher, callbacks=[callback, _ZeroExtraGrads()])
     resume = ckpt_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in ckpt_dir.iterdir())
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=True if resume else None)

@@ -70,7 +70,7 @@ class Method:
         except ValidationError as err:
             first = err.errors()[0]
             key = ".".join(str(p) for p in first["loc"])
-            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
             allowed = ", ".join(cls.Args.model_fields) or "none"
             raise ValueError(f"method_args.{key}: {msg} (method {cls.name!r} takes: {allowed})") from None
 
