@@ -6,8 +6,10 @@ Cached per process: building it takes a few seconds.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,7 @@ def tiny_setup() -> TinySetup:
     train_set, _ = encode_rows(splits["train"], tok, TEMPLATE, MAX_LENGTH, "truncate")
     val_set, _ = encode_rows(splits["val"][:48], tok, TEMPLATE, MAX_LENGTH, "truncate")
     workdir = Path(tempfile.mkdtemp(prefix="kd-method-tests-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     teacher = build_from_config(ArchConfig(n_layer=2, hidden=64, n_head=2), tok, n_positions=MAX_LENGTH + 16, seed=0)
     cfg = TrainingConfig(max_steps=30, learning_rate=3e-3, batch_size=16, warmup_ratio=0.0, logging_steps=10)
     train(teacher, train_set, tok, cfg, workdir / "teacher", method=get_method("sft")(None), seed=0, save=False)
