@@ -110,6 +110,24 @@ class _MetricsCallback(TrainerCallback):
                 self.on_log_fn(entry)
 
 
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint written in full. A process killed while saving leaves a partial folder: it is
+    removed, and training resumes from the one before."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((p for p in ckpt_dir.iterdir() if p.name.startswith("checkpoint-") and p.name[11:].isdigit()),
+                   key=lambda p: int(p.name[11:]), reverse=True)
+    for ckpt in found:
+        has_weights = any(ckpt.glob("*.safetensors"))
+        if has_weights and all((ckpt / f).is_file() for f in CHECKPOINT_FILES) and any(ckpt.glob("rng_state*.pth")):
+            return ckpt
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
 def training_arguments(cfg: TrainingConfig, out_dir: Path, seed: int, epochs: float | None = None,
                        learning_rate: float | None = None) -> TrainingArguments:
     return TrainingArguments(
@@ -156,9 +174,9 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=CausalCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, method=method, teacher=teacher, callbacks=[callback, _ZeroExtraGrads()])
-    resume = ckpt_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in ckpt_dir.iterdir())
+    resume = last_complete_checkpoint(ckpt_dir)
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=True if resume else None)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - start
     if save and trainer.is_world_process_zero():
         with atomic_dir(out_dir) as tmp:
