@@ -133,6 +133,7 @@ class TrainingConfig(_Strict):
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: only the final model)")
     logging_steps: int = Field(20, ge=1)
     deepspeed: str | None = Field(None, description="path to a DeepSpeed json (infra/deepspeed/*.json)")
+    loss_on_prompt: bool = Field(False, description="train on prompt tokens too (default: response tokens only)")
 
     @field_validator("deepspeed")
     @classmethod

@@ -179,11 +179,11 @@ def _data_version(paths: RunPaths) -> str:
     return json.loads((paths.data / "report.json").read_text())["data_version"]
 
 
-def _train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, split: str = "train"):
+def _train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, split: str = "train", loss_on_prompt: bool = False):
     if not paths.split(split).is_file():
         raise FileNotFoundError(f"{paths.split(split)}: no data {split!r}; run the prepare (or transfer) stage first")
     ds, dropped = encode_rows(read_jsonl(paths.split(split)), tokenizer, cfg.data.template,
-                              cfg.tokenizer.max_length, cfg.tokenizer.overlong)
+                              cfg.tokenizer.max_length, cfg.tokenizer.overlong, loss_on_prompt)
     if len(ds) == 0:
         raise DataError(f"split {split!r}: every example is longer than tokenizer.max_length={cfg.tokenizer.max_length}")
     return ds, dropped
@@ -214,7 +214,7 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
                 tokenizer.save_pretrained(str(tmp))
             info.update(train_time_s=0.0, steps=0)
         else:
-            ds, dropped = _train_set(cfg, paths, tokenizer)
+            ds, dropped = _train_set(cfg, paths, tokenizer, loss_on_prompt=tc.training.loss_on_prompt)
             if tc.finetune == "lora":
                 model = _with_lora(model, tc.lora)
             result = train(model, ds, tokenizer, tc.training, paths.model(cfg.teacher.name), method=get_method("sft")(None),
@@ -319,7 +319,7 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     student = make_model(sc.model, tokenizer, _n_positions(cfg), seed, teacher=teacher)
     if teacher is not None:
         check_vocab_compatible(teacher, student, tokenizer)
-    ds, dropped = _train_set(cfg, paths, tokenizer, sc.train_data)
+    ds, dropped = _train_set(cfg, paths, tokenizer, sc.train_data, loss_on_prompt=sc.training.loss_on_prompt)
     info: dict = {"name": sc.name, "method": sc.method, "divergence": sc.divergence if method.needs_teacher else "",
                   "teacher": sc.teacher, "train_data": sc.train_data, "parameters": count_parameters(student)}
     params = sc.model_dump(mode="json", exclude={"finetune"})
@@ -359,7 +359,7 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     else:
         tokenizer = load_tokenizer(paths.tokenizer)
         model = load_checkpoint(src)
-        ds, _ = _train_set(cfg, paths, tokenizer)
+        ds, _ = _train_set(cfg, paths, tokenizer, loss_on_prompt=sc.training.loss_on_prompt)
         lr = sc.training.learning_rate * sc.finetune.lr_scale
         with tracking.stage_run(cfg, paths.root, "finetune", sc.name, params=sc.finetune.model_dump()):
             result = train(model, ds, tokenizer, sc.training, paths.model(sc.name), method=get_method("sft")(sc),

@@ -132,3 +132,15 @@ def test_collator_right_pads_and_left_pad_for_generation(tokenizer):
     ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=1)
     assert ids.tolist() == [[5, 6, 7], [1, 1, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert ids.dtype == torch.long
+
+
+def test_loss_on_prompt_labels_every_token(tokenizer):
+    row = ROWS[5]
+    ex = encode_example(row, tokenizer, "minimal", max_length=64, loss_on_prompt=True)
+    assert ex.labels == ex.input_ids
+    plain = encode_example(row, tokenizer, "minimal", max_length=64)
+    assert plain.input_ids == ex.input_ids and IGNORE_INDEX in plain.labels
+
+
+def test_digits_are_single_tokens(tokenizer):
+    assert tokenizer.tokenize("sum 1234")[-4:] == ["1", "2", "3", "4"]

@@ -24,7 +24,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # one token per digit: arithmetic and sorting become learnable per digit instead of per number
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -48,8 +50,8 @@ class EncodedExample:
 
 
 def encode_example(row: dict, tokenizer: PreTrainedTokenizerBase, template: str, max_length: int,
-                   overlong: str = "truncate") -> EncodedExample | None:
-    """Prompt + response + EOS; labels cover the response and EOS only.
+                   overlong: str = "truncate", loss_on_prompt: bool = False) -> EncodedExample | None:
+    """Prompt + response + EOS; labels cover the response and EOS (and the prompt if `loss_on_prompt`).
 
     Returns None when the example has no response token left within max_length (or is over-long and
     overlong == "drop"): callers count these.
@@ -61,7 +63,7 @@ def encode_example(row: dict, tokenizer: PreTrainedTokenizerBase, template: str,
         if overlong == "drop" or len(prompt_ids) >= max_length:
             return None
         ids = ids[:max_length]
-    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
+    labels = list(ids) if loss_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
     return EncodedExample(ids, labels)
 
 
@@ -83,9 +85,10 @@ class EncodedDataset(torch.utils.data.Dataset):
         return {"input_ids": ex.input_ids, "labels": ex.labels}
 
 
-def encode_rows(rows: list[dict], tokenizer, template: str, max_length: int, overlong: str) -> tuple[EncodedDataset, int]:
+def encode_rows(rows: list[dict], tokenizer, template: str, max_length: int, overlong: str,
+                loss_on_prompt: bool = False) -> tuple[EncodedDataset, int]:
     """The encoded data set and the number of rows dropped for length."""
-    examples = [encode_example(r, tokenizer, template, max_length, overlong) for r in rows]
+    examples = [encode_example(r, tokenizer, template, max_length, overlong, loss_on_prompt) for r in rows]
     kept = [e for e in examples if e is not None]
     return EncodedDataset(kept), len(examples) - len(kept)
 
