@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kd_core.losses.atkd import atkd_per_token, classic_kd_from_parts, decompose
-from kd_core.losses.divergences import fkl, get_divergence, logprobs, rkl
+from kd_core.losses.divergences import fkl, logprobs, rkl
 
 DIVS = [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.3}), ("tvd", {}), ("skl", {}), ("srkl", {}), ("akl", {})]
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kd_core.losses.atkd import atkd_per_token
 from kd_core.losses.divergences import reduce_tokens
-from kd_core.methods.base import LossOutput, Method, StepContext, register_method, shifted, token_ce
+from kd_core.methods.base import LossOutput, Method, StepContext, mix_with_ce, register_method, shifted
 from kd_core.methods.kd import teacher_logits
 
 
@@ -41,12 +41,5 @@ class ATKD(Method):
         per = atkd_per_token(s_logits, t_logits[:, :-1], targets, mask, divergence=cfg.divergence,
                              hard_fraction=a.hard_fraction, temperature=cfg.temperature, tkd_weight=a.tkd_weight,
                              dkd_weight=a.dkd_weight, **cfg.divergence_args)
-        kd = reduce_tokens(per, mask, ctx.num_items)
         logs = {"atkd": float(reduce_tokens(per.detach(), mask))}
-        if cfg.alpha > 0:
-            ce = token_ce(s_logits, targets)
-            loss = cfg.alpha * reduce_tokens(ce, mask, ctx.num_items) + (1 - cfg.alpha) * kd
-            logs["ce"] = float(reduce_tokens(ce.detach(), mask))
-        else:
-            loss = kd
-        return LossOutput(loss, logs)
+        return mix_with_ce(cfg, reduce_tokens(per, mask, ctx.num_items), logs, s_logits, targets, mask, ctx.num_items)

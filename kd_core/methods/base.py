@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kd_core.data.tokenize import IGNORE_INDEX
+from kd_core.losses.divergences import reduce_tokens
 
 
 class NoArgs(BaseModel):
@@ -129,3 +130,14 @@ def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
 def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy −log q(target) [B,T] from logits [B,T,V]."""
     return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+
+
+def mix_with_ce(cfg, kd_loss: torch.Tensor, logs: dict[str, float], logits: torch.Tensor, targets: torch.Tensor,
+                mask: torch.Tensor, num_items) -> LossOutput:
+    """α · CE(references) + (1 − α) · kd_loss with α = `cfg.alpha`; the CE is normalised by `num_items`
+    like every loss, and logged (token mean) as `ce`. α = 0 returns the KD loss alone."""
+    if cfg.alpha <= 0:
+        return LossOutput(kd_loss, logs)
+    ce = token_ce(logits, targets)
+    logs["ce"] = float(reduce_tokens(ce.detach(), mask))
+    return LossOutput(cfg.alpha * reduce_tokens(ce, mask, num_items) + (1 - cfg.alpha) * kd_loss, logs)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kd_core.methods.base import LossOutput, Method, StepContext, register_method
-from kd_core.methods.onpolicy import (count_generation, distill_on_batch, extract_prompts, generation_batch,
+from kd_core.methods.base import StepContext, register_method
+from kd_core.methods.onpolicy import (OnPolicyMethod, count_generation, extract_prompts, generation_batch,
                                       generation_settings, method_divergence, sample)
 
 
@@ -32,7 +32,7 @@ class GKDArgs(BaseModel):
 
 
 @register_method("gkd")
-class GKD(Method):
+class GKD(OnPolicyMethod):
     needs_teacher = True
     Args = GKDArgs
     default_divergence = ("jsd", {"beta": 0.5})
@@ -62,9 +62,3 @@ class GKD(Method):
                 logs = {"on_policy": 1.0, "gen_len": gen.num_tokens / max(len(gen), 1)}
         return batch, replaced, logs
 
-    def compute_loss(self, ctx: StepContext) -> LossOutput:
-        name, params = self.effective_divergence
-        batch, replaced, logs = self.make_batch(ctx)
-        res = distill_on_batch(ctx, self.cfg, batch, replaced=replaced, divergence=name, divergence_args=params)
-        res.out.logs.update(logs)
-        return res.out

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kd_core.methods.base import LossOutput, Method, StepContext, register_method
-from kd_core.methods.onpolicy import (count_generation, distill_on_batch, extract_prompts, generation_settings,
+from kd_core.methods.base import StepContext, register_method
+from kd_core.methods.onpolicy import (OnPolicyMethod, count_generation, extract_prompts, generation_settings,
                                       method_divergence, mixed_batch, sample)
 
 
@@ -39,7 +39,7 @@ class ImitKDArgs(BaseModel):
 
 
 @register_method("imitkd")
-class ImitKD(Method):
+class ImitKD(OnPolicyMethod):
     needs_teacher = True
     Args = ImitKDArgs
 
@@ -68,9 +68,3 @@ class ImitKD(Method):
         batch = mixed_batch(ctx.batch, gen, replace, settings["eos_token_id"], settings["pad_token_id"])
         return batch, True, logs
 
-    def compute_loss(self, ctx: StepContext) -> LossOutput:
-        name, params = self.effective_divergence
-        batch, replaced, logs = self.make_batch(ctx)
-        res = distill_on_batch(ctx, self.cfg, batch, replaced=replaced, divergence=name, divergence_args=params)
-        res.out.logs.update(logs)
-        return res.out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kd_core.losses.divergences import reduce_tokens, token_divergence
-from kd_core.methods.base import LossOutput, Method, StepContext, register_method, shifted, token_ce
+from kd_core.methods.base import LossOutput, Method, StepContext, mix_with_ce, register_method, shifted
 
 
 def teacher_logits(ctx: StepContext) -> torch.Tensor:
@@ -31,12 +31,5 @@ class TokenKD(Method):
         s_logits, targets, mask = shifted(s_logits, ctx.batch["labels"])
         t_logits = t_logits[:, :-1]
         div = token_divergence(s_logits, t_logits, cfg.divergence, temperature=cfg.temperature, **cfg.divergence_args)
-        kd = reduce_tokens(div, mask, ctx.num_items)
         logs = {"kd": float(reduce_tokens(div.detach(), mask))}
-        if cfg.alpha > 0:
-            ce = token_ce(s_logits, targets)
-            loss = cfg.alpha * reduce_tokens(ce, mask, ctx.num_items) + (1 - cfg.alpha) * kd
-            logs["ce"] = float(reduce_tokens(ce.detach(), mask))
-        else:
-            loss = kd
-        return LossOutput(loss, logs)
+        return mix_with_ce(cfg, reduce_tokens(div, mask, ctx.num_items), logs, s_logits, targets, mask, ctx.num_items)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from kd_core.data.tokenize import IGNORE_INDEX, left_pad
 from kd_core.losses.divergences import masked_token_sum_and_count, reduce_tokens, token_divergence
-from kd_core.methods.base import LossOutput, shifted, token_ce
+from kd_core.methods.base import LossOutput, Method, mix_with_ce, shifted, token_ce
 
 __all__ = [
     "Generation",
@@ -353,22 +353,33 @@ def distill_on_batch(ctx, cfg, new_batch: dict[str, torch.Tensor], *, replaced: 
     n_ref = reference_token_count(ctx.batch)
     kd = token_mean_scaled(div, mask, n_ref, ctx.num_items)
     logs = {"kd": float(reduce_tokens(div.detach(), mask)), "supervised_tokens": float(mask.sum())}
-    ref_ce = None
     if cfg.alpha > 0:
         if replaced:
             r_logits, r_targets, r_mask = shifted(model_logits(ctx.student, ctx.batch), ctx.batch["labels"])
         else:
             r_logits, r_targets, r_mask = s_logits, targets, mask
-        ce = token_ce(r_logits, r_targets)
-        loss = cfg.alpha * reduce_tokens(ce, r_mask, ctx.num_items) + (1 - cfg.alpha) * kd
-        ref_ce = float(reduce_tokens(ce.detach(), r_mask))
-        logs["ce"] = ref_ce
-    else:
-        loss = kd
-        if want_reference_ce and not replaced:
-            with torch.no_grad():
-                ref_ce = float(reduce_tokens(token_ce(s_logits.detach(), targets), mask))
-    return DistillResult(LossOutput(loss, logs), ref_ce)
+        out = mix_with_ce(cfg, kd, logs, r_logits, r_targets, r_mask, ctx.num_items)
+        return DistillResult(out, out.logs["ce"])
+    ref_ce = None
+    if want_reference_ce and not replaced:
+        with torch.no_grad():
+            ref_ce = float(reduce_tokens(token_ce(s_logits.detach(), targets), mask))
+    return DistillResult(LossOutput(kd, logs), ref_ce)
+
+
+class OnPolicyMethod(Method):
+    """A method whose micro-batch may be rebuilt from generations (`make_batch`) before the teacher
+    supervises it with the configured divergence (`distill_on_batch`)."""
+
+    def make_batch(self, ctx) -> tuple[dict[str, torch.Tensor], bool, dict[str, float]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def compute_loss(self, ctx) -> LossOutput:
+        name, params = method_divergence(self.cfg)
+        batch, replaced, logs = self.make_batch(ctx)
+        res = distill_on_batch(ctx, self.cfg, batch, replaced=replaced, divergence=name, divergence_args=params)
+        res.out.logs.update(logs)
+        return res.out
 
 
 def generation_settings(ctx, args) -> dict:
