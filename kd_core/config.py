@@ -321,12 +321,12 @@ class PipelineConfig(_Strict):
                 raise ValueError(f"transfer_sets.{name}: reserved name (train, val, test are the splits)")
             if ts.source not in models:
                 raise ValueError(f"transfer_sets.{name}.source: unknown model {ts.source!r} (allowed: {', '.join(models)})")
+        from kd_core.methods import METHODS
+
         for name, st in self.students.items():
             if st.teacher not in models or st.teacher == name:
                 allowed = ", ".join(m for m in models if m != name)
                 raise ValueError(f"students.{name}.teacher: unknown model {st.teacher!r} (allowed: {allowed})")
-            from kd_core.methods import METHODS
-
             if METHODS[st.method].needs_transfer_set and st.train_data == "train":
                 allowed = ", ".join(self.transfer_sets) or "none defined under transfer_sets"
                 raise ValueError(f"students.{name}.train_data: method {st.method!r} trains on a transfer set "

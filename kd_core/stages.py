@@ -24,8 +24,8 @@ from kd_core.data.builtin import generate_builtin
 from kd_core.data.sources import (DataError, RawRow, check_report, normalize_rows, read_file, read_hub)
 from kd_core.data.split import split_rows
 from kd_core.data.template import format_prompt
-from kd_core.data.tokenize import (IGNORE_INDEX, CausalCollator, EncodedDataset, encode_example, encode_prompt,
-                                   encode_rows, load_tokenizer, train_bpe_tokenizer)
+from kd_core.data.tokenize import (IGNORE_INDEX, EncodedDataset, batches, encode_example, encode_prompt, encode_rows,
+                                   load_tokenizer, train_bpe_tokenizer)
 from kd_core.generation import generate
 from kd_core.io import atomic_dir, read_jsonl, write_json_atomic, write_jsonl_atomic
 from kd_core.methods import get_method
@@ -130,11 +130,12 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     eval_reports = {}
     eval_rows: dict[str, list[dict]] = {}
     for name, es in cfg.data.eval_sets.items():
-        erows, erep = normalize_rows(read_file(es.path), field_map=cfg.data.field_map, max_chars=cfg.data.max_chars,
+        raw_rows = list(read_file(es.path))
+        erows, erep = normalize_rows(raw_rows, field_map=cfg.data.field_map, max_chars=cfg.data.max_chars,
                                      template=cfg.data.template, id_prefix=name)
         check_report(erep, cfg.data.max_bad_fraction, f"data.eval_sets.{name} ({es.path})")
         if es.filter_field:
-            keep = {str(r.values.get("id")) for r in read_file(es.path) if r.values.get(es.filter_field)}
+            keep = {str(r.values.get("id")) for r in raw_rows if r.values.get(es.filter_field)}
             erows = [r for r in erows if r["id"] in keep]
         eval_rows[name] = erows[: es.limit] if es.limit else erows
         eval_reports[name] = erep.to_dict() | {"written": len(eval_rows[name])}
@@ -142,7 +143,7 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     # tokenizer: the teacher checkpoint's own, else a BPE trained on the train split
     teacher_src = cfg.teacher.model
     if teacher_src.checkpoint:
-        tok = load_tokenizer_from_checkpoint(teacher_src.checkpoint, teacher_src.gguf_file, teacher_src.trust_remote_code)
+        tok = load_tokenizer(teacher_src.checkpoint, teacher_src.trust_remote_code, gguf_file=teacher_src.gguf_file)
     else:
         texts = (format_prompt(r, cfg.data.template) + r["response"] for r in splits["train"])
         tok = train_bpe_tokenizer(texts, cfg.tokenizer.vocab_size)
@@ -166,15 +167,6 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     return summary
 
 
-def load_tokenizer_from_checkpoint(checkpoint: str, gguf_file: str | None, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(checkpoint, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def _data_version(paths: RunPaths) -> str:
     return json.loads((paths.data / "report.json").read_text())["data_version"]
 
@@ -187,16 +179,6 @@ def _train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, split: str = "tr
     if len(ds) == 0:
         raise DataError(f"split {split!r}: every example is longer than tokenizer.max_length={cfg.tokenizer.max_length}")
     return ds, dropped
-
-
-def _mlflow_logger():
-    import mlflow
-
-    def on_log(entry: dict) -> None:
-        metrics = {k: float(v) for k, v in entry.items() if k != "step"}
-        if metrics:
-            mlflow.log_metrics(metrics, step=int(entry["step"]))
-    return on_log
 
 
 # ----------------------------------------------------------------------------------------------- 2. teacher
@@ -218,7 +200,7 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
             if tc.finetune == "lora":
                 model = _with_lora(model, tc.lora)
             result = train(model, ds, tokenizer, tc.training, paths.model(cfg.teacher.name), method=get_method("sft")(None),
-                           seed=seed, on_log=_mlflow_logger(), save=tc.finetune == "full")
+                           seed=seed, on_log=tracking.log_step, save=tc.finetune == "full")
             if tc.finetune == "lora":  # merge the adapter so the teacher is a plain causal LM
                 merged = model.merge_and_unload()
                 with atomic_dir(paths.model(cfg.teacher.name)) as tmp:
@@ -255,10 +237,8 @@ def load_model(paths: RunPaths, name: str):
 @torch.inference_mode()
 def _mean_logprobs(model, dataset, pad_id: int, batch_size: int = 32) -> list[float]:
     """Mean log-probability of each example's response tokens under `model` (teacher forcing)."""
-    collate = CausalCollator(pad_id)
     out: list[float] = []
-    for i in range(0, len(dataset), batch_size):
-        batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+    for batch in batches(dataset, pad_id, batch_size):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         targets = batch["labels"][:, 1:]
         mask = targets.ne(IGNORE_INDEX)
@@ -325,7 +305,7 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     params = sc.model_dump(mode="json", exclude={"finetune"})
     with tracking.stage_run(cfg, paths.root, "distill", sc.name, params=params):
         result = train(student, ds, tokenizer, sc.training, paths.distilled(sc.name), method=method, seed=seed,
-                       teacher=teacher if method.needs_teacher else None, on_log=_mlflow_logger())
+                       teacher=teacher if method.needs_teacher else None, on_log=tracking.log_step)
         info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
                     teacher_forward_passes=result.teacher_forward_passes, generated_tokens=result.generated_tokens,
                     dropped_overlong=dropped)
@@ -364,7 +344,7 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
         with tracking.stage_run(cfg, paths.root, "finetune", sc.name, params=sc.finetune.model_dump()):
             result = train(model, ds, tokenizer, sc.training, paths.model(sc.name), method=get_method("sft")(sc),
                            seed=_seed(cfg, sc.training.seed), epochs=sc.finetune.epochs, learning_rate=lr,
-                           on_log=_mlflow_logger())
+                           on_log=tracking.log_step)
             info.update(finetune_time_s=result.wall_time_s, finetune_steps=result.steps)
     info["train_time_s"] = distill_info["train_time_s"] + info["finetune_time_s"]
     write_json_atomic(paths.train_info(sc.name), info)

@@ -95,11 +95,11 @@ def stage_run(cfg: PipelineConfig, run_dir: Path, stage: str, model_name: str | 
             yield run
 
 
-def log_history(history: list[dict]) -> None:
-    for entry in history:
-        metrics = {k: float(v) for k, v in entry.items() if k != "step"}
-        if metrics:
-            mlflow.log_metrics(metrics, step=int(entry["step"]))
+def log_step(entry: dict) -> None:
+    """One Trainer log entry ({step, loss, ...}) as MLflow metrics of the active run."""
+    metrics = {k: float(v) for k, v in entry.items() if k != "step"}
+    if metrics:
+        mlflow.log_metrics(metrics, step=int(entry["step"]))
 
 
 def log_model_and_register(model_dir: Path, registered_name: str, tags: dict[str, str], metrics: dict[str, float]) -> int:

@@ -36,8 +36,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """The run's tokenizer folder, or a checkpoint's (path or hub name, optionally inside a GGUF file)."""
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     if tok.pad_token is None:  # many causal LMs ship without one; eos is the usual stand-in
         tok.pad_token = tok.eos_token
     return tok
@@ -115,6 +116,13 @@ class CausalCollator:
             labels[i, :n] = torch.tensor(f["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(dataset, pad_token_id: int, batch_size: int):
+    """Collated batches of a data set in order (evaluation and scoring; training uses the Trainer's loader)."""
+    collate = CausalCollator(pad_token_id)
+    for i in range(0, len(dataset), batch_size):
+        yield collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

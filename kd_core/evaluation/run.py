@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from kd_core.data.tokenize import IGNORE_INDEX, CausalCollator, encode_prompt, encode_rows, load_tokenizer
+from kd_core.data.tokenize import IGNORE_INDEX, batches, encode_prompt, encode_rows, load_tokenizer
 from kd_core.evaluation.stats import summarize
 from kd_core.evaluation.text_metrics import distinct_n, exact_match, rouge_l, self_bleu
 from kd_core.generation import generate
@@ -17,18 +17,12 @@ from kd_core.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from kd_core.models import count_parameters, load_checkpoint
 
 
-def _batches(dataset, pad_id: int, batch_size: int):
-    collate = CausalCollator(pad_id)
-    for i in range(0, len(dataset), batch_size):
-        yield collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
-
-
 @torch.inference_mode()
 def validation_loss(model, dataset, pad_id: int, batch_size: int = 32) -> float:
     """Mean cross-entropy per response token over the data set (teacher forcing)."""
     total, count = 0.0, 0
     model.eval()
-    for batch in _batches(dataset, pad_id, batch_size):
+    for batch in batches(dataset, pad_id, batch_size):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         targets = batch["labels"][:, 1:]
         mask = targets.ne(IGNORE_INDEX)
@@ -85,9 +79,8 @@ def evaluate_model(cfg, paths, model_name: str, model_dir) -> dict:
     tokenizer = load_tokenizer(paths.tokenizer)
     model = load_checkpoint(model_dir)
     metrics: dict[str, float] = {"parameters": count_parameters(model)}
-    val_ds, _ = encode_rows(read_jsonl(paths.split("val")), tokenizer, cfg.data.template,
-                            cfg.tokenizer.max_length, cfg.tokenizer.overlong)
-    for split, ds in (("val", val_ds), ("test", _encoded_split(cfg, paths, tokenizer, "test"))):
+    for split in ("val", "test"):
+        ds = _encoded_split(cfg, paths, tokenizer, split)
         if len(ds):
             loss = validation_loss(model, ds, tokenizer.pad_token_id)
             metrics[f"{split}/loss"], metrics[f"{split}/ppl"] = loss, math.exp(min(loss, 50.0))
@@ -121,7 +114,7 @@ def _agreement_with_teacher(cfg, paths, student, tokenizer, model_name: str) -> 
     test_ds = _encoded_split(cfg, paths, tokenizer, "test")
     if not len(test_ds):
         return {}
-    stats = collect_token_stats(student, teacher, list(_batches(test_ds, tokenizer.pad_token_id, 32)))
+    stats = collect_token_stats(student, teacher, list(batches(test_ds, tokenizer.pad_token_id, 32)))
     out = {"test/top1_agreement": top1_agreement(stats), "test/kl_teacher_student": float(stats.kl.mean())}
     buckets = unc_buckets(stats, n_buckets=ev.unc_buckets) if len(stats) >= ev.unc_buckets else []
     write_json_atomic(paths.generations(model_name) / "unc_buckets.json", buckets)

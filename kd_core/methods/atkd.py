@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kd_core.losses.atkd import atkd_per_token
 from kd_core.losses.divergences import reduce_tokens
-from kd_core.methods.base import LossOutput, Method, StepContext, mix_with_ce, register_method, shifted
-from kd_core.methods.kd import teacher_logits
+from kd_core.methods.base import (LossOutput, Method, StepContext, mix_with_ce, model_logits, register_method, shifted,
+                                  teacher_logits)
 
 
 class ATKDArgs(BaseModel):
@@ -35,8 +35,8 @@ class ATKD(Method):
 
     def compute_loss(self, ctx: StepContext) -> LossOutput:
         cfg, a = self.cfg, self.args
-        s_logits = ctx.student(input_ids=ctx.batch["input_ids"], attention_mask=ctx.batch["attention_mask"]).logits
-        t_logits = teacher_logits(ctx)
+        s_logits = model_logits(ctx.student, ctx.batch)
+        t_logits = teacher_logits(ctx.teacher, ctx.batch)
         s_logits, targets, mask = shifted(s_logits, ctx.batch["labels"])
         per = atkd_per_token(s_logits, t_logits[:, :-1], targets, mask, divergence=cfg.divergence,
                              hard_fraction=a.hard_fraction, temperature=cfg.temperature, tkd_weight=a.tkd_weight,

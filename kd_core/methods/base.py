@@ -127,6 +127,17 @@ def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     return logits[:, :-1], targets.clamp(min=0), mask
 
 
+def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [B,T,V] of a causal LM on a batch (input_ids, attention_mask)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def teacher_logits(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The frozen teacher's logits, without building a graph."""
+    with torch.no_grad():
+        return model_logits(teacher, batch)
+
+
 def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy −log q(target) [B,T] from logits [B,T,V]."""
     return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")

@@ -9,15 +9,9 @@ and N the response tokens of the accumulated batch. The teacher runs in eval mod
 
 from __future__ import annotations
 
-import torch
-
 from kd_core.losses.divergences import reduce_tokens, token_divergence
-from kd_core.methods.base import LossOutput, Method, StepContext, mix_with_ce, register_method, shifted
-
-
-def teacher_logits(ctx: StepContext) -> torch.Tensor:
-    with torch.no_grad():
-        return ctx.teacher(input_ids=ctx.batch["input_ids"], attention_mask=ctx.batch["attention_mask"]).logits
+from kd_core.methods.base import (LossOutput, Method, StepContext, mix_with_ce, model_logits, register_method, shifted,
+                                  teacher_logits)
 
 
 @register_method("kd")
@@ -26,8 +20,8 @@ class TokenKD(Method):
 
     def compute_loss(self, ctx: StepContext) -> LossOutput:
         cfg = self.cfg
-        s_logits = ctx.student(input_ids=ctx.batch["input_ids"], attention_mask=ctx.batch["attention_mask"]).logits
-        t_logits = teacher_logits(ctx)
+        s_logits = model_logits(ctx.student, ctx.batch)
+        t_logits = teacher_logits(ctx.teacher, ctx.batch)
         s_logits, targets, mask = shifted(s_logits, ctx.batch["labels"])
         t_logits = t_logits[:, :-1]
         div = token_divergence(s_logits, t_logits, cfg.divergence, temperature=cfg.temperature, **cfg.divergence_args)

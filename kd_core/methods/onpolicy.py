@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from kd_core.data.tokenize import IGNORE_INDEX, left_pad
 from kd_core.losses.divergences import masked_token_sum_and_count, reduce_tokens, token_divergence
-from kd_core.methods.base import LossOutput, Method, mix_with_ce, shifted, token_ce
+from kd_core.methods.base import LossOutput, Method, mix_with_ce, model_logits, shifted, teacher_logits, token_ce
 
 __all__ = [
     "Generation",
@@ -320,15 +320,6 @@ def method_divergence(cfg) -> tuple[str, dict]:
     """The divergence a method uses: the config's (which holds the method's `default_divergence` when
     params name none, see `StudentConfig`)."""
     return cfg.divergence, dict(cfg.divergence_args)
-
-
-def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
-def teacher_logits(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model_logits(teacher, batch)
 
 
 @dataclass

@@ -6,7 +6,7 @@ loss = Σ_response −log q(y_t | y_<t, x) / N, with N the response tokens of th
 from __future__ import annotations
 
 from kd_core.losses.divergences import reduce_tokens
-from kd_core.methods.base import LossOutput, Method, StepContext, register_method, shifted, token_ce
+from kd_core.methods.base import LossOutput, Method, StepContext, model_logits, register_method, shifted, token_ce
 
 
 @register_method("sft")
@@ -14,7 +14,7 @@ class SFT(Method):
     needs_teacher = False
 
     def compute_loss(self, ctx: StepContext) -> LossOutput:
-        logits = ctx.student(input_ids=ctx.batch["input_ids"], attention_mask=ctx.batch["attention_mask"]).logits
+        logits = model_logits(ctx.student, ctx.batch)
         logits, targets, mask = shifted(logits, ctx.batch["labels"])
         ce = token_ce(logits, targets)
         loss = reduce_tokens(ce, mask, ctx.num_items)
