@@ -58,7 +58,10 @@ class Method:
     # the divergence used when params name none, and (if not None) the only ones the method accepts
     default_divergence: ClassVar[tuple[str, dict]] = ("fkl", {})
     allowed_divergences: ClassVar[frozenset[str] | None] = None
+    # reads the teacher's cached top-k log-probs (`teacher_cache` in params) instead of running the teacher
+    reads_teacher_cache: ClassVar[bool] = False
     Args: ClassVar[type[BaseModel]] = NoArgs
+    teacher_cache = None  # a kd_core.logit_cache.TeacherLogitCache, set by the distill stage when enabled
 
     def __init__(self, student_cfg, method_args: dict[str, Any] | None = None):
         self.cfg = student_cfg

@@ -1,0 +1,94 @@
+"""Divergences against a sparse teacher: its top-k log-probabilities plus one tail bucket.
+
+The teacher-logit cache (:mod:`kd_core.logit_cache`) keeps, per response token, the teacher's k most likely
+tokens K with their log-probabilities log p_v (v in K) at temperature tau, and the log of the remaining mass
+log P_tail = log sum_{v not in K} p_v. A divergence is then computed between the two *coarsened*
+distributions over k + 1 categories, the k tokens and the tail bucket::
+
+    p~ = (p_v for v in K, P_tail)          p = teacher
+    q~ = (q_v for v in K, Q_tail)          q = student,  Q_tail = 1 - sum_K q_v = sum_{v not in K} q_v
+
+and D(p~ || q~) is any registered divergence (:mod:`kd_core.losses.divergences`) applied to those
+(k + 1)-vectors: ``fkl`` = KL(p~ || q~) (forward), ``rkl`` = KL(q~ || p~) (reverse), ``jsd`` (beta), ...
+
+Exactness and error at k < V (p_bar, q_bar: p and q renormalised on the tail, P = P_tail, Q = Q_tail)
+-------------------------------------------------------------------------------------------------
+* k = V: the tail is empty (P = Q = 0, log-mass -inf) and every divergence equals the dense one.
+* For f-divergences (fkl, rkl, jsd, tvd, skl, srkl) coarsening can only lose information (data processing
+  inequality), so 0 <= D(p || q) - D(p~ || q~), and the chain rule of KL gives the error in closed form::
+
+      FKL:  KL(p || q) - KL(p~ || q~) = P * KL(p_bar || q_bar)  <=  P * max_{v in tail} log(p_v Q / (q_v P))
+      RKL:  KL(q || p) - KL(q~ || p~) = Q * KL(q_bar || p_bar)
+      JSD_beta (0 < beta < 1):  0 <= error <= beta log(1/beta) * P + (1 - beta) log(1/(1 - beta)) * Q
+
+  (JSD: JSD_beta = sum_v g(p_v, q_v) with g(a, b) = beta a log(a/m) + (1 - beta) b log(b/m), m = beta a +
+  (1 - beta) b; g >= 0 is jointly convex and 1-homogeneous, so g(P, Q) <= sum_tail g(p_v, q_v), and
+  a/m <= 1/beta, b/m <= 1/(1 - beta) bound each tail term.) ``akl`` ranks the k + 1 categories; at k < V it
+  is an approximation without such a bound.
+
+The gradient reaches the student through q_v (v in K) and Q_tail, i.e. through every logit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kd_core.losses.divergences import _up, get_divergence, logprobs
+
+__all__ = ["tail_logmass", "top_k_with_tail", "coarsen_student", "sparse_divergence", "sparse_token_divergence"]
+
+_NEG_INF = float("-inf")
+
+
+def tail_logmass(logprobs_: Tensor, top_ids: Tensor) -> Tensor:
+    """log sum_{v not in top_ids} exp(logprobs_v): ``[..., V]``, ``[..., k]`` (int64) -> ``[...]``.
+
+    Computed as a log-sum-exp over the entries *outside* ``top_ids`` (never as log(1 - sum), which cancels
+    catastrophically when the tail is small). An empty tail (k = V) gives -inf with zero, finite gradient.
+    """
+    rest = logprobs_.scatter(-1, top_ids, _NEG_INF)
+    all_out = torch.isneginf(rest).all(-1, keepdim=True)  # k = V, or logits masked with -inf outside the top-k
+    lse = rest.masked_fill(all_out, 0.0).logsumexp(-1)
+    return lse.masked_fill(all_out.squeeze(-1), _NEG_INF)
+
+
+@torch.no_grad()
+def top_k_with_tail(teacher_logprobs: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The teacher's k most likely tokens: ``[..., V]`` log-probs -> (log-probs ``[..., k]`` in descending
+    order, token ids ``[..., k]`` int64, tail log-mass ``[...]``). k is capped at V (k = V is exact)."""
+    k = min(int(k), teacher_logprobs.shape[-1])
+    top_lp, top_ids = _up(teacher_logprobs).topk(k, dim=-1)
+    return top_lp, top_ids, tail_logmass(_up(teacher_logprobs), top_ids)
+
+
+def coarsen_student(student_logprobs: Tensor, top_ids: Tensor) -> Tensor:
+    """The student on the teacher's k + 1 categories: ``[..., V]``, ``[..., k]`` -> ``[..., k + 1]``
+    (log q_v at the teacher's top-k ids, then log Q_tail)."""
+    lq = _up(student_logprobs)
+    return torch.cat([lq.gather(-1, top_ids), tail_logmass(lq, top_ids).unsqueeze(-1)], dim=-1)
+
+
+def sparse_divergence(student_logprobs: Tensor, top_logprobs: Tensor, top_ids: Tensor, tail: Tensor, name: str,
+                      **params: float) -> Tensor:
+    """Divergence ``name`` between the coarsened teacher and student (see the module docstring).
+
+    student_logprobs ``[..., V]`` (already at the temperature), top_logprobs ``[..., k]``, top_ids ``[..., k]``
+    (int), tail ``[...]`` (teacher's tail log-mass) -> ``[...]``. Argument order of the divergence as in
+    :mod:`kd_core.losses.divergences`: student first, teacher second (fkl = KL(teacher || student)).
+    """
+    teacher = torch.cat([_up(top_logprobs), _up(tail).unsqueeze(-1)], dim=-1)
+    return get_divergence(name)(coarsen_student(student_logprobs, top_ids.long()), teacher, **params)
+
+
+def sparse_token_divergence(student_logits: Tensor, top_logprobs: Tensor, top_ids: Tensor, tail: Tensor, name: str,
+                            temperature: float = 1.0, vocab_size: int | None = None, **params: float) -> Tensor:
+    """Per-position sparse divergence from student logits ``[..., V_s]`` -> ``[...]``.
+
+    The student is sliced to ``vocab_size`` (the vocabulary the teacher's log-probs were normalised over: the
+    shared vocabulary of teacher and student, see :func:`~kd_core.losses.divergences.shared_vocab`), then
+    log-softmaxed at ``temperature``; the teacher's cached values are already at that temperature.
+    """
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
+    return sparse_divergence(logprobs(student_logits, temperature), top_logprobs, top_ids, tail, name, **params)
