@@ -1,0 +1,200 @@
+"""The pipeline against real servers over HTTP: an `mlflow server` (sqlite backend, artifacts on disk) and a
+`prefect server`, both started here on free ports of 127.0.0.1 and stopped at teardown, even on failure.
+
+1. `kd run` (the Prefect flow) with PREFECT_API_URL / MLFLOW_TRACKING_URI pointing at them; runs, registered
+   versions, the `champion` alias and the flow run's state are then read back through the servers' APIs.
+2. `kd serve --cron` (a scheduled deployment served by a process), a run triggered with `run_deployment`
+   completes and registers new versions.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import tiny_params, write_params
+
+KD = str(Path(sys.executable).with_name("kd"))
+BIN = Path(sys.executable).parent
+DEPLOYMENT = "kd-scheduled-test"
+CRON = "0 3 * * *"
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process started in its own session, with all its children (uvicorn/gunicorn workers)."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _start(cmd: list[str], env: dict, log: Path, cwd: Path) -> subprocess.Popen:
+    fh = log.open("w")
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """(mlflow_url, prefect_api_url, base env for clients, server folder); both servers stopped at teardown."""
+    root = tmp_path_factory.mktemp("servers")
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1",
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true",
+               PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_UI_ENABLED="false", DO_NOT_TRACK="true")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    m_port, p_port = _free_port(), _free_port()
+    started: list[subprocess.Popen] = []
+    try:
+        started.append(_start(
+            ["mlflow", "server", "--host", "127.0.0.1", "--port", str(m_port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+            env, root / "mlflow.log", root))
+        started.append(_start(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(p_port), "--no-ui"],
+                              env, root / "prefect.log", root))
+        mlflow_url, prefect_url = f"http://127.0.0.1:{m_port}", f"http://127.0.0.1:{p_port}/api"
+        _wait_healthy(f"{mlflow_url}/health", started[0], root / "mlflow.log")
+        _wait_healthy(f"{prefect_url}/health", started[1], root / "prefect.log")
+        client_env = dict(env, MLFLOW_TRACKING_URI=mlflow_url, PREFECT_API_URL=prefect_url)
+        yield mlflow_url, prefect_url, client_env, root
+    finally:
+        for proc in started:
+            _stop(proc)
+
+
+def _small_params(run_dir: str) -> dict:
+    """The conftest tiny run cut further: one student, few steps, few prompts."""
+    p = tiny_params(run_dir=run_dir)
+    del p["students"]["sft"]
+    for model in (p["teacher"], p["students"]["fkl"]):
+        model["training"] = dict(model["training"], max_steps=3)
+    p["students"]["fkl"].pop("finetune")
+    p["evaluation"].update(limit=3, sample_seeds=[0], exaccerr_prompts=0)
+    p["evaluation"]["generation"]["max_new_tokens"] = 4
+    return p
+
+
+def _prefect_client(api_url: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class _Client:
+        def __enter__(self):
+            self._settings = temporary_settings({PREFECT_API_URL: api_url})
+            self._settings.__enter__()
+            self._client = get_client(sync_client=True)
+            return self._client.__enter__()
+
+        def __exit__(self, *exc):
+            self._client.__exit__(*exc)
+            self._settings.__exit__(*exc)
+
+    return _Client()
+
+
+def test_flow_against_real_mlflow_and_prefect_servers(servers, tmp_path):
+    mlflow_url, prefect_url, env, server_root = servers
+    write_params(tmp_path, _small_params("runs/served"))
+    out = subprocess.run([KD, "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"MLflow store:    {mlflow_url}" in out.stdout
+    assert not (tmp_path / "mlflow.db").exists(), "tracking went to a local file, not the server"
+
+    client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("kd.role") == "pipeline"]
+    assert len(parent) == 1
+    stages = {r.data.tags.get("kd.stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    assert {"prepare", "train_teacher", "distill", "evaluate", "register"} <= stages
+    students = client.search_model_versions("name='kd-student'")
+    assert [v.tags["kd.model"] for v in students] == ["fkl"]
+    assert [v.tags["kd.role"] for v in client.search_model_versions("name='kd-teacher'")] == ["teacher"]
+    champion = client.get_model_version_by_alias("kd-student", "champion")
+    assert champion.version == students[0].version
+    # the weights went through the server's artifact proxy into its artifact folder (the client has no store)
+    assert len(list((server_root / "artifacts").rglob("model.safetensors"))) == 2  # teacher and fkl
+
+    with _prefect_client(prefect_url) as pc:
+        flow_runs = pc.read_flow_runs()
+        assert [fr.state.type.value for fr in flow_runs] == ["COMPLETED"]
+        task_runs = pc.read_task_runs()
+        assert {t.name for t in task_runs} >= {"prepare", "train_teacher", "distill-fkl", "register", "compare"}
+        assert all(t.state.is_completed() for t in task_runs)
+
+
+def test_scheduled_deployment_runs_from_the_server(servers, tmp_path):
+    from prefect.deployments import run_deployment
+
+    mlflow_url, prefect_url, env, _ = servers
+    params = write_params(tmp_path, _small_params("runs/scheduled"))
+    serve_env = dict(env, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    log = tmp_path / "serve.log"
+    serving = _start([KD, "serve", "--params", str(params), "--cron", CRON, "--name", DEPLOYMENT],
+                     serve_env, log, tmp_path)
+    try:
+        with _prefect_client(prefect_url) as pc:
+            deadline, deployment = time.time() + 90, None
+            while deployment is None and time.time() < deadline:
+                assert serving.poll() is None, log.read_text()[-3000:]
+                try:
+                    deployment = pc.read_deployment_by_name(f"kd-pipeline/{DEPLOYMENT}")
+                except Exception:  # not registered yet
+                    time.sleep(0.5)
+            assert deployment is not None, log.read_text()[-3000:]
+            assert [s.schedule.cron for s in deployment.schedules] == [CRON]
+            assert deployment.parameters == {"params_path": str(params)}
+
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: prefect_url}):
+            flow_run = run_deployment(f"kd-pipeline/{DEPLOYMENT}", timeout=240, poll_interval=1)
+        assert flow_run.state.is_completed(), f"{flow_run.state}\n{log.read_text()[-3000:]}"
+        assert flow_run.deployment_id == deployment.id
+    finally:
+        _stop(serving)
+    assert serving.returncode is not None
+    assert (tmp_path / "runs/scheduled/registry.json").is_file()
+    client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
+    run_dirs = {v.tags["kd.run_dir"] for v in client.search_model_versions("name='kd-student'")}
+    assert "runs/scheduled" in run_dirs
