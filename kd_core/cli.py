@@ -58,7 +58,7 @@ def validate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> No
 
 
 @app.command()
-def stage(name: str = typer.Argument(..., help="prepare | train_teacher | transfer | distill | finetune | evaluate | register | compare"),
+def stage(name: str = typer.Argument(..., help="prepare | train_teacher | transfer | cache_teacher | distill | finetune | evaluate | register | compare"),
           model: Optional[str] = typer.Option(None, "--model", "--student", "-m",
                                               help="student or teacher name (transfer: the transfer set's name)"),
           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
@@ -69,11 +69,11 @@ def stage(name: str = typer.Argument(..., help="prepare | train_teacher | transf
     cfg = _load(params, set_)
     if name not in STAGES:
         _fail(ValueError(f"unknown stage {name!r} (allowed: {', '.join(STAGES)})"))
-    needs_model = name in ("transfer", "distill", "finetune", "evaluate")
+    needs_model = name in ("transfer", "cache_teacher", "distill", "finetune", "evaluate")
     if needs_model and not model:
         _fail(ValueError(f"stage {name!r} needs --model"))
     try:
-        if name in ("distill", "finetune") or (name == "evaluate" and model != cfg.teacher.name):
+        if name in ("cache_teacher", "distill", "finetune") or (name == "evaluate" and model != cfg.teacher.name):
             cfg.student(model)  # fail early on an unknown name
         result = STAGES[name](cfg, RunPaths.of(cfg), model) if needs_model else STAGES[name](cfg, RunPaths.of(cfg))
     except KeyError as err:

@@ -185,6 +185,16 @@ class TransferSetConfig(_Strict):
     seed: int = 0
 
 
+class TeacherCacheConfig(_Strict):
+    """Teacher-logit cache (kd_core/logit_cache.py): run the teacher once over `train_data`, keep its `top_k`
+    log-probabilities (+ the tail mass) per response token, and train without the live teacher. top_k >= the
+    vocabulary size is exact; smaller k gives the sparse divergences of kd_core/losses/sparse.py."""
+
+    enabled: bool = False
+    top_k: int = Field(64, ge=1, description="teacher tokens kept per position (capped at the vocabulary size)")
+    batch_size: int = Field(32, ge=1, description="teacher batch size while building the cache")
+
+
 class StudentConfig(_Strict):
     name: str = Field("", description="filled from the key under `students`")
     teacher: str = Field("teacher", description="who teaches it: the teacher, or another student (a teacher assistant)")
@@ -198,6 +208,7 @@ class StudentConfig(_Strict):
     model: ModelSource
     training: TrainingConfig = TrainingConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -233,6 +244,10 @@ class StudentConfig(_Strict):
             if not p.low <= value <= p.high:
                 raise ValueError(f"divergence_args.{key}: {value} is outside [{p.low}, {p.high}]")
         METHODS[self.method].validate_args(self.method_args)
+        if self.teacher_cache.enabled and not METHODS[self.method].reads_teacher_cache:
+            readers = ", ".join(sorted(n for n, m in METHODS.items() if m.reads_teacher_cache))
+            raise ValueError(f"teacher_cache.enabled: method {self.method!r} needs the live teacher (on-policy, full "
+                             f"logits or no teacher at all); the cache is read by: {readers}")
         return self
 
 

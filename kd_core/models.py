@@ -92,13 +92,37 @@ def make_model(source: ModelSource, tokenizer: PreTrainedTokenizerBase, n_positi
     return student_from_teacher_layers(teacher, source.from_teacher_layers or [])
 
 
-def check_vocab_compatible(teacher: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Both models must cover the run's tokenizer; extra padded embedding rows are fine (sliced in losses)."""
+def check_vocab_compatible(teacher: PreTrainedModel | None, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                           student_source: ModelSource | None = None) -> None:
+    """The models must cover the run's tokenizer (extra padded embedding rows are fine: losses slice to the
+    shared vocabulary, `kd_core.losses.divergences.shared_vocab`), and a student checkpoint must come with
+    the run's tokenizer: token-level distillation compares distributions over the same token ids, so a
+    different tokenizer is an error, not something to slice."""
     for role, model in (("teacher", teacher), ("student", student)):
+        if model is None:
+            continue
         size = model.get_output_embeddings().weight.shape[0]
         if size < len(tokenizer):
             raise ModelError(f"{role} vocabulary ({size}) is smaller than the tokenizer's ({len(tokenizer)}): "
                              "teacher and student must share a tokenizer")
+    if student_source is not None and student_source.checkpoint is not None:
+        _check_same_tokenizer(tokenizer, student_source)
+
+
+def _check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, source: ModelSource) -> None:
+    from kd_core.data.tokenize import load_tokenizer
+
+    try:
+        own = load_tokenizer(source.checkpoint, source.trust_remote_code, gguf_file=source.gguf_file)
+    except (OSError, ValueError):  # no tokenizer files in the checkpoint: the size check is all there is
+        return
+    run_vocab, own_vocab = tokenizer.get_vocab(), own.get_vocab()
+    differ = sorted((i, t) for t, i in run_vocab.items() if own_vocab.get(t) != i)
+    if differ:
+        i, t = differ[0]
+        raise ModelError(f"student checkpoint {source.checkpoint!r} has another tokenizer than the run's (the "
+                         f"teacher's): {len(differ)} of {len(run_vocab)} tokens have other ids (e.g. {t!r}: id {i} "
+                         f"vs {own_vocab.get(t)}); teacher and student must share a tokenizer")
 
 
 def count_parameters(model: torch.nn.Module) -> int:

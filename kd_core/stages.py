@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kd_core import tracking
+from kd_core import logit_cache, tracking
 from kd_core.config import PipelineConfig, StudentConfig
 from kd_core.data.builtin import generate_builtin
 from kd_core.data.sources import (DataError, RawRow, check_report, normalize_rows, read_file, read_hub)
@@ -67,6 +67,10 @@ class RunPaths:
     def distilled(self, student: str) -> Path:
         """A student after distillation, before post-distillation fine-tuning."""
         return self.root / "distilled" / student
+
+    def teacher_cache(self, student: str) -> Path:
+        """The teacher's cached top-k log-probs over a student's training data (kd_core/logit_cache.py)."""
+        return self.root / "teacher_cache" / student
 
     def train_info(self, model: str) -> Path:
         return self.root / "train_info" / f"{model}.json"
@@ -293,19 +297,22 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     sc: StudentConfig = cfg.student(student_name)
     tokenizer = load_tokenizer(paths.tokenizer)
     method = get_method(sc.method)(sc, sc.method_args)
-    needs_teacher = method.needs_teacher or sc.model.from_teacher_layers is not None
-    teacher = load_model(paths, sc.teacher) if needs_teacher else None
+    cached = sc.teacher_cache.enabled  # the teacher's top-k log-probs come from teacher_cache/<student>
+    live_teacher = method.needs_teacher and not cached
+    teacher = load_model(paths, sc.teacher) if live_teacher or sc.model.from_teacher_layers is not None else None
     seed = _seed(cfg, sc.training.seed)
     student = make_model(sc.model, tokenizer, _n_positions(cfg), seed, teacher=teacher)
-    if teacher is not None:
-        check_vocab_compatible(teacher, student, tokenizer)
+    check_vocab_compatible(teacher, student, tokenizer, sc.model)
     ds, dropped = _train_set(cfg, paths, tokenizer, sc.train_data, loss_on_prompt=sc.training.loss_on_prompt)
+    if cached:
+        method.teacher_cache = logit_cache.load_for_training(cfg, paths, sc.name, ds, student)
     info: dict = {"name": sc.name, "method": sc.method, "divergence": sc.divergence if method.needs_teacher else "",
-                  "teacher": sc.teacher, "train_data": sc.train_data, "parameters": count_parameters(student)}
+                  "teacher": sc.teacher, "train_data": sc.train_data, "parameters": count_parameters(student),
+                  "teacher_cache_top_k": method.teacher_cache.key["top_k"] if cached else 0}
     params = sc.model_dump(mode="json", exclude={"finetune"})
     with tracking.stage_run(cfg, paths.root, "distill", sc.name, params=params):
         result = train(student, ds, tokenizer, sc.training, paths.distilled(sc.name), method=method, seed=seed,
-                       teacher=teacher if method.needs_teacher else None, on_log=tracking.log_step)
+                       teacher=teacher if live_teacher else None, on_log=tracking.log_step)
         info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
                     teacher_forward_passes=result.teacher_forward_passes, generated_tokens=result.generated_tokens,
                     dropped_overlong=dropped)
@@ -471,5 +478,6 @@ def compare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     return build_report(cfg, paths)
 
 
-STAGES = {"prepare": prepare, "train_teacher": train_teacher, "transfer": transfer, "distill": distill, "finetune": finetune,
+STAGES = {"prepare": prepare, "train_teacher": train_teacher, "transfer": transfer,
+          "cache_teacher": logit_cache.cache_teacher, "distill": distill, "finetune": finetune,
           "evaluate": evaluate, "register": register, "compare": compare}
