@@ -119,6 +119,13 @@ class ModelSource(_Strict):
         return self
 
 
+def _deepspeed_stage(path: str) -> int | None:
+    try:
+        return json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"DeepSpeed config {path!r}: {err}") from None
+
+
 class TrainingConfig(_Strict):
     epochs: float = Field(3.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="overrides epochs when > 0")
@@ -133,6 +140,9 @@ class TrainingConfig(_Strict):
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: only the final model)")
     logging_steps: int = Field(20, ge=1)
     deepspeed: str | None = Field(None, description="path to a DeepSpeed json (infra/deepspeed/*.json)")
+    teacher_sharding: Literal["replicate", "zero3"] = Field(
+        "replicate", description="frozen teacher under DeepSpeed: a full copy per rank, or sharded with ZeRO-3 "
+                                 "for inference (needs a stage-3 `deepspeed` config)")
     loss_on_prompt: bool = Field(False, description="train on prompt tokens too (default: response tokens only)")
 
     @field_validator("deepspeed")
@@ -141,6 +151,15 @@ class TrainingConfig(_Strict):
         if v is not None and not Path(v).is_file():
             raise ValueError(f"DeepSpeed config {v!r} not found (e.g. infra/deepspeed/zero2.json)")
         return v
+
+    @model_validator(mode="after")
+    def _sharding_needs_zero3(self) -> TrainingConfig:
+        if self.teacher_sharding == "zero3":
+            stage = _deepspeed_stage(self.deepspeed) if self.deepspeed else None
+            if stage != 3:
+                raise ValueError(f"teacher_sharding: 'zero3' needs `deepspeed` set to a ZeRO stage-3 config "
+                                 f"(got {self.deepspeed or 'no deepspeed'}; e.g. infra/deepspeed/zero3.json)")
+        return self
 
 
 class LoraConfig(_Strict):

@@ -8,6 +8,7 @@ nothing else. Every output lives under `cfg.run_dir` and is written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ from kd_core.generation import generate
 from kd_core.io import atomic_dir, read_jsonl, write_json_atomic, write_jsonl_atomic
 from kd_core.methods import get_method
 from kd_core.models import check_vocab_compatible, count_parameters, load_checkpoint, make_model
-from kd_core.training import train
+from kd_core.training import is_main_process, train
 
 log = logging.getLogger("kd")
 
@@ -224,7 +225,17 @@ def _with_lora(model, lora_cfg):
                                             target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM"))
 
 
+def _tracked_stage(cfg: PipelineConfig, paths: RunPaths, stage: str, name: str, params: dict | None = None):
+    """The stage's MLflow run. Under `torchrun`/`deepspeed` only rank 0 tracks (and writes train_info): the
+    other ranks train alongside it and log nothing."""
+    if is_main_process():
+        return tracking.stage_run(cfg, paths.root, stage, name, params=params)
+    return contextlib.nullcontext()
+
+
 def _log_info_metrics(info: dict) -> None:
+    if not is_main_process():
+        return
     import mlflow
 
     mlflow.log_metrics({k: float(v) for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -310,14 +321,15 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
                   "teacher": sc.teacher, "train_data": sc.train_data, "parameters": count_parameters(student),
                   "teacher_cache_top_k": method.teacher_cache.key["top_k"] if cached else 0}
     params = sc.model_dump(mode="json", exclude={"finetune"})
-    with tracking.stage_run(cfg, paths.root, "distill", sc.name, params=params):
+    with _tracked_stage(cfg, paths, "distill", sc.name, params=params):
         result = train(student, ds, tokenizer, sc.training, paths.distilled(sc.name), method=method, seed=seed,
                        teacher=teacher if live_teacher else None, on_log=tracking.log_step)
         info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
                     teacher_forward_passes=result.teacher_forward_passes, generated_tokens=result.generated_tokens,
                     dropped_overlong=dropped)
         _log_info_metrics(info)
-    write_json_atomic(paths.train_info(f"{sc.name}.distill"), info)
+    if is_main_process():
+        write_json_atomic(paths.train_info(f"{sc.name}.distill"), info)
     return info
 
 
@@ -341,20 +353,22 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     distill_info = json.loads(paths.train_info(f"{sc.name}.distill").read_text())
     info = dict(distill_info, finetuned=sc.finetune.enabled, finetune_time_s=0.0)
     if not sc.finetune.enabled:
-        with atomic_dir(paths.model(sc.name)) as tmp:
-            _link_tree(src, tmp)
+        if is_main_process():
+            with atomic_dir(paths.model(sc.name)) as tmp:
+                _link_tree(src, tmp)
     else:
         tokenizer = load_tokenizer(paths.tokenizer)
         model = load_checkpoint(src)
         ds, _ = _train_set(cfg, paths, tokenizer, loss_on_prompt=sc.training.loss_on_prompt)
         lr = sc.training.learning_rate * sc.finetune.lr_scale
-        with tracking.stage_run(cfg, paths.root, "finetune", sc.name, params=sc.finetune.model_dump()):
+        with _tracked_stage(cfg, paths, "finetune", sc.name, params=sc.finetune.model_dump()):
             result = train(model, ds, tokenizer, sc.training, paths.model(sc.name), method=get_method("sft")(sc),
                            seed=_seed(cfg, sc.training.seed), epochs=sc.finetune.epochs, learning_rate=lr,
                            on_log=tracking.log_step)
             info.update(finetune_time_s=result.wall_time_s, finetune_steps=result.steps)
     info["train_time_s"] = distill_info["train_time_s"] + info["finetune_time_s"]
-    write_json_atomic(paths.train_info(sc.name), info)
+    if is_main_process():
+        write_json_atomic(paths.train_info(sc.name), info)
     return info
 
 
