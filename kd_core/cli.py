@@ -46,6 +46,13 @@ def _load(params: Path, sets: list[str] | None) -> PipelineConfig:
         _fail(err)
 
 
+@app.callback()
+def _launcher(local_rank: Optional[int] = typer.Option(None, "--local_rank", hidden=True,
+                                                      help="appended by the `deepspeed` launcher")) -> None:
+    """Accept the `--local_rank=N` that the `deepspeed` launcher puts before the command; the launcher also
+    sets LOCAL_RANK / RANK / WORLD_SIZE, which is what the Trainer reads."""
+
+
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="the params file")
 SetOpt = typer.Option(None, "--set", "-S", help="override a key, e.g. -S teacher.training.epochs=1 (repeatable)")
 

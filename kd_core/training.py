@@ -8,7 +8,10 @@ up to the exact token mean of the accumulated batch whatever the padding.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,6 +24,12 @@ from kd_core.config import TrainingConfig
 from kd_core.data.tokenize import IGNORE_INDEX, CausalCollator, EncodedDataset
 from kd_core.io import atomic_dir
 from kd_core.methods.base import Method, StepContext
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a `torchrun` / `deepspeed` launch (both set RANK), or a single process: the one that writes
+    outputs (models, metrics, train_info, MLflow runs)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,9 +90,11 @@ class DistillationTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is not None:  # built already: under DeepSpeed, deepspeed_init asks first, the loop again
+            return self.optimizer
         extra = [p for m in self.method.trainable_modules() for p in m.parameters() if p.requires_grad]
         optimizer = super().create_optimizer(*args, **kwargs)
-        if extra:
+        if extra and not self.is_deepspeed_enabled:  # (under DeepSpeed: _ExtraModulesStep has their optimizer)
             optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
         return optimizer
 
@@ -97,13 +108,43 @@ class _ZeroExtraGrads(TrainerCallback):
             optimizer.zero_grad(set_to_none=True)
 
 
+class _ExtraModulesStep(TrainerCallback):
+    """The extra trainable modules (OKD's online module, hidden-state projections) in a multi-process run.
+
+    DDP and DeepSpeed reduce the gradients of the student (the wrapped model) only: average the extras' over
+    the ranks before the optimizer step, so every rank applies the same update to its replica. DeepSpeed's
+    ZeRO optimizer takes only parameters of the engine's module, so there the extras get their own AdamW
+    (the Trainer's betas/eps, no weight decay, no clipping: as in the single-process param group) stepped at
+    the Trainer's learning rate of the step.
+    """
+
+    def __init__(self, method: Method, args: TrainingArguments, own_optimizer: bool):
+        self.params = [p for m in method.trainable_modules() for p in m.parameters() if p.requires_grad]
+        self.optimizer = None
+        if own_optimizer and self.params:
+            self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                               eps=args.adam_epsilon, weight_decay=0.0)
+
+    def on_pre_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
+        if args.world_size > 1:
+            for p in self.params:
+                if p.grad is not None:  # SUM then divide: gloo has no AVG
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(args.world_size)
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
 class _MetricsCallback(TrainerCallback):
     def __init__(self, on_log=None):
         self.history: list[dict] = []
         self.on_log_fn = on_log
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
+        if logs and state.is_world_process_zero:  # one copy of the metrics (MLflow), from rank 0
             entry = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
             self.history.append(entry)
             if self.on_log_fn:
@@ -156,6 +197,46 @@ def training_arguments(cfg: TrainingConfig, out_dir: Path, seed: int, epochs: fl
     )
 
 
+def zero3_inference_engine(teacher: PreTrainedModel, accelerator) -> torch.nn.Module:
+    """The frozen teacher sharded across ranks with ZeRO-3 (each rank holds 1/world of its weights, gathered
+    layer by layer during the forward), as TRL's `prepare_deepspeed` does for reference models: the training
+    DeepSpeed config without optimizer sections, the "auto" bucket sizes set from the teacher's width.
+    Its forward is a collective: every rank must call it equally often (they do: same steps, same batches)."""
+    import deepspeed
+
+    ds_config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    zero = ds_config.setdefault("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise ValueError(f"training.teacher_sharding: zero3 needs a ZeRO stage-3 DeepSpeed config "
+                         f"(got stage {zero.get('stage')}; e.g. infra/deepspeed/zero3.json)")
+    hidden = int(teacher.config.hidden_size)
+    zero.update(reduce_bucket_size=hidden * hidden, stage3_param_persistence_threshold=10 * hidden,
+                stage3_prefetch_bucket_size=int(0.9 * hidden * hidden))
+    zero.pop("offload_optimizer", None)
+    for key in ("optimizer", "scheduler"):
+        ds_config.pop(key, None)
+    engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
+    engine.eval()  # (DeepSpeedEngine.eval returns None, not the engine)
+    return engine
+
+
+def _save_final(trainer: DistillationTrainer, out_dir: Path, tokenizer, method: Method) -> None:
+    """Every rank calls `save_model` (ZeRO-3 gathers the sharded weights collectively); rank 0 writes into a
+    temporary folder that replaces `out_dir` once all ranks are done (nothing half-written is ever visible)."""
+    from accelerate.utils import broadcast_object_list
+
+    main = trainer.is_world_process_zero()
+    with atomic_dir(out_dir) if main else contextlib.nullcontext() as tmp:
+        folder = [str(tmp) if main else None]
+        if trainer.args.world_size > 1:
+            broadcast_object_list(folder)  # ranks that write shards (ZeRO-3 without gathering) need the path
+        trainer.save_model(folder[0])
+        if main:
+            tokenizer.save_pretrained(folder[0])
+            method.save_artifacts(Path(folder[0]))
+        trainer.accelerator.wait_for_everyone()
+
+
 def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: TrainingConfig, out_dir: Path, *,
           method: Method, seed: int, teacher: PreTrainedModel | None = None, epochs: float | None = None,
           learning_rate: float | None = None, on_log=None, save=True) -> TrainResult:
@@ -168,22 +249,29 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
     ckpt_dir = out_dir.parent / f".{out_dir.name}-checkpoints"
     args = training_arguments(cfg, ckpt_dir, seed, epochs, learning_rate)
     callback = _MetricsCallback(on_log)
-    if teacher is not None:
+    if teacher is not None:  # frozen: eval mode, no gradients, in no optimizer; a full copy on every rank
         teacher.to(args.device).eval().requires_grad_(False)
     teacher = method.setup(model, teacher)
+    callbacks = [callback, _ZeroExtraGrads()]
+    if args.world_size > 1 or cfg.deepspeed:
+        callbacks.append(_ExtraModulesStep(method, args, own_optimizer=bool(cfg.deepspeed)))
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=CausalCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, method=method, teacher=teacher, callbacks=[callback, _ZeroExtraGrads()])
+        processing_class=tokenizer, method=method, teacher=teacher, callbacks=callbacks)
+    if teacher is not None and cfg.teacher_sharding == "zero3":
+        if any(p.requires_grad for p in teacher.parameters()):
+            raise ValueError(f"training.teacher_sharding: 'zero3' shards a frozen teacher, but method "
+                             f"{method.name!r} trains parameters inside it (e.g. OKD's online module): use 'replicate'")
+        trainer.teacher = zero3_inference_engine(teacher, trainer.accelerator)
     resume = last_complete_checkpoint(ckpt_dir)
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - start
-    if save and trainer.is_world_process_zero():
-        with atomic_dir(out_dir) as tmp:
-            trainer.save_model(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-            method.save_artifacts(tmp)
+    if save:
+        _save_final(trainer, out_dir, tokenizer, method)
+    if trainer.is_world_process_zero():
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # the final model supersedes resume checkpoints
+    trainer.accelerator.wait_for_everyone()  # no rank leaves (and reads outputs) before rank 0 has written them
     final = output.training_loss if output.training_loss is not None else math.nan
     return TrainResult(out_dir, output.global_step, wall, float(final), callback.history,
                        trainer.teacher_forward_passes, trainer.generated_tokens)
