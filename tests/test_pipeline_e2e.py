@@ -46,6 +46,9 @@ def _check_run(project: Path, cfg) -> None:
     assert champion.tags["kd.model"] in cfg.students
     report = (project / paths.reports / "compare.md").read_text()
     assert "teacher (kd-teacher v1)" in report and "fkl (kd-student" in report
+    paired_set = cfg.tracking.champion.metric.split("/")[0]  # paired bootstrap on the champion metric's eval set
+    if "sft" in cfg.students:
+        assert f"## Paired comparison with the SFT student ({paired_set} prompts, bootstrap over prompts)" in report
     assert (project / paths.reports / "size_vs_quality.png").stat().st_size > 1000
     # the registered model loads back as a transformers pipeline
     import mlflow
@@ -101,6 +104,13 @@ def test_dvc_repro_end_to_end_and_noop(project):
     assert "distill@fkl" in lock and "runs/tiny/models/teacher" in lock
     cfg = parse_config(params)
     _check_run(project, cfg)
+    # DVC plots: the UNC buckets of each student (data) and the report's images, with no load error
+    plots = json.loads(sh("dvc", "plots", "show", "--json").stdout)
+    assert not plots.get("errors"), plots["errors"]
+    unc = plots["data"]["runs/tiny/reports/unc/fkl.json"][0]["content"]["data"]["values"]
+    assert [p["bucket"] for p in unc] == list(range(cfg.evaluation.unc_buckets))
+    assert all(0.0 <= p["top1_agreement"] <= 1.0 for p in unc)
+    assert {"runs/tiny/reports/unc_buckets.png", "runs/tiny/reports/size_vs_quality.png"} <= set(plots["data"])
     # an experiment with one param changed reruns only the stages that depend on it
     exp = sh("dvc", "exp", "run", "-S", "tracking.champion.min_delta=0.5")
     assert "Running stage 'register'" in exp.stdout and "Running stage 'distill" not in exp.stdout

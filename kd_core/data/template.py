@@ -2,7 +2,9 @@
 
 `alpaca` is the Dolly/Alpaca format used by MiniLLM, DistiLLM and the OKD paper for training and
 evaluation. `minimal` keeps the section markers but drops the preamble: at tiny scale the preamble's ~30
-tokens per example would dominate training time. The loss covers the response tokens only; the prompt is
+tokens per example would dominate training time. `chatml` is the chat format of instruction-tuned
+checkpoints such as SmolLM2-Instruct and Qwen (a user turn, then the assistant's); their tokenizers end
+the response with `<|im_end|>` as EOS. The loss covers the response tokens only; the prompt is
 context.
 """
 
@@ -21,9 +23,13 @@ _ALPACA_NO_INPUT = (
 _MINIMAL_WITH_INPUT = "### Instruction:\n{instruction}\n### Input:\n{context}\n### Response:\n"
 _MINIMAL_NO_INPUT = "### Instruction:\n{instruction}\n### Response:\n"
 
+_CHATML_WITH_INPUT = "<|im_start|>user\n{instruction}\n\n{context}<|im_end|>\n<|im_start|>assistant\n"
+_CHATML_NO_INPUT = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+
 TEMPLATES: dict[str, tuple[str, str]] = {
     "alpaca": (_ALPACA_WITH_INPUT, _ALPACA_NO_INPUT),
     "minimal": (_MINIMAL_WITH_INPUT, _MINIMAL_NO_INPUT),
+    "chatml": (_CHATML_WITH_INPUT, _CHATML_NO_INPUT),
 }
 
 

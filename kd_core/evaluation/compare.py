@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from kd_core import tracking
-from kd_core.io import write_json_atomic, write_text_atomic
+from kd_core.io import atomic_dir, write_json_atomic, write_text_atomic
 
 COLUMNS = [  # (metric key, header, format)
     ("test/rougeL_sampled_mean", "ROUGE-L (T=1)", "{:.2f}"),
@@ -120,7 +120,9 @@ def _paired_vs_sft(cfg, paths, set_name: str = "test") -> list[dict]:
     return out
 
 
-def _unc_plot(cfg, paths, path: Path) -> bool:
+def _unc_plot(cfg, paths, out_dir: Path) -> bool:
+    """unc_buckets.png, and unc/<student>.json (one row per bucket) for the DVC plots in dvc.yaml (replaced as a
+    whole, so a removed student leaves no stale file behind)."""
     from kd_core.evaluation.teacher_forcing import plot_unc_buckets
 
     buckets = {}
@@ -129,7 +131,11 @@ def _unc_plot(cfg, paths, path: Path) -> bool:
         if f.is_file() and (data := json.loads(f.read_text())):
             buckets[name] = data
     if buckets:
-        plot_unc_buckets(buckets, path)
+        plot_unc_buckets(buckets, out_dir / "unc_buckets.png")
+    with atomic_dir(out_dir / "unc") as tmp:
+        for name, data in buckets.items():
+            write_json_atomic(tmp / f"{name}.json", [{k: b[k] for k in ("bucket", "top1_agreement", "kl", "logit_std")}
+                                                     for b in data])
     return bool(buckets)
 
 
@@ -147,19 +153,21 @@ def build_report(cfg, paths) -> dict:
                "|---|---|---|---|---|"]
         md += [f"| {v['model']} | {v['method']} ({v['divergence']}) | {v['value']:.2f} | {v['sft']:.2f} | {v['delta']:+.2f} |"
                for v in vs_sft]
-    paired = _paired_vs_sft(cfg, paths)
+    paired_set = key.split("/", 1)[0]  # the eval set of the champion metric
+    paired = _paired_vs_sft(cfg, paths, paired_set)
     if paired:
-        md += ["", "## Paired comparison with the SFT student (test prompts, bootstrap over prompts)", "",
+        md += ["", f"## Paired comparison with the SFT student ({paired_set} prompts, bootstrap over prompts)", "",
                "Per-prompt ROUGE-L averaged over sampling seeds; Δ = model − SFT.", "",
                "| model | prompts | Δ ROUGE-L | 95% CI | p-value |", "|---|---|---|---|---|"]
         md += [f"| {p['model']} | {p['n_prompts']} | {p['mean_diff']:+.2f} | [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | "
                f"{p['p_value']:.3f} |" for p in paired]
     out_dir.mkdir(parents=True, exist_ok=True)
-    if _unc_plot(cfg, paths, out_dir / "unc_buckets.png"):
+    if _unc_plot(cfg, paths, out_dir):
         md += ["", "## Teacher-uncertainty buckets", "", "![UNC buckets](unc_buckets.png)"]
     md += ["", "![size vs quality](size_vs_quality.png)"]
     write_text_atomic(out_dir / "compare.md", "\n".join(md) + "\n")
-    write_json_atomic(out_dir / "compare.json", {"rows": rows, "vs_sft": vs_sft, "paired_vs_sft": paired, "metric": key})
+    write_json_atomic(out_dir / "compare.json", {"rows": rows, "vs_sft": vs_sft, "paired_vs_sft": paired, "metric": key,
+                                             "paired_set": paired_set})
     _plot(rows, key, out_dir / "size_vs_quality.png")
     points = [{"model": r["label"], "parameters": int(r["tags"].get("kd.parameters") or 0),
                key.replace("/", "_"): r["metrics"][key]} for r in rows if key in r["metrics"]]
