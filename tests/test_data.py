@@ -144,3 +144,31 @@ def test_loss_on_prompt_labels_every_token(tokenizer):
 
 def test_digits_are_single_tokens(tokenizer):
     assert tokenizer.tokenize("sum 1234")[-4:] == ["1", "2", "3", "4"]
+
+
+def test_chatml_template_matches_the_chat_format():
+    with_ctx = format_prompt({"instruction": " Sum ", "context": "1 and 2 "}, "chatml")
+    assert with_ctx == "<|im_start|>user\nSum\n\n1 and 2<|im_end|>\n<|im_start|>assistant\n"
+    assert format_prompt({"instruction": "Hi", "context": ""}, "chatml") == \
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_max_rows_keeps_the_first_valid_rows():
+    from kd_core.config import parse_config
+    from kd_core.stages import _load_main_rows
+    from tests.conftest import tiny_params
+
+    full, _ = _load_main_rows(parse_config(tiny_params()))
+    params = tiny_params()
+    params["data"] = {**params["data"], "max_rows": 50}
+    cut, _ = _load_main_rows(parse_config(params))
+    assert len(full) > 50 and cut == full[:50]
+
+
+def test_real_model_profile_is_valid():
+    from kd_core.config import load_config
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "bench/smollm2.yaml")
+    assert cfg.data.template == "chatml" and cfg.teacher.model.gguf_file
+    assert {s.train_data for n, s in cfg.students.items() if n != "sft"} == set(cfg.transfer_sets)
