@@ -18,9 +18,10 @@ from kd_core import stages, tracking
 from kd_core.config import ConfigError, load_config
 from kd_core.data.sources import DataError
 from kd_core.models import ModelError
+from kd_core.preflight import PreflightError
 
 # Bad input will fail the same way again: retry only what may be transient (I/O, a server).
-NOT_RETRIED = (ConfigError, DataError, ModelError, FileNotFoundError, KeyError, LookupError)
+NOT_RETRIED = (ConfigError, DataError, ModelError, PreflightError, FileNotFoundError, KeyError, LookupError)
 
 
 def _retry_transient(task, task_run, state) -> bool:

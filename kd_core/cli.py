@@ -17,10 +17,11 @@ import yaml
 
 import kd_core  # noqa: F401  (applies the offline defaults before the stack is imported)
 from kd_core.config import ConfigError, PipelineConfig, load_config
+from kd_core.preflight import PreflightError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, LookupError)
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, LookupError, PreflightError)
 
 
 def _overrides(sets: list[str] | None) -> dict:

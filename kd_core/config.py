@@ -439,7 +439,48 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+# Credentials never go in params.yaml: it is committed, hashed into tags and logged as MLflow params.
+SECRET_WORDS = {"password", "passwd", "secret", "token", "apikey", "credential", "credentials"}
+SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key"), ("auth", "token")}
+SECRET_HINT = ("set credentials in the environment instead (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
+               "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, HF_TOKEN)")
+
+
+def _looks_secret(key: str) -> bool:
+    parts = re.split(r"[_\-.\s]+|(?<=[a-z])(?=[A-Z])", key.strip())
+    parts = [p.lower() for p in parts if p]
+    return bool(SECRET_WORDS & set(parts)) or any(pair in SECRET_PAIRS for pair in zip(parts, parts[1:]))
+
+
+def find_secrets(raw: Any, path: str = "") -> list[str]:
+    """Keys that look like credentials and URLs with a password (`scheme://user:pass@host`), by key path."""
+    from urllib.parse import urlsplit
+
+    found = []
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if _looks_secret(str(key)):
+                found.append(f"{sub}: looks like a credential; {SECRET_HINT}")
+            else:
+                found += find_secrets(value, sub)
+    elif isinstance(raw, list):
+        for i, value in enumerate(raw):
+            found += find_secrets(value, f"{path}[{i}]")
+    elif isinstance(raw, str) and "://" in raw:
+        try:
+            has_password = urlsplit(raw).password is not None
+        except ValueError:
+            has_password = False
+        if has_password:
+            found.append(f"{path}: URL contains a password (user:password@); {SECRET_HINT}")
+    return found
+
+
 def parse_config(raw: dict[str, Any], source: str = "params.yaml") -> PipelineConfig:
+    secrets = find_secrets(raw)
+    if secrets:
+        raise ConfigError("\n".join(f"{source}: {line}" for line in secrets))
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:

@@ -30,7 +30,8 @@ from kd_core.data.tokenize import (IGNORE_INDEX, EncodedDataset, batches, encode
 from kd_core.generation import generate
 from kd_core.io import atomic_dir, read_jsonl, write_json_atomic, write_jsonl_atomic
 from kd_core.methods import get_method
-from kd_core.models import check_vocab_compatible, count_parameters, load_checkpoint, make_model
+from kd_core.models import ModelError, count_parameters, load_checkpoint, make_model
+from kd_core.preflight import preflight
 from kd_core.training import is_main_process, train
 
 log = logging.getLogger("kd")
@@ -148,10 +149,22 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     # tokenizer: the teacher checkpoint's own, else a BPE trained on the train split
     teacher_src = cfg.teacher.model
     if teacher_src.checkpoint:
-        tok = load_tokenizer(teacher_src.checkpoint, teacher_src.trust_remote_code, gguf_file=teacher_src.gguf_file)
+        try:
+            tok = load_tokenizer(teacher_src.checkpoint, teacher_src.trust_remote_code, gguf_file=teacher_src.gguf_file)
+        except (OSError, ValueError) as err:
+            path = teacher_src.checkpoint
+            missing = path.startswith((".", "/", "~")) and not Path(path).expanduser().exists()
+            raise ModelError(f"teacher.model.checkpoint: {path!r} " + ("does not exist" if missing else
+                             f"has no tokenizer that loads ({err})")) from None
     else:
         texts = (format_prompt(r, cfg.data.template) + r["response"] for r in splits["train"])
         tok = train_bpe_tokenizer(texts, cfg.tokenizer.vocab_size)
+    # rows over tokenizer.max_length stay in the splits; training truncates or drops them (tokenizer.overlong)
+    overlong = {name: encode_rows(part, tok, cfg.data.template, cfg.tokenizer.max_length, "drop")[1]
+                for name, part in splits.items()}
+    if cfg.tokenizer.overlong == "drop" and overlong["train"] == len(splits["train"]):
+        raise DataError(f"split 'train': all {overlong['train']} rows are longer than tokenizer.max_length="
+                        f"{cfg.tokenizer.max_length} and tokenizer.overlong is 'drop'")
     with atomic_dir(paths.tokenizer) as tmp:
         tok.save_pretrained(str(tmp))
 
@@ -161,13 +174,15 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
         for name, erows in eval_rows.items():
             write_jsonl_atomic(tmp / f"{name}.jsonl", erows)
     summary = {"main": report.to_dict(), "eval_sets": eval_reports, "splits": {k: len(v) for k, v in splits.items()},
+               "overlong": {"max_length": cfg.tokenizer.max_length, "policy": cfg.tokenizer.overlong, "rows": overlong},
                "data_version": _file_hash(*(paths.split(n) for n in ("train", "val", "test")))}
     write_json_atomic(paths.data / "report.json", summary)
     log.info("prepared data: %s", summary["splits"])
     with tracking.stage_run(cfg, paths.root, "prepare") as _:
         import mlflow
         mlflow.log_params({"data.source": cfg.data.source, "data.version": summary["data_version"]})
-        mlflow.log_metrics({f"rows_{k}": v for k, v in summary["splits"].items()} | {"rows_bad": report.total - report.kept})
+        mlflow.log_metrics({f"rows_{k}": v for k, v in summary["splits"].items()} | {"rows_bad": report.total - report.kept}
+                           | {f"rows_overlong_{k}": v for k, v in overlong.items()})
         mlflow.log_dict(summary, "data_report.json")
     return summary
 
@@ -193,6 +208,7 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
     tokenizer = load_tokenizer(paths.tokenizer)
     seed = _seed(cfg, tc.training.seed)
     model = make_model(tc.model, tokenizer, _n_positions(cfg), seed)
+    preflight(cfg, "train_teacher", model=model, tokenizer=tokenizer, training=tc.training, out_dir=paths.model(tc.name))
     info: dict = {"name": tc.name, "parameters": count_parameters(model), "trained": tc.train, "finetune": tc.finetune}
     with tracking.stage_run(cfg, paths.root, "train_teacher", tc.name, params=tc.model_dump(mode="json")):
         if not tc.train:
@@ -313,7 +329,8 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     teacher = load_model(paths, sc.teacher) if live_teacher or sc.model.from_teacher_layers is not None else None
     seed = _seed(cfg, sc.training.seed)
     student = make_model(sc.model, tokenizer, _n_positions(cfg), seed, teacher=teacher)
-    check_vocab_compatible(teacher, student, tokenizer, sc.model)
+    preflight(cfg, f"distill {sc.name}", model=student, tokenizer=tokenizer, training=sc.training,
+              out_dir=paths.distilled(sc.name), teacher=teacher, student_source=sc.model)
     ds, dropped = _train_set(cfg, paths, tokenizer, sc.train_data, loss_on_prompt=sc.training.loss_on_prompt)
     if cached:
         method.teacher_cache = logit_cache.load_for_training(cfg, paths, sc.name, ds, student)
@@ -359,6 +376,8 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     else:
         tokenizer = load_tokenizer(paths.tokenizer)
         model = load_checkpoint(src)
+        preflight(cfg, f"finetune {sc.name}", model=model, tokenizer=tokenizer, training=sc.training,
+                  out_dir=paths.model(sc.name))
         ds, _ = _train_set(cfg, paths, tokenizer, loss_on_prompt=sc.training.loss_on_prompt)
         lr = sc.training.learning_rate * sc.finetune.lr_scale
         with _tracked_stage(cfg, paths, "finetune", sc.name, params=sc.finetune.model_dump()):

@@ -16,8 +16,9 @@ from typing import Any, Iterator
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from kd_core.config import PipelineConfig
+from kd_core.config import ConfigError, PipelineConfig, find_secrets
 from kd_core.io import write_json_atomic
+from kd_core.preflight import check_tracking
 
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
 
@@ -26,13 +27,18 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     if cfg.tracking.tracking_uri:
         return cfg.tracking.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+        if find_secrets({"MLFLOW_TRACKING_URI": uri}):  # it would end up in run folders, reports and logs
+            raise ConfigError("MLFLOW_TRACKING_URI contains a password (user:password@): set "
+                              "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead")
+        return uri
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
 def setup(cfg: PipelineConfig) -> str:
     """Point MLflow at the configured store and select (creating if needed) the experiment."""
     uri = tracking_uri(cfg)
+    check_tracking(uri)  # fail in seconds with one message, not after MLflow's minutes of HTTP retries
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     if client.get_experiment_by_name(cfg.tracking.experiment) is None:

@@ -1,0 +1,125 @@
+"""Preflight: the checks a training stage makes before it trains, so that what would fail after an hour of
+training (an MLflow server that is down, a read-only or full disk, a student that cannot be compared with its
+teacher token by token) fails at once, with one message, and nothing is written or registered.
+
+`preflight()` is called by train_teacher, distill and finetune right after the models are built and before
+any MLflow call or training step. A failure is a `PreflightError`: `kd` exits with status 2, the Prefect
+flow does not retry it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from kd_core.config import PipelineConfig, TrainingConfig
+
+HEALTH_TIMEOUT_S = 5.0
+# Adam keeps two fp32 moments per parameter: a resume checkpoint is weights + 2x weights (+ small files)
+OPTIMIZER_STATE_FACTOR = 2
+# Trainer's save_total_limit (kd_core/training.py); one more is being written when the oldest is deleted
+CHECKPOINTS_KEPT = 2
+DISK_MARGIN = 1.2
+
+
+class PreflightError(RuntimeError):
+    """A training stage cannot run as configured: the message says what and how to fix it."""
+
+
+def check_tracking(uri: str) -> None:
+    """The MLflow tracking store answers: http(s) -> GET /health; sqlite / file -> its folder is writable."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S) as resp:  # noqa: S310 (http(s) only)
+                if resp.status != 200:
+                    raise PreflightError(f"MLflow tracking server {uri} is not healthy: GET /health -> {resp.status}")
+        except urllib.error.HTTPError as err:
+            raise PreflightError(f"MLflow tracking server {uri} is not healthy: GET /health -> {err.code}") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise PreflightError(f"MLflow tracking server {uri} is not reachable ({reason}): start it, or fix "
+                                 "MLFLOW_TRACKING_URI / tracking.tracking_uri") from None
+        return
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().parent
+    elif uri.startswith("file:"):
+        folder = Path(uri.removeprefix("file://").removeprefix("file:"))
+    elif "://" not in uri:  # a plain path is a file store
+        folder = Path(uri)
+    else:  # databricks, postgresql, ...: MLflow's own client reports problems
+        return
+    try:
+        _probe_write(folder)
+    except OSError as err:
+        raise PreflightError(f"MLflow tracking store {uri}: cannot write in {folder} ({err.strerror or err})") from None
+
+
+def _probe_write(folder: Path) -> None:
+    """Create `folder` if needed and write (then remove) a file in it: permissions, read-only mounts, quotas."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".kd-preflight-", dir=folder)
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_writable(*dirs: Path) -> None:
+    for d in dirs:
+        try:
+            _probe_write(Path(d))
+        except OSError as err:
+            raise PreflightError(f"output folder {d} is not writable ({err.strerror or err})") from None
+
+
+def checkpoint_bytes(n_parameters: int, training: TrainingConfig, bytes_per_param: int = 4) -> int:
+    """Disk a training stage needs at its peak: the resume checkpoints (weights + optimizer state each, up
+    to CHECKPOINTS_KEPT + 1 while the oldest is rotated out) when `save_steps` is set, plus the final model
+    and its temporary copy (atomic save), with a 20% margin for tokenizer, logs and rounding."""
+    weights = n_parameters * bytes_per_param
+    need = 2 * weights
+    if training.save_steps:
+        need += (CHECKPOINTS_KEPT + 1) * weights * (1 + OPTIMIZER_STATE_FACTOR)
+    return int(need * DISK_MARGIN)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(path).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_disk(out_dir: Path, n_parameters: int, training: TrainingConfig) -> None:
+    need = checkpoint_bytes(n_parameters, training)
+    free = shutil.disk_usage(_existing_ancestor(out_dir)).free
+    if free < need:
+        raise PreflightError(
+            f"not enough free disk for {out_dir}: need ~{_gb(need)} ({n_parameters:,} parameters, "
+            f"save_steps={training.save_steps}), {_gb(free)} free: free space or set run_dir elsewhere")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def preflight(cfg: PipelineConfig, stage: str, *, model, tokenizer, training: TrainingConfig, out_dir: Path,
+              teacher=None, student_source=None) -> None:
+    """All checks before a training stage; raises one `PreflightError` naming the stage and the problem."""
+    from kd_core import tracking
+    from kd_core.models import ModelError, check_vocab_compatible, count_parameters
+
+    try:
+        check_tracking(tracking.tracking_uri(cfg))
+        check_writable(Path(out_dir).parent, Path(cfg.run_dir) / "train_info")
+        if teacher is not None or student_source is not None:
+            try:
+                check_vocab_compatible(teacher, model, tokenizer, student_source)
+            except ModelError as err:
+                raise PreflightError(str(err)) from None
+        check_disk(Path(out_dir), count_parameters(model), training)
+    except PreflightError as err:
+        raise PreflightError(f"preflight of {stage}: {err}") from None
