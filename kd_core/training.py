@@ -151,19 +151,49 @@ class _MetricsCallback(TrainerCallback):
                 self.on_log_fn(entry)
 
 
+class _ExtraModulesCheckpoint(TrainerCallback):
+    """Trainer checkpoints hold the student, optimizer, scheduler and RNG states, not the method's extra
+    trainable modules (OKD's online module, `intermediate`'s projections). Save their weights, and the state
+    of their own optimizer when they have one (DeepSpeed: `_ExtraModulesStep`), into every checkpoint, so a
+    resumed run continues them instead of restarting them from their initialisation. (In one process their
+    Adam moments are in the Trainer's optimizer.pt already: they are a param group of that optimizer.)"""
+
+    def __init__(self, modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer | None = None):
+        self.modules = modules
+        self.optimizer = optimizer
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:  # the modules are replicated: rank 0's copy is everyone's
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        tmp = folder / f".{EXTRA_MODULES_FILE}.tmp"
+        torch.save({"modules": [m.state_dict() for m in self.modules],
+                    "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}, tmp)
+        os.replace(tmp, folder / EXTRA_MODULES_FILE)  # its presence marks the checkpoint complete
+
+    def load(self, checkpoint: Path) -> None:
+        saved = torch.load(checkpoint / EXTRA_MODULES_FILE, map_location="cpu", weights_only=True)
+        for module, state in zip(self.modules, saved["modules"], strict=True):
+            module.load_state_dict(state)
+        if self.optimizer is not None and saved["optimizer"] is not None:
+            self.optimizer.load_state_dict(saved["optimizer"])
+
+
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+EXTRA_MODULES_FILE = "extra_modules.pt"
 
 
-def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest checkpoint written in full. A process killed while saving leaves a partial folder: it is
-    removed, and training resumes from the one before."""
+def last_complete_checkpoint(ckpt_dir: Path, extra_files: tuple[str, ...] = ()) -> Path | None:
+    """The newest checkpoint written in full (with `extra_files` too). A process killed while saving leaves a
+    partial folder: it is removed, and training resumes from the one before."""
     if not ckpt_dir.is_dir():
         return None
     found = sorted((p for p in ckpt_dir.iterdir() if p.name.startswith("checkpoint-") and p.name[11:].isdigit()),
                    key=lambda p: int(p.name[11:]), reverse=True)
     for ckpt in found:
         has_weights = any(ckpt.glob("*.safetensors"))
-        if has_weights and all((ckpt / f).is_file() for f in CHECKPOINT_FILES) and any(ckpt.glob("rng_state*.pth")):
+        required = CHECKPOINT_FILES + extra_files
+        if has_weights and all((ckpt / f).is_file() for f in required) and any(ckpt.glob("rng_state*.pth")):
             return ckpt
         shutil.rmtree(ckpt, ignore_errors=True)
     return None
@@ -263,7 +293,14 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
             raise ValueError(f"training.teacher_sharding: 'zero3' shards a frozen teacher, but method "
                              f"{method.name!r} trains parameters inside it (e.g. OKD's online module): use 'replicate'")
         trainer.teacher = zero3_inference_engine(teacher, trainer.accelerator)
-    resume = last_complete_checkpoint(ckpt_dir)
+    extras = None
+    if method.trainable_modules():
+        step = next((c for c in callbacks if isinstance(c, _ExtraModulesStep)), None)
+        extras = _ExtraModulesCheckpoint(method.trainable_modules(), step.optimizer if step else None)
+        trainer.add_callback(extras)
+    resume = last_complete_checkpoint(ckpt_dir, (EXTRA_MODULES_FILE,) if extras else ())
+    if resume and extras:
+        extras.load(resume)
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - start

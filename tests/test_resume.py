@@ -72,3 +72,69 @@ def test_partial_checkpoint_is_skipped(tmp_path):
     assert last_complete_checkpoint(tmp_path) == complete
     assert not partial.exists()
     assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+class _Interrupted(Exception):
+    """Stands in for a preempted machine (in-process: the SIGKILL test above covers a real kill)."""
+
+
+def test_resume_restores_the_methods_extra_trainable_modules(tmp_path):
+    """`intermediate` trains hidden-state projections beside the student: a resumed run continues them from
+    the checkpoint (weights and Adam state) and ends where an uninterrupted run ends."""
+    import copy
+
+    from kd_core.config import TrainingConfig
+    from kd_core.methods import get_method
+    from kd_core.training import train
+    from tests.method_harness import student_config, tiny_setup
+
+    setup = tiny_setup()
+    cfg = TrainingConfig(max_steps=10, save_steps=3, learning_rate=5e-3, batch_size=16, warmup_ratio=0.0,
+                         logging_steps=10)
+    sc = student_config("intermediate", method_args={"projection": "always"})
+
+    def run(out_dir, stop_at=None):
+        method = get_method("intermediate")(sc, sc.method_args)
+        student = setup.student(seed=1)
+        if stop_at is not None:
+            compute = method.compute_loss
+
+            def interrupted(ctx):
+                if ctx.trainer.state.global_step == stop_at:
+                    raise _Interrupted
+                return compute(ctx)
+            method.compute_loss = interrupted
+        try:
+            train(student, setup.train_set, setup.tokenizer, cfg, out_dir, method=method, seed=0,
+                  teacher=copy.deepcopy(setup.teacher), save=False)
+        except _Interrupted:
+            return None
+        return student, method
+
+    straight_student, straight_method = run(tmp_path / "straight" / "s")
+    assert run(tmp_path / "resumed" / "s", stop_at=7) is None
+    ckpt = last_complete_checkpoint(tmp_path / "resumed" / ".s-checkpoints")
+    assert ckpt is not None and ckpt.name == "checkpoint-6" and (ckpt / "extra_modules.pt").is_file()
+    resumed_student, resumed_method = run(tmp_path / "resumed" / "s")
+
+    [straight_proj], [resumed_proj] = straight_method.trainable_modules(), resumed_method.trainable_modules()
+    fresh = get_method("intermediate")(sc, sc.method_args)
+    fresh.setup(setup.student(seed=1), copy.deepcopy(setup.teacher))
+    assert not torch.allclose(fresh.trainable_modules()[0][0].weight, straight_proj[0].weight), "projections trained"
+    for a, b in zip(straight_proj.parameters(), resumed_proj.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for (name, a), b in zip(straight_student.state_dict().items(), resumed_student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_checkpoint_without_the_extra_modules_file_is_partial(tmp_path):
+    """Killed between the Trainer's save and the extra modules' save: not a checkpoint to resume from."""
+    older, newer = tmp_path / "checkpoint-3", tmp_path / "checkpoint-6"
+    for folder in (older, newer):
+        folder.mkdir()
+        for name in ("model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            (folder / name).write_text("{}")
+    (older / "extra_modules.pt").write_bytes(b"x")
+    assert last_complete_checkpoint(tmp_path) == newer  # a method without extra modules needs no such file
+    assert last_complete_checkpoint(tmp_path, ("extra_modules.pt",)) == older
+    assert not newer.exists()
