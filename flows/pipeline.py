@@ -19,9 +19,12 @@ from kd_core.config import ConfigError, load_config
 from kd_core.data.sources import DataError
 from kd_core.models import ModelError
 from kd_core.preflight import PreflightError
+from kd_core.training import TrainingDiverged
 
 # Bad input will fail the same way again: retry only what may be transient (I/O, a server).
-NOT_RETRIED = (ConfigError, DataError, ModelError, PreflightError, FileNotFoundError, KeyError, LookupError)
+# A diverged loss (NaN/inf) recurs too: same seed, same data, resumed from the same checkpoint.
+NOT_RETRIED = (ConfigError, DataError, ModelError, PreflightError, TrainingDiverged, FileNotFoundError, KeyError,
+               LookupError)
 
 
 def _retry_transient(task, task_run, state) -> bool:

@@ -282,7 +282,10 @@ def test_flow_does_not_retry_preflight_errors():
         def result(self):
             raise self.err
 
+    from kd_core.training import TrainingDiverged
+
     assert _retry_transient(None, None, State(PreflightError("preflight of distill x: ..."))) is False
+    assert _retry_transient(None, None, State(TrainingDiverged("non-finite loss nan at step 3"))) is False
     assert _retry_transient(None, None, State(ConnectionError("server gone"))) is True
 
 
