@@ -150,8 +150,8 @@ Python {platform.python_version()}; load average at the end {load[0]:.1f} / {loa
   (transfer set, up to {next(iter(cfg.transfer_sets.values())).max_new_tokens} new tokens), the teacher's
   distribution supervising every token.
 - Evaluation: {', '.join(f'{n} (first {cfg.data.eval_sets[n].limit} prompts' + (f', rows with {cfg.data.eval_sets[n].filter_field}' if cfg.data.eval_sets[n].filter_field else '') + ')' for n in sets)};
-  ROUGE-L ×100 sampled at T={ev.generation.temperature:g}, top-p {ev.generation.top_p:g} over seeds {ev.sample_seeds}
-  (95% CI over prompts) and greedy, at most {ev.generation.max_new_tokens} new tokens (references are longer:
+  ROUGE-L ×100 sampled at T={ev.generation.temperature:g}, top-p {ev.generation.top_p:g} with sampling seeds
+  {ev.sample_seeds} (95% CI over seeds when there are several) and greedy, at most {ev.generation.max_new_tokens} new tokens (references are longer:
   absolute ROUGE-L is lower than the papers'); top-1 agreement, KL and ExAccErr on the test split
   (ExAccErr over {ev.exaccerr_prompts} prompts × {ev.exaccerr_samples} prefix).
 
