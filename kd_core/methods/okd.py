@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from kd_core.losses.chunked import chunked_rows, chunked_token_divergence
 from kd_core.losses.divergences import get_divergence, logprobs, reduce_tokens, shared_vocab
 from kd_core.methods.base import LossOutput, Method, StepContext, register_method, shifted, token_ce
 from kd_core.methods.intermediate import reset_extra_grads_each_step
@@ -184,29 +186,44 @@ class OKD(Method):
         extra = t_logits.shape[1] - ids.shape[1]  # P-tuning: logits of the virtual tokens come first
         if extra:
             t_logits = t_logits[:, extra:]
-        s_logits, targets, mask = shifted(s_logits, labels)
-        t_logits = t_logits[:, :-1]
+        _, targets, mask = shifted(s_logits, labels)
+        # Both losses are computed per response position, in chunks (kd_core/losses/chunked.py): position t's
+        # logits predict token t + 1, prompt and padding positions are never computed, and no full B×T×V
+        # log-prob tensor is materialised (that elementwise work dominated the step at small model widths).
+        positions = F.pad(mask, (0, 1), value=False)
+        rows_b, rows_t = positions.nonzero(as_tuple=True)
+        row_targets = targets[rows_b, rows_t]
 
-        s_v, t_v = shared_vocab(s_logits, t_logits)
-        s_lp, t_lp = logprobs(s_v, cfg.temperature), logprobs(t_v, cfg.temperature)
+        # L_s: the divergence with the online teacher's distribution as a constant (gradient: student only)
+        student_div = chunked_token_divergence(s_logits, t_logits.detach(), positions, cfg.divergence,
+                                               temperature=cfg.temperature, **cfg.divergence_args)
+        # L_t per position: α_t · D_t + (1 − α_t) · CE, the student's distribution a constant (online module only)
         div = get_divergence(cfg.divergence)
-        student_div = div(s_lp, t_lp.detach(), **cfg.divergence_args)
-        if a.teacher_direction == "swapped":
-            teacher_div = div(t_lp, s_lp.detach(), **cfg.divergence_args)
-        else:
-            teacher_div = div(s_lp.detach(), t_lp, **cfg.divergence_args)
-        teacher_ce = token_ce(t_logits, targets)
+        params = div.resolve_params(**cfg.divergence_args)
+        s_const = s_logits.detach()
+        sums = {"kd": 0.0, "ce": 0.0}
 
-        loss_s = (1 - cfg.alpha) * reduce_tokens(student_div, mask, ctx.num_items)
-        logs = {"okd_student_kd": float(reduce_tokens(student_div.detach(), mask)),
-                "okd_teacher_kd": float(reduce_tokens(teacher_div.detach(), mask)),
-                "okd_teacher_ce": float(reduce_tokens(teacher_ce.detach(), mask))}
+        def teacher_rows(x: torch.Tensor, sl: slice) -> torch.Tensor:
+            t_v, s_v = shared_vocab(x, s_const[rows_b[sl], rows_t[sl]])
+            t_lp, s_lp = logprobs(t_v, cfg.temperature), logprobs(s_v, cfg.temperature)
+            d_t = div.fn(t_lp, s_lp, **params) if a.teacher_direction == "swapped" else div.fn(s_lp, t_lp, **params)
+            full_lp = t_lp if cfg.temperature == 1.0 and t_v.shape[-1] == x.shape[-1] else logprobs(x)
+            ce = -full_lp.gather(-1, row_targets[sl].unsqueeze(-1)).squeeze(-1)
+            sums["kd"] += float(d_t.detach().sum())
+            sums["ce"] += float(ce.detach().sum())
+            return a.teacher_kl_weight * d_t + (1 - a.teacher_kl_weight) * ce
+
+        teacher_loss = chunked_rows(t_logits, positions, teacher_rows)
+        n_tokens = max(int(rows_b.numel()), 1)
+
+        loss_s = (1 - cfg.alpha) * reduce_tokens(student_div, positions, ctx.num_items)
+        logs = {"okd_student_kd": float(reduce_tokens(student_div.detach(), positions)),
+                "okd_teacher_kd": sums["kd"] / n_tokens, "okd_teacher_ce": sums["ce"] / n_tokens}
         if cfg.alpha > 0:
-            ce = token_ce(s_logits, targets)
+            ce = token_ce(s_logits[:, :-1], targets)
             loss_s = loss_s + cfg.alpha * reduce_tokens(ce, mask, ctx.num_items)
             logs["ce"] = float(reduce_tokens(ce.detach(), mask))
-        loss_t = a.teacher_loss_weight * (a.teacher_kl_weight * reduce_tokens(teacher_div, mask, ctx.num_items)
-                                          + (1 - a.teacher_kl_weight) * reduce_tokens(teacher_ce, mask, ctx.num_items))
+        loss_t = a.teacher_loss_weight * reduce_tokens(teacher_loss, positions, ctx.num_items)
         # token means (like the other logged terms), not the num_items-normalised micro-batch shares
         logs["okd_student"] = (1 - cfg.alpha) * logs["okd_student_kd"] + cfg.alpha * logs.get("ce", 0.0)
         logs["okd_teacher"] = a.teacher_loss_weight * (a.teacher_kl_weight * logs["okd_teacher_kd"]

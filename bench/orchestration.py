@@ -1,0 +1,154 @@
+"""Orchestration overhead (Prefect + MLflow + DVC) as a share of the default pipeline's wall time (issue 5).
+
+    .venv/bin/python bench/orchestration.py [--params params.yaml] [--dvc] [-S data.builtin_examples=1000]
+
+Runs the default pipeline once, in this process, exactly as `kd run` does (`flows.pipeline.kd_pipeline`:
+a temporary local Prefect server, tasks, MLflow tracking), in a scratch copy of the project (git HEAD
+plus the working tree's tracked files) so nothing of the checkout is touched, and measures:
+
+- total: wall time of the flow call (server start included);
+- stage bodies: wall time inside each stage function (`kd_core.stages.STAGES`), summed;
+- MLflow inside the stage bodies: time in the tracking calls (stage runs opened/closed, params, metrics,
+  per-step metrics, artifacts, model logging and registration, registry queries);
+- Prefect = total − stage bodies; MLflow as above; their sum is the orchestration share;
+- with `--dvc`: DVC's bookkeeping in the same copy: `dvc commit` (hash every stage's deps and outputs, write
+  dvc.lock, as `dvc repro` does after running the commands), then a no-op `dvc repro` and `dvc status`.
+
+Prints the figures and the load average (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scratch_copy(dest: Path) -> None:
+    """The project's tracked files as they are in the working tree (no runs, stores or caches)."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, (f.decode() for f in files)):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--dvc", action="store_true", help="also time DVC's bookkeeping (dvc commit, no-op repro)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch copy")
+    ap.add_argument("-S", "--set", dest="sets", action="append", default=[],
+                    help="override a params key as `kd run -S` does (e.g. a smaller data set on a loaded machine)")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="kd-bench-orch-"))
+    scratch_copy(work)
+    os.chdir(work)
+    sys.path.insert(0, str(work))
+    os.environ.update(MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", PREFECT_HOME=str(work / ".prefect"))
+    os.environ.pop("PREFECT_API_URL", None)
+    # a fresh PREFECT_HOME on a loaded machine can take longer than the default 20 s to start its server
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+    import mlflow
+
+    import kd_core  # noqa: F401
+    from kd_core import stages, tracking
+
+    body: dict[str, float] = defaultdict(float)  # stage name -> seconds in its function
+    in_mlflow: dict[str, float] = defaultdict(float)  # tracking call -> seconds
+
+    def timed(table: dict, key: str, fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                table[key] += time.perf_counter() - start
+        return wrapper
+
+    stage_run = tracking.stage_run
+
+    @contextlib.contextmanager
+    def timed_stage_run(*a, **kw):
+        start = time.perf_counter()
+        with stage_run(*a, **kw) as run:
+            in_mlflow["stage_run enter"] += time.perf_counter() - start
+            yield run
+            start = time.perf_counter()
+        in_mlflow["stage_run exit"] += time.perf_counter() - start
+
+    tracking.stage_run = timed_stage_run
+    for name in ("log_step", "log_model_and_register", "version_rows", "set_alias", "setup"):
+        setattr(tracking, name, timed(in_mlflow, name, getattr(tracking, name)))
+    for name in ("log_metrics", "log_params", "log_artifact", "log_metric", "set_tags"):
+        setattr(mlflow, name, timed(in_mlflow, f"mlflow.{name}", getattr(mlflow, name)))
+    for name, fn in list(stages.STAGES.items()):
+        stages.STAGES[name] = timed(body, name, fn)
+
+    from flows.pipeline import kd_pipeline  # after the patches: its tasks look the stages up at import
+
+    load0 = os.getloadavg()
+    start = time.perf_counter()
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.sets)} or None
+    kd_pipeline(params_path=args.params, overrides=overrides)
+    total = time.perf_counter() - start
+    load1 = os.getloadavg()
+
+    stage_sum = sum(body.values())
+    ml = sum(in_mlflow.values())
+    prefect = total - stage_sum
+    print(f"# orchestration overhead: {platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS')}; load average {load0[0]:.2f} at start, {load1[0]:.2f} at end; "
+          f"overrides: {args.sets or 'none'}")
+    print(f"pipeline wall time (kd_pipeline, as `kd run`): {total:8.1f} s")
+    for name, sec in sorted(body.items(), key=lambda kv: -kv[1]):
+        print(f"  stage {name:<14} {sec:8.1f} s")
+    print(f"  sum of stage bodies:      {stage_sum:8.1f} s")
+    print(f"Prefect (total - stage bodies): {prefect:6.1f} s = {100 * prefect / total:5.2f} %")
+    for name, sec in sorted(in_mlflow.items(), key=lambda kv: -kv[1]):
+        print(f"  MLflow {name:<28} {sec:7.2f} s")
+    print(f"MLflow calls inside stages:     {ml:6.1f} s = {100 * ml / total:5.2f} %")
+    print(f"Prefect + MLflow:               {prefect + ml:6.1f} s = {100 * (prefect + ml) / total:5.2f} %  (target <= 5 %)")
+
+    if args.dvc:
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        dvc = [str(Path(sys.executable).parent / "dvc")]
+        subprocess.run(["git", "init", "-q"], check=True)
+        subprocess.run(dvc + ["init", "-q", "-f"], check=True, env=env) if not (work / ".dvc").is_dir() else None
+        timings = {}
+        for label, cmd in [("dvc commit -f (hash deps/outs, write dvc.lock)", ["commit", "-f", "-q"]),
+                           ("dvc repro (no-op)", ["repro", "-q"]), ("dvc status", ["status", "-q"])]:
+            start = time.perf_counter()
+            proc = subprocess.run(dvc + cmd, env=env, capture_output=True, text=True)
+            timings[label] = time.perf_counter() - start
+            print(f"{label:<48} {timings[label]:6.1f} s" + (f"  (exit {proc.returncode}: {proc.stderr.strip()[-300:]})"
+                                                            if proc.returncode else ""))
+        dvc_s = sum(timings.values())
+        print(f"DVC bookkeeping:                {dvc_s:6.1f} s = {100 * dvc_s / total:5.2f} % of the pipeline")
+        print(f"Prefect + MLflow + DVC:         {prefect + ml + dvc_s:6.1f} s = "
+              f"{100 * (prefect + ml + dvc_s) / total:5.2f} %  (target <= 5 %)")
+    if args.keep:
+        print(f"scratch copy kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
