@@ -231,3 +231,40 @@ def test_vocabulary_checks_reject_another_tokenizer(tmp_path):
     small.resize_token_embeddings(len(run_tok) - 5)
     with pytest.raises(ModelError, match=r"student vocabulary \(\d+\) is smaller than the tokenizer's"):
         check_vocab_compatible(None, small, run_tok)
+
+
+@pytest.mark.slow
+def test_dvc_runs_the_cache_stage_before_distill_and_keeps_a_current_cache(project):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import REPO, write_params
+
+    params = tiny_params()
+    params["students"] = {"cached": _cached_student()}
+    write_params(project, params)
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.copytree(REPO / "kd_core", project / "kd_core", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+    def sh(*cmd):
+        return subprocess.run(cmd, cwd=project, env=env, check=True, capture_output=True, text=True).stdout
+
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    sh("dvc", "config", "core.analytics", "false")
+    first = sh("dvc", "repro", "distill@cached")
+    assert first.index("Running stage 'cache_teacher@cached'") < first.index("Running stage 'distill@cached'")
+    assert '"source": "built"' in first
+    tensors = project / "runs/tiny/teacher_cache/cached" / logit_cache.TENSORS
+    info = json.loads((project / "runs/tiny/train_info/cached.distill.json").read_text())
+    assert info["teacher_forward_passes"] == 0 and info["teacher_cache_top_k"] == 16
+    # a student setting that does not key the cache: the stage reruns (params changed) but keeps the cache
+    params["students"]["cached"]["training"] = TINY_TRAINING | {"learning_rate": 0.001}
+    write_params(project, params)
+    second = sh("dvc", "repro", "distill@cached")
+    assert "Running stage 'cache_teacher@cached'" in second and '"source": "current"' in second
+    assert "Running stage 'distill@cached'" in second
+    assert read_manifest(tensors.parent)["key"]["top_k"] == 16  # (a key change rebuilds: tested above)
+    assert "Running stage" not in sh("dvc", "repro", "distill@cached")
