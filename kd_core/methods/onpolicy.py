@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from kd_core.data.tokenize import IGNORE_INDEX, left_pad
-from kd_core.losses.divergences import masked_token_sum_and_count, reduce_tokens, token_divergence
+from kd_core.losses.chunked import chunked_token_divergence
+from kd_core.losses.divergences import masked_token_sum_and_count, reduce_tokens
 from kd_core.methods.base import LossOutput, Method, mix_with_ce, model_logits, shifted, teacher_logits, token_ce
 
 __all__ = [
@@ -337,13 +338,16 @@ def distill_on_batch(ctx, cfg, new_batch: dict[str, torch.Tensor], *, replaced: 
     `new_batch` is the reference batch this is exactly the `kd` method's loss. `want_reference_ce`: also
     return the student's CE on the references when it comes free (from a forward on the references).
     """
-    s_logits = model_logits(ctx.student, new_batch)
-    t_logits = teacher_logits(ctx.teacher, new_batch)
-    s_logits, targets, mask = shifted(s_logits, new_batch["labels"])
-    div = token_divergence(s_logits, t_logits[:, :-1], divergence, temperature=cfg.temperature, **divergence_args)
+    logits = model_logits(ctx.student, new_batch)
+    s_logits, targets, mask = shifted(logits, new_batch["labels"])
+    # per supervised position, in chunks, as the `kd` method (kd_core/losses/chunked.py): position t's logits
+    # predict token t + 1; prompt and padding positions are never computed
+    positions = F.pad(mask, (0, 1), value=False)
+    div = chunked_token_divergence(logits, teacher_logits(ctx.teacher, new_batch), positions, divergence,
+                                   temperature=cfg.temperature, **divergence_args)
     n_ref = reference_token_count(ctx.batch)
-    kd = token_mean_scaled(div, mask, n_ref, ctx.num_items)
-    logs = {"kd": float(reduce_tokens(div.detach(), mask)), "supervised_tokens": float(mask.sum())}
+    kd = token_mean_scaled(div, positions, n_ref, ctx.num_items)
+    logs = {"kd": float(reduce_tokens(div.detach(), positions)), "supervised_tokens": float(mask.sum())}
     if cfg.alpha > 0:
         if replaced:
             r_logits, r_targets, r_mask = shifted(model_logits(ctx.student, ctx.batch), ctx.batch["labels"])
