@@ -9,6 +9,7 @@ flow does not retry it.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import tempfile
@@ -33,17 +34,7 @@ class PreflightError(RuntimeError):
 def check_tracking(uri: str) -> None:
     """The MLflow tracking store answers: http(s) -> GET /health; sqlite / file -> its folder is writable."""
     if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S) as resp:  # noqa: S310 (http(s) only)
-                if resp.status != 200:
-                    raise PreflightError(f"MLflow tracking server {uri} is not healthy: GET /health -> {resp.status}")
-        except urllib.error.HTTPError as err:
-            raise PreflightError(f"MLflow tracking server {uri} is not healthy: GET /health -> {err.code}") from None
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise PreflightError(f"MLflow tracking server {uri} is not reachable ({reason}): start it, or fix "
-                                 "MLFLOW_TRACKING_URI / tracking.tracking_uri") from None
+        _check_server(uri.rstrip("/"))
         return
     if uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).expanduser().parent
@@ -57,6 +48,37 @@ def check_tracking(uri: str) -> None:
         _probe_write(folder)
     except OSError as err:
         raise PreflightError(f"MLflow tracking store {uri}: cannot write in {folder} ({err.strerror or err})") from None
+
+
+def _check_server(uri: str) -> None:
+    """GET /health (open on a basic-auth server too), then one authenticated read: wrong or missing
+    credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, as MLflow's client sends them) are found
+    here, not at the first logging call."""
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=HEALTH_TIMEOUT_S) as resp:  # noqa: S310 (http(s) only)
+            status = resp.status
+    except urllib.error.HTTPError as err:
+        status = err.code
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise PreflightError(f"MLflow tracking server {uri} is not reachable ({reason}): start it, or fix "
+                             "MLFLOW_TRACKING_URI / tracking.tracking_uri") from None
+    if status != 200:
+        raise PreflightError(f"MLflow tracking server {uri} is not healthy: GET /health -> {status}")
+    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S).close()  # noqa: S310
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            who = f"user {user!r}" if user and password else "no credentials"
+            raise PreflightError(f"MLflow tracking server {uri} refused {who} ({err.code}): set "
+                                 "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD") from None
+    except (urllib.error.URLError, OSError):
+        pass  # reachable a moment ago: let MLflow's client retry and report
 
 
 def _probe_write(folder: Path) -> None:

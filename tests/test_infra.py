@@ -114,6 +114,8 @@ def test_mlflow_auth_config_is_read_by_mlflow(monkeypatch):
     monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", env["MLFLOW_AUTH_ADMIN_PASSWORD"])
     auth = auth_config.read_auth_config()
     assert auth.default_permission == "READ" and auth.admin_username == "admin"
+    assert auth.auth_cache_ttl_seconds == 60
+    assert len(_env_example()["MLFLOW_AUTH_ADMIN_PASSWORD"]) >= 12, "MLflow refuses a shorter admin password"
     raw = configparser.ConfigParser()
     raw.read(copied)
     assert "admin_password" not in raw["mlflow"], "the admin password comes from the env, not the file"

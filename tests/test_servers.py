@@ -1,5 +1,6 @@
-"""The pipeline against real servers over HTTP: an `mlflow server` (sqlite backend, artifacts on disk) and a
-`prefect server`, both started here on free ports of 127.0.0.1 and stopped at teardown, even on failure.
+"""The pipeline against real servers over HTTP: an `mlflow server` (sqlite backend, artifacts on disk, basic
+auth with infra/mlflow/basic_auth.ini) and a `prefect server`, both started here on free ports of 127.0.0.1 and
+stopped at teardown, even on failure.
 
 1. `kd run` (the Prefect flow) with PREFECT_API_URL / MLFLOW_TRACKING_URI pointing at them; runs, registered
    versions, the `champion` alias and the flow run's state are then read back through the servers' APIs.
@@ -10,18 +11,21 @@
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import tiny_params, write_params
+from tests.conftest import REPO, tiny_params, write_params
 
 KD = str(Path(sys.executable).with_name("kd"))
 BIN = Path(sys.executable).parent
@@ -84,18 +88,26 @@ def servers(tmp_path_factory):
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PREFECT_API_URL", None)
     m_port, p_port = _free_port(), _free_port()
+    # MLflow behind basic auth with the team setup's auth config (infra/mlflow/basic_auth.ini), users in tmp
+    auth_ini = (REPO / "infra/mlflow/basic_auth.ini").read_text()
+    (root / "basic_auth.ini").write_text(re.sub(r"(?m)^database_uri = .*$", f"database_uri = sqlite:///{root}/auth.db",
+                                                auth_ini))
+    password = secrets.token_hex(12)
+    mlflow_env = dict(env, MLFLOW_AUTH_CONFIG_PATH=str(root / "basic_auth.ini"), MLFLOW_AUTH_ADMIN_PASSWORD=password,
+                      MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
     started: list[subprocess.Popen] = []
     try:
         started.append(_start(
-            ["mlflow", "server", "--host", "127.0.0.1", "--port", str(m_port), "--workers", "1",
+            ["mlflow", "server", "--host", "127.0.0.1", "--port", str(m_port), "--workers", "1", "--app-name", "basic-auth",
              "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-            env, root / "mlflow.log", root))
+            mlflow_env, root / "mlflow.log", root))
         started.append(_start(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(p_port), "--no-ui"],
                               env, root / "prefect.log", root))
         mlflow_url, prefect_url = f"http://127.0.0.1:{m_port}", f"http://127.0.0.1:{p_port}/api"
         _wait_healthy(f"{mlflow_url}/health", started[0], root / "mlflow.log")
         _wait_healthy(f"{prefect_url}/health", started[1], root / "prefect.log")
-        client_env = dict(env, MLFLOW_TRACKING_URI=mlflow_url, PREFECT_API_URL=prefect_url)
+        client_env = dict(env, MLFLOW_TRACKING_URI=mlflow_url, PREFECT_API_URL=prefect_url,
+                          MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
         yield mlflow_url, prefect_url, client_env, root
     finally:
         for proc in started:
@@ -132,8 +144,33 @@ def _prefect_client(api_url: str):
     return _Client()
 
 
-def test_flow_against_real_mlflow_and_prefect_servers(servers, tmp_path):
+def _login(monkeypatch, env: dict) -> None:
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, env[key])
+
+
+def test_mlflow_server_requires_basic_auth(servers, monkeypatch):
+    from kd_core.preflight import PreflightError, check_tracking
+
+    mlflow_url, _, env, _ = servers
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=5)
+    assert err.value.code == 401
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    with pytest.raises(PreflightError, match=r"refused no credentials \(401\): set MLFLOW_TRACKING_USERNAME"):
+        check_tracking(mlflow_url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    with pytest.raises(PreflightError, match=r"refused user 'admin' \(401\)"):
+        check_tracking(mlflow_url)
+    _login(monkeypatch, env)
+    check_tracking(mlflow_url)
+
+
+def test_flow_against_real_mlflow_and_prefect_servers(servers, tmp_path, monkeypatch):
     mlflow_url, prefect_url, env, server_root = servers
+    _login(monkeypatch, env)
     write_params(tmp_path, _small_params("runs/served"))
     out = subprocess.run([KD, "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -163,10 +200,11 @@ def test_flow_against_real_mlflow_and_prefect_servers(servers, tmp_path):
         assert all(t.state.is_completed() for t in task_runs)
 
 
-def test_scheduled_deployment_runs_from_the_server(servers, tmp_path):
+def test_scheduled_deployment_runs_from_the_server(servers, tmp_path, monkeypatch):
     from prefect.deployments import run_deployment
 
     mlflow_url, prefect_url, env, _ = servers
+    _login(monkeypatch, env)
     params = write_params(tmp_path, _small_params("runs/scheduled"))
     serve_env = dict(env, PREFECT_RUNNER_POLL_FREQUENCY="1")
     log = tmp_path / "serve.log"
