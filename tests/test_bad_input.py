@@ -346,3 +346,24 @@ def test_credentials_from_the_env_are_not_logged(project, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert secret not in captured.out + captured.err
 
+
+
+def test_nan_loss_stops_training_with_step_batch_and_terms(tmp_path):
+    from kd_core.methods import get_method
+    from kd_core.training import TrainingDiverged, train
+    from tests.method_harness import tiny_setup
+
+    setup = tiny_setup()
+    method = get_method("sft")(None)
+    compute = method.compute_loss
+
+    def diverging(ctx):
+        out = compute(ctx)
+        if ctx.trainer.state.global_step == 2:
+            out.loss = out.loss * float("nan")
+        return out
+    method.compute_loss = diverging
+    cfg = TrainingConfig(max_steps=5, learning_rate=1e-3, batch_size=8, warmup_ratio=0.0, logging_steps=5)
+    with pytest.raises(TrainingDiverged, match=r"^non-finite loss nan at step 2 \(batch \(8, \d+\), terms \{'ce': "):
+        train(setup.student(), setup.train_set, setup.tokenizer, cfg, tmp_path / "student", method=method, seed=0)
+    assert not (tmp_path / "student").exists(), "a diverged stage leaves no model"
