@@ -18,7 +18,7 @@ from kd_core import stages, tracking
 from kd_core.config import ConfigError, load_config
 from kd_core.data.sources import DataError
 from kd_core.models import ModelError
-from kd_core.preflight import PreflightError
+from kd_core.preflight import PreflightError, TrackingUnreachable
 from kd_core.training import TrainingDiverged
 
 # Bad input will fail the same way again: retry only what may be transient (I/O, a server).
@@ -30,6 +30,8 @@ NOT_RETRIED = (ConfigError, DataError, ModelError, PreflightError, TrainingDiver
 def _retry_transient(task, task_run, state) -> bool:
     try:
         state.result()
+    except TrackingUnreachable:  # a preflight error, but a server that is down may be back on the next try
+        return True
     except NOT_RETRIED:
         return False
     except Exception:

@@ -4,7 +4,7 @@ teacher token by token) fails at once, with one message, and nothing is written 
 
 `preflight()` is called by train_teacher, distill and finetune right after the models are built and before
 any MLflow call or training step. A failure is a `PreflightError`: `kd` exits with status 2, the Prefect
-flow does not retry it.
+flow does not retry it, except an MLflow server that does not answer (`TrackingUnreachable`: transient).
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ DISK_MARGIN = 1.2
 
 class PreflightError(RuntimeError):
     """A training stage cannot run as configured: the message says what and how to fix it."""
+
+
+class TrackingUnreachable(PreflightError):
+    """The MLflow server does not answer (or is unhealthy): the one preflight failure that may pass by itself,
+    so the Prefect flow retries it; `kd` reports it like any other (exit 2)."""
 
 
 def check_tracking(uri: str) -> None:
@@ -61,10 +66,10 @@ def _check_server(uri: str) -> None:
         status = err.code
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise PreflightError(f"MLflow tracking server {uri} is not reachable ({reason}): start it, or fix "
+        raise TrackingUnreachable(f"MLflow tracking server {uri} is not reachable ({reason}): start it, or fix "
                              "MLFLOW_TRACKING_URI / tracking.tracking_uri") from None
     if status != 200:
-        raise PreflightError(f"MLflow tracking server {uri} is not healthy: GET /health -> {status}")
+        raise TrackingUnreachable(f"MLflow tracking server {uri} is not healthy: GET /health -> {status}")
     request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     if user and password:
@@ -144,4 +149,4 @@ def preflight(cfg: PipelineConfig, stage: str, *, model, tokenizer, training: Tr
                 raise PreflightError(str(err)) from None
         check_disk(Path(out_dir), count_parameters(model), training)
     except PreflightError as err:
-        raise PreflightError(f"preflight of {stage}: {err}") from None
+        raise type(err)(f"preflight of {stage}: {err}") from None

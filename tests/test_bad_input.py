@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from kd_core.cli import app
 from kd_core.config import ConfigError, TrainingConfig, load_config, parse_config
-from kd_core.preflight import PreflightError, check_disk, check_tracking, checkpoint_bytes, preflight
+from kd_core.preflight import (PreflightError, TrackingUnreachable, check_disk, check_tracking, checkpoint_bytes,
+                               preflight)
 from kd_core.stages import RunPaths, prepare, train_teacher
 from tests.conftest import tiny_params, write_params
 
@@ -272,7 +273,7 @@ def test_checkpoint_disk_estimate_and_shortage(tmp_path, monkeypatch):
     check_disk(tmp_path / "runs/x/models/m", 1_000_000, ckpt)
 
 
-def test_flow_does_not_retry_preflight_errors():
+def test_flow_retries_only_transient_errors():
     from flows.pipeline import _retry_transient
 
     class State:
@@ -287,6 +288,7 @@ def test_flow_does_not_retry_preflight_errors():
     assert _retry_transient(None, None, State(PreflightError("preflight of distill x: ..."))) is False
     assert _retry_transient(None, None, State(TrainingDiverged("non-finite loss nan at step 3"))) is False
     assert _retry_transient(None, None, State(ConnectionError("server gone"))) is True
+    assert _retry_transient(None, None, State(TrackingUnreachable("preflight of distill x: ... not reachable"))) is True
 
 
 # ------------------------------------------------------------------------------------------- credentials
