@@ -98,8 +98,9 @@ def servers(tmp_path_factory):
     started: list[subprocess.Popen] = []
     try:
         started.append(_start(
-            ["mlflow", "server", "--host", "127.0.0.1", "--port", str(m_port), "--workers", "1", "--app-name", "basic-auth",
-             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+            ["mlflow", "server", "--host", "127.0.0.1", "--port", str(m_port), "--workers", "1",
+             "--app-name", "basic-auth", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts")],
             mlflow_env, root / "mlflow.log", root))
         started.append(_start(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(p_port), "--no-ui"],
                               env, root / "prefect.log", root))
@@ -182,7 +183,8 @@ def test_flow_against_real_mlflow_and_prefect_servers(servers, tmp_path, monkeyp
     runs = client.search_runs([exp.experiment_id])
     parent = [r for r in runs if r.data.tags.get("kd.role") == "pipeline"]
     assert len(parent) == 1
-    stages = {r.data.tags.get("kd.stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    parent_id = parent[0].info.run_id
+    stages = {r.data.tags.get("kd.stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
     assert {"prepare", "train_teacher", "distill", "evaluate", "register"} <= stages
     students = client.search_model_versions("name='kd-student'")
     assert [v.tags["kd.model"] for v in students] == ["fkl"]
