@@ -21,6 +21,9 @@ DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "PREFECT_LOGGING_LEVEL": "WARNING",
+    # `kd run` without a server starts a temporary one (20 s allowed by default); two runs starting at once in
+    # one project migrate the same .prefect database, and on a loaded machine the second timed out
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 
