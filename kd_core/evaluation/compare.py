@@ -169,8 +169,9 @@ def build_report(cfg, paths) -> dict:
     write_json_atomic(out_dir / "compare.json", {"rows": rows, "vs_sft": vs_sft, "paired_vs_sft": paired, "metric": key,
                                              "paired_set": paired_set})
     _plot(rows, key, out_dir / "size_vs_quality.png")
+    # one field name whatever the metric, so dvc.yaml's plot definition does not depend on params
     points = [{"model": r["label"], "parameters": int(r["tags"].get("kd.parameters") or 0),
-               key.replace("/", "_"): r["metrics"][key]} for r in rows if key in r["metrics"]]
+               "champion_metric": r["metrics"][key], "metric": key} for r in rows if key in r["metrics"]]
     write_json_atomic(out_dir / "plot_points.json", points)  # DVC plots (dvc.yaml)
     return {"rows": rows, "vs_sft": vs_sft, "paired_vs_sft": paired, "markdown": str(out_dir / "compare.md"),
             "json": str(out_dir / "compare.json"), "plot": str(out_dir / "size_vs_quality.png")}
