@@ -61,7 +61,8 @@ class DataConfig(_Strict):
     max_chars: int = Field(4000, ge=16, description="rows whose prompt+response exceed this are bad")
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     split: SplitConfig = SplitConfig()
-    template: Literal["alpaca", "minimal"] = "alpaca"
+    template: Literal["alpaca", "minimal", "chatml"] = "alpaca"
+    max_rows: int | None = Field(None, ge=1, description="keep the first N valid rows of the source (subsampling)")
     eval_sets: dict[str, EvalSetConfig] = Field(default_factory=dict)
 
     @field_validator("field_map")

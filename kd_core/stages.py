@@ -122,7 +122,7 @@ def _load_main_rows(cfg: PipelineConfig):
         raw, what = read_hub(d.hub_name, d.hub_split), f"{d.hub_name}[{d.hub_split}]"
     rows, report = normalize_rows(raw, field_map=d.field_map, max_chars=d.max_chars, template=d.template, id_prefix="row")
     check_report(report, d.max_bad_fraction, what)
-    return rows, report
+    return (rows[: d.max_rows] if d.max_rows else rows), report
 
 
 def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
