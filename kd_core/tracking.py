@@ -40,15 +40,35 @@ def setup(cfg: PipelineConfig) -> str:
     uri = tracking_uri(cfg)
     check_tracking(uri)  # fail in seconds with one message, not after MLflow's minutes of HTTP retries
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
-    if client.get_experiment_by_name(cfg.tracking.experiment) is None:
-        location = None
-        if uri.startswith("sqlite:"):  # keep artifacts in the project, beside the sqlite file
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-        with contextlib.suppress(mlflow.exceptions.MlflowException):  # a concurrent run created it
-            client.create_experiment(cfg.tracking.experiment, artifact_location=location)
-    mlflow.set_experiment(cfg.tracking.experiment)
+    with _sqlite_setup_lock(uri):
+        client = MlflowClient()
+        if client.get_experiment_by_name(cfg.tracking.experiment) is None:
+            location = None
+            if uri.startswith("sqlite:"):  # keep artifacts in the project, beside the sqlite file
+                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+            with contextlib.suppress(mlflow.exceptions.MlflowException):  # a concurrent run created it
+                client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        mlflow.set_experiment(cfg.tracking.experiment)
     return uri
+
+
+@contextlib.contextmanager
+def _sqlite_setup_lock(uri: str):
+    """Serialise the first touch of a sqlite store across processes: MLflow creates and migrates the schema
+    on first use, and two pipelines starting at once on a fresh file race in that migration."""
+    if not uri.startswith("sqlite:"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(uri.removeprefix("sqlite:///"))
+    lock_path = lock_path.with_name(lock_path.name + ".lock")
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _parent_file(run_dir: Path) -> Path:
