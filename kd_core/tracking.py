@@ -45,11 +45,15 @@ def setup(cfg: PipelineConfig) -> str:
         if client.get_experiment_by_name(cfg.tracking.experiment) is None:
             location = None
             if uri.startswith("sqlite:"):  # keep artifacts in the project, beside the sqlite file
-                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+                location = (_sqlite_file(uri).parent / "mlartifacts").resolve().as_uri()
             with contextlib.suppress(mlflow.exceptions.MlflowException):  # a concurrent run created it
                 client.create_experiment(cfg.tracking.experiment, artifact_location=location)
         mlflow.set_experiment(cfg.tracking.experiment)
     return uri
+
+
+def _sqlite_file(uri: str) -> Path:
+    return Path(uri.removeprefix("sqlite:///"))
 
 
 @contextlib.contextmanager
@@ -61,8 +65,8 @@ def _sqlite_setup_lock(uri: str):
         return
     import fcntl
 
-    lock_path = Path(uri.removeprefix("sqlite:///"))
-    lock_path = lock_path.with_name(lock_path.name + ".lock")
+    db = _sqlite_file(uri)
+    lock_path = db.with_name(db.name + ".lock")
     with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -21,7 +21,8 @@ COLUMNS = [  # (metric key, header, format)
 ]
 
 
-def _fmt(metrics: dict, key: str, fmt: str) -> str:
+def format_metric(metrics: dict, key: str, fmt: str) -> str:
+    """A metric formatted with `fmt`, with its 95% CI when it is a mean that has one; "–" when absent."""
     if key not in metrics:
         return "–"
     text = fmt.format(metrics[key])
@@ -63,7 +64,7 @@ def markdown_table(rows: list[dict]) -> str:
         if t.get("kd.divergence"):
             method += f" ({t['kd.divergence']})"
         cells = [r["label"], t.get("kd.role", ""), method, t.get("kd.parameters", "")]
-        cells += [_fmt(r["metrics"], k, f) for k, _, f in COLUMNS] + [", ".join(r["aliases"])]
+        cells += [format_metric(r["metrics"], k, f) for k, _, f in COLUMNS] + [", ".join(r["aliases"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
