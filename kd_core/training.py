@@ -179,21 +179,34 @@ class _ExtraModulesCheckpoint(TrainerCallback):
             self.optimizer.load_state_dict(saved["optimizer"])
 
 
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 EXTRA_MODULES_FILE = "extra_modules.pt"
 
 
+def _is_complete(ckpt: Path, extra_files: tuple[str, ...]) -> bool:
+    """The Trainer writes `trainer_state.json` last (after weights, optimizer, scheduler and RNG states).
+    Under DeepSpeed the weights and the optimizer shards of every rank are in `global_step<N>/`, and the
+    `latest` file naming that folder is written once all ranks have saved theirs; without DeepSpeed they are
+    `*.safetensors` and `optimizer.pt` beside `scheduler.pt`."""
+    if not all((ckpt / f).is_file() for f in ("trainer_state.json", *extra_files)) \
+            or not any(ckpt.glob("rng_state*.pth")):
+        return False
+    latest = ckpt / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        return bool(tag) and (ckpt / tag).is_dir()
+    return any(ckpt.glob("*.safetensors")) and all((ckpt / f).is_file() for f in ("optimizer.pt", "scheduler.pt"))
+
+
 def last_complete_checkpoint(ckpt_dir: Path, extra_files: tuple[str, ...] = ()) -> Path | None:
-    """The newest checkpoint written in full (with `extra_files` too). A process killed while saving leaves a
-    partial folder: it is removed, and training resumes from the one before."""
+    """The newest checkpoint written in full (with `extra_files` too), in the Trainer's layout or DeepSpeed's.
+    A process killed while saving leaves a partial folder: it is removed, and training resumes from the one
+    before."""
     if not ckpt_dir.is_dir():
         return None
     found = sorted((p for p in ckpt_dir.iterdir() if p.name.startswith("checkpoint-") and p.name[11:].isdigit()),
                    key=lambda p: int(p.name[11:]), reverse=True)
     for ckpt in found:
-        has_weights = any(ckpt.glob("*.safetensors"))
-        required = CHECKPOINT_FILES + extra_files
-        if has_weights and all((ckpt / f).is_file() for f in required) and any(ckpt.glob("rng_state*.pth")):
+        if _is_complete(ckpt, extra_files):
             return ckpt
         shutil.rmtree(ckpt, ignore_errors=True)
     return None

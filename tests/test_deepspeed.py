@@ -20,12 +20,35 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+
+def _instrument_training(die_at_step: int, step_log: str | None) -> None:
+    """For the resume test: every rank exits abruptly (as on a preempted node) when the loss of step
+    `die_at_step` + 1 is computed, and rank 0 appends the step of every loss it computes to `step_log`."""
+    from kd_core.training import DistillationTrainer
+
+    compute = DistillationTrainer.compute_loss
+
+    def instrumented(self, *args, **kwargs):
+        step = self.state.global_step
+        if step == die_at_step:
+            os._exit(3)
+        if step_log and self.is_world_process_zero():
+            with open(step_log, "a") as f:
+                f.write(f"{step}\n")
+        return compute(self, *args, **kwargs)
+    DistillationTrainer.compute_loss = instrumented
+
+
 if __name__ == "__main__":
     import deepspeed.ops
     from deepspeed.ops.op_builder.all_ops import ALL_OPS
 
     deepspeed.ops.__compatible_ops__ = dict.fromkeys(ALL_OPS, False)
     from kd_core.cli import app
+
+    if os.environ.get("KD_TEST_DIE_AT_STEP") or os.environ.get("KD_TEST_STEP_LOG"):
+        _instrument_training(int(os.environ.get("KD_TEST_DIE_AT_STEP") or -1), os.environ.get("KD_TEST_STEP_LOG"))
 
     app()
     sys.exit(0)
@@ -81,9 +104,9 @@ def tiny_project(tmp_path_factory):
     return folder, RunPaths(folder / paths.root), cfg
 
 
-def _launch(folder: Path, student: str, *overrides: str) -> subprocess.CompletedProcess:
+def _launch(folder: Path, student: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}",
-               TORCH_EXTENSIONS_DIR=str(folder / "torch_extensions"), PYTHONPATH=str(REPO))
+               TORCH_EXTENSIONS_DIR=str(folder / "torch_extensions"), PYTHONPATH=str(REPO), **(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
            "stage", "distill", "--model", student] + [a for o in overrides for a in ("-S", f"students.{student}.{o}")]
     return subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
@@ -139,6 +162,41 @@ def test_two_process_zero_run_matches_single_process(tiny_project, student, zero
         ref, got = load_file(folder / "reference" / student / name), load_file(paths.distilled(student) / name)
         assert ref.keys() == got.keys()
         assert max((ref[k] - got[k]).abs().max().item() for k in ref) < TOLERANCE
+
+
+@pytest.mark.slow
+def test_two_process_zero_run_killed_after_a_checkpoint_resumes_from_it(tiny_project):
+    """Both ranks die during step 3 of 4, after the DeepSpeed checkpoint of step 2 (weights and optimizer
+    shards in `global_step2/`, the online module in `extra_modules.pt`). Launched again, the run resumes at
+    step 2 and ends with the student and online module of the uninterrupted single-process run (a restart
+    from scratch would also end there: the step log tells them apart)."""
+    folder, paths, cfg = tiny_project
+    student = "okd"
+    ckpts = paths.distilled(student).parent / f".{student}-checkpoints"
+    shutil.rmtree(paths.distilled(student), ignore_errors=True)
+    overrides = (f"training.deepspeed={REPO / 'infra/deepspeed/zero2.json'}", "training.batch_size=8",
+                 "training.save_steps=2")
+    step_log = folder / "steps.log"
+    step_log.unlink(missing_ok=True)
+
+    killed = _launch(folder, student, *overrides, env={"KD_TEST_DIE_AT_STEP": "2"})
+    assert killed.returncode != 0
+    assert not paths.distilled(student).exists(), "a killed stage must not leave a final model"
+    assert [p.name for p in ckpts.iterdir()] == ["checkpoint-2"]
+    assert (ckpts / "checkpoint-2/latest").read_text().strip() == "global_step2"
+    assert not (ckpts / "checkpoint-2/optimizer.pt").exists()  # DeepSpeed's layout, not the Trainer's
+
+    resumed = _launch(folder, student, *overrides, env={"KD_TEST_STEP_LOG": str(step_log)})
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert step_log.read_text().split() == ["2", "3"]  # continued from the checkpoint, did not start over
+    assert not ckpts.exists()  # the final model supersedes the resume checkpoints
+
+    batches = _val_batches(paths, cfg)
+    reference = _logits(load_checkpoint(folder / "reference" / student), batches)
+    assert (_logits(load_checkpoint(paths.distilled(student)), batches) - reference).abs().max() < TOLERANCE
+    name = "okd_online_module/adapter_model.safetensors"
+    ref, got = load_file(folder / "reference" / student / name), load_file(paths.distilled(student) / name)
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) < TOLERANCE
 
 
 def test_teacher_sharding_needs_a_stage3_config(tmp_path):

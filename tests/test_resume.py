@@ -138,3 +138,18 @@ def test_checkpoint_without_the_extra_modules_file_is_partial(tmp_path):
     assert last_complete_checkpoint(tmp_path) == newer  # a method without extra modules needs no such file
     assert last_complete_checkpoint(tmp_path, ("extra_modules.pt",)) == older
     assert not newer.exists()
+
+
+def test_deepspeed_checkpoint_is_complete_once_latest_names_its_folder(tmp_path):
+    """DeepSpeed writes no optimizer.pt: weights and optimizer shards are in `global_step<N>/`, and `latest`
+    (written after every rank saved) names that folder."""
+    older, newer = tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"
+    for folder, step in ((older, 2), (newer, 4)):
+        (folder / f"global_step{step}").mkdir(parents=True)
+        for name in ("trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"):
+            (folder / name).write_text("{}")
+    (older / "latest").write_text("global_step2")
+    assert last_complete_checkpoint(tmp_path) == older  # newer: killed before `latest` was written
+    assert not newer.exists()
+    (older / "latest").write_text("global_step9")  # names a folder that is not there
+    assert last_complete_checkpoint(tmp_path) is None
