@@ -1,6 +1,12 @@
 """Generation throughput: batched vs unbatched `kd_core.generation.generate` (KV cache, left padding, EOS stop).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/generation.py [--reps 3] [--prompts 32] [--new-tokens 64]
+    python bench/generation.py --models 12x768 --decoders   # on a GPU: per-token time of the decoders
+
+`--decoders` compares, at batch = all prompts, sampled, the decoders of the code base per new token: the
+on-policy sampler (`onpolicy.sample`, GKD/ImitKD/MiniLLM/DistiLLM; it mixes models, so it runs its own
+KV-cached loop) and `transformers`' `generate` (evaluation, transfer sets) with its dynamic cache and with
+a static cache (compiled decode step on CUDA); the first call of each is a warm-up.
 
 The same prompts (random token ids, lengths 16–48, so batches are left-padded) are generated with batch size
 1 and with batch sizes 8 and 32, greedy and sampled (T = 1), A/B runs interleaved within each repetition;
@@ -16,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -29,8 +36,9 @@ from kd_core.config import ArchConfig  # noqa: E402
 from kd_core.generation import generate  # noqa: E402
 from kd_core.models import build_from_config  # noqa: E402
 
-MODELS = {"2x128 (1.5M)": ArchConfig(n_layer=2, hidden=128, n_head=4),
-          "4x256 (5.3M)": ArchConfig(n_layer=4, hidden=256, n_head=4)}
+MODELS = {"2x128": ArchConfig(n_layer=2, hidden=128, n_head=4),
+          "4x256": ArchConfig(n_layer=4, hidden=256, n_head=4),
+          "12x768": ArchConfig(n_layer=12, hidden=768, n_head=12)}  # GPT-2 small (GPU)
 BATCH_SIZES = (1, 8, 32)
 
 
@@ -39,6 +47,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--models", nargs="+", default=["2x128", "4x256"], choices=list(MODELS))
+    ap.add_argument("--decoders", action="store_true", help="compare the decoders instead of batch sizes")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     tokenizer = word_tokenizer(VOCAB)
@@ -46,11 +56,17 @@ def main() -> None:
     prompts = [torch.randint(2, VOCAB, (int(n),), generator=g).tolist()
                for n in torch.randint(16, 49, (args.prompts,), generator=g)]
     load0 = os.getloadavg()
-    print(f"# generation: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s); {args.prompts} prompts of 16-48 tokens, {args.new_tokens} new tokens "
-          f"each, {args.reps} interleaved repetitions; load average at start {load0[0]:.2f}")
-    for label, arch in MODELS.items():
-        model = build_from_config(arch, tokenizer, 48 + args.new_tokens + 8, seed=0).eval()
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s)"
+    print(f"# generation: {where}, torch {torch.__version__}; {args.prompts} prompts of 16-48 tokens, "
+          f"{args.new_tokens} new tokens each, {args.reps} interleaved repetitions; load average at start {load0[0]:.2f}")
+    for label in args.models:
+        model = build_from_config(MODELS[label], tokenizer, 48 + args.new_tokens + 8, seed=0).eval()
+        if torch.cuda.is_available():
+            model.cuda()
+        if args.decoders:
+            compare_decoders(label, model, tokenizer, prompts, args)
+            continue
         rates: dict[tuple[str, int], list[float]] = {}
         for _ in range(args.reps):
             for mode in ("greedy", "sampled"):
@@ -66,6 +82,38 @@ def main() -> None:
             print(f"  {mode:>7}: {cells}")
     load1 = os.getloadavg()
     print(f"\n# load average at end {load1[0]:.2f}")
+
+
+def compare_decoders(label: str, model, tokenizer, prompts: list[list[int]], args) -> None:
+    """Milliseconds per decode step (all prompts in one batch, sampled, no EOS stop: an untrained model)."""
+    from kd_core.data.tokenize import left_pad
+    from kd_core.methods.onpolicy import sample
+
+    device = next(model.parameters()).device
+    ids, mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_token_id))
+    hf = dict(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+              do_sample=True, top_k=0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    decoders = {
+        "onpolicy.sample": lambda: sample([(model, 1.0)], prompts, max_new_tokens=args.new_tokens, eos_token_id=-1,
+                                          pad_token_id=tokenizer.pad_token_id),
+        "generate (dynamic cache)": lambda: model.generate(**hf),
+        "generate (static cache)": lambda: model.generate(**hf, cache_implementation="static"),
+    }
+    times: dict[str, list[float]] = {name: [] for name in decoders}
+    for rep in range(args.reps + 1):
+        for name, decode in decoders.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.no_grad():
+                decode()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if rep:  # the first round warms up (and compiles the static-cache decode step)
+                times[name].append((time.perf_counter() - start) / args.new_tokens)
+    print(f"\n## {label}, batch {len(prompts)}, {args.new_tokens} new tokens")
+    for name, t in times.items():
+        print(f"  {name:>26}: {statistics.median(t) * 1e3:6.2f} ms per token")
 
 
 if __name__ == "__main__":

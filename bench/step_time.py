@@ -1,6 +1,8 @@
 """Step time of the distillation methods against SFT and the FLOP-bound ideal (issue 5 targets).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/step_time.py [--sizes small medium] [--reps 3] [--steps 12]
+    # on a GPU: GPT-2-small student, GPT-2-medium teacher, bf16, optionally through DeepSpeed (under torchrun)
+    python bench/step_time.py --sizes gpu --batch 32 --precision bf16 [--deepspeed infra/deepspeed/zero2.json]
 
 Every run goes through `kd_core.training.train` (the DistillationTrainer with the method, as the distill
 stage calls it), timing the interval between consecutive optimizer steps (logging every step) and dropping
@@ -48,10 +50,10 @@ from kd_core.training import train  # noqa: E402
 
 VOCAB = 8192
 PROMPT, RESPONSE = 32, 96
-BATCH = 8
 SIZES = {  # name: (student, teacher)
     "small": (ArchConfig(n_layer=2, hidden=128, n_head=4), ArchConfig(n_layer=4, hidden=256, n_head=4)),
     "medium": (ArchConfig(n_layer=4, hidden=256, n_head=4), ArchConfig(n_layer=8, hidden=512, n_head=8)),
+    "gpu": (ArchConfig(n_layer=12, hidden=768, n_head=12), ArchConfig(n_layer=24, hidden=1024, n_head=16)),
 }
 METHODS = {  # label: student config fields
     "sft": {"method": "sft"},
@@ -85,11 +87,12 @@ def matmul_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if "wpe" not in name)
 
 
-def step_times(label: str, student, teacher, tokenizer, dataset, steps: int, workdir: Path) -> list[float]:
+def step_times(label: str, student, teacher, tokenizer, dataset, workdir: Path, args) -> list[float]:
     """Seconds between consecutive optimizer steps of one training run (the first interval dropped)."""
     sc = StudentConfig.model_validate({"name": label, "model": {"config": {"n_layer": 1}}, **METHODS[label]})
     method = get_method(sc.method)(sc, sc.method_args)
-    cfg = TrainingConfig(max_steps=steps, batch_size=BATCH, learning_rate=1e-3, warmup_ratio=0.0, logging_steps=1)
+    cfg = TrainingConfig(max_steps=args.steps, batch_size=args.batch, learning_rate=1e-3, warmup_ratio=0.0,
+                         logging_steps=1, precision=args.precision, deepspeed=args.deepspeed)
     stamps: list[float] = []
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
         train(student, dataset, tokenizer, cfg, workdir / label, method=method, seed=0,
@@ -105,17 +108,22 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--deepspeed", help="a DeepSpeed config (run under torchrun)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     import transformers
 
     transformers.logging.set_verbosity_error()
     tokenizer = word_tokenizer(VOCAB)
-    dataset = random_dataset(BATCH * (args.steps + 1))
+    dataset = random_dataset(args.batch * (args.steps + 1))
     load_start = os.getloadavg()
-    print(f"# step time: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); batch {BATCH} x {PROMPT}+{RESPONSE} tokens, "
-          f"vocab {VOCAB}, {args.steps} steps per run (first interval dropped), {args.reps} interleaved repetitions")
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s)"
+    print(f"# step time: {where}, torch {torch.__version__}, {args.precision}"
+          f"{', DeepSpeed ' + args.deepspeed if args.deepspeed else ''}; batch {args.batch} x {PROMPT}+{RESPONSE} "
+          f"tokens, vocab {VOCAB}, {args.steps} steps per run (first interval dropped), {args.reps} interleaved repetitions")
     print(f"# load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
     with tempfile.TemporaryDirectory(prefix="kd-bench-step-") as tmp:
         for size in args.sizes:
@@ -130,7 +138,7 @@ def main() -> None:
                 order = args.methods[rep % len(args.methods):] + args.methods[:rep % len(args.methods)]
                 for label in order:
                     student = build_from_config(s_arch, tokenizer, PROMPT + RESPONSE + 8, seed=1)
-                    t = step_times(label, student, copy.deepcopy(teacher), tokenizer, dataset, args.steps, Path(tmp))
+                    t = step_times(label, student, copy.deepcopy(teacher), tokenizer, dataset, Path(tmp), args)
                     per_rep[label].append(statistics.median(t))
                     sums[label].append(sum(t))
                     print(f"  {size} rep {rep} {label:>4}: median step {statistics.median(t) * 1e3:7.1f} ms, "

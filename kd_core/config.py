@@ -145,6 +145,10 @@ class TrainingConfig(_Strict):
         "replicate", description="frozen teacher under DeepSpeed: a full copy per rank, or sharded with ZeRO-3 "
                                  "for inference (needs a stage-3 `deepspeed` config)")
     loss_on_prompt: bool = Field(False, description="train on prompt tokens too (default: response tokens only)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="mixed precision (the Trainer's and DeepSpeed's 'auto' bf16/fp16): the student keeps "
+                            "fp32 master weights, the frozen teacher is cast to it; bf16 needs a GPU of the "
+                            "Ampere generation or newer (on CPU it is emulated and slow), fp16 any GPU")
 
     @field_validator("deepspeed")
     @classmethod

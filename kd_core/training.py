@@ -180,6 +180,7 @@ class _ExtraModulesCheckpoint(TrainerCallback):
 
 
 EXTRA_MODULES_FILE = "extra_modules.pt"
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _is_complete(ckpt: Path, extra_files: tuple[str, ...]) -> bool:
@@ -236,6 +237,8 @@ def training_arguments(cfg: TrainingConfig, out_dir: Path, seed: int, epochs: fl
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         deepspeed=cfg.deepspeed,
+        bf16=cfg.precision == "bf16",
+        fp16=cfg.precision == "fp16",
         disable_tqdm=False,
     )
 
@@ -293,7 +296,9 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
     args = training_arguments(cfg, ckpt_dir, seed, epochs, learning_rate)
     callback = _MetricsCallback(on_log)
     if teacher is not None:  # frozen: eval mode, no gradients, in no optimizer; a full copy on every rank
-        teacher.to(args.device).eval().requires_grad_(False)
+        # in the training precision: it needs no fp32 master copy (OKD's online module, added by the method's
+        # setup below, is created in fp32 by peft)
+        teacher.to(args.device, dtype=PRECISION_DTYPES[cfg.precision]).eval().requires_grad_(False)
     teacher = method.setup(model, teacher)
     callbacks = [callback, _ZeroExtraGrads()]
     if args.world_size > 1 or cfg.deepspeed:

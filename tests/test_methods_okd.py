@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -232,3 +233,30 @@ def test_atkd_trains():
     method, student, teacher, before, after = run_method(student_config("atkd", divergence="rkl", alpha=0.2), steps=8)
     assert torch.isfinite(torch.tensor([before, after])).all() and after < before
     _student_grads_ok(method, student, teacher)
+
+
+def test_bf16_mixed_precision_keeps_trainable_weights_fp32_and_casts_the_frozen_teacher():
+    """training.precision: bf16 (the Trainer's autocast; emulated on CPU): the frozen teacher runs in bf16
+    with its values unchanged by training, while the student and OKD's online module keep fp32 weights and train."""
+    setup = tiny_setup()
+    sc = student_config("okd", method_args={"lora_r": 4})
+    method = get_method("okd")(sc, sc.method_args)
+    student, teacher = setup.student(), copy.deepcopy(setup.teacher)
+    student0 = [p.detach().clone() for p in student.parameters()]
+    base0 = {k: v.to(torch.bfloat16) for k, v in setup.teacher.state_dict().items()}
+    cfg = TrainingConfig(max_steps=3, batch_size=16, learning_rate=3e-3, warmup_ratio=0.0, logging_steps=1,
+                         precision="bf16")
+    result = train(student, setup.train_set, setup.tokenizer, cfg, setup.workdir / "okd-bf16", method=method,
+                   seed=0, teacher=teacher, save=False)
+
+    losses = [h["loss"] for h in result.history if "loss" in h]
+    assert result.steps == 3 and len(losses) == 3 and all(map(math.isfinite, losses))
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(student0, student.parameters()))
+    online = [p for p in method.online.parameters() if p.requires_grad]
+    assert online and all(p.dtype == torch.float32 for p in online)
+    assert any(p.detach().abs().sum() > 0 for p in online)  # LoRA B starts at zero: nonzero once trained
+    frozen = {_base_name(k): v for k, v in teacher.state_dict().items() if not _is_adapter(k)}
+    assert {v.dtype for v in frozen.values()} == {torch.bfloat16}
+    for name, value in base0.items():
+        assert torch.equal(frozen[name], value), name
