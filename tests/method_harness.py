@@ -59,7 +59,7 @@ def tiny_setup() -> TinySetup:
     teacher = build_from_config(ArchConfig(n_layer=2, hidden=64, n_head=2), tok, n_positions=MAX_LENGTH + 16, seed=0)
     cfg = TrainingConfig(max_steps=30, learning_rate=3e-3, batch_size=16, warmup_ratio=0.0, logging_steps=10)
     train(teacher, train_set, tok, cfg, workdir / "teacher", method=get_method("sft")(None), seed=0, save=False)
-    return TinySetup(tok, train_set, val_set, teacher.eval(), workdir)
+    return TinySetup(tok, train_set, val_set, teacher.cpu().eval(), workdir)  # (trained on a GPU if there is one)
 
 
 def student_config(method: str, **fields) -> StudentConfig:
@@ -73,8 +73,10 @@ def method_loss(method, student, teacher, batches, tokenizer, seed: int = 0) -> 
     """The method's own objective on fixed batches (token mean), evaluation mode, fixed RNG."""
     torch.manual_seed(seed)
     student.eval()
+    device = next(student.parameters()).device  # the trainer moves the models to the GPU if there is one
     total = 0.0
     for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
         ctx = StepContext(student=student, batch=batch, num_items=batch["labels"][:, 1:].ne(-100).sum(),
                           teacher=teacher, tokenizer=tokenizer, progress=0.5, state={})
         total += float(method.compute_loss(ctx).loss)
@@ -99,3 +101,18 @@ def run_method(sc: StudentConfig, steps: int = 12, student: torch.nn.Module | No
           seed=seed, teacher=teacher, save=False)
     after = method_loss(method, student, teacher_in_use, batches, setup.tokenizer)
     return method, student, teacher_in_use, before, after
+
+
+def assert_student_grads(method, student, teacher, progress: float = 0.5) -> None:
+    """Finite and nonzero student gradients from the method's loss on one validation batch (on the
+    student's device: after training that is the GPU, if there is one)."""
+    student.train()
+    student.zero_grad()
+    device = next(student.parameters()).device
+    batch = {k: v.to(device) for k, v in tiny_setup().val_batches()[0].items()}
+    ctx = StepContext(student=student, batch=batch, num_items=batch["labels"][:, 1:].ne(-100).sum(),
+                      teacher=teacher, progress=progress)
+    method.compute_loss(ctx).loss.backward()
+    grads = [p.grad for p in student.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0

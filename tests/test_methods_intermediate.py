@@ -13,7 +13,7 @@ from kd_core.losses.intermediate import (attention_divergence, hidden_state_loss
                                          scaled_position_mean, uniform_pairs)
 from kd_core.methods import StepContext, get_method
 from kd_core.models import build_from_config
-from tests.method_harness import MAX_LENGTH, run_method, student_config, tiny_setup
+from tests.method_harness import MAX_LENGTH, assert_student_grads, run_method, student_config, tiny_setup
 
 
 def _ctx(student, teacher, batch, progress=0.5) -> StepContext:
@@ -25,16 +25,6 @@ def _method(name, student, teacher, **method_args):
     sc = student_config(name, method_args=method_args)
     method = get_method(name)(sc, sc.method_args)
     return method, method.setup(student, teacher)
-
-
-def _student_grads_ok(method, student, teacher) -> None:
-    student.train()
-    student.zero_grad()
-    batch = tiny_setup().val_batches()[0]
-    method.compute_loss(_ctx(student, teacher, batch)).loss.backward()
-    grads = [p.grad for p in student.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
 # ----------------------------------------------------------------------------------------------- layer maps
@@ -211,7 +201,7 @@ def test_intermediate_trains():
     sc = student_config("intermediate", alpha=0.1, method_args={"attention_weight": 0.5, "include_embeddings": True})
     method, student, teacher, before, after = run_method(sc, steps=8)
     assert torch.isfinite(torch.tensor([before, after])).all() and after < before
-    _student_grads_ok(method, student, teacher)
+    assert_student_grads(method, student, teacher)
     assert student.config._attn_implementation == "eager" and teacher.config._attn_implementation == "eager"
 
 
@@ -223,4 +213,4 @@ def test_progressive_trains():
     method, student, teacher, before, after = run_method(sc, steps=8, student=student)
     assert method.pairs == [(1, 1), (2, 2)]
     assert torch.isfinite(torch.tensor([before, after])).all() and after < before
-    _student_grads_ok(method, student, teacher)
+    assert_student_grads(method, student, teacher)

@@ -107,7 +107,7 @@ def _mask_gpt2_key_rows(peft_model, hidden: int) -> int:
                 keep[hidden:2 * hidden] = 0
                 with torch.no_grad():
                     lora_b.weight.mul_(keep)
-                lora_b.weight.register_hook(lambda g, keep=keep: g * keep.to(g.dtype))
+                lora_b.weight.register_hook(lambda g, keep=keep: g * keep.to(g.device, g.dtype))  # (moved after setup)
                 count += 1
     return count
 
