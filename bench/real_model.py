@@ -95,6 +95,9 @@ def main() -> None:
     write_report(args, cfg, paths, timings)
 
 
+NOTES_MARKER = "<!-- Hand-written notes below this line are kept when the script rewrites the file. -->"
+
+
 def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
     names = [cfg.teacher.name, *cfg.chain_order()]
     sets = cfg.evaluation.eval_sets
@@ -177,7 +180,10 @@ Python {platform.python_version()}; load average at the end {load[0]:.1f} / {loa
 The full comparison report (all metrics, UNC-bucket plot, size-versus-quality plot) is in
 `{paths.reports}/` after a run; the MLflow runs are in the experiment `{cfg.tracking.experiment}`.
 """
-    Path(args.out).write_text(text, encoding="utf-8")
+    out = Path(args.out)
+    previous = out.read_text(encoding="utf-8") if out.is_file() else ""
+    notes = previous.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in previous else "\n"
+    out.write_text(f"{text}\n{NOTES_MARKER}{notes}", encoding="utf-8")
     print(text)
 
 
