@@ -1,12 +1,13 @@
 """Orchestration overhead (Prefect + MLflow + DVC) as a share of the default pipeline's wall time (issue 5).
 
-    .venv/bin/python bench/orchestration.py [--params params.yaml] [--dvc] [-S data.builtin_examples=1000]
+    .venv/bin/python bench/orchestration.py [--params params.yaml] [--dvc] [--server] [-S data.builtin_examples=1000]
 
 Runs the default pipeline once, in this process, exactly as `kd run` does (`flows.pipeline.kd_pipeline`:
 a temporary local Prefect server, tasks, MLflow tracking), in a scratch copy of the project (git HEAD
 plus the working tree's tracked files) so nothing of the checkout is touched, and measures:
 
-- total: wall time of the flow call (server start included);
+- total: wall time of the flow call (the temporary server's start included; with `--server`, a server started
+  beforehand, as scheduled deployments use, outside the timing);
 - stage bodies: wall time inside each stage function (`kd_core.stages.STAGES`), summed;
 - MLflow inside the stage bodies: time in the tracking calls (stage runs opened/closed, params, metrics,
   per-step metrics, artifacts, model logging and registration, registry queries);
@@ -73,11 +74,40 @@ def dvc_bookkeeping(work: Path) -> float:
     return sum(timings.values())
 
 
+def start_prefect_server(work: Path) -> subprocess.Popen:
+    """A `prefect server` on a free local port, healthy before the timing starts; PREFECT_API_URL points at it."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(work / "prefect-server.log", "wb")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--no-ui"], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            os.environ["PREFECT_API_URL"] = url
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"prefect server did not become healthy: see {work / 'prefect-server.log'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--dvc", action="store_true", help="also time DVC's bookkeeping (dvc commit, no-op repro)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch copy")
+    ap.add_argument("--server", action="store_true",
+                    help="run against a Prefect server started beforehand (as scheduled deployments and `kd serve` "
+                         "do), not a temporary one started by the flow call")
     ap.add_argument("--dvc-only", type=Path, help="only time DVC's bookkeeping in a kept scratch copy")
     ap.add_argument("-S", "--set", dest="sets", action="append", default=[],
                     help="override a params key as `kd run -S` does (e.g. a smaller data set on a loaded machine)")
@@ -94,6 +124,7 @@ def main() -> None:
     os.environ.pop("PREFECT_API_URL", None)
     # a fresh PREFECT_HOME on a loaded machine can take longer than the default 20 s to start its server
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    server = start_prefect_server(work) if args.server else None
 
     import mlflow
 
@@ -162,6 +193,9 @@ def main() -> None:
     kd_pipeline(params_path=args.params, overrides=overrides)
     total = time.perf_counter() - start
     load1 = os.getloadavg()
+    if server is not None:
+        server.terminate()
+        server.wait(timeout=30)
 
     stage_sum = sum(body.values())
     ml = sum(in_mlflow.values())
@@ -169,7 +203,7 @@ def main() -> None:
     print(f"# orchestration overhead: {platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS')}; load average {load0[0]:.2f} at start, {load1[0]:.2f} at end; "
           f"overrides: {args.sets or 'none'}")
-    print(f"pipeline wall time (kd_pipeline, as `kd run`): {total:8.1f} s")
+    print(f"pipeline wall time (kd_pipeline, as `kd run`{', running Prefect server' if server else ''}): {total:8.1f} s")
     for name, sec in sorted(body.items(), key=lambda kv: -kv[1]):
         print(f"  stage {name:<14} {sec:8.1f} s")
     print(f"  sum of stage bodies:      {stage_sum:8.1f} s")
