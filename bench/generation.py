@@ -4,9 +4,10 @@
     python bench/generation.py --models 12x768 --decoders   # on a GPU: per-token time of the decoders
 
 `--decoders` compares, at batch = all prompts, sampled, the decoders of the code base per new token: the
-on-policy sampler (`onpolicy.sample`, GKD/ImitKD/MiniLLM/DistiLLM; it mixes models, so it runs its own
-KV-cached loop) and `transformers`' `generate` (evaluation, transfer sets) with its dynamic cache and with
-a static cache (compiled decode step on CUDA); the first call of each is a warm-up.
+on-policy sampler (`onpolicy.sample`, GKD/ImitKD/MiniLLM/DistiLLM) with its own KV-cached loop (mixtures
+of models) and with its static-cache path (one model; the default on a GPU), and `transformers`'
+`generate` (evaluation, transfer sets) with its dynamic cache and with a static cache (compiled decode step
+on CUDA); the first call of each is a warm-up.
 
 The same prompts (random token ids, lengths 16–48, so batches are left-padded) are generated with batch size
 1 and with batch sizes 8 and 32, greedy and sampled (T = 1), A/B runs interleaved within each repetition;
@@ -94,8 +95,11 @@ def compare_decoders(label: str, model, tokenizer, prompts: list[list[int]], arg
     hf = dict(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
               do_sample=True, top_k=0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     decoders = {
-        "onpolicy.sample": lambda: sample([(model, 1.0)], prompts, max_new_tokens=args.new_tokens, eos_token_id=-1,
-                                          pad_token_id=tokenizer.pad_token_id),
+        "onpolicy.sample, loop": lambda: sample([(model, 1.0)], prompts, max_new_tokens=args.new_tokens,
+                                                eos_token_id=-1, pad_token_id=tokenizer.pad_token_id, static_cache=False),
+        "onpolicy.sample, static cache": lambda: sample([(model, 1.0)], prompts, max_new_tokens=args.new_tokens,
+                                                        eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
+                                                        static_cache=True),
         "generate (dynamic cache)": lambda: model.generate(**hf),
         "generate (static cache)": lambda: model.generate(**hf, cache_implementation="static"),
     }
@@ -113,7 +117,7 @@ def compare_decoders(label: str, model, tokenizer, prompts: list[list[int]], arg
                 times[name].append((time.perf_counter() - start) / args.new_tokens)
     print(f"\n## {label}, batch {len(prompts)}, {args.new_tokens} new tokens")
     for name, t in times.items():
-        print(f"  {name:>26}: {statistics.median(t) * 1e3:6.2f} ms per token")
+        print(f"  {name:>30}: {statistics.median(t) * 1e3:6.2f} ms per token")
 
 
 if __name__ == "__main__":

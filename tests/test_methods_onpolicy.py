@@ -129,6 +129,33 @@ def test_sample_stops_at_eos_caps_length_and_restores_mode():
     assert gen.tokens == [[]] and gen.num_tokens == 0
 
 
+def test_static_cache_decoding_matches_the_loop():
+    """The GPU default for one model (transformers' generate with a static KV cache, prompts padded to a
+    bucket width) gives the loop's greedy continuations, EOS stops and position limit included, and
+    samples only the shared vocabulary."""
+    setup = tiny_setup()
+    model = copy.deepcopy(setup.teacher)  # trained: its answers end with EOS
+    tok = setup.tokenizer
+    prompts = extract_prompts(setup.val_batches()[0])
+    assert len({len(p) for p in prompts}) > 1  # left padding is exercised
+    kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, greedy=True)
+    loop = sample([(model, 1.0)], prompts, max_new_tokens=12, static_cache=False, **kw)
+    static = sample([(model, 1.0)], prompts, max_new_tokens=12, static_cache=True, **kw)
+    assert static.tokens == loop.tokens and static.ended == loop.ended and any(loop.ended)
+    width = max(map(len, prompts))
+    limited = dict(max_new_tokens=12, max_length=width + 3)  # the position limit leaves 3 new tokens
+    untrained = setup.student()  # rarely emits EOS: rows stop at the limit
+    loop = sample([(untrained, 1.0)], prompts, static_cache=False, **limited, **kw)
+    static = sample([(untrained, 1.0)], prompts, static_cache=True, **limited, **kw)
+    assert static.tokens == loop.tokens and static.ended == loop.ended and not all(loop.ended)
+    torch.manual_seed(0)
+    sampled = sample([(model, 1.0)], prompts, max_new_tokens=12, static_cache=True, vocab_size=40,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert all(t < 40 for row in sampled.tokens for t in row) and sampled.num_tokens > 0
+    with pytest.raises(ValueError, match="single model"):
+        sample([(model, 0.5), (model, 0.5)], prompts, max_new_tokens=2, static_cache=True, **kw)
+
+
 def test_sample_from_a_mixture_follows_the_weights():
     a, b = ScriptedLM([[3]]), ScriptedLM([[4]])
     torch.manual_seed(0)

@@ -125,9 +125,10 @@ def batches(dataset, pad_token_id: int, batch_size: int):
         yield collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
 
 
-def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt batch for generation: (input_ids [B,T], attention_mask [B,T])."""
-    width = max(len(p) for p in prompts)
+def left_pad(prompts: list[list[int]], pad_token_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt batch for generation: (input_ids [B,T], attention_mask [B,T]); T is the longest
+    prompt, or `width` (at least that)."""
+    width = max(max(len(p) for p in prompts), width or 0)
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
