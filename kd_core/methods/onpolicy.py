@@ -296,7 +296,8 @@ def sample(mixture: Sequence[tuple[torch.nn.Module, float]], prompts: list[list[
 
     device = _device(mixture[0][0])
     if static_cache is None:
-        static_cache = device.type == "cuda" and len(mixture) == 1 and generator is None
+        static_cache = (device.type == "cuda" and len(mixture) == 1 and generator is None
+                        and hasattr(mixture[0][0], "generate"))  # (a DDP wrapper has no `generate`)
     if static_cache:
         if len(mixture) != 1 or generator is not None:
             raise ValueError("sample: static_cache needs a single model and no generator")
