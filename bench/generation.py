@@ -102,6 +102,8 @@ def compare_decoders(label: str, model, tokenizer, prompts: list[list[int]], arg
                                                         static_cache=True),
         "generate (dynamic cache)": lambda: model.generate(**hf),
         "generate (static cache)": lambda: model.generate(**hf, cache_implementation="static"),
+        "kd_core.generation.generate": lambda: generate(model, tokenizer, prompts, max_new_tokens=args.new_tokens,
+                                                        do_sample=True, batch_size=len(prompts)),
     }
     times: dict[str, list[float]] = {name: [] for name in decoders}
     for rep in range(args.reps + 1):

@@ -23,26 +23,56 @@ class Generations:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
+STATIC_CACHE_BUCKET = 32  # prompt widths are padded to a multiple of this: one compiled decode graph per bucket
+
+
+def new_tokens(model: PreTrainedModel, prompts: list[list[int]], *, max_new_tokens: int, eos_token_id: int,
+               pad_token_id: int, static_cache: bool, max_length: int | None = None, logits_processor=None,
+               **sampling) -> list[list[int]]:
+    """`transformers`' `generate` on one left-padded batch: per prompt, its new token ids up to and
+    including the first EOS (a row without EOS stopped at `max_new_tokens`).
+
+    `static_cache`: a static KV cache, whose decode step `generate` compiles on a GPU (CUDA graphs;
+    ~2.5x faster per token than the dynamic cache at GPT-2 sizes, docs/performance.md). Prompts are then
+    left-padded to a multiple of `STATIC_CACHE_BUCKET` (at most `max_length - max_new_tokens`, the position
+    limit) so batches of similar width reuse one compiled graph; positions come from the attention mask,
+    so the extra padding changes nothing."""
+    width = max(len(p) for p in prompts)
+    if static_cache:
+        width = -(-width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+        if max_length is not None:
+            width = max(max(len(p) for p in prompts), min(width, max_length - max_new_tokens))
+    ids, mask = left_pad(prompts, pad_token_id, width=width)
+    device = next(model.parameters()).device
+    cache = dict(cache_implementation="static") if static_cache else {}
+    seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
+                          logits_processor=logits_processor, **cache, **sampling)
+    rows = []
+    for row in seqs[:, ids.shape[1]:].tolist():
+        rows.append(row[:row.index(eos_token_id) + 1] if eos_token_id in row else row)
+    return rows
+
+
 @torch.inference_mode()
 def generate(model: PreTrainedModel, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
              do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              batch_size: int = 32) -> Generations:
     """Generate for each prompt (token ids). Sampling uses top_k=0 (pure temperature / nucleus sampling);
-    the RNG is seeded once, so the same seed and prompts give the same outputs."""
+    the RNG is seeded once, so the same seed and prompts give the same outputs. On a GPU the decode step
+    runs on a static KV cache (`new_tokens`)."""
     model.eval()
-    device = next(model.parameters()).device
     torch.manual_seed(seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    static_cache = next(model.parameters()).device.type == "cuda"
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
     out_ids: list[list[int]] = []
     n_new, start = 0, time.perf_counter()
     for i in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[i:i + batch_size], pad)
-        kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
-        seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                              eos_token_id=eos, pad_token_id=pad, use_cache=True, **kwargs)
-        for row in seqs[:, ids.shape[1]:].tolist():
-            if eos in row:
-                row = row[:row.index(eos)]
+        for row in new_tokens(model, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, eos_token_id=eos,
+                              pad_token_id=pad, static_cache=static_cache, **sampling):
+            if row and row[-1] == eos:
+                row = row[:-1]
             out_ids.append(row)
             n_new += len(row)
     seconds = time.perf_counter() - start

@@ -503,3 +503,19 @@ def test_exaccerr_from_step_kl_hand_numbers():
     assert one["n"] == 1 and math.isnan(one["stderr"]) and math.isnan(one["ci_low"])
     with pytest.raises(ValueError):
         exaccerr_from_step_kl(kq, kp, [3])
+
+
+def test_static_cache_generation_matches_dynamic(teacher):
+    """`new_tokens` with the static KV cache (the GPU default of evaluation and the transfer stage: prompts
+    padded to a 32-token bucket) decodes greedily exactly as with the dynamic cache, EOS cut included."""
+    from kd_core.generation import new_tokens
+
+    prompts = [[5, 6, 7], [12, 13], [16, 17, 18, 19, 20, 21], [30]]
+    kw = dict(max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD, do_sample=False)
+    model = copy.deepcopy(teacher)
+    with torch.no_grad():  # EOS wins wherever token 19 would: some rows stop early, one never emits 19
+        model.lm_head.weight[EOS] = model.lm_head.weight[19] * 1.5
+    dynamic = new_tokens(model, prompts, static_cache=False, **kw)
+    static = new_tokens(model, prompts, static_cache=True, **kw)
+    assert static == dynamic
+    assert any(row[-1] == EOS for row in dynamic) and any(len(row) == 10 and EOS not in row for row in dynamic)

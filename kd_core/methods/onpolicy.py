@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_core.data.tokenize import IGNORE_INDEX, left_pad
+from kd_core.generation import new_tokens
 from kd_core.losses.chunked import chunked_token_divergence
 from kd_core.losses.divergences import masked_token_sum_and_count, reduce_tokens
 from kd_core.methods.base import LossOutput, Method, mix_with_ce, model_logits, shifted, teacher_logits, token_ce
@@ -229,35 +230,20 @@ class _FirstTokens:
         return scores.index_fill(-1, torch.arange(self.n, scores.shape[-1], device=scores.device), float("-inf"))
 
 
-STATIC_CACHE_BUCKET = 32  # prompt widths are padded to a multiple of this: one compiled decode graph per bucket
-
-
 def _sample_static_cache(model: torch.nn.Module, prompts: list[list[int]], steps: int, *, eos_token_id: int,
                          pad_token_id: int, temperature: float, greedy: bool, vocab_size: int | None,
                          max_length: int | None) -> Generation:
-    """`sample` from one model with `transformers`' `generate` and a static KV cache: on a GPU its decode
-    step is compiled (CUDA graphs), ~3x faster per token than the Python loop at GPT-2 sizes
-    (docs/performance.md). Prompts are left-padded to a bucket width so batches of similar width reuse
-    one compiled graph; positions come from the attention mask, so the padding changes nothing."""
+    """`sample` from one model with `transformers`' `generate` on a static KV cache (`new_tokens`): on a
+    GPU its decode step is compiled, ~2.4x faster per token than the loop below at GPT-2 sizes."""
     from transformers import LogitsProcessorList
 
-    width = max(len(p) for p in prompts)
-    bucket = -(-width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
-    if max_length is not None:
-        bucket = max(width, min(bucket, max_length - steps))
-    ids, mask = left_pad(prompts, pad_token_id, width=bucket)
-    device = _device(model)
     processors = LogitsProcessorList([_FirstTokens(vocab_size)] if vocab_size is not None else [])
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     with eval_mode(model):
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=steps,
-                             eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
-                             cache_implementation="static", logits_processor=processors, **sampling)
-    tokens, ended = [], []
-    for row in out[:, bucket:].tolist():
-        end = row.index(eos_token_id) if eos_token_id in row else None
-        tokens.append(row[:end] if end is not None else row)
-        ended.append(end is not None)
+        rows = new_tokens(model, prompts, max_new_tokens=steps, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                          static_cache=True, max_length=max_length, logits_processor=processors, **sampling)
+    ended = [bool(row) and row[-1] == eos_token_id for row in rows]
+    tokens = [row[:-1] if end else row for row, end in zip(rows, ended)]
     return Generation([list(p) for p in prompts], tokens, ended)
 
 
