@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import kd_core  # noqa: E402,F401  (offline defaults)
-from bench.step_time import VOCAB, word_tokenizer  # noqa: E402
+from bench.step_time import VOCAB, machine, word_tokenizer  # noqa: E402
 from kd_core.config import ArchConfig  # noqa: E402
 from kd_core.generation import generate  # noqa: E402
 from kd_core.models import build_from_config  # noqa: E402
@@ -57,9 +56,7 @@ def main() -> None:
     prompts = [torch.randint(2, VOCAB, (int(n),), generator=g).tolist()
                for n in torch.randint(16, 49, (args.prompts,), generator=g)]
     load0 = os.getloadavg()
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s)"
-    print(f"# generation: {where}, torch {torch.__version__}; {args.prompts} prompts of 16-48 tokens, "
+    print(f"# generation: {machine()}, torch {torch.__version__}; {args.prompts} prompts of 16-48 tokens, "
           f"{args.new_tokens} new tokens each, {args.reps} interleaved repetitions; load average at start {load0[0]:.2f}")
     for label in args.models:
         model = build_from_config(MODELS[label], tokenizer, 48 + args.new_tokens + 8, seed=0).eval()

@@ -82,6 +82,13 @@ def random_dataset(n: int, seed: int = 0) -> EncodedDataset:
     return EncodedDataset(examples)
 
 
+def machine() -> str:
+    """The GPU's name, or the CPU with its cores and torch threads: the first line of every bench printout."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s)"
+
+
 def matmul_params(model: torch.nn.Module) -> int:
     """Parameters used in a matmul per token: all but the position embeddings (tied embeddings once)."""
     return sum(p.numel() for name, p in model.named_parameters() if "wpe" not in name)
@@ -119,9 +126,7 @@ def main() -> None:
     tokenizer = word_tokenizer(VOCAB)
     dataset = random_dataset(args.batch * (args.steps + 1))
     load_start = os.getloadavg()
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s)"
-    print(f"# step time: {where}, torch {torch.__version__}, {args.precision}"
+    print(f"# step time: {machine()}, torch {torch.__version__}, {args.precision}"
           f"{', DeepSpeed ' + args.deepspeed if args.deepspeed else ''}; batch {args.batch} x {PROMPT}+{RESPONSE} "
           f"tokens, vocab {VOCAB}, {args.steps} steps per run (first interval dropped), {args.reps} interleaved repetitions")
     print(f"# load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")

@@ -37,11 +37,11 @@ def new_tokens(model: PreTrainedModel, prompts: list[list[int]], *, max_new_toke
     left-padded to a multiple of `STATIC_CACHE_BUCKET` (at most `max_length - max_new_tokens`, the position
     limit) so batches of similar width reuse one compiled graph; positions come from the attention mask,
     so the extra padding changes nothing."""
-    width = max(len(p) for p in prompts)
+    width = longest = max(len(p) for p in prompts)
     if static_cache:
-        width = -(-width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+        width = -(-longest // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
         if max_length is not None:
-            width = max(max(len(p) for p in prompts), min(width, max_length - max_new_tokens))
+            width = max(longest, min(width, max_length - max_new_tokens))
     ids, mask = left_pad(prompts, pad_token_id, width=width)
     device = next(model.parameters()).device
     cache = dict(cache_implementation="static") if static_cache else {}

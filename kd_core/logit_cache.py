@@ -170,7 +170,8 @@ def cache_teacher(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> di
         return {"student": sc.name, "enabled": False}
     key = cache_key(cfg, paths, sc.name)
     info = {"student": sc.name, "enabled": True, "top_k": key["top_k"], "vocab_size": key["vocab_size"]}
-    changed = stale_fields(read_manifest(out), key)
+    current = read_manifest(out)
+    changed = stale_fields(current, key)
     if not changed and (out / TENSORS).is_file():
         return info | {"source": "current"}
     for other in sorted(out.parent.glob("*/")):
@@ -181,7 +182,7 @@ def cache_teacher(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> di
                     _link_or_copy(other / name, tmp / name)
             log.info("teacher cache of %s: reusing %s's (same key)", sc.name, other.name)
             return info | {"source": f"linked from {other.name}"}
-    if read_manifest(out) is not None:
+    if current is not None:
         log.info("teacher cache of %s is stale (%s changed): rebuilding", sc.name, ", ".join(changed))
     from kd_core.data.tokenize import load_tokenizer
     from kd_core.stages import _train_set, load_model

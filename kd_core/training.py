@@ -300,9 +300,9 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
         # setup below, is created in fp32 by peft)
         teacher.to(args.device, dtype=PRECISION_DTYPES[cfg.precision]).eval().requires_grad_(False)
     teacher = method.setup(model, teacher)
-    callbacks = [callback, _ZeroExtraGrads()]
-    if args.world_size > 1 or cfg.deepspeed:
-        callbacks.append(_ExtraModulesStep(method, args, own_optimizer=bool(cfg.deepspeed)))
+    extras_step = (_ExtraModulesStep(method, args, own_optimizer=bool(cfg.deepspeed))
+                   if args.world_size > 1 or cfg.deepspeed else None)
+    callbacks = [callback, _ZeroExtraGrads()] + ([extras_step] if extras_step else [])
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=CausalCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, method=method, teacher=teacher, callbacks=callbacks)
@@ -313,8 +313,7 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
         trainer.teacher = zero3_inference_engine(teacher, trainer.accelerator)
     extras = None
     if method.trainable_modules():
-        step = next((c for c in callbacks if isinstance(c, _ExtraModulesStep)), None)
-        extras = _ExtraModulesCheckpoint(method.trainable_modules(), step.optimizer if step else None)
+        extras = _ExtraModulesCheckpoint(method.trainable_modules(), extras_step.optimizer if extras_step else None)
         trainer.add_callback(extras)
     resume = last_complete_checkpoint(ckpt_dir, (EXTRA_MODULES_FILE,) if extras else ())
     if resume and extras:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from kd_core.losses.divergences import get_divergence, logprobs, shared_vocab
-from kd_core.losses.sparse import sparse_divergence
+from kd_core.losses.sparse import sparse_token_divergence
 
 __all__ = ["CHUNK_ELEMENTS", "chunk_rows_for", "chunked_rows", "chunked_token_divergence", "chunked_sparse_divergence"]
 
@@ -113,7 +113,7 @@ def chunked_sparse_divergence(student_logits: Tensor, mask: Tensor, top_logprobs
     get_divergence(name).resolve_params(**params)  # unknown or out-of-range params fail before any work
 
     def row_fn(x: Tensor, sl: slice) -> Tensor:
-        s = x[..., :vocab_size] if vocab_size is not None else x
-        return sparse_divergence(logprobs(s, temperature), top_logprobs[sl], top_ids[sl], tail[sl], name, **params)
+        return sparse_token_divergence(x, top_logprobs[sl], top_ids[sl], tail[sl], name, temperature=temperature,
+                                       vocab_size=vocab_size, **params)
 
     return chunked_rows(student_logits, mask, row_fn, chunk_rows)

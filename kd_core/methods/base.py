@@ -130,6 +130,13 @@ def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     return logits[:, :-1], targets.clamp(min=0), mask
 
 
+def prediction_positions(mask: torch.Tensor) -> torch.Tensor:
+    """The shifted target mask [B,T-1] (from `shifted`) as a mask over the unshifted logits [B,T]: position t's
+    logits predict token t + 1, so the last position predicts nothing. Chunked losses index the logits with
+    it directly (no [:, :-1] copy; the gradient buffer has the logits' own shape)."""
+    return F.pad(mask, (0, 1), value=False)
+
+
 def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits [B,T,V] of a causal LM on a batch (input_ids, attention_mask)."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

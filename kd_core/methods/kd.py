@@ -14,12 +14,10 @@ of `kd_core/losses/sparse.py` (exact when top_k = V).
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from kd_core.losses.chunked import chunked_sparse_divergence, chunked_token_divergence
 from kd_core.losses.divergences import reduce_tokens
-from kd_core.methods.base import (LossOutput, Method, StepContext, mix_with_ce, model_logits, register_method, shifted,
-                                  teacher_logits)
+from kd_core.methods.base import (LossOutput, Method, StepContext, mix_with_ce, model_logits, prediction_positions,
+                                  register_method, shifted, teacher_logits)
 
 
 @register_method("kd")
@@ -31,9 +29,7 @@ class TokenKD(Method):
         cfg = self.cfg
         logits = model_logits(ctx.student, ctx.batch)
         s_logits, targets, mask = shifted(logits, ctx.batch["labels"])
-        # position t's logits predict token t + 1: the unshifted logits at the response positions (no
-        # [:, :-1] copy, so the gradient buffer is the logits' own shape)
-        positions = F.pad(mask, (0, 1), value=False)
+        positions = prediction_positions(mask)
         if self.teacher_cache is not None:
             top_lp, top_ids, tail = self.teacher_cache.rows_for(ctx.batch)
             div = chunked_sparse_divergence(logits, positions, top_lp, top_ids, tail, cfg.divergence,

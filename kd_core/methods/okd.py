@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from kd_core.losses.chunked import chunked_rows, chunked_token_divergence
 from kd_core.losses.divergences import get_divergence, logprobs, reduce_tokens, shared_vocab
-from kd_core.methods.base import LossOutput, Method, StepContext, register_method, shifted, token_ce
+from kd_core.methods.base import (LossOutput, Method, StepContext, prediction_positions, register_method, shifted,
+                                  token_ce)
 from kd_core.methods.intermediate import reset_extra_grads_each_step
 
 ARTIFACT_DIR = "okd_online_module"
@@ -187,10 +187,10 @@ class OKD(Method):
         if extra:
             t_logits = t_logits[:, extra:]
         _, targets, mask = shifted(s_logits, labels)
-        # Both losses are computed per response position, in chunks (kd_core/losses/chunked.py): position t's
-        # logits predict token t + 1, prompt and padding positions are never computed, and no full B×T×V
-        # log-prob tensor is materialised (that elementwise work dominated the step at small model widths).
-        positions = F.pad(mask, (0, 1), value=False)
+        # Both losses are computed per response position, in chunks (kd_core/losses/chunked.py): prompt and
+        # padding positions are never computed, and no full B×T×V log-prob tensor is materialised (that
+        # elementwise work dominated the step at small model widths).
+        positions = prediction_positions(mask)
         rows_b, rows_t = positions.nonzero(as_tuple=True)
         row_targets = targets[rows_b, rows_t]
 

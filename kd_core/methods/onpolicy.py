@@ -37,7 +37,8 @@ from kd_core.data.tokenize import IGNORE_INDEX, left_pad
 from kd_core.generation import new_tokens
 from kd_core.losses.chunked import chunked_token_divergence
 from kd_core.losses.divergences import masked_token_sum_and_count, reduce_tokens
-from kd_core.methods.base import LossOutput, Method, mix_with_ce, model_logits, shifted, teacher_logits, token_ce
+from kd_core.methods.base import (LossOutput, Method, mix_with_ce, model_logits, prediction_positions, shifted,
+                                  teacher_logits, token_ce)
 
 __all__ = [
     "Generation",
@@ -380,9 +381,7 @@ def distill_on_batch(ctx, cfg, new_batch: dict[str, torch.Tensor], *, replaced: 
     """
     logits = model_logits(ctx.student, new_batch)
     s_logits, targets, mask = shifted(logits, new_batch["labels"])
-    # per supervised position, in chunks, as the `kd` method (kd_core/losses/chunked.py): position t's logits
-    # predict token t + 1; prompt and padding positions are never computed
-    positions = F.pad(mask, (0, 1), value=False)
+    positions = prediction_positions(mask)  # per supervised position, in chunks, as the `kd` method
     div = chunked_token_divergence(logits, teacher_logits(ctx.teacher, new_batch), positions, divergence,
                                    temperature=cfg.temperature, **divergence_args)
     n_ref = reference_token_count(ctx.batch)
