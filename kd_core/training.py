@@ -251,10 +251,7 @@ def zero3_inference_engine(teacher: PreTrainedModel, accelerator) -> torch.nn.Mo
     import deepspeed
 
     ds_config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    zero = ds_config.setdefault("zero_optimization", {})
-    if zero.get("stage") != 3:
-        raise ValueError(f"training.teacher_sharding: zero3 needs a ZeRO stage-3 DeepSpeed config "
-                         f"(got stage {zero.get('stage')}; e.g. infra/deepspeed/zero3.json)")
+    zero = ds_config["zero_optimization"]  # stage 3: TrainingConfig validates teacher_sharding against the file
     hidden = int(teacher.config.hidden_size)
     zero.update(reduce_bucket_size=hidden * hidden, stage3_param_persistence_threshold=10 * hidden,
                 stage3_prefetch_bucket_size=int(0.9 * hidden * hidden))
