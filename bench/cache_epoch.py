@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 import kd_core  # noqa: F401  (offline defaults)
-from kd_core import logit_cache, stages
+from kd_core.run import RunPaths, load_model, load_train_set, n_positions
+from kd_core.stages import run_stage
+from kd_core.stages.cache_teacher import cache_teacher, load_for_training
 from kd_core.config import load_config
 from kd_core.data.tokenize import load_tokenizer
 from kd_core.methods import get_method
@@ -63,16 +65,16 @@ def run(args, tmp: Path) -> None:
     cfg = load_config(args.params, {"run_dir": str(tmp / "run"), "students": students, "teacher": teacher,
                                     "transfer_sets": {}, "data.builtin_examples": args.examples,
                                     "data.eval_sets": {}, "evaluation.eval_sets": ["test"]})
-    paths = stages.RunPaths.of(cfg)
-    stages.prepare(cfg, paths)
-    stages.train_teacher(cfg, paths)
+    paths = RunPaths.of(cfg)
+    run_stage("prepare", cfg)
+    run_stage("train_teacher", cfg)
     start = time.perf_counter()
-    built = logit_cache.cache_teacher(cfg, paths, "kd-cache")
+    built = cache_teacher(cfg, paths, "kd-cache")
     cache_s = time.perf_counter() - start
 
     tokenizer = load_tokenizer(paths.tokenizer)
-    dataset, _ = stages._train_set(cfg, paths, tokenizer)
-    teacher = stages.load_model(paths, cfg.teacher.name)
+    dataset, _ = load_train_set(cfg, paths, tokenizer)
+    teacher = load_model(paths, cfg.teacher.name)
     names = list(students)
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
@@ -80,14 +82,13 @@ def run(args, tmp: Path) -> None:
     for r in range(args.rounds):
         for name in names[r % 3:] + names[:r % 3]:
             sc = cfg.student(name)
-            student = make_model(sc.model, tokenizer, stages._n_positions(cfg), seed=0)
+            student = make_model(sc.model, tokenizer, n_positions(cfg), seed=0)
             method = get_method(sc.method)(sc, sc.method_args)
-            if sc.teacher_cache.enabled:
-                method.teacher_cache = logit_cache.load_for_training(cfg, paths, name, dataset, student)
+            cache = load_for_training(cfg, paths, name, dataset, student) if sc.teacher_cache.enabled else None
             loads.append(os.getloadavg()[0])
             w0, c0 = time.perf_counter(), time.process_time()
             train(student, dataset, tokenizer, sc.training, tmp / "out" / name, method=method, seed=0,
-                         teacher=teacher if name == "kd-live" else None, save=False)
+                         teacher=teacher if name == "kd-live" else None, teacher_cache=cache, save=False)
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
             print(f"round {r}: {name} {wall[name][-1]:.1f} s wall, {cpu[name][-1]:.1f} s CPU", flush=True)

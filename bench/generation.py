@@ -4,7 +4,7 @@
     python bench/generation.py --models 12x768 --decoders   # on a GPU: per-token time of the decoders
 
 `--decoders` compares, at batch = all prompts, sampled, the decoders of the code base per new token: the
-on-policy sampler (`onpolicy.sample`, GKD/ImitKD/MiniLLM/DistiLLM) with its own KV-cached loop (mixtures
+on-policy sampler (`rollouts.sample`, GKD/ImitKD/MiniLLM/DistiLLM) with its own KV-cached loop (mixtures
 of models) and with its static-cache path (one model; the default on a GPU), and `transformers`'
 `generate` (evaluation, transfer sets) with its dynamic cache and with a static cache (compiled decode step
 on CUDA); the first call of each is a warm-up.
@@ -85,7 +85,7 @@ def main() -> None:
 def compare_decoders(label: str, model, tokenizer, prompts: list[list[int]], args) -> None:
     """Milliseconds per decode step (all prompts in one batch, sampled, no EOS stop: an untrained model)."""
     from kd_core.data.tokenize import left_pad
-    from kd_core.methods.onpolicy import sample
+    from kd_core.methods.rollouts import sample
 
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_token_id))

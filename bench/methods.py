@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import kd_core  # noqa: F401  (offline defaults)
-from kd_core import stages
+from kd_core.run import RunPaths
+from kd_core.stages import run_stage
 from kd_core.config import load_config
 
 # label -> student settings on top of the base student (model and training come from params.yaml's `sft`)
@@ -80,23 +81,23 @@ def main() -> None:
     base = load_config(args.params)
     cfg = load_config(args.params, build_overrides(base, args.methods, args.seeds, args.run_dir, args.student_epochs,
                                                    args.eval_limit, args.sample_seeds))
-    paths = stages.RunPaths.of(cfg)
+    paths = RunPaths.of(cfg)
     start = time.perf_counter()
     if not (paths.data / "report.json").is_file():
-        stages.prepare(cfg, paths)
+        run_stage("prepare", cfg)
     if not paths.model(cfg.teacher.name).is_dir():
-        stages.train_teacher(cfg, paths)
+        run_stage("train_teacher", cfg)
     if "seqkd" in args.methods and not paths.split("bench_teacher_samples").is_file():
-        stages.transfer(cfg, paths, "bench_teacher_samples")
+        run_stage("transfer", cfg, "bench_teacher_samples")
     if not paths.metrics(cfg.teacher.name).is_file():
-        stages.evaluate(cfg, paths, cfg.teacher.name)
+        run_stage("evaluate", cfg, cfg.teacher.name)
     teacher = json.loads(paths.metrics(cfg.teacher.name).read_text())
     results: dict[str, list[dict]] = {}
     for name in cfg.chain_order():  # finished students are reused: the script can be stopped and restarted
         if not paths.metrics(name).is_file():
-            stages.distill(cfg, paths, name)
-            stages.finetune(cfg, paths, name)
-            stages.evaluate(cfg, paths, name)
+            run_stage("distill", cfg, name)
+            run_stage("finetune", cfg, name)
+            run_stage("evaluate", cfg, name)
         info = json.loads(paths.train_info(name).read_text())
         metrics = json.loads(paths.metrics(name).read_text())
         results.setdefault(name.rsplit("-s", 1)[0], []).append({**metrics, "train_time_s": info["train_time_s"]})

@@ -8,7 +8,7 @@ plus the working tree's tracked files) so nothing of the checkout is touched, an
 
 - total: wall time of the flow call (the temporary server's start included; with `--server`, a server started
   beforehand, as scheduled deployments use, outside the timing);
-- stage bodies: wall time inside each stage function (`kd_core.stages.STAGES`), summed;
+- stage bodies: wall time inside each stage function (`kd_core.stages.run_stage`), summed;
 - MLflow inside the stage bodies: time in the tracking calls (stage runs opened/closed, params, metrics,
   per-step metrics, artifacts, model logging and registration, registry queries);
 - Prefect = total − stage bodies; MLflow as above; their sum is the orchestration share;
@@ -180,10 +180,15 @@ def main() -> None:
         setattr(tracking, name, timed(in_mlflow, name, getattr(tracking, name)))
     for name in ("log_metrics", "log_params", "log_artifact", "log_metric", "set_tags"):
         setattr(mlflow, name, timed(in_mlflow, f"mlflow.{name}", getattr(mlflow, name)))
-    for name, fn in list(stages.STAGES.items()):
-        stages.STAGES[name] = timed(body, name, fn)
+    run_stage = stages.run_stage
 
-    from flows.pipeline import kd_pipeline  # after the patches: its tasks look the stages up at import
+    def timed_run_stage(name, *a, **kw):
+        with measure(body, name):
+            return run_stage(name, *a, **kw)
+
+    stages.run_stage = timed_run_stage
+
+    from flows.pipeline import kd_pipeline  # after the patches: it imports run_stage by name
 
     load0 = os.getloadavg()
     start = time.perf_counter()

@@ -25,7 +25,8 @@ import zipfile
 from pathlib import Path
 
 import kd_core  # noqa: F401  (offline defaults)
-from kd_core import stages
+from kd_core.run import RunPaths
+from kd_core.stages import STAGES
 from kd_core.config import load_config
 from kd_core.evaluation.compare import format_metric
 
@@ -64,7 +65,7 @@ def main() -> None:
         args.out = "/tmp/benchmarks_smoke.md"
         cfg = load_config(args.params, SMOKE | {f"students.{n}.training.max_steps": 2 for n in cfg.students})
     fetch_gguf(Path(cfg.teacher.model.checkpoint), cfg.teacher.model.gguf_file)
-    paths = stages.RunPaths.of(cfg)
+    paths = RunPaths.of(cfg)
     timings_file = paths.root / "bench_timings.json"
     timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
 
@@ -81,17 +82,17 @@ def main() -> None:
         write_report(args, cfg, paths, timings)
         return
     teacher = cfg.teacher.name
-    timed("prepare", (paths.data / "report.json").is_file(), stages.prepare)
-    timed("train_teacher", paths.model(teacher).is_dir(), stages.train_teacher)
+    timed("prepare", (paths.data / "report.json").is_file(), STAGES["prepare"].function)
+    timed("train_teacher", paths.model(teacher).is_dir(), STAGES["train_teacher"].function)
     for name in cfg.transfer_sets:
-        timed(f"transfer {name}", paths.split(name).is_file(), stages.transfer, name)
-    timed(f"evaluate {teacher}", paths.metrics(teacher).is_file(), stages.evaluate, teacher)
+        timed(f"transfer {name}", paths.split(name).is_file(), STAGES["transfer"].function, name)
+    timed(f"evaluate {teacher}", paths.metrics(teacher).is_file(), STAGES["evaluate"].function, teacher)
     for name in cfg.chain_order():
-        timed(f"distill {name}", paths.distilled(name).is_dir(), stages.distill, name)
-        timed(f"finetune {name}", paths.model(name).is_dir(), stages.finetune, name)
-        timed(f"evaluate {name}", paths.metrics(name).is_file(), stages.evaluate, name)
-    timed("register", False, stages.register)
-    timed("compare", False, stages.compare)
+        timed(f"distill {name}", paths.distilled(name).is_dir(), STAGES["distill"].function, name)
+        timed(f"finetune {name}", paths.model(name).is_dir(), STAGES["finetune"].function, name)
+        timed(f"evaluate {name}", paths.metrics(name).is_file(), STAGES["evaluate"].function, name)
+    timed("register", False, STAGES["register"].function)
+    timed("compare", False, STAGES["compare"].function)
     write_report(args, cfg, paths, timings)
 
 

@@ -1,11 +1,13 @@
 """`kd`: the command line. `kd run` (the whole Prefect flow), `kd stage NAME` (one stage, as DVC calls it),
-`kd compare`, `kd validate`, `kd serve` (a scheduled deployment).
+`kd compare`, `kd validate`, `kd serve` (a scheduled deployment), `kd dvc-yaml` (dvc.yaml from the stages).
 
-Bad input exits with status 2 and one line per problem on stderr, each naming the key, file or line.
+Bad input exits with status 2 and one line per problem on stderr, each naming the key, file or line; the exit
+status of every error of ours comes from `kd_core.errors`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -16,12 +18,11 @@ import typer
 import yaml
 
 import kd_core  # noqa: F401  (applies the offline defaults before the stack is imported)
-from kd_core.config import ConfigError, PipelineConfig, load_config
-from kd_core.preflight import PreflightError
+from kd_core.config import PipelineConfig, load_config
+from kd_core.errors import ConfigError, exit_code, is_reported
+from kd_core.stages import STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
-
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, LookupError, PreflightError)
 
 
 def _overrides(sets: list[str] | None) -> dict:
@@ -35,16 +36,26 @@ def _overrides(sets: list[str] | None) -> dict:
 
 
 def _fail(err: BaseException) -> None:
-    for line in str(err).splitlines() or [type(err).__name__]:
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)  # (KeyError's str() quotes it)
+    for line in str(message).splitlines() or [type(err).__name__]:
         typer.echo(f"error: {line}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(exit_code(err))
+
+
+@contextlib.contextmanager
+def _reported():
+    """Errors of ours and bad input: one line per message line, the exit status of `kd_core.errors`."""
+    try:
+        yield
+    except Exception as err:
+        if not is_reported(err):
+            raise
+        _fail(err)
 
 
 def _load(params: Path, sets: list[str] | None) -> PipelineConfig:
-    try:
+    with _reported():
         return load_config(params, _overrides(sets))
-    except ConfigError as err:
-        _fail(err)
 
 
 @app.callback()
@@ -66,28 +77,17 @@ def validate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> No
 
 
 @app.command()
-def stage(name: str = typer.Argument(..., help="prepare | train_teacher | transfer | cache_teacher | distill | finetune | evaluate | register | compare"),
+def stage(name: str = typer.Argument(..., help=" | ".join(STAGES)),
           model: Optional[str] = typer.Option(None, "--model", "--student", "-m",
-                                              help="student or teacher name (transfer: the transfer set's name)"),
+                                              help="the student, model or transfer set of a per-model stage"),
           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Run one stage (this is what dvc.yaml calls)."""
-    from kd_core.stages import STAGES, RunPaths
+    from kd_core.stages import run_stage
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = _load(params, set_)
-    if name not in STAGES:
-        _fail(ValueError(f"unknown stage {name!r} (allowed: {', '.join(STAGES)})"))
-    needs_model = name in ("transfer", "cache_teacher", "distill", "finetune", "evaluate")
-    if needs_model and not model:
-        _fail(ValueError(f"stage {name!r} needs --model"))
-    try:
-        if name in ("cache_teacher", "distill", "finetune") or (name == "evaluate" and model != cfg.teacher.name):
-            cfg.student(model)  # fail early on an unknown name
-        result = STAGES[name](cfg, RunPaths.of(cfg), model) if needs_model else STAGES[name](cfg, RunPaths.of(cfg))
-    except KeyError as err:
-        _fail(ValueError(err.args[0]))
-    except USER_ERRORS as err:
-        _fail(err)
+    with _reported():
+        result = run_stage(name, cfg, model)
     if name == "compare":
         print_table(result)
     else:
@@ -100,10 +100,8 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     _load(params, set_)  # validate before starting anything
     from flows.pipeline import kd_pipeline
 
-    try:
+    with _reported():
         result = kd_pipeline(params_path=str(params), overrides=_overrides(set_))
-    except USER_ERRORS as err:
-        _fail(err)
     print_table(result["compare"])
     typer.echo(f"\nrun folder:      {result['run_dir']}\nreport:          {result['compare']['markdown']}\n"
                f"plot:            {result['compare']['plot']}\nMLflow store:    {result['tracking_uri']}\n"
@@ -113,13 +111,11 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
 @app.command()
 def compare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Table of the registered versions in MLflow (any tracking URI), with report and plot."""
-    from kd_core.stages import RunPaths, compare as compare_stage
+    from kd_core.stages import run_stage
 
     cfg = _load(params, set_)
-    try:
-        result = compare_stage(cfg, RunPaths.of(cfg))
-    except USER_ERRORS as err:
-        _fail(err)
+    with _reported():
+        result = run_stage("compare", cfg)
     print_table(result)
 
 
@@ -133,20 +129,90 @@ def serve(params: Path = ParamsOpt, cron: str = typer.Option("0 3 * * *", help="
     kd_pipeline.serve(name=name, cron=cron, parameters={"params_path": str(params)})
 
 
+@app.command()
+def lineage(spec: str = typer.Argument(..., help="MODEL@alias, MODEL:version or MODEL (newest), e.g. kd-student@champion"),
+            params: Path = ParamsOpt) -> None:
+    """Where a registered version came from: data and model hashes (DVC), params, code revision, teacher chain."""
+    from kd_core import tracking
+
+    cfg = _load(params, None)
+    with _reported():
+        tracking.setup(cfg)
+        v = tracking.get_version(spec)
+    t = v["tags"]
+    typer.echo(f"{v['name']} v{v['version']}" + (f" ({', '.join(v['aliases'])})" if v["aliases"] else ""))
+    chain = [t.get("kd.model", "?")]
+    teacher = t.get("kd.teacher", "")
+    while teacher:  # follow the teacher-assistant chain through the versions registered by the same run
+        chain.append(teacher)
+        teacher = "" if teacher == t.get("kd.root_teacher") else _teacher_of(cfg, teacher, t.get("kd.params_hash"))
+    typer.echo(f"  model:        {t.get('kd.model')} ({t.get('kd.method')}{', ' + t['kd.divergence'] if t.get('kd.divergence') else ''})")
+    typer.echo(f"  teacher chain: {' <- '.join(reversed(chain))}")
+    typer.echo(f"  params hash:  {t.get('kd.params_hash')}   data version: {t.get('kd.data_version')}")
+    typer.echo(f"  code:         git {t.get('kd.git_commit') or 'unknown'}" + (" (dirty tree)" if t.get("kd.git_dirty") == "true" else ""))
+    typer.echo(f"  run folder:   {t.get('kd.run_dir')}   weights hash: {t.get('kd.model_hash')}")
+    dvc = {k.removeprefix("kd.dvc."): h for k, h in sorted(t.items()) if k.startswith("kd.dvc.")}
+    typer.echo("  DVC:" + ("" if dvc else " not recorded (the run was not versioned with DVC)"))
+    for key, h in dvc.items():
+        typer.echo(f"    {key}: {h}")
+
+
+def _teacher_of(cfg: PipelineConfig, model: str, params_hash: str | None) -> str:
+    from kd_core import tracking
+
+    for row in tracking.version_rows(cfg.tracking.registered_model):
+        if row["tags"].get("kd.model") == model and row["tags"].get("kd.params_hash") == params_hash:
+            return row["tags"].get("kd.teacher", "")
+    return ""
+
+
+@app.command()
+def checkout(spec: str = typer.Argument(..., help="MODEL@alias, MODEL:version or MODEL"), params: Path = ParamsOpt) -> None:
+    """Restore a registered version's data splits and model folder into the run folder (DVC cache or remote)."""
+    from kd_core import lineage as dvc_lineage
+    from kd_core import tracking
+
+    cfg = _load(params, None)
+    with _reported():
+        tracking.setup(cfg)
+        v = tracking.get_version(spec)
+        lock = tracking.download_artifact(v["run_id"], "lineage/dvc.lock")
+        if lock is None:
+            raise LookupError(f"{spec}: version {v['version']} was not versioned with DVC (no lineage/dvc.lock)")
+        name = v["tags"]["kd.model"]
+        stage = "train_teacher" if v["tags"].get("kd.role") == "teacher" else f"finetune@{name}"
+        restored = dvc_lineage.checkout(Path.cwd(), lock.read_text(encoding="utf-8"), ["prepare", stage])
+    typer.echo(f"{v['name']} v{v['version']}: restored {len(restored)} path(s)")
+    for path in restored:
+        typer.echo(f"  {path}")
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(check: bool = typer.Option(False, "--check", help="only check: exit 1 when dvc.yaml is out of date")) -> None:
+    """Write dvc.yaml from the stage declarations (kd_core/stages/__init__.py)."""
+    from kd_core.stages import dvcfile
+
+    if check:
+        current = dvcfile.ROOT / "dvc.yaml"
+        if not current.is_file() or current.read_text(encoding="utf-8") != dvcfile.render():
+            typer.echo("dvc.yaml differs from the stage declarations: run `kd dvc-yaml`", err=True)
+            raise typer.Exit(1)
+        return
+    typer.echo("dvc.yaml " + ("written" if dvcfile.write() else "is up to date"))
+
+
 def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from kd_core.evaluation.compare import COLUMNS, format_metric
+    from kd_core.evaluation.compare import table as version_table
 
     table = Table(title="registered models")
-    for col in ["model", "method", "params"] + [h for _, h, _ in COLUMNS] + ["aliases"]:
+    header, cells = version_table(result["rows"], roles=False)
+    for col in header:
         table.add_column(col)
-    for r in result["rows"]:
-        t = r["tags"]
-        method = t.get("kd.method", "") + (f" ({t['kd.divergence']})" if t.get("kd.divergence") else "")
-        table.add_row(r["label"], method, t.get("kd.parameters", ""), *[format_metric(r["metrics"], k, f) for k, _, f in COLUMNS],
-                      ", ".join(r["aliases"]))
+    for row in cells:
+        table.add_row(*row)
     Console(width=200).print(table)
     for p in result.get("paired_vs_sft", []):
         typer.echo(f"  {p['model']:>12} vs {p['vs']}: ΔROUGE-L {p['mean_diff']:+.2f} "

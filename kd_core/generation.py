@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kd_core.data.tokenize import left_pad
+from kd_core.lm import model_device
 
 
 @dataclass
@@ -43,7 +44,7 @@ def new_tokens(model: PreTrainedModel, prompts: list[list[int]], *, max_new_toke
         if max_length is not None:
             width = max(longest, min(width, max_length - max_new_tokens))
     ids, mask = left_pad(prompts, pad_token_id, width=width)
-    device = next(model.parameters()).device
+    device = model_device(model)
     cache = dict(cache_implementation="static") if static_cache else {}
     seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                           eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
@@ -64,7 +65,7 @@ def generate(model: PreTrainedModel, tokenizer, prompts: list[list[int]], *, max
     model.eval()
     torch.manual_seed(seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    static_cache = next(model.parameters()).device.type == "cuda"
+    static_cache = model_device(model).type == "cuda"
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
     out_ids: list[list[int]] = []
     n_new, start = 0, time.perf_counter()

@@ -14,10 +14,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHe
                           LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase)
 
 from kd_core.config import ArchConfig, ModelSource
-
-
-class ModelError(ValueError):
-    """A model that cannot be built or loaded as configured."""
+from kd_core.errors import ModelError
 
 
 def build_from_config(arch: ArchConfig, tokenizer: PreTrainedTokenizerBase, n_positions: int, seed: int) -> PreTrainedModel:

@@ -17,7 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from kd_core.config import PipelineConfig, TrainingConfig
+from kd_core.config import PipelineConfig, TrainingConfig, find_secrets
+from kd_core.errors import ConfigError, PreflightError, TrackingUnreachable
 
 HEALTH_TIMEOUT_S = 5.0
 # Adam keeps two fp32 moments per parameter: a resume checkpoint is weights + 2x weights (+ small files)
@@ -27,13 +28,18 @@ CHECKPOINTS_KEPT = 2
 DISK_MARGIN = 1.2
 
 
-class PreflightError(RuntimeError):
-    """A training stage cannot run as configured: the message says what and how to fix it."""
-
-
-class TrackingUnreachable(PreflightError):
-    """The MLflow server does not answer (or is unhealthy): the one preflight failure that may pass by itself,
-    so the Prefect flow retries it; `kd` reports it like any other (exit 2)."""
+def tracking_uri(cfg: PipelineConfig) -> str:
+    """The MLflow tracking store: `tracking.tracking_uri`, else MLFLOW_TRACKING_URI (never with a password in
+    it), else a sqlite file in the working directory."""
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+        if find_secrets({"MLFLOW_TRACKING_URI": uri}):  # it would end up in run folders, reports and logs
+            raise ConfigError("MLFLOW_TRACKING_URI contains a password (user:password@): set "
+                              "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead")
+        return uri
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
 def check_tracking(uri: str) -> None:
@@ -136,11 +142,10 @@ def _gb(n: int) -> str:
 def preflight(cfg: PipelineConfig, stage: str, *, model, tokenizer, training: TrainingConfig, out_dir: Path,
               teacher=None, student_source=None) -> None:
     """All checks before a training stage; raises one `PreflightError` naming the stage and the problem."""
-    from kd_core import tracking
     from kd_core.models import ModelError, check_vocab_compatible, count_parameters
 
     try:
-        check_tracking(tracking.tracking_uri(cfg))
+        check_tracking(tracking_uri(cfg))
         check_writable(Path(out_dir).parent, Path(cfg.run_dir) / "train_info")
         if teacher is not None or student_source is not None:
             try:

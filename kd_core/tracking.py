@@ -9,30 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from kd_core.config import ConfigError, PipelineConfig, find_secrets
+from kd_core.config import PipelineConfig
 from kd_core.io import write_json_atomic
-from kd_core.preflight import check_tracking
+from kd_core.preflight import check_tracking, tracking_uri  # noqa: F401  (tracking_uri: part of this API)
+from kd_core.run import is_main_process
 
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
-
-
-def tracking_uri(cfg: PipelineConfig) -> str:
-    if cfg.tracking.tracking_uri:
-        return cfg.tracking.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        uri = os.environ["MLFLOW_TRACKING_URI"]
-        if find_secrets({"MLFLOW_TRACKING_URI": uri}):  # it would end up in run folders, reports and logs
-            raise ConfigError("MLFLOW_TRACKING_URI contains a password (user:password@): set "
-                              "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead")
-        return uri
-    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
 def setup(cfg: PipelineConfig) -> str:
@@ -111,8 +99,12 @@ def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def stage_run(cfg: PipelineConfig, run_dir: Path, stage: str, model_name: str | None = None,
-              params: dict | None = None) -> Iterator[mlflow.ActiveRun]:
-    """A nested MLflow run for one stage; FAILED if the stage raises."""
+              params: dict | None = None, main_only: bool = False) -> Iterator[mlflow.ActiveRun | None]:
+    """A nested MLflow run for one stage; FAILED if the stage raises. `main_only`: under `torchrun` /
+    `deepspeed` only rank 0 tracks; the other ranks get no run (and the log_* calls below do nothing there)."""
+    if main_only and not is_main_process():
+        yield None
+        return
     parent = parent_run_id(cfg, run_dir)
     name = f"{stage}:{model_name}" if model_name else stage
     with mlflow.start_run(run_id=parent, nested=False):
@@ -123,6 +115,35 @@ def stage_run(cfg: PipelineConfig, run_dir: Path, stage: str, model_name: str | 
                 _flatten("", params, flat)
                 mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
             yield run
+
+
+def log_params(params: dict[str, Any]) -> None:
+    mlflow.log_params(params)
+
+
+def log_metrics(values: dict[str, Any]) -> None:
+    """The numeric entries of `values` (booleans and text left out) as metrics of the active run (rank 0 only)."""
+    if not is_main_process():
+        return
+    numeric = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numeric:
+        mlflow.log_metrics(numeric)
+
+
+def log_dict(obj: dict, artifact_file: str) -> None:
+    mlflow.log_dict(obj, artifact_file)
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def download_artifact(run_id: str, artifact_path: str) -> Path | None:
+    """A run's artifact as a local file, None when the run has no such artifact."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path))
+    except (mlflow.exceptions.MlflowException, OSError):
+        return None
 
 
 def log_step(entry: dict) -> None:
@@ -172,3 +193,41 @@ def version_rows(registered_name: str) -> list[dict]:
 
 def set_alias(registered_name: str, alias: str, version: int) -> None:
     MlflowClient().set_registered_model_alias(registered_name, alias, str(version))
+
+
+def version_with_tag(registered_name: str, key: str, value: str) -> int | None:
+    """The newest registered version whose tag `key` equals `value`, None when there is none."""
+    try:
+        versions = MlflowClient().search_model_versions(f"name='{registered_name}' and tags.`{key}` = '{value}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    return max((int(v.version) for v in versions), default=None)
+
+
+def tag_version(registered_name: str, version: int, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_name, str(version), key, value)
+
+
+def get_version(spec: str) -> dict:
+    """A registered version by `NAME@alias`, `NAME:version` or `NAME` (the newest): {name, version, run_id,
+    tags, aliases}. A LookupError names what is registered when there is no such version."""
+    client = MlflowClient()
+    name, _, alias = spec.partition("@")
+    name, _, number = name.partition(":")
+    try:
+        if alias:
+            v = client.get_model_version_by_alias(name, alias)
+        elif number:
+            v = client.get_model_version(name, number)
+        else:
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise LookupError(f"no registered model {name!r}")
+            v = max(versions, key=lambda x: int(x.version))
+    except mlflow.exceptions.MlflowException:
+        known = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
+        raise LookupError(f"no registered version {spec!r} (registered models: {known})") from None
+    aliases = [a for a, ver in client.get_registered_model(name).aliases.items() if str(ver) == str(v.version)]
+    return {"name": name, "version": int(v.version), "run_id": v.run_id, "tags": dict(v.tags), "aliases": aliases}

@@ -4,6 +4,10 @@ Checkpoints, gradient accumulation, schedules, progress bars and the DeepSpeed i
 Trainer. Loss normalisation: the Trainer counts the response tokens of the whole accumulated batch
 (`num_items_in_batch`, summed across ranks); methods divide token sums by it, so micro-batch losses add
 up to the exact token mean of the accumulated batch whatever the padding.
+
+This module owns device placement (student by the Trainer; teacher, the method's extra trainable modules
+and the cached teacher rows here) and the extra modules' gradients (reduced across ranks, cleared after
+every optimizer step); methods never move tensors or clear gradients themselves.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
@@ -23,17 +28,18 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from kd_core.config import TrainingConfig
 from kd_core.data.tokenize import IGNORE_INDEX, CausalCollator, EncodedDataset
 from kd_core.io import atomic_dir
+from kd_core.errors import TrainingDiverged
 from kd_core.methods.base import Method, StepContext
+from kd_core.teacher import TopKTeacherSignal
+
+if TYPE_CHECKING:
+    from kd_core.logit_cache import TeacherLogitCache
 
 
 def is_main_process() -> bool:
     """Rank 0 of a `torchrun` / `deepspeed` launch (both set RANK), or a single process: the one that writes
     outputs (models, metrics, train_info, MLflow runs)."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-class TrainingDiverged(RuntimeError):
-    """A NaN or inf loss: the message has the step, the batch shape and the loss terms."""
 
 
 @dataclass
@@ -48,10 +54,15 @@ class TrainResult:
 
 
 class DistillationTrainer(Trainer):
-    def __init__(self, *args, method: Method, teacher: PreTrainedModel | None = None, **kwargs):
+    """Asks `method` for each micro-batch's loss. The teacher's signal in the step context comes from
+    `teacher_cache` (its rows for the batch, on the batch's device) when given, else from the live `teacher`."""
+
+    def __init__(self, *args, method: Method, teacher: PreTrainedModel | None = None,
+                 teacher_cache: TeacherLogitCache | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
         self.teacher = teacher
+        self.teacher_cache = teacher_cache
         self.method_state: dict = {}
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
@@ -65,9 +76,11 @@ class DistillationTrainer(Trainer):
         if num_items_in_batch is None:  # e.g. called outside the training loop
             num_items_in_batch = inputs["labels"][:, 1:].ne(IGNORE_INDEX).sum()
         max_steps = max(self.state.max_steps, 1)
+        signal = (TopKTeacherSignal.from_cache(self.teacher_cache, inputs, inputs["input_ids"].device)
+                  if self.teacher_cache is not None else None)  # (None: the live teacher's, see StepContext)
         ctx = StepContext(student=model, batch=inputs, num_items=num_items_in_batch, teacher=self.teacher,
-                          tokenizer=self.processing_class, progress=self.state.global_step / max_steps,
-                          state=self.method_state, trainer=self)
+                          teacher_signal=signal, tokenizer=self.processing_class,
+                          progress=self.state.global_step / max_steps, state=self.method_state, trainer=self)
         out = self.method.compute_loss(ctx)
         if self.teacher is not None:
             self.teacher_forward_passes += inputs["input_ids"].shape[0]
@@ -99,23 +112,15 @@ class DistillationTrainer(Trainer):
         return optimizer
 
 
-class _ZeroExtraGrads(TrainerCallback):
-    """The Trainer clears the model's gradients only; clear the whole optimizer's (extra modules such as
-    OKD's online module or hidden-state projections are in it) after every optimizer step."""
-
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-
-
 class _ExtraModulesStep(TrainerCallback):
-    """The extra trainable modules (OKD's online module, hidden-state projections) in a multi-process run.
+    """The gradients of the method's extra trainable modules (OKD's online module, hidden-state projections).
 
-    DDP and DeepSpeed reduce the gradients of the student (the wrapped model) only: average the extras' over
-    the ranks before the optimizer step, so every rank applies the same update to its replica. DeepSpeed's
-    ZeRO optimizer takes only parameters of the engine's module, so there the extras get their own AdamW
-    (the Trainer's betas/eps, no weight decay, no clipping: as in the single-process param group) stepped at
-    the Trainer's learning rate of the step.
+    The Trainer clears the student's gradients only: the extras' are cleared here after every optimizer step
+    (else they would accumulate across steps). DDP and DeepSpeed reduce the student's gradients only: in a
+    multi-process run the extras' are averaged over the ranks before the optimizer step, so every rank
+    applies the same update to its replica. DeepSpeed's ZeRO optimizer takes only parameters of the engine's
+    module, so there the extras get their own AdamW (the Trainer's betas/eps, no weight decay, no clipping:
+    as in the single-process param group) stepped at the Trainer's learning rate of the step.
     """
 
     def __init__(self, method: Method, args: TrainingArguments, own_optimizer: bool):
@@ -135,7 +140,10 @@ class _ExtraModulesStep(TrainerCallback):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_scheduler.get_last_lr()[0]
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for p in self.params:
+            p.grad = None
 
 
 class _MetricsCallback(TrainerCallback):
@@ -280,14 +288,29 @@ def _save_final(trainer: DistillationTrainer, out_dir: Path, tokenizer, method: 
         trainer.accelerator.wait_for_everyone()
 
 
+def _place_method_modules(method: Method, teacher: torch.nn.Module | None, device: torch.device) -> None:
+    """Move what the method's `setup` returned or built to the training device, keeping dtypes: the teacher in
+    use (a wrapper such as OKD's peft model holds modules outside the teacher) and the extra trainable modules.
+    (The Trainer places the student.)"""
+    for module in [teacher, *method.trainable_modules()]:
+        if module is not None:
+            module.to(device)
+
+
 def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: TrainingConfig, out_dir: Path, *,
-          method: Method, seed: int, teacher: PreTrainedModel | None = None, epochs: float | None = None,
+          method: Method, seed: int, teacher: PreTrainedModel | None = None,
+          teacher_cache: TeacherLogitCache | None = None, epochs: float | None = None,
           learning_rate: float | None = None, on_log=None, save=True) -> TrainResult:
     """Train `model` with `method` and save it (safetensors + tokenizer) to `out_dir` atomically.
 
+    The teacher's signal: `teacher_cache` (a :class:`kd_core.logit_cache.TeacherLogitCache` for `dataset`;
+    only for methods with `reads_teacher_cache`), else the live `teacher` model (None for methods without a
+    teacher). A method that needs the model itself (OKD, hidden states, generation) gets `teacher`.
     Checkpoints (if `cfg.save_steps`) go to `out_dir.parent/.<name>-checkpoints`; a run started again
     resumes from the latest one.
     """
+    if teacher_cache is not None and not method.reads_teacher_cache:
+        raise ValueError(f"method {method.name!r} cannot train on the teacher cache: it needs the live teacher")
     out_dir = Path(out_dir)
     ckpt_dir = out_dir.parent / f".{out_dir.name}-checkpoints"
     args = training_arguments(cfg, ckpt_dir, seed, epochs, learning_rate)
@@ -297,12 +320,13 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
         # setup below, is created in fp32 by peft)
         teacher.to(args.device, dtype=PRECISION_DTYPES[cfg.precision]).eval().requires_grad_(False)
     teacher = method.setup(model, teacher)
-    extras_step = (_ExtraModulesStep(method, args, own_optimizer=bool(cfg.deepspeed))
-                   if args.world_size > 1 or cfg.deepspeed else None)
-    callbacks = [callback, _ZeroExtraGrads()] + ([extras_step] if extras_step else [])
+    _place_method_modules(method, teacher, args.device)
+    extras_step = _ExtraModulesStep(method, args, own_optimizer=bool(cfg.deepspeed))
+    callbacks = [callback] + ([extras_step] if extras_step.params else [])
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=CausalCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, method=method, teacher=teacher, callbacks=callbacks)
+        processing_class=tokenizer, method=method, teacher=teacher, teacher_cache=teacher_cache,
+        callbacks=callbacks)
     if teacher is not None and cfg.teacher_sharding == "zero3":
         if any(p.requires_grad for p in teacher.parameters()):
             raise ValueError(f"training.teacher_sharding: 'zero3' shards a frozen teacher, but method "
@@ -310,7 +334,7 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
         trainer.teacher = zero3_inference_engine(teacher, trainer.accelerator)
     extras = None
     if method.trainable_modules():
-        extras = _ExtraModulesCheckpoint(method.trainable_modules(), extras_step.optimizer if extras_step else None)
+        extras = _ExtraModulesCheckpoint(method.trainable_modules(), extras_step.optimizer)
         trainer.add_callback(extras)
     resume = last_complete_checkpoint(ckpt_dir, (EXTRA_MODULES_FILE,) if extras else ())
     if resume and extras:

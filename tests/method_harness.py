@@ -20,7 +20,7 @@ from kd_core.config import ArchConfig, StudentConfig, TrainingConfig
 from kd_core.data.builtin import generate_builtin
 from kd_core.data.split import split_rows
 from kd_core.data.template import format_prompt
-from kd_core.data.tokenize import CausalCollator, EncodedDataset, encode_rows, train_bpe_tokenizer
+from kd_core.data.tokenize import IGNORE_INDEX, CausalCollator, EncodedDataset, encode_rows, train_bpe_tokenizer
 from kd_core.methods import StepContext, get_method
 from kd_core.models import build_from_config
 from kd_core.training import train
@@ -77,7 +77,7 @@ def method_loss(method, student, teacher, batches, tokenizer, seed: int = 0) -> 
     total = 0.0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        ctx = StepContext(student=student, batch=batch, num_items=batch["labels"][:, 1:].ne(-100).sum(),
+        ctx = StepContext(student=student, batch=batch, num_items=batch["labels"][:, 1:].ne(IGNORE_INDEX).sum(),
                           teacher=teacher, tokenizer=tokenizer, progress=0.5, state={})
         total += float(method.compute_loss(ctx).loss)
     return total / len(batches)
@@ -110,7 +110,7 @@ def assert_student_grads(method, student, teacher, progress: float = 0.5) -> Non
     student.zero_grad()
     device = next(student.parameters()).device
     batch = {k: v.to(device) for k, v in tiny_setup().val_batches()[0].items()}
-    ctx = StepContext(student=student, batch=batch, num_items=batch["labels"][:, 1:].ne(-100).sum(),
+    ctx = StepContext(student=student, batch=batch, num_items=batch["labels"][:, 1:].ne(IGNORE_INDEX).sum(),
                       teacher=teacher, progress=progress)
     method.compute_loss(ctx).loss.backward()
     grads = [p.grad for p in student.parameters() if p.requires_grad]

@@ -10,7 +10,13 @@ import pytest
 
 from kd_core.config import load_config
 from kd_core.methods import METHODS
-from kd_core.stages import RunPaths, distill, evaluate, finetune, prepare, train_teacher, transfer
+from kd_core.run import RunPaths
+from kd_core.stages.distill import distill
+from kd_core.stages.evaluate import evaluate
+from kd_core.stages.finetune import finetune
+from kd_core.stages.prepare import prepare
+from kd_core.stages.train_teacher import train_teacher
+from kd_core.stages.transfer import transfer
 from tests.conftest import TINY_MODEL, TINY_TRAINING, tiny_params, write_params
 
 ARGS = {  # keep generation short on the tiny setup

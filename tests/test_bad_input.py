@@ -17,7 +17,9 @@ from kd_core.cli import app
 from kd_core.config import ConfigError, TrainingConfig, load_config, parse_config
 from kd_core.preflight import (PreflightError, TrackingUnreachable, check_disk, check_tracking, checkpoint_bytes,
                                preflight)
-from kd_core.stages import RunPaths, prepare, train_teacher
+from kd_core.run import RunPaths
+from kd_core.stages.prepare import prepare
+from kd_core.stages.train_teacher import train_teacher
 from tests.conftest import tiny_params, write_params
 
 
@@ -89,7 +91,7 @@ def test_empty_split_after_filtering(project):
 def test_overlong_rows_are_counted_in_the_prepare_report_and_handled_per_params(project, policy):
     from kd_core.data.template import format_prompt
     from kd_core.data.tokenize import load_tokenizer
-    from kd_core.stages import _train_set
+    from kd_core.run import load_train_set as _train_set
 
     rows = _rows(60) + _rows(20, start=100, response="a long answer " * 12)
     (project / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -135,3 +135,120 @@ def test_override_of_one_student_does_not_leak_through_yaml_anchors(tmp_path):
         "  b: {model: {config: {n_layer: 1}}, training: *t}\n")
     cfg = load_config(tmp_path / "params.yaml", {"students.a.training.learning_rate": 0.5})
     assert cfg.student("a").training.learning_rate == 0.5 and cfg.student("b").training.learning_rate == 0.1
+
+
+# ------------------------------------------------------------------------------------------- known before training
+def test_evaluation_must_generate_something():
+    p = tiny_params()
+    p["evaluation"].update(sample_seeds=[], greedy=False)
+    assert "params.yaml: evaluation.sample_seeds: empty and greedy is false: the eval sets would get no generation " \
+           "metric (give seeds, e.g. [0], or set greedy: true)" in _error(p)
+    p["evaluation"]["eval_sets"] = []  # no eval set: nothing to generate on, nothing missing
+    p["tracking"]["champion"]["metric"] = "val/ppl"
+    parse_config(p)
+    p = tiny_params()
+    p["evaluation"]["exaccerr_lengths"] = [8, 0]
+    assert "evaluation.exaccerr_lengths[1]: Input should be greater than or equal to 1" in _error(p)
+
+
+@pytest.mark.parametrize("metric, evaluation, message", [
+    ("dolly/rougeL_sampled_mean", {}, "tracking.champion.metric: eval set 'dolly' of 'dolly/rougeL_sampled_mean' is "
+                                      "not evaluated (evaluation.eval_sets; allowed: test)"),
+    ("test/rougeL_sampled_mean", {"sample_seeds": []}, "tracking.champion.metric: 'test/rougeL_sampled_mean' is a "
+                                                       "sampled metric and evaluation.sample_seeds is empty"),
+    ("test/rougeL_greedy", {"greedy": False}, "tracking.champion.metric: 'test/rougeL_greedy' is a greedy metric and "
+                                              "evaluation.greedy is false (allowed: true)"),
+    ("test/rouge", {}, "tracking.champion.metric: unknown metric 'test/rouge' (allowed: parameters, train_time_s, "),
+    ("test/exaccerr_l8", {"exaccerr_prompts": 0}, "tracking.champion.metric: 'test/exaccerr_l8': "
+                                                  "evaluation.exaccerr_prompts is 0"),
+])
+def test_champion_metric_must_be_produced_by_the_evaluation(metric, evaluation, message):
+    p = tiny_params()
+    p["evaluation"].update(evaluation)
+    p["tracking"]["champion"]["metric"] = metric
+    [line] = _error(p).splitlines()
+    assert line.startswith(f"params.yaml: {message}")
+
+
+def test_champion_metrics_that_are_produced():
+    for metric in ("test/rougeL_sampled_mean", "test/exact_match_greedy", "val/ppl", "parameters",
+                   "test/top1_agreement", "test/exaccerr_l8_ci_high"):
+        p = tiny_params()
+        p["tracking"]["champion"]["metric"] = metric
+        parse_config(p)
+    p = tiny_params()
+    p["data"]["split"]["val_fraction"] = 0.0
+    p["tracking"]["champion"]["metric"] = "val/ppl"
+    assert "tracking.champion.metric: 'val/ppl' needs a val split and data.split.val_fraction is 0" in _error(p)
+    p = tiny_params()
+    p["tracking"]["champion"]["significance"] = 0.05
+    parse_config(p)
+    p["evaluation"]["sample_seeds"] = []
+    p["tracking"]["champion"]["metric"] = "test/rougeL_greedy"
+    assert "tracking.champion.significance: the paired test reads per-prompt sampled ROUGE-L" in _error(p)
+
+
+def _cut(p: dict, student: str, layers: list[int], teacher: str = "teacher") -> dict:
+    p["students"][student].update(model={"from_teacher_layers": layers}, teacher=teacher)
+    return p
+
+
+def test_from_teacher_layers_are_checked_against_config_built_teachers():
+    p = tiny_params()
+    p["teacher"]["model"]["config"]["n_layer"] = 3
+    parse_config(_cut(p, "fkl", [0, 2]))
+    assert "params.yaml: students.fkl.model.from_teacher_layers: indices [3, 5] beyond the 3 layers of 'teacher' " \
+           "(allowed: 0 to 2)" in _error(_cut(p, "fkl", [0, 3, 5]))
+    # a teacher-assistant chain: the student that teaches (config-built, or itself cut from the teacher)
+    p = tiny_params()
+    p["teacher"]["model"]["config"]["n_layer"] = 4
+    p["students"]["sft"]["model"] = {"config": {"n_layer": 2, "hidden": 32, "n_head": 2}}
+    assert "students.fkl.model.from_teacher_layers: indices [2] beyond the 2 layers of 'sft' (allowed: 0 to 1)" \
+           in _error(_cut(p, "fkl", [0, 2], teacher="sft"))
+    _cut(p, "sft", [0, 1, 3])
+    parse_config(_cut(p, "fkl", [2], teacher="sft"))
+    assert "beyond the 3 layers of 'sft'" in _error(_cut(p, "fkl", [3], teacher="sft"))
+    # a checkpoint teacher: its layers are known only once loaded
+    p = tiny_params()
+    p["teacher"]["model"] = {"checkpoint": "some/model"}
+    parse_config(_cut(p, "fkl", [0, 30]))
+
+
+@pytest.mark.parametrize("layers, message", [
+    ([0, -1], "from_teacher_layers: negative indices [-1] (allowed: 0 to the teacher's layers - 1)"),
+    ([0, 1, 0], "from_teacher_layers: indices [0] given twice (each teacher layer is kept at most once)"),
+    ([], "from_teacher_layers: empty (give the teacher layer indices to keep, e.g. [0, 2])"),
+])
+def test_from_teacher_layers_negative_repeated_or_empty(layers, message):
+    assert f"params.yaml: students.fkl.model.{message}" in _error(_cut(tiny_params(), "fkl", layers))
+
+
+def test_model_source_fields_that_do_not_fit():
+    p = tiny_params()
+    p["teacher"]["model"] = {"from_teacher_layers": [0]}
+    assert "params.yaml: teacher.model.from_teacher_layers: students only" in _error(p)
+    p = tiny_params()
+    p["students"]["fkl"]["model"]["gguf_file"] = "m.gguf"
+    assert "params.yaml: students.fkl.model.gguf_file: a file inside `checkpoint`" in _error(p)
+
+
+@pytest.mark.parametrize("arch, message", [
+    ({"arch": "llama", "hidden": 32, "n_head": 4, "n_kv_head": 3},
+     "students.fkl.model.config.n_kv_head: 3 must divide n_head (4) (allowed: 1, 2, 4)"),
+    ({"arch": "llama", "hidden": 12, "n_head": 4},
+     "students.fkl.model.config.hidden: hidden / n_head = 12 / 4 = 3 must be even for llama"),
+    ({"arch": "gpt2", "hidden": 32, "n_head": 4, "n_kv_head": 2},
+     "students.fkl.model.config.n_kv_head: llama only"),
+    ({"arch": "gpt2", "hidden": 30, "n_head": 4}, "students.fkl.model.config: hidden (30) must be divisible by n_head (4)"),
+])
+def test_architecture_rules_of_transformers(arch, message):
+    p = tiny_params()
+    p["students"]["fkl"]["model"] = {"config": {"n_layer": 1, **arch}}
+    assert f"params.yaml: {message}" in _error(p)
+
+
+def test_architectures_that_transformers_builds_are_accepted():
+    for arch in ({"arch": "llama", "hidden": 32, "n_head": 4, "n_kv_head": 2}, {"arch": "gpt2", "hidden": 12, "n_head": 4}):
+        p = tiny_params()
+        p["students"]["fkl"]["model"] = {"config": {"n_layer": 1, **arch}}
+        parse_config(p)

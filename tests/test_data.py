@@ -155,7 +155,7 @@ def test_chatml_template_matches_the_chat_format():
 
 def test_max_rows_keeps_the_first_valid_rows():
     from kd_core.config import parse_config
-    from kd_core.stages import _load_main_rows
+    from kd_core.stages.prepare import load_main_rows as _load_main_rows
     from tests.conftest import tiny_params
 
     full, _ = _load_main_rows(parse_config(tiny_params()))

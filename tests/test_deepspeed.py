@@ -60,7 +60,11 @@ from kd_core.config import ConfigError, load_config  # noqa: E402
 from kd_core.data.tokenize import CausalCollator, encode_rows, load_tokenizer  # noqa: E402
 from kd_core.io import read_jsonl  # noqa: E402
 from kd_core.models import load_checkpoint, make_model  # noqa: E402
-from kd_core.stages import RunPaths, _n_positions, distill, prepare, train_teacher  # noqa: E402
+from kd_core.run import RunPaths  # noqa: E402
+from kd_core.run import n_positions as _n_positions  # noqa: E402
+from kd_core.stages.distill import distill  # noqa: E402
+from kd_core.stages.prepare import prepare  # noqa: E402
+from kd_core.stages.train_teacher import train_teacher  # noqa: E402
 from tests.conftest import TINY_MODEL, tiny_params, write_params  # noqa: E402
 
 STEPS = 4

@@ -23,13 +23,13 @@ from kd_core.evaluation.exposure_bias import (
 from kd_core.evaluation.stats import paired_bootstrap, summarize
 from kd_core.evaluation.teacher_forcing import (
     TokenStats,
-    causal_lm_logits,
     collect_token_stats,
     plot_unc_buckets,
     top1_agreement,
     unc_buckets,
 )
 from kd_core.evaluation.text_metrics import distinct_n, exact_match, normalize_answer, rouge_l, self_bleu
+from kd_core.lm import causal_lm_logits
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402

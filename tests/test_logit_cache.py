@@ -17,11 +17,17 @@ from kd_core import logit_cache
 from kd_core.config import ConfigError, TrainingConfig, parse_config
 from kd_core.data.tokenize import load_tokenizer, train_bpe_tokenizer
 from kd_core.io import write_jsonl_atomic
-from kd_core.logit_cache import CacheError, TeacherLogitCache, cache_key, cache_teacher, read_manifest, stale_fields
+from kd_core.errors import CacheError
+from kd_core.logit_cache import TeacherLogitCache, cache_key, read_manifest, stale_fields
 from kd_core.losses.chunked import chunked_token_divergence
 from kd_core.methods import get_method
 from kd_core.models import ModelError, build_from_config, check_vocab_compatible
-from kd_core.stages import RunPaths, _train_set, distill, load_model, prepare, train_teacher
+from kd_core.run import RunPaths, load_model
+from kd_core.run import load_train_set as _train_set
+from kd_core.stages.cache_teacher import cache_teacher, load_for_training
+from kd_core.stages.distill import distill
+from kd_core.stages.prepare import prepare
+from kd_core.stages.train_teacher import train_teacher
 from kd_core.training import train
 from tests.conftest import TINY_MODEL, TINY_TRAINING, tiny_params
 
@@ -161,7 +167,7 @@ def test_config_rejects_the_cache_for_methods_that_need_the_live_teacher(prepare
     tmp, _, _ = prepared
     gkd = _cached_student() | {"method": "gkd", "divergence": None}
     with pytest.raises(ConfigError, match=r"students\.cached\.teacher_cache\.enabled: method 'gkd' needs the live "
-                                          r"teacher.*read by: kd"):
+                                          r"teacher.*read by: atkd, kd"):
         _cfg(tmp, cached=gkd)
     with pytest.raises(ConfigError, match=r"students\.cached\.teacher_cache\.top_k"):
         _cfg(tmp, cached=_cached_student(top_k=0))
@@ -180,11 +186,12 @@ def test_distill_on_the_cache_at_full_k_follows_the_live_teacher(prepared):
     for mode in ("live", "cache"):
         method = get_method("kd")(sc, sc.method_args)
         student = build_from_config(sc.model.config, tok, 64, seed=0)
+        cache = None
         if mode == "cache":
-            method.teacher_cache = logit_cache.load_for_training(cfg_full, paths, "cached", ds, student)
-            assert method.teacher_cache.key["top_k"] == len(tok) + PAD_ROWS  # capped at the teacher's vocabulary
+            cache = load_for_training(cfg_full, paths, "cached", ds, student)
+            assert cache.key["top_k"] == len(tok) + PAD_ROWS  # capped at the teacher's vocabulary
         result = train(student, ds, tok, training, tmp / f"out-{mode}", method=method, seed=0,
-                       teacher=copy.deepcopy(teacher) if mode == "live" else None, save=False)
+                       teacher=copy.deepcopy(teacher) if mode == "live" else None, teacher_cache=cache, save=False)
         curves[mode] = [h["loss"] for h in result.history if "loss" in h]
         assert result.teacher_forward_passes == (0 if mode == "cache" else 5 * 16)
     assert len(curves["live"]) == 5

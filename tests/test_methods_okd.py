@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -165,23 +164,39 @@ def test_okd_directions_match_the_paper():
         assert logs["okd_teacher_kd"] == pytest.approx(float(teacher_kd), rel=1e-5)
 
 
-def test_okd_extra_grads_do_not_leak_across_steps():
+def test_okd_extra_grads_do_not_leak_across_steps(monkeypatch):
+    """The trainer clears the online module's gradients after every optimizer step (methods do not): with the
+    same examples in every micro-batch and a negligible learning rate, the gradient the optimizer sees is the
+    same at every step, and equals one micro-batch's loss gradient (the accumulated micro-batches sum)."""
+    from kd_core import training
+    from kd_core.data.tokenize import CausalCollator, EncodedDataset
+
     setup = tiny_setup()
     sc = student_config("okd")
     method = get_method("okd")(sc, sc.method_args)
-    student = setup.student()
-    teacher = method.setup(student, copy.deepcopy(setup.teacher))
-    batch = setup.val_batches()[0]
-    fake = SimpleNamespace(state=SimpleNamespace(global_step=0))
-    state: dict = {}
-    online = list(method.online.parameters())
-    method.compute_loss(_ctx(student, teacher, batch, trainer=fake, state=state)).loss.backward()
-    single = [p.grad.clone() for p in online]
-    method.compute_loss(_ctx(student, teacher, batch, trainer=fake, state=state)).loss.backward()  # same step: sums
-    torch.testing.assert_close([p.grad for p in online], [2 * g for g in single])
-    fake.state.global_step = 1  # next optimizer step: the method clears its own modules' gradients first
-    method.compute_loss(_ctx(student, teacher, batch, trainer=fake, state=state)).loss.backward()
-    torch.testing.assert_close([p.grad for p in online], single)
+    student, teacher = setup.student(), copy.deepcopy(setup.teacher)
+    same = EncodedDataset([setup.train_set.examples[0]] * 16)
+    seen: list[list[torch.Tensor]] = []
+    record = training._ExtraModulesStep.on_pre_optimizer_step
+
+    def recording(self, args, state, control, **kw):
+        seen.append([p.grad.detach().clone() for p in method.online.parameters()])
+        return record(self, args, state, control, **kw)
+
+    monkeypatch.setattr(training._ExtraModulesStep, "on_pre_optimizer_step", recording)
+    cfg = TrainingConfig(max_steps=3, learning_rate=1e-12, batch_size=8, grad_accum=2, warmup_ratio=0.0,
+                         logging_steps=1)
+    train(student, same, setup.tokenizer, cfg, setup.workdir / "okd-no-leak", method=method, seed=0,
+          teacher=teacher, save=False)
+    assert len(seen) == 3
+    assert all(p.grad is None for p in method.online.parameters())  # cleared after the last step too
+    for step in seen[1:]:
+        torch.testing.assert_close(step, seen[0], rtol=1e-5, atol=1e-9)
+    batch = {k: v.to(next(student.parameters()).device)
+             for k, v in CausalCollator(setup.tokenizer.pad_token_id)([same[i] for i in range(8)]).items()}
+    student.train()
+    method.compute_loss(_ctx(student, method.setup(student, teacher), batch)).loss.backward()
+    torch.testing.assert_close([p.grad for p in method.online.parameters()], seen[0], rtol=1e-4, atol=1e-8)
 
 
 def test_okd_args_are_checked():

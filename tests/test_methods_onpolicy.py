@@ -1,4 +1,5 @@
-"""On-policy methods (imitkd, gkd, minillm, distillm) and their shared helpers (kd_core.methods.onpolicy)."""
+"""On-policy methods (imitkd, gkd, minillm, distillm) and their shared helpers (kd_core.methods.onpolicy,
+rollouts, batches)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from kd_core.losses.divergences import reduce_tokens, token_divergence
 from kd_core.methods import StepContext, get_method
 from kd_core.methods.distillm import AdaptiveScheduler, ReplayBuffer
 from kd_core.methods.minillm import MiniLLMArgs, advantages, discounted_future, minillm_terms
-from kd_core.methods.onpolicy import (Generation, collate_rows, extract_prompts, generation_batch, method_divergence,
-                                      mixed_batch, sample, token_mean_scaled)
+from kd_core.methods.batches import collate_rows, extract_prompts, generation_batch, mixed_batch
+from kd_core.methods.onpolicy import method_divergence, token_mean_scaled
+from kd_core.methods.rollouts import Generation, sample
 from tests.method_harness import run_method, student_config, tiny_setup
 
 IG = IGNORE_INDEX
@@ -406,8 +408,8 @@ def test_distillm_generates_then_replays_and_windows_the_proxy():
     tokens_after_first = trainer.generated_tokens
     assert tokens_after_first > 0
     buffered = list(buf.items)
-    chosen, replaced, choice = m.make_batch(ctx_for(student, batch, progress=1.0, state=state, trainer=trainer))
-    assert choice == "replay" and replaced and trainer.generated_tokens == tokens_after_first and buf.reused == 4
+    chosen, replaced, logs = m.make_batch(ctx_for(student, batch, progress=1.0, state=state, trainer=trainer))
+    assert logs["replayed"] == 1.0 and replaced and trainer.generated_tokens == tokens_after_first and buf.reused == 4
     rows = {str((p, t, e)) for p, t, e in buffered}
     prompts = extract_prompts(chosen)
     assert all(any(str(p) in r for r in rows) for p in prompts)

@@ -9,7 +9,10 @@ from transformers import AutoModelForCausalLM
 
 from kd_core.config import load_config
 from kd_core.models import ModelError, count_parameters, student_from_teacher_layers
-from kd_core.stages import RunPaths, distill, prepare, train_teacher
+from kd_core.run import RunPaths
+from kd_core.stages.distill import distill
+from kd_core.stages.prepare import prepare
+from kd_core.stages.train_teacher import train_teacher
 from tests.conftest import TINY_TRAINING, tiny_params, write_params
 
 

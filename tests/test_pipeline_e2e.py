@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kd_core.config import parse_config
-from kd_core.stages import RunPaths
+from kd_core.run import RunPaths
 from tests.conftest import REPO, tiny_params, write_params
 
 KD = str(Path(sys.executable).with_name("kd"))
@@ -169,3 +169,74 @@ def test_teacher_assistant_chain_and_seqkd_through_the_flow(project):
     versions = {v.tags["kd.model"]: v.tags for v in _registered("kd-student")}
     assert versions["ta"]["kd.role"] == "assistant" and versions["small"]["kd.teacher"] == "ta"
     assert versions["seq"]["kd.train_data"] == "teacher_samples" and versions["seq"]["kd.method"] == "seqkd"
+
+
+def _dvc_project(project: Path, params: dict) -> None:
+    """The project as a git + DVC repository with the tiny params, the generated dvc.yaml and the code."""
+    write_params(project, params)
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.copytree(REPO / "kd_core", project / "kd_core", ignore=shutil.ignore_patterns("__pycache__"))
+    for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q",
+                                         "--allow-empty", "-m", "init"],
+                [str(Path(sys.executable).with_name("dvc")), "init", "-q"]):
+        subprocess.run(cmd, cwd=project, check=True, capture_output=True)
+
+
+def _dvc_status(project: Path) -> dict:
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        return repo.status()
+
+
+@pytest.mark.slow
+def test_flow_records_in_dvc_skips_what_is_up_to_date_and_checks_out_a_version(project):
+    """After the flow, `dvc status` is clean (dvc.lock written, outputs cached); a second flow run skips every
+    stage and registers nothing; changing one student's params makes only its stages out of date; after the
+    data changes (more built-in rows), a run registers new versions, and `kd checkout` of a first-run version
+    restores that run's data split and model folder byte for byte."""
+    from prefect.testing.utilities import prefect_test_harness
+    from typer.testing import CliRunner
+
+    from flows.pipeline import kd_pipeline
+    from kd_core.cli import app
+    from kd_core.io import tree_hash
+    from kd_core.stages.graph import expand
+
+    params = tiny_params()
+    _dvc_project(project, params)
+    paths = RunPaths.of(parse_config(params))
+    with prefect_test_harness():
+        first = kd_pipeline(params_path="params.yaml")
+        assert first["skipped"] == []
+        assert _dvc_status(project) == {}
+        first_hashes = {p: tree_hash(project / p) for p in (paths.split("train"), paths.model("fkl"))}
+        fkl_v1 = first["registered"]["versions"]["fkl"]["version"]
+        n_versions = len(_registered("kd-student"))
+        second = kd_pipeline(params_path="params.yaml")
+        assert set(second["skipped"]) == {n.name for n in expand(parse_config(params))}
+        assert len(_registered("kd-student")) == n_versions  # nothing registered again
+        assert second["compare"]["rows"] == first["compare"]["rows"]
+
+        params["students"]["fkl"]["temperature"] = 2.0
+        write_params(project, params)
+        stale = set(_dvc_status(project))
+        assert stale == {"cache_teacher@fkl", "distill@fkl", "finetune@fkl"}, stale
+        params["students"]["fkl"]["temperature"] = 1.0
+        write_params(project, params)
+
+        params["data"]["builtin_examples"] = 300  # 60 more rows
+        write_params(project, params)
+        third = kd_pipeline(params_path="params.yaml")
+        assert third["skipped"] == []  # every stage reads the data
+        assert third["registered"]["versions"]["fkl"]["new"] is True
+    assert len(_registered("kd-student")) == n_versions + len(params["students"])
+    assert tree_hash(project / paths.split("train")) != first_hashes[paths.split("train")]
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["lineage", f"kd-student:{fkl_v1}"])
+    assert shown.exit_code == 0, shown.output
+    assert "teacher chain: teacher <- fkl" in shown.output and "data.runs/tiny/data/train.jsonl" in shown.output
+    out = runner.invoke(app, ["checkout", f"kd-student:{fkl_v1}"])
+    assert out.exit_code == 0, out.output
+    assert {p: tree_hash(project / p) for p in first_hashes} == first_hashes

@@ -13,13 +13,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from kd_core.data.template import format_prompt
+from kd_core.errors import DataError
 
 FIELDS = ("instruction", "context", "response", "category")
 REQUIRED = ("instruction", "response")
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file and line (or row) and what is wrong."""
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -125,13 +125,15 @@ def batches(dataset, pad_token_id: int, batch_size: int):
         yield collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
 
 
-def left_pad(prompts: list[list[int]], pad_token_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt batch for generation: (input_ids [B,T], attention_mask [B,T]); T is the longest
-    prompt, or `width` (at least that)."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt batch for generation: (input_ids [B,T], attention_mask [B,T]), int64; T is the
+    longest prompt, or `width` (at least that). Padding is `pad_token_id` with attention 0, before the prompt."""
     width = max(max(len(p) for p in prompts), width or 0)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    ids = torch.full((len(prompts), width), int(pad_token_id), dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        if len(p):
+            ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
     return ids, mask

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from kd_core import tracking
-from kd_core.io import atomic_dir, write_json_atomic, write_text_atomic
+from kd_core.evaluation.stats import paired_on_common_ids
+from kd_core.io import atomic_dir, read_jsonl, write_json_atomic, write_text_atomic
 
 COLUMNS = [  # (metric key, header, format)
     ("test/rougeL_sampled_mean", "ROUGE-L (T=1)", "{:.2f}"),
@@ -55,17 +56,25 @@ def _vs_sft(rows: list[dict], params_hash: str, key: str) -> list[dict]:
     return out
 
 
-def markdown_table(rows: list[dict]) -> str:
-    header = ["model", "role", "method", "params"] + [h for _, h, _ in COLUMNS] + ["aliases"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def table(rows: list[dict], *, roles: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the registered-versions table: model, role (when `roles`), method (divergence),
+    parameters, the `COLUMNS` metrics (`format_metric`) and the aliases, one row per version."""
+    header = ["model"] + (["role"] if roles else []) + ["method", "params"] + [h for _, h, _ in COLUMNS] + ["aliases"]
+    cells = []
     for r in rows:
         t = r["tags"]
         method = t.get("kd.method", "")
         if t.get("kd.divergence"):
             method += f" ({t['kd.divergence']})"
-        cells = [r["label"], t.get("kd.role", ""), method, t.get("kd.parameters", "")]
-        cells += [format_metric(r["metrics"], k, f) for k, _, f in COLUMNS] + [", ".join(r["aliases"])]
-        lines.append("| " + " | ".join(cells) + " |")
+        row = [r["label"]] + ([t.get("kd.role", "")] if roles else []) + [method, t.get("kd.parameters", "")]
+        cells.append(row + [format_metric(r["metrics"], k, f) for k, _, f in COLUMNS] + [", ".join(r["aliases"])])
+    return header, cells
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header, cells = table(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines)
 
 
@@ -97,27 +106,27 @@ def _plot(rows: list[dict], key: str, path: Path) -> None:
     tmp.replace(path)
 
 
-def _paired_vs_sft(cfg, paths, set_name: str = "test") -> list[dict]:
-    """Each student of this run against the SFT student on the same prompts (paired bootstrap over prompts
-    of the per-prompt ROUGE-L averaged over sampling seeds): mean difference, 95% CI, p-value."""
-    from kd_core.evaluation.stats import paired_bootstrap
-    from kd_core.io import read_jsonl
+def prompt_scores(path, key: str = "rougeL_sampled_mean") -> dict:
+    """{prompt id: score} from an evaluation's per-prompt file (`generations/<model>/<set>.jsonl`); a
+    prompt without the score maps to None."""
+    return {r["id"]: r.get(key) for r in read_jsonl(path)}
 
+
+def _paired_vs_sft(cfg, paths, set_name: str = "test") -> list[dict]:
+    """Each model of this run against the SFT student on the same prompts (paired bootstrap over prompts
+    of the per-prompt ROUGE-L averaged over sampling seeds): mean difference, 95% CI, p-value."""
     sft = next((s.name for s in cfg.students.values() if s.method == "sft"), None)
     if sft is None or not (paths.generations(sft) / f"{set_name}.jsonl").is_file():
         return []
-    base = {r["id"]: r.get("rougeL_sampled_mean") for r in read_jsonl(paths.generations(sft) / f"{set_name}.jsonl")}
+    base = prompt_scores(paths.generations(sft) / f"{set_name}.jsonl")
     out = []
     for name in [cfg.teacher.name, *cfg.students]:
         f = paths.generations(name) / f"{set_name}.jsonl"
         if name == sft or not f.is_file():
             continue
-        other = {r["id"]: r.get("rougeL_sampled_mean") for r in read_jsonl(f)}
-        ids = [i for i in base if base[i] is not None and other.get(i) is not None]
-        if len(ids) < 2:
-            continue
-        res = paired_bootstrap([base[i] for i in ids], [other[i] for i in ids], seed=cfg.seed)
-        out.append({"model": name, "vs": sft, "n_prompts": len(ids), **res})
+        res = paired_on_common_ids(base, prompt_scores(f), seed=cfg.seed)
+        if res is not None:
+            out.append({"model": name, "vs": sft, "n_prompts": res["n"], **res})
     return out
 
 

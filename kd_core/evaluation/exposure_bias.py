@@ -1,62 +1,11 @@
-"""Exposure bias as ExAccErr (Arora et al. 2022; OKD paper eqs. 5-7), with the teacher p as the oracle.
-
-Definitions (q = student q_theta, p = teacher, x = prompt, t = 1..l generation steps)::
+"""Exposure bias as ExAccErr (Arora et al. 2022; OKD paper eqs. 5-7), the teacher p being the oracle for the
+student q (x the prompt, t = 1..l generation steps, KL(p || q) in closed form at each context)::
 
     R(l)   = sum_{t<=l} E_{y<t ~ q(.|x)} [ KL( p(.|y<t,x) || q(.|y<t,x) ) ]          (eq. 6)
     eps(l) = (1/l) sum_{t<=l} E_{y<t ~ p(.|x)} [ KL( p(.|y<t,x) || q(.|y<t,x) ) ]    (eq. 7)
     ExAccErr(l) = (R(l) - l*eps(l)) / (l*eps(l)) * 100                               (eq. 5)
 
-The inner expectation over y_t ~ p of log p/q in eqs. 6-7 *is* KL(p || q) at that context, so it is
-computed in closed form from the two full next-token distributions (no sampling of y_t). Only the
-prefixes y<t are sampled: from the student for R and from the teacher for eps.
-
-Estimator
----------
-For each prompt i draw ``n_samples`` prefixes of length L = max(lengths) from q and from p (temperature 1,
-top-p 1, top-k off). Teacher-force both models over prompt + prefix to get the per-step KL k[t], then per
-prompt
-
-    a_i(l) = mean over q-samples of sum_{t<=l} k[t]      (contribution to R(l))
-    b_i(l) = mean over p-samples of sum_{t<=l} k[t]      (contribution to l * eps(l))
-
-    R(l) = mean_i a_i(l),  eps(l) = mean_i b_i(l) / l,  ExAccErr(l) = 100 * (R(l) / (l eps(l)) - 1)
-
-i.e. a ratio of two means over the same prompts. Error bar (prompts are the resampling unit; the q- and
-p-samples of one prompt stay together, so the pairing through the prompt is kept):
-
-- ``stderr``: delta method for a ratio of means, r = abar / bbar,
-  Var(r) ~= sum_i (a_i - r b_i)^2 / (n (n - 1) bbar^2); stderr = 100 * sqrt(Var(r)).
-- ``ci_low, ci_high``: by default (``ci_method="bootstrap"``) the percentile interval of
-  100 * (mean(a*) / mean(b*) - 1) over ``n_bootstrap`` resamples of prompts with replacement
-  (``numpy.random.default_rng(seed)``); with ``ci_method="delta"``: value +/- t_{n-1} * stderr.
-- With fewer than 2 prompts stderr and CI are NaN.
-
-(MiniLLM's ``evaluate_exposure_bias.py`` computes its error bar as
-``(|std_R / mean_R| + |std_eps / std_eps|) * ExAccErr`` - the second term is identically 1 - and uses
-the std of per-prompt values rather than a standard error of the mean; this module does neither.)
-
-Degenerate case: if l * eps(l) == 0 (the student equals the teacher on every teacher-sampled context, e.g.
-a model against itself) the ratio is 0/0; the entry is returned with ``value``, ``stderr`` and the CI set
-to NaN (R and epsilon are still reported) and a ``RuntimeWarning`` is emitted. Nothing is raised, so a
-table over many models / lengths is still produced.
-
-Sampling details
-----------------
-- Prompts are LEFT-padded for ``model.generate`` with an explicit ``attention_mask``; transformers 5
-  derives ``position_ids`` from the mask during generation. The teacher-forced forward passes explicit
-  ``position_ids = cumsum(mask) - 1`` (clipped at 0), so a left-padded row equals its unpadded forward.
-- Every prefix has exactly L tokens: EOS ids (``eos_token_id``, int or list) are masked to -inf at every
-  step by a logits processor (``min_new_tokens=L`` is passed too). Prefixes are thus drawn from p (or q)
-  conditioned on not stopping; the KL terms still use the full, unmodified distributions. With
-  ``eos_token_id=None`` nothing is suppressed and an EOS id is treated as an ordinary token (generation
-  does not stop on it either).
-- Token ids outside the shared vocabulary (padded rows of the bigger model) are masked during sampling,
-  and KL is computed over the shared vocabulary (both distributions renormalised over it).
-- During ``generate`` the model's own ``generation_config`` is replaced by a blank one (restored after),
-  so checkpoint defaults such as repetition penalties or top-k never change the sampling distribution.
-- Randomness: the student prefixes are drawn after ``torch.manual_seed(seed)``, the teacher prefixes after
-  ``torch.manual_seed(seed + 1)``, inside ``torch.random.fork_rng`` (the caller's RNG state is untouched).
-  Results are reproducible for a fixed (seed, batch_size, device); prompts are batched in order of length.
+The estimator, its error bar and the sampling details: docs/methods.md, "Exposure bias (ExAccErr)".
 """
 
 from __future__ import annotations
@@ -70,51 +19,22 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from kd_core.evaluation.teacher_forcing import _eval_mode, _model_device, causal_lm_logits
+from kd_core.data.tokenize import left_pad
+from kd_core.lm import causal_lm_logits, eval_mode, length_limit, model_device, shared_vocab_size
 from kd_core.losses.divergences import fkl, shared_vocab
 
-__all__ = ["exaccerr", "exaccerr_from_step_kl", "sample_prefixes", "per_step_kl", "output_vocab_size"]
+__all__ = ["exaccerr", "exaccerr_from_step_kl", "sample_prefixes", "per_step_kl"]
 
 
 # --------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------
-def output_vocab_size(model: torch.nn.Module) -> int:
-    """Number of logits the model emits (rows of its output embedding; falls back to ``config.vocab_size``)."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    emb = get_out() if callable(get_out) else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return int(emb.weight.shape[0])
-    return int(model.config.vocab_size)
-
-
 def _as_id_list(ids: int | Sequence[int] | None) -> list[int]:
     if ids is None:
         return []
     if isinstance(ids, int):
         return [ids]
     return [int(i) for i in ids]
-
-
-def _max_positions(model: torch.nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-def _left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists -> ``input_ids [B, P]``, ``attention_mask [B, P]`` (int64)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), int(pad_token_id), dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if len(p):
-            ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-    return ids, mask
 
 
 def _length_sorted_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
@@ -187,7 +107,7 @@ def sample_prefixes(
 
     Args:
         prompt_ids: N unpadded, non-empty prompts (token id lists).
-        length: tokens to generate per prompt (EOS ids suppressed, see module doc).
+        length: tokens to generate per prompt (EOS ids suppressed: every prefix has exactly ``length`` tokens).
         seed: ``torch.manual_seed(seed)`` once before the first batch (caller's RNG state restored after).
         vocab_limit: ids ``>= vocab_limit`` are never sampled (shared vocabulary with another model).
 
@@ -201,7 +121,7 @@ def sample_prefixes(
     from transformers import LogitsProcessorList
 
     eos = _as_id_list(eos_token_id)
-    device = _model_device(model)
+    device = model_device(model)
     out: list[list[int] | None] = [None] * len(prompt_ids)
     gen_kwargs = dict(
         do_sample=True,
@@ -215,9 +135,9 @@ def sample_prefixes(
     )
     if eos:
         gen_kwargs["min_new_tokens"] = int(length)
-    with _eval_mode(model), torch.inference_mode(), _blank_generation_config(model), _seeded(seed, device):
+    with eval_mode(model), torch.inference_mode(), _blank_generation_config(model), _seeded(seed, device):
         for idx in _length_sorted_batches(prompt_ids, batch_size):
-            ids, mask = _left_pad([prompt_ids[i] for i in idx], pad_token_id)
+            ids, mask = left_pad([prompt_ids[i] for i in idx], pad_token_id)
             seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
             gen = seqs[:, ids.shape[1] :].cpu()
             if gen.shape[1] != length:
@@ -254,11 +174,11 @@ def per_step_kl(
     L = len(prefixes[0])
     if L < 1 or any(len(y) != L for y in prefixes):
         raise ValueError("per_step_kl: all prefixes must have the same length >= 1")
-    dev_s, dev_t = _model_device(student), _model_device(teacher)
+    dev_s, dev_t = model_device(student), model_device(teacher)
     out = torch.empty((len(prefixes), L), dtype=torch.float64)
-    with _eval_mode(student, teacher), torch.inference_mode():
+    with eval_mode(student, teacher), torch.inference_mode():
         for idx in _length_sorted_batches(prompt_ids, batch_size):
-            ids, mask = _left_pad([prompt_ids[i] for i in idx], pad_token_id)
+            ids, mask = left_pad([prompt_ids[i] for i in idx], pad_token_id)
             pre = torch.as_tensor([list(prefixes[i]) for i in idx], dtype=torch.long)
             seq = torch.cat([ids, pre], dim=1)[:, :-1]  # last token's prediction is not needed
             msk = torch.cat([mask, torch.ones_like(pre)], dim=1)[:, :-1]
@@ -283,7 +203,15 @@ def exaccerr_from_step_kl(
     n_bootstrap: int = 2000,
     seed: int = 0,
 ) -> dict[int, dict[str, float]]:
-    """ExAccErr(l) and its error bar from per-step KL values (see the module docstring for the estimator).
+    """ExAccErr(l) and its error bar from per-step KL values k[i, s, t].
+
+    Per prompt i, a_i(l) = mean over the student samples of sum_{t<=l} k[t] and b_i(l) the same over the
+    teacher samples; R(l) = mean_i a_i(l), eps(l) = mean_i b_i(l) / l, ExAccErr(l) = 100 (R / (l eps) - 1), a
+    ratio of two means over the same prompts. Error bar over prompts: stderr by the delta method,
+    Var(r) ~= sum_i (a_i - r b_i)^2 / (n (n - 1) bbar^2); CI the bootstrap percentile interval over
+    ``n_bootstrap`` prompt resamples (``default_rng(seed)``) or, with ``ci_method="delta"``, value +/-
+    t_{n-1} stderr. NaN stderr/CI with < 2 prompts; NaN value/stderr/CI and a RuntimeWarning where
+    l eps(l) = 0 (e.g. a model against itself).
 
     Args:
         kl_student_prefixes: ``[n_prompts, n_samples, L]`` KL(p||q) along student-sampled prefixes (for R).
@@ -379,7 +307,7 @@ def exaccerr(
 
     Samples ``n_samples`` prefixes of length max(lengths) per prompt from the student (seed ``seed``) and
     from the teacher (seed ``seed + 1``), teacher-forces both models over them, and aggregates with
-    :func:`exaccerr_from_step_kl`. See the module docstring for sampling, padding and the error bar.
+    :func:`exaccerr_from_step_kl`. Sampling, padding and the error bar: docs/methods.md.
 
     Args:
         prompt_ids: n unpadded prompts (token id lists, each non-empty).
@@ -401,11 +329,10 @@ def exaccerr(
     if min(int(x) for x in lengths) < 1:
         raise ValueError("lengths must be >= 1")
     longest = max(len(p) for p in prompt_ids) + L
-    for m in (student, teacher):
-        mp = _max_positions(m)
-        if mp is not None and longest > mp:
-            raise ValueError(f"longest prompt + {L} generated tokens = {longest} exceeds the model's {mp} positions")
-    vocab_limit = min(output_vocab_size(student), output_vocab_size(teacher))
+    limit = length_limit(student, teacher)
+    if limit is not None and longest > limit:
+        raise ValueError(f"longest prompt + {L} generated tokens = {longest} exceeds the model's {limit} positions")
+    vocab_limit = shared_vocab_size(student, teacher)
     items = [list(p) for p in prompt_ids for _ in range(n_samples)]  # prompt i -> rows i*n_samples + s
     common = dict(pad_token_id=pad_token_id, eos_token_id=eos_token_id, batch_size=batch_size, vocab_limit=vocab_limit)
     y_q = sample_prefixes(student, items, L, seed=seed, **common)

@@ -9,25 +9,24 @@ import math
 
 import torch
 
-from kd_core.data.tokenize import IGNORE_INDEX, batches, encode_prompt, encode_rows, load_tokenizer
+from kd_core.data.tokenize import batches, encode_prompt, encode_rows, load_tokenizer
 from kd_core.evaluation.stats import summarize
 from kd_core.evaluation.text_metrics import distinct_n, exact_match, rouge_l, self_bleu
 from kd_core.generation import generate
 from kd_core.io import read_jsonl, write_json_atomic, write_jsonl_atomic
+from kd_core.lm import response_logprobs
 from kd_core.models import count_parameters, load_checkpoint
 
 
 @torch.inference_mode()
 def validation_loss(model, dataset, pad_id: int, batch_size: int = 32) -> float:
-    """Mean cross-entropy per response token over the data set (teacher forcing)."""
+    """Mean cross-entropy per response token over the data set (teacher forcing):
+    −Σ log q(y_t | y_<t, x) / #response tokens."""
     total, count = 0.0, 0
     model.eval()
     for batch in batches(dataset, pad_id, batch_size):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        targets = batch["labels"][:, 1:]
-        mask = targets.ne(IGNORE_INDEX)
-        ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none")
-        total += float((ce * mask).sum())
+        logprobs, mask = response_logprobs(model, batch)
+        total += float(-logprobs.sum())
         count += int(mask.sum())
     return total / max(count, 1)
 

@@ -1,17 +1,18 @@
 """Summary statistics with confidence intervals, and a paired bootstrap test.
 
 ``summarize`` is for "mean over seeds / prompts with a t interval"; ``paired_bootstrap`` compares two
-systems scored on the same prompts (e.g. per-prompt ROUGE-L of model A and model B).
+systems scored on the same prompts (e.g. per-prompt ROUGE-L of model A and model B), and
+``paired_on_common_ids`` does so on the prompts two score tables share.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["summarize", "paired_bootstrap"]
+__all__ = ["summarize", "paired_bootstrap", "paired_on_common_ids"]
 
 
 def _as_1d(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
@@ -110,3 +111,19 @@ def paired_bootstrap(
         "p_value": float(min(1.0, p_value)),
         "n": int(n),
     }
+
+
+def paired_on_common_ids(
+    scores_a: Mapping[Hashable, float | None],
+    scores_b: Mapping[Hashable, float | None],
+    seed: int = 0,
+) -> dict[str, float] | None:
+    """``paired_bootstrap`` of b against a over the ids both score (a score of None counts as missing).
+
+    The ids are taken in ``scores_a``'s order. Returns its dict (``mean_diff`` = mean of b - a, ``ci_low``,
+    ``ci_high``, ``p_value``, ``n`` = the number of common ids), or None when fewer than 2 ids are common.
+    """
+    ids = [i for i in scores_a if scores_a[i] is not None and scores_b.get(i) is not None]
+    if len(ids) < 2:
+        return None
+    return paired_bootstrap([scores_a[i] for i in ids], [scores_b[i] for i in ids], seed=seed)

@@ -1,115 +1,23 @@
-"""Teacher-forced token statistics: top-1 agreement (OKD eq. 3), teacher uncertainty UNC (eq. 4),
-per-token forward KL, logit standard deviations, and UNC-bucketed summaries (OKD Figures 2 and 5).
-
-Notation: p = teacher, q = student; forward KL = KL(p || q) = sum_v p(v) (log p(v) - log q(v)).
-
-Batches follow the project convention: dicts with ``input_ids [B, T]``, ``attention_mask [B, T]`` and
-``labels [B, T]`` (-100 on prompt and padding positions). Position t's logits predict ``input_ids[t+1]``,
-so ``logits[:, :-1]`` is compared with ``labels[:, 1:]``; response tokens are ``labels[:, 1:] != -100``.
-Only response tokens contribute to any statistic.
-
-When teacher and student vocabularies differ by padded rows, logits are sliced to the smaller size
-(shared vocabulary) before any statistic, so e.g. the logit STD is over the shared vocabulary only.
+"""Teacher-forced token statistics: top-1 agreement (OKD eq. 3), teacher uncertainty UNC (eq. 4), per-token
+forward KL(p || q) (p = teacher, q = student), logit standard deviations, and UNC-bucketed summaries (OKD
+Figures 2 and 5), over the response tokens (labels[:, 1:] != IGNORE_INDEX) of right-padded batches. Logits
+are sliced to the shared vocabulary when the models differ by padded rows.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from kd_core.data.tokenize import IGNORE_INDEX
+from kd_core.lm import causal_lm_logits, eval_mode, model_device, target_logprobs
 from kd_core.losses.divergences import fkl, shared_vocab
 
-__all__ = [
-    "TokenStats",
-    "causal_lm_logits",
-    "position_ids_from_mask",
-    "collect_token_stats",
-    "top1_agreement",
-    "unc_buckets",
-    "plot_unc_buckets",
-]
-
-IGNORE_INDEX = -100
-
-
-# --------------------------------------------------------------------------------------------------------
-# helpers shared with exposure_bias.py
-# --------------------------------------------------------------------------------------------------------
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
-
-
-@contextmanager
-def _eval_mode(*models: torch.nn.Module) -> Iterator[None]:
-    """Put models in eval() for the duration and restore their previous training flags afterwards."""
-    flags = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        yield
-    finally:
-        for m, f in zip(models, flags):
-            m.train(f)
-
-
-def _accepts_kwarg(model: torch.nn.Module, name: str, *, allow_var_kw: bool) -> bool:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return allow_var_kw
-    if name in params:
-        return True
-    return allow_var_kw and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` 0/1 mask -> ``[B, T]`` position ids ``cumsum(mask) - 1`` clipped at 0.
-
-    Correct for left padding (first real token gets position 0) and harmless for right padding.
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def causal_lm_logits(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    logits_to_keep: int | None = None,
-) -> torch.Tensor:
-    """Forward a causal LM with explicit ``position_ids`` (so left-padded rows equal their unpadded forward).
-
-    Args:
-        input_ids: ``[B, T]`` on the model's device.
-        attention_mask: ``[B, T]`` (1 = real token), left or right padding.
-        logits_to_keep: if given, only the last ``k`` positions are returned (passed to the model when its
-            ``forward`` supports ``logits_to_keep``, otherwise sliced afterwards).
-
-    Returns:
-        ``[B, T, V]`` (or ``[B, k, V]``) float32 logits. Call under ``torch.no_grad()`` / ``inference_mode``.
-    """
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if _accepts_kwarg(model, "position_ids", allow_var_kw=True):
-        kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-    if _accepts_kwarg(model, "use_cache", allow_var_kw=True):
-        kwargs["use_cache"] = False
-    native_keep = logits_to_keep is not None and _accepts_kwarg(model, "logits_to_keep", allow_var_kw=False)
-    if native_keep:
-        kwargs["logits_to_keep"] = int(logits_to_keep)  # type: ignore[arg-type]
-    logits = model(**kwargs).logits
-    if logits_to_keep is not None and logits.shape[1] != logits_to_keep:
-        logits = logits[:, -int(logits_to_keep) :]
-    return logits.float()
+__all__ = ["TokenStats", "collect_token_stats", "top1_agreement", "unc_buckets", "plot_unc_buckets"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -164,14 +72,6 @@ class TokenStats:
             return cls.empty()
         return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
 
-    def summary(self) -> dict[str, float]:
-        """Means of every field over all tokens (``n`` = token count); NaN for an empty set."""
-        out: dict[str, float] = {"n": float(len(self))}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = float(v.double().mean()) if v.numel() else float("nan")
-        return out
-
 
 def _batch_token_stats(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, temperature: float
@@ -180,16 +80,14 @@ def _batch_token_stats(
     s, t = shared_vocab(student_logits, teacher_logits)
     if int(targets.max()) >= s.shape[-1]:
         raise ValueError(f"a label id ({int(targets.max())}) is outside the shared vocabulary ({s.shape[-1]})")
-    g = targets.long().unsqueeze(-1)
     t_logp = F.log_softmax(t, dim=-1)
-    s_logp = F.log_softmax(s, dim=-1)
     # UNC as the sum of off-target mass (no cancellation in 1 - p when p ~ 1).
-    unc = t_logp.exp().scatter(-1, g, 0.0).sum(-1)
-    student_nll = -s_logp.gather(-1, g).squeeze(-1)
+    unc = t_logp.exp().scatter(-1, targets.long().unsqueeze(-1), 0.0).sum(-1)
+    student_nll = -target_logprobs(s, targets.long())
     agree = (t.argmax(-1) == s.argmax(-1)).float()
     if temperature != 1.0:
         t_logp = F.log_softmax(t / temperature, dim=-1)
-        s_logp = F.log_softmax(s / temperature, dim=-1)
+    s_logp = F.log_softmax(s / temperature, dim=-1)  # (s / 1.0 is s exactly)
     kl = fkl(s_logp, t_logp)  # KL(p || q), arguments are (student, teacher)
     return TokenStats(
         unc=unc.cpu(),
@@ -222,9 +120,9 @@ def collect_token_stats(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    dev_s, dev_t = _model_device(student), _model_device(teacher)
+    dev_s, dev_t = model_device(student), model_device(teacher)
     parts: list[TokenStats] = []
-    with _eval_mode(student, teacher), torch.inference_mode():
+    with eval_mode(student, teacher), torch.inference_mode():
         for batch in batches:
             input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
             if input_ids.shape != labels.shape or input_ids.shape != mask.shape:

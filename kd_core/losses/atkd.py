@@ -22,24 +22,18 @@ tokens, UNC ~ 0 and the diversity knowledge is suppressed.  For other
 divergences the same construction is applied (TKD / DKD are that divergence on
 the binary / renormalised non-target distributions), but (1) does not hold.
 
-Objective implemented by :func:`atkd_per_token`
------------------------------------------------
-Within one call (one micro-batch), the valid (``mask``) positions are ranked by
-teacher UNC; the ``ceil(hard_fraction * n_valid)`` positions with the highest
-UNC are *hard*, the rest *easy*::
+Objective (:func:`atkd_per_token`, and the `atkd` method on any teacher signal)
+-------------------------------------------------------------------------------
+The valid positions are ranked by teacher UNC; the ``ceil(hard_fraction * n_valid)``
+most uncertain are *hard* (:func:`hard_selection`), the rest *easy*::
 
     hard:  tkd_weight * TKD + dkd_weight * DKD
     easy:                     dkd_weight * DKD
     masked-out positions: 0 (and they never take part in the ranking)
 
-DKD is deliberately **not** multiplied by UNC: ATKD's point is to decouple the
-two parts, so that every token receives the diversity-oriented signal at full
-strength, and the target-oriented signal is kept only on the uncertain (hard)
-tokens.  Any further re-weighting of the parts is expressed through
-``tkd_weight`` / ``dkd_weight``; the token reduction is left to the caller
-(:func:`kd_core.losses.divergences.reduce_tokens`).  Ranking happens per call,
-so with gradient accumulation the hard set is chosen per micro-batch.
-Temperature scaling applies to both models; no ``T**2`` factor is applied.
+DKD is deliberately **not** multiplied by UNC (ATKD decouples the two parts).
+Ranking happens per call, so with gradient accumulation the hard set is chosen
+per micro-batch.  Temperature applies to both models; no ``T**2`` factor.
 
 Numerics: ``1 - p_g`` is computed as the log-sum-exp of the non-target
 log-probs (not ``1 - exp(log p_g)``), so it stays accurate when ``p_g -> 1``;
@@ -56,7 +50,7 @@ from torch import Tensor
 
 from kd_core.losses.divergences import _up, get_divergence, logprobs, shared_vocab
 
-__all__ = ["decompose", "atkd_per_token", "classic_kd_from_parts"]
+__all__ = ["decompose", "target_uncertainty", "hard_selection", "atkd_per_token", "classic_kd_from_parts"]
 
 _NEG_INF = float("-inf")
 
@@ -116,6 +110,27 @@ def decompose(
     return tkd, dkd, unc
 
 
+def target_uncertainty(teacher_logprobs: Tensor, target_ids: Tensor) -> Tensor:
+    """UNC = 1 - p_g, the teacher's non-target mass: ``[..., V]`` log-probs, ``[...]`` ids -> ``[...]``.
+    The same value :func:`decompose` returns as ``unc``."""
+    return _split(_up(teacher_logprobs), target_ids)[0][..., 1].exp()
+
+
+def hard_selection(unc: Tensor, hard_fraction: float) -> Tensor:
+    """The ``ceil(hard_fraction * n)`` entries of ``unc`` ``[n]`` with the highest value: ``[n]`` bool.
+
+    ``hard_fraction`` in ``[0, 1]`` (else ``ValueError``); ties are broken arbitrarily by ``torch.topk``.
+    """
+    if not 0.0 <= float(hard_fraction) <= 1.0:
+        raise ValueError(f"hard_fraction={hard_fraction!r} is outside the allowed interval [0.0, 1.0]")
+    n = unc.numel()
+    n_hard = min(n, math.ceil(float(hard_fraction) * n))
+    hard = torch.zeros(unc.shape, dtype=torch.bool, device=unc.device)
+    if n_hard > 0:
+        hard[torch.topk(unc.detach(), n_hard, sorted=False).indices] = True
+    return hard
+
+
 def classic_kd_from_parts(tkd: Tensor, dkd: Tensor, unc: Tensor) -> Tensor:
     """Classic (coupled) recombination ``tkd + unc * dkd``; equals forward KL for the ``fkl`` parts."""
     return tkd + unc * dkd
@@ -149,23 +164,14 @@ def atkd_per_token(
         ``dkd_weight*DKD`` on easy tokens, 0 on masked positions.  Reduce with
         :func:`kd_core.losses.divergences.reduce_tokens`.
     """
-    if not 0.0 <= float(hard_fraction) <= 1.0:
-        raise ValueError(f"hard_fraction={hard_fraction!r} is outside the allowed interval [0.0, 1.0]")
     s, t = shared_vocab(student_logits, teacher_logits)
     valid = mask.bool()
     safe_targets = torch.where(valid, target_ids, torch.zeros_like(target_ids))
     tkd, dkd, unc = decompose(
         logprobs(s, temperature), logprobs(t, temperature), safe_targets, divergence, **div_params
     )
-
-    n_valid = int(valid.sum().item())
-    n_hard = min(n_valid, math.ceil(float(hard_fraction) * n_valid))
     hard = torch.zeros_like(valid)
-    if n_hard > 0:
-        score = unc.detach().masked_fill(~valid, _NEG_INF).flatten()
-        top = torch.topk(score, n_hard, sorted=False).indices
-        hard = hard.flatten().index_fill(0, top, True).view_as(valid)
-
+    hard[valid] = hard_selection(unc[valid], hard_fraction)
     dkd_part = dkd_weight * dkd
     per_token = torch.where(hard, tkd_weight * tkd + dkd_part, dkd_part)
     return torch.where(valid, per_token, 0.0)

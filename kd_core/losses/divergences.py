@@ -370,7 +370,9 @@ def masked_token_sum_and_count(per_token: Tensor, mask: Tensor) -> tuple[Tensor,
 def reduce_tokens(per_token: Tensor, mask: Tensor, num_items: int | Tensor | None = None) -> Tensor:
     """``sum(per_token * mask) / num_items`` -> scalar; ``num_items`` defaults to ``mask.sum()``.
 
-    The denominator is clamped to >= 1 (a batch without response tokens gives 0).
+    The denominator is clamped to >= 1 (a batch without response tokens gives 0). ``num_items`` is an int or
+    a 0-dim tensor, not moved: on ``per_token``'s device (the trainer puts it there) or the CPU (a 0-dim CPU
+    tensor acts as a scalar).
 
     Gradient accumulation: the trainer passes ``num_items`` = number of response
     tokens in the *whole* accumulated batch (all micro-batches, all ranks if it is
@@ -383,7 +385,7 @@ def reduce_tokens(per_token: Tensor, mask: Tensor, num_items: int | Tensor | Non
     if num_items is None:
         denom = count
     elif isinstance(num_items, Tensor):
-        denom = num_items.to(device=total.device, dtype=total.dtype)
+        denom = num_items.to(dtype=total.dtype)
     else:
         denom = torch.tensor(float(num_items), device=total.device, dtype=total.dtype)
     return total / denom.clamp_min(1.0)

@@ -27,16 +27,22 @@ Exactness and error at k < V (p_bar, q_bar: p and q renormalised on the tail, P 
   is an approximation without such a bound.
 
 The gradient reaches the student through q_v (v in K) and Q_tail, i.e. through every logit.
+
+ATKD needs the target token g as a category of its own: :func:`coarsen_with_target` (the choice made when g is
+not among the cached tokens is documented there).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from kd_core.losses.divergences import _up, get_divergence, logprobs
 
-__all__ = ["tail_logmass", "top_k_with_tail", "coarsen_student", "sparse_divergence", "sparse_token_divergence"]
+__all__ = ["tail_logmass", "top_k_with_tail", "coarsen_student", "coarsen_with_target", "sparse_divergence",
+           "sparse_token_divergence"]
 
 _NEG_INF = float("-inf")
 
@@ -67,6 +73,49 @@ def coarsen_student(student_logprobs: Tensor, top_ids: Tensor) -> Tensor:
     (log q_v at the teacher's top-k ids, then log Q_tail)."""
     lq = _up(student_logprobs)
     return torch.cat([lq.gather(-1, top_ids), tail_logmass(lq, top_ids).unsqueeze(-1)], dim=-1)
+
+
+def coarsen_with_target(student_logprobs: Tensor | None, top_logprobs: Tensor, top_ids: Tensor, tail: Tensor,
+                        targets: Tensor, vocab_size: int) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Teacher and student on k + 2 categories with the target token g as its own: for ATKD's target /
+    non-target split (:func:`kd_core.losses.atkd.decompose`) on the cached teacher.
+
+    Categories: the k cached tokens K, then a target slot, then the rest of the tail R = V − K − {g}.
+
+    * g in K: g keeps its slot in K; the target slot is empty (log-prob -inf for both models) and R is the
+      whole tail. Everything the decomposition uses about the teacher is then known: p_g exactly, and the
+      non-target distribution coarsened to (p_v for v in K − {g}; P_tail).
+    * g not in K: the teacher's p_g is not in the cache; all that is known is 0 <= p_g <= min(P_tail, p_min),
+      p_min the smallest cached probability. It is taken as the tail's mean token mass,
+      p^_g = P_tail / (V - k) (the maximum-entropy completion of the tail, always inside that interval), and
+      R gets P_tail - p^_g. The error in p_g, and so in UNC = 1 - p_g, is at most min(P_tail, p_min).
+    * The student is exact in every case: q_v (v in K), q_g, Q_R = sum over R, all from its full
+      distribution.
+
+    With k = V every target is in K and R is empty: the categories are the vocabulary (permuted) plus two
+    empty ones, so every divergence, TKD, DKD and UNC equal the dense ones.
+
+    Shapes: student_logprobs ``[n, V]`` (at the cache's temperature, sliced to ``vocab_size``; None for the
+    teacher side only), top_logprobs / top_ids ``[n, k]``, tail ``[n]``, targets ``[n]`` (ids < V) ->
+    (student ``[n, k + 2]`` or None, teacher ``[n, k + 2]``, target index ``[n]`` into the k + 2 categories).
+    """
+    top_ids = top_ids.long()
+    k = top_ids.shape[-1]
+    hit = top_ids.eq(targets.unsqueeze(-1))
+    in_top = hit.any(-1)
+    target_index = torch.where(in_top, hit.float().argmax(-1), k)
+    tail = _up(tail)
+    outside = max(vocab_size - k, 1)  # (g outside K implies V - k >= 1)
+    t_target = torch.where(in_top, _NEG_INF, tail - math.log(outside))
+    t_rest = torch.where(in_top, tail, tail + math.log1p(-1.0 / outside) if outside > 1 else _NEG_INF)
+    teacher = torch.cat([_up(top_logprobs), t_target.unsqueeze(-1), t_rest.unsqueeze(-1)], dim=-1)
+    if student_logprobs is None:
+        return None, teacher, target_index
+    lq = _up(student_logprobs)
+    q_target = torch.where(in_top, _NEG_INF, lq.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1))
+    q_rest = tail_logmass(lq, torch.cat([top_ids, targets.long().unsqueeze(-1)], dim=-1))
+    student = torch.cat([lq.gather(-1, top_ids), q_target.unsqueeze(-1), q_rest.unsqueeze(-1)], dim=-1)
+    return student, teacher, target_index
 
 
 def sparse_divergence(student_logprobs: Tensor, top_logprobs: Tensor, top_ids: Tensor, tail: Tensor, name: str,

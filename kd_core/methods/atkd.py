@@ -2,22 +2,26 @@
 
     loss = α · CE(y) + (1 − α) · Σ_response ATKD_t / N
 
-ATKD_t (:func:`kd_core.losses.atkd.atkd_per_token`): the response positions of the micro-batch are ranked by
-the teacher's uncertainty UNC = 1 − p_g (g = reference token); the ⌈hard_fraction · n⌉ most uncertain are
-*hard* and get `tkd_weight`·TKD + `dkd_weight`·DKD, the others (*easy*) get `dkd_weight`·DKD only. TKD is the
-divergence `divergence` (fkl = KL(p || q), rkl = KL(q || p), jsd, ...) between the binary target / non-target
-distributions, DKD the same divergence between the renormalised non-target distributions; both models at
-`temperature`, no T² factor. α = `alpha`, N = response tokens of the accumulated batch. Teacher frozen.
+ATKD_t: the response positions of the micro-batch are ranked by the teacher's uncertainty UNC = 1 − p_g
+(g = reference token); the ⌈hard_fraction · n⌉ most uncertain are *hard* and get `tkd_weight`·TKD +
+`dkd_weight`·DKD, the others (*easy*) get `dkd_weight`·DKD only. TKD is the divergence `divergence`
+(fkl = KL(p || q), rkl = KL(q || p), jsd, ...) between the binary target / non-target distributions, DKD the
+same divergence between the renormalised non-target distributions (:mod:`kd_core.losses.atkd`); both models
+at `temperature`, no T² factor. α = `alpha`, N = response tokens of the accumulated batch.
+
+The teacher comes from `ctx.teacher_signal`: live logits, or the teacher-logit cache (exact at top_k = V;
+below, a target outside the cached top-k gets the estimate of
+:func:`kd_core.losses.sparse.coarsen_with_target`).
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kd_core.losses.atkd import atkd_per_token
+from kd_core.losses.atkd import hard_selection
 from kd_core.losses.divergences import reduce_tokens
-from kd_core.methods.base import (LossOutput, Method, StepContext, mix_with_ce, model_logits, register_method, shifted,
-                                  teacher_logits)
+from kd_core.methods.base import (LossOutput, Method, StepContext, mix_with_ce, model_logits, prediction_positions,
+                                  register_method, shifted)
 
 
 class ATKDArgs(BaseModel):
@@ -31,15 +35,21 @@ class ATKDArgs(BaseModel):
 @register_method("atkd")
 class ATKD(Method):
     needs_teacher = True
+    reads_teacher_cache = True
     Args = ATKDArgs
 
     def compute_loss(self, ctx: StepContext) -> LossOutput:
         cfg, a = self.cfg, self.args
-        s_logits = model_logits(ctx.student, ctx.batch)
-        t_logits = teacher_logits(ctx.teacher, ctx.batch)
-        s_logits, targets, mask = shifted(s_logits, ctx.batch["labels"])
-        per = atkd_per_token(s_logits, t_logits[:, :-1], targets, mask, divergence=cfg.divergence,
-                             hard_fraction=a.hard_fraction, temperature=cfg.temperature, tkd_weight=a.tkd_weight,
-                             dkd_weight=a.dkd_weight, **cfg.divergence_args)
-        logs = {"atkd": float(reduce_tokens(per.detach(), mask))}
-        return mix_with_ce(cfg, reduce_tokens(per, mask, ctx.num_items), logs, s_logits, targets, mask, ctx.num_items)
+        logits = model_logits(ctx.student, ctx.batch)
+        s_logits, targets, mask = shifted(logits, ctx.batch["labels"])
+        positions = prediction_positions(mask)
+        row_targets = targets[mask]  # [N], in the order of positions.nonzero()
+        signal = ctx.teacher_signal
+        unc = signal.target_uncertainty(logits, positions, row_targets, temperature=cfg.temperature)
+        hard = hard_selection(unc, a.hard_fraction)
+        per = signal.decoupled_divergence(logits, positions, row_targets, cfg.divergence, temperature=cfg.temperature,
+                                          tkd_weight=a.tkd_weight * hard.float(), dkd_weight=a.dkd_weight,
+                                          **cfg.divergence_args)
+        logs = {"atkd": float(reduce_tokens(per.detach(), positions))}
+        return mix_with_ce(cfg, reduce_tokens(per, positions, ctx.num_items), logs, s_logits, targets, mask,
+                           ctx.num_items)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kd_core.data.tokenize import IGNORE_INDEX
 from kd_core.losses.divergences import reduce_tokens
+from kd_core.teacher import DenseTeacherSignal, TeacherSignal
 
 
 class NoArgs(BaseModel):
@@ -32,6 +33,10 @@ class StepContext:
 
     batch: input_ids / attention_mask / labels [B,T] (right padded, labels IGNORE_INDEX off the response).
     num_items: response tokens (labels[:, 1:] != IGNORE_INDEX) in the whole accumulated batch (all ranks).
+    teacher: the teacher model (frozen, or wrapped by the method's `prepare`), for methods that need the model
+        itself (OKD, hidden states, generation); None when the teacher's signal comes from the cache.
+    teacher_signal: the teacher's logits on this batch (:mod:`kd_core.teacher`): the cached top-k when the
+        trainer has a teacher cache, else (default) the live teacher's dense logits, computed on first use.
     progress: fraction of training done, in [0, 1] (for schedules).
     """
 
@@ -39,10 +44,16 @@ class StepContext:
     batch: dict[str, torch.Tensor]
     num_items: torch.Tensor | int
     teacher: torch.nn.Module | None = None
+    teacher_signal: TeacherSignal | None = None
     tokenizer: Any = None
     progress: float = 0.0
     state: dict[str, Any] = field(default_factory=dict)  # per-run scratch space owned by the method
     trainer: Any = None  # the DistillationTrainer (cost counters: teacher_forward_passes, generated_tokens)
+
+    def __post_init__(self) -> None:
+        if self.teacher_signal is None and self.teacher is not None:
+            teacher, batch = self.teacher, self.batch
+            self.teacher_signal = DenseTeacherSignal(lambda: teacher_logits(teacher, batch))
 
 
 @dataclass
@@ -58,10 +69,10 @@ class Method:
     # the divergence used when params name none, and (if not None) the only ones the method accepts
     default_divergence: ClassVar[tuple[str, dict]] = ("fkl", {})
     allowed_divergences: ClassVar[frozenset[str] | None] = None
-    # reads the teacher's cached top-k log-probs (`teacher_cache` in params) instead of running the teacher
+    # reads the teacher only through `ctx.teacher_signal`, so it can train on the teacher-logit cache
+    # (`teacher_cache` in params) instead of running the teacher
     reads_teacher_cache: ClassVar[bool] = False
     Args: ClassVar[type[BaseModel]] = NoArgs
-    teacher_cache = None  # a kd_core.logit_cache.TeacherLogitCache, set by the distill stage when enabled
 
     def __init__(self, student_cfg, method_args: dict[str, Any] | None = None):
         self.cfg = student_cfg
@@ -87,7 +98,8 @@ class Method:
 
     def prepare(self, student: torch.nn.Module, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
         """Called once before training with the frozen teacher (eval mode, no grad); returns the teacher to
-        use. A method may wrap it (OKD adds a trainable online module) or build extra modules (projections)."""
+        use. A method may wrap it (OKD adds a trainable online module) or build extra modules (projections),
+        on any device: the trainer moves the returned teacher and `trainable_modules()` to the training device."""
         return teacher
 
     def compute_loss(self, ctx: StepContext) -> LossOutput:  # pragma: no cover - interface
@@ -95,7 +107,8 @@ class Method:
 
     def trainable_modules(self) -> list[torch.nn.Module]:
         """Extra modules trained alongside the student (OKD's online module, hidden-state projections).
-        Their parameters join the optimizer; only parameters with requires_grad=True are trained."""
+        Their parameters join the optimizer; only parameters with requires_grad=True are trained. The trainer
+        places them, reduces their gradients across ranks and clears them after every optimizer step."""
         return []
 
     def save_artifacts(self, out_dir: Path) -> None:

@@ -1,26 +1,11 @@
-"""`distillm`: DistiLLM (Ko et al., ICML 2024, arXiv:2402.03898): skew KL on a mix of fixed data and student
-generations chosen by an adaptive off-policy scheduler with a replay buffer.
+"""`distillm`: DistiLLM (Ko et al., ICML 2024, arXiv:2402.03898): skew KL (default skl, alpha 0.1:
+KL(p || 0.1·p + 0.9·q), p = teacher, q = student) on fixed data or student generations, chosen per micro-batch
+by an adaptive off-policy scheduler with a replay buffer (`AdaptiveScheduler`, `ReplayBuffer`):
 
-Divergence: the configured one, default (when `divergence` is not set) skl with alpha 0.1, the skew forward
-KL KL(p || 0.1·p + 0.9·q); `divergence: srkl` is the skew reverse KL KL(q || 0.1·q + 0.9·p) (p = teacher,
-q = student). Per micro-batch, as `finetune.py` of jongwooko/distillm ("adaptive" type):
+    loss = α · CE(references) + (1 − α) · Σ_{supervised t} D(p || q) / norm   (`onpolicy.token_mean_scaled`)
 
-    φ   = the adaptive threshold (probability of training on student generations), starts at init_threshold
-    φ_s = φ · (1 − progress)  [replay_ratio decreasing, default] | φ · 0.5 [constant] | φ · progress [increasing]
-    r ~ U(0, 1)
-    r < φ_s, or r < φ while the buffer holds fewer than `capacity` sequences
-                      -> sample fresh student generations from the prompts, push them to the buffer, train on them
-    else r < φ        -> train on a batch drawn uniformly (without replacement) from the replay buffer
-    else              -> train on the references (fixed data)
-
-    loss = α · CE(references) + (1 − α) · Σ_{supervised t} D(p || q) / norm          (norm: see `onpolicy`)
-
-Every `eval_interval` training micro-batches the validation proxy (the mean, over the window, of the
-student's token-mean CE on each micro-batch's references before its update: DistiLLM evaluates the LM loss
-on its dev set) is compared with the reference value L_prev: if proxy ≥ L_prev + loss_eps then
-φ ← min(φ + threshold_step, 1) and L_prev ← proxy (DistiLLM moves L_prev only when φ grows). The first
-window's proxy initialises L_prev (DistiLLM evaluates once before training). The scheduler and the buffer
-live in `ctx.state["distillm"]` and only change while the student is in training mode.
+The scheduler and the buffer live in `ctx.state["distillm"]` and only change while the student is in training
+mode. Details and differences from jongwooko/distillm: docs/methods_onpolicy.md.
 """
 
 from __future__ import annotations
@@ -33,10 +18,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kd_core.losses.divergences import reduce_tokens
-from kd_core.methods.base import LossOutput, Method, StepContext, register_method, shifted, token_ce
-from kd_core.methods.onpolicy import (Generation, count_generation, distill_on_batch, extract_prompts,
-                                      generation_batch, generation_settings, method_divergence, model_logits,
-                                      sample)
+from kd_core.methods.base import LossOutput, StepContext, model_logits, register_method, shifted, token_ce
+from kd_core.methods.batches import extract_prompts, generation_batch
+from kd_core.methods.onpolicy import OnPolicyMethod, distill_on_batch, generation_settings
+from kd_core.methods.rollouts import Generation, count_generation, sample
 
 
 class DistiLLMArgs(BaseModel):
@@ -54,7 +39,18 @@ class DistiLLMArgs(BaseModel):
 
 @dataclass
 class AdaptiveScheduler:
-    """DistiLLM's adaptive off-policy scheduler (see the module docstring)."""
+    """DistiLLM's adaptive off-policy scheduler (`finetune.py` of jongwooko/distillm, "adaptive" type).
+
+    φ = `threshold` (probability of training on student generations); for a draw r ~ U(0, 1):
+
+        φ_s = φ · (1 − progress) [replay_ratio decreasing] | φ · 0.5 [constant] | φ · progress [increasing]
+        r < φ_s, or r < φ while the buffer holds < capacity sequences   -> "generate" (fresh student samples)
+        else r < φ (and the buffer is not empty)                        -> "replay" (a batch from the buffer)
+        else                                                            -> "fixed" (the references)
+
+    `update` takes one validation(-proxy) loss L: the first sets L_prev; afterwards L ≥ L_prev + loss_eps
+    sets φ ← min(φ + step, 1) and L_prev ← L (L_prev moves only when φ grows).
+    """
 
     threshold: float = 0.0
     step: float = 0.1
@@ -110,7 +106,10 @@ class ReplayBuffer:
 
 
 @register_method("distillm")
-class DistiLLM(Method):
+class DistiLLM(OnPolicyMethod):
+    """Every `eval_interval` training micro-batches the scheduler is updated with the validation proxy: the
+    mean over the window of the student's token-mean CE on each micro-batch's references before its update."""
+
     needs_teacher = True
     Args = DistiLLMArgs
     default_divergence = ("skl", {"alpha": 0.1})
@@ -124,35 +123,32 @@ class DistiLLM(Method):
             ctx.state["distillm"] = st
         return st
 
-    @property
-    def effective_divergence(self) -> tuple[str, dict]:
-        """(name, params) of the divergence actually used (the method's default unless set explicitly)."""
-        return method_divergence(self.cfg)
-
-    def make_batch(self, ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool, str]:
+    def make_batch(self, ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool, dict[str, float]]:
+        """The micro-batch of the scheduler's choice; logs `student_data` (1 unless the references were kept)
+        and `replayed` (1 for a batch from the replay buffer)."""
         st = self.state(ctx)
-        training = ctx.student.training
         sched, buf = st["scheduler"], st["buffer"]
-        if sched.threshold <= 0:
-            return ctx.batch, False, "fixed"
-        choice = sched.choose(float(torch.rand(())), ctx.progress, len(buf), self.args.capacity)
+        choice = "fixed"
+        if sched.threshold > 0:
+            choice = sched.choose(float(torch.rand(())), ctx.progress, len(buf), self.args.capacity)
+        logs = {"student_data": float(choice != "fixed"), "replayed": float(choice == "replay")}
         if choice == "fixed":
-            return ctx.batch, False, choice
+            return ctx.batch, False, logs
         settings = generation_settings(ctx, self.args)
-        device = ctx.batch["input_ids"].device
         if choice == "generate":
             gen = sample([(ctx.student, 1.0)], extract_prompts(ctx.batch), **settings)
             count_generation(ctx, gen)
-            if training:
+            if ctx.student.training:
                 buf.add(gen)
         else:
             gen = buf.sample(ctx.batch["input_ids"].shape[0])
-        return generation_batch(gen, settings["eos_token_id"], settings["pad_token_id"], device), True, choice
+        device = ctx.batch["input_ids"].device
+        return generation_batch(gen, settings["eos_token_id"], settings["pad_token_id"], device), True, logs
 
     def compute_loss(self, ctx: StepContext) -> LossOutput:
         st = self.state(ctx)
         name, params = self.effective_divergence
-        batch, replaced, choice = self.make_batch(ctx)
+        batch, replaced, logs = self.make_batch(ctx)
         res = distill_on_batch(ctx, self.cfg, batch, replaced=replaced, divergence=name, divergence_args=params,
                                want_reference_ce=True)
         sched = st["scheduler"]
@@ -167,6 +163,5 @@ class DistiLLM(Method):
             if st["calls"] % self.args.eval_interval == 0:
                 sched.update(sum(st["window"]) / len(st["window"]))
                 st["window"] = []
-        res.out.logs.update({"threshold": sched.threshold, "buffer": float(len(st["buffer"])),
-                             "student_data": float(choice != "fixed"), "replayed": float(choice == "replay")})
+        res.out.logs.update({"threshold": sched.threshold, "buffer": float(len(st["buffer"])), **logs})
         return res.out

@@ -1,15 +1,8 @@
 """`gkd`: Generalized Knowledge Distillation (Agarwal et al., ICLR 2024, arXiv:2306.13649).
 
-Per micro-batch: with probability `lmbda` the responses are replaced by samples of the student
-(temperature `gen_temperature`, at most `max_new_tokens`, stopping at EOS); otherwise the references are
-kept (`seq_kd: true` first replaces them by teacher samples, as TRL's GKDTrainer). Then
-
-    loss = α · CE(references) + (1 − α) · Σ_{supervised t} D(p_T(·|y_<t, x) || q_S(·|y_<t, x)) / norm
-
-with D the configured divergence at temperature τ (default when `divergence` is not set: jsd, beta 0.5,
-TRL's generalized JSD: beta = 0 is KL(p||q), beta = 1 is KL(q||p)); p = teacher, q = student. norm: see
-`onpolicy` (the token mean over the supervised tokens weighted by the micro-batch's reference-token share;
-exactly Σ / N on the references, so `lmbda = 0` is the `kd` method with the same divergence).
+With probability `lmbda` a micro-batch's responses are student samples (`seq_kd`: teacher samples first), then
+loss = α · CE(references) + (1 − α) · Σ_{supervised t} D(p_T || q_S) / norm, D default jsd (beta 0.5); norm:
+`onpolicy.token_mean_scaled` (`lmbda = 0` is the `kd` method). Details: docs/methods_onpolicy.md.
 """
 
 from __future__ import annotations
@@ -18,8 +11,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kd_core.methods.base import StepContext, register_method
-from kd_core.methods.onpolicy import (OnPolicyMethod, count_generation, extract_prompts, generation_batch,
-                                      generation_settings, method_divergence, sample)
+from kd_core.methods.batches import extract_prompts, generation_batch
+from kd_core.methods.onpolicy import OnPolicyMethod, generation_settings
+from kd_core.methods.rollouts import count_generation, sample
 
 
 class GKDArgs(BaseModel):
@@ -36,11 +30,6 @@ class GKD(OnPolicyMethod):
     needs_teacher = True
     Args = GKDArgs
     default_divergence = ("jsd", {"beta": 0.5})
-
-    @property
-    def effective_divergence(self) -> tuple[str, dict]:
-        """(name, params) of the divergence actually used (the method's default unless set explicitly)."""
-        return method_divergence(self.cfg)
 
     def make_batch(self, ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool, dict[str, float]]:
         """The micro-batch the loss is computed on, whether its responses were replaced, and logs."""

@@ -1,22 +1,8 @@
 """`imitkd`: Autoregressive KD through imitation learning (Lin et al., EMNLP 2020, "ImitKD").
 
-DAgger-style data mixing: each row of a micro-batch keeps its reference with probability β(progress), the
-paper's β (probability of the expert/data trajectory), otherwise its response is replaced by a sample of the
-current student from the row's prompt (temperature `gen_temperature`, at most `max_new_tokens`, stop at
-EOS). β decays linearly over training from `beta_start` (default 1: references only) to `beta_end` (default
-0: student continuations only):
-
-    β(progress) = beta_start + (beta_end − beta_start) · clamp(progress, 0, 1)
-    share of student-generated rows ≈ 1 − β(progress)
-
-The teacher supervises every response position of the resulting (prompt + continuation) rows, the EOS
-included, with the configured divergence (`divergence`, default fkl = KL(p_T || q_S), p = teacher,
-q = student) at temperature τ:
-
-    loss = α · CE(references) + (1 − α) · Σ_{supervised t} D(p_T || q_S) / norm
-
-norm: see `onpolicy` (token mean over the supervised tokens weighted by the micro-batch's share of the
-accumulated batch's reference tokens; exactly Σ / N when no row was replaced).
+Each row keeps its reference with probability β(progress) = beta_start + (beta_end − beta_start) · clamp(progress,
+0, 1), else its response is a student sample; loss = α · CE(references) + (1 − α) · Σ_{supervised t}
+D(p_T || q_S) / norm (D default fkl; norm: `onpolicy.token_mean_scaled`). Details: docs/methods_onpolicy.md.
 """
 
 from __future__ import annotations
@@ -25,8 +11,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kd_core.methods.base import StepContext, register_method
-from kd_core.methods.onpolicy import (OnPolicyMethod, count_generation, extract_prompts, generation_settings,
-                                      method_divergence, mixed_batch, sample)
+from kd_core.methods.batches import extract_prompts, mixed_batch
+from kd_core.methods.onpolicy import OnPolicyMethod, generation_settings
+from kd_core.methods.rollouts import count_generation, sample
 
 
 class ImitKDArgs(BaseModel):
@@ -42,11 +29,6 @@ class ImitKDArgs(BaseModel):
 class ImitKD(OnPolicyMethod):
     needs_teacher = True
     Args = ImitKDArgs
-
-    @property
-    def effective_divergence(self) -> tuple[str, dict]:
-        """(name, params) of the divergence used: the configured one."""
-        return method_divergence(self.cfg)
 
     def beta(self, progress: float) -> float:
         """Probability that a row keeps its reference at this point of training (linear schedule)."""

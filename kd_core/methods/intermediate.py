@@ -32,31 +32,15 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kd_core.losses.divergences import DIVERGENCES, reduce_tokens, token_divergence
+from kd_core.losses.divergences import DIVERGENCES, reduce_tokens
 from kd_core.losses.intermediate import (attention_divergence, hidden_state_loss, resolve_layer_map,
                                          scaled_position_mean)
-from kd_core.methods.base import LossOutput, Method, StepContext, register_method, shifted, token_ce
+from kd_core.methods.base import (LossOutput, Method, StepContext, prediction_positions, register_method, shifted,
+                                  token_ce)
+from kd_core.teacher import DenseTeacherSignal
 
 
-# ----------------------------------------------------------------------------------------------- shared helpers
-def reset_extra_grads_each_step(ctx: StepContext, modules: list[torch.nn.Module]) -> None:
-    """Clear the gradients of method-owned modules at the first micro-batch of each optimizer step.
-
-    The Trainer zeroes only the student's gradients (`model.zero_grad()`), so gradients of extra trainable
-    modules (projections, OKD's online module) would otherwise accumulate across steps. Harmless if the
-    trainer also zeroes them. No-op outside a trainer (tests calling `compute_loss` directly).
-    """
-    trainer = ctx.trainer
-    if trainer is None or not modules:
-        return
-    step = getattr(getattr(trainer, "state", None), "global_step", None)
-    if ctx.state.get("_extra_grad_step", object()) != step:
-        for module in modules:
-            for p in module.parameters():
-                p.grad = None
-        ctx.state["_extra_grad_step"] = step
-
-
+# ----------------------------------------------------------------------------------------------- model helpers
 def num_layers(model: torch.nn.Module) -> int:
     return int(model.config.num_hidden_layers)
 
@@ -146,9 +130,8 @@ class IntermediateKD(Method):
                 raise ValueError(f"method_args.projection: 'never' but the hidden sizes differ "
                                  f"(student {d_s}, teacher {d_t})")
             if a.projection == "always" or (a.projection == "auto" and d_s != d_t):
-                device = next(student.parameters()).device
-                self.projections = torch.nn.ModuleList(
-                    [torch.nn.Linear(d_s, d_t, bias=False) for _ in self.pairs]).to(device)
+                self.projections = torch.nn.ModuleList(  # (the trainer places them with the student)
+                    [torch.nn.Linear(d_s, d_t, bias=False) for _ in self.pairs])
                 gen = torch.Generator(device="cpu").manual_seed(0)  # same init whatever the global RNG state
                 for proj in self.projections:
                     with torch.no_grad():
@@ -183,13 +166,10 @@ class IntermediateKD(Method):
         if self.projections is None:
             return h
         proj = self.projections[k]
-        if proj.weight.device != h.device:  # the Trainer moves the student after `prepare`
-            self.projections.to(h.device)
-        return proj(h.to(proj.weight.dtype))
+        return proj(h.to(proj.weight.dtype))  # (fp32 projection; the hidden states may be half precision)
 
     def compute_loss(self, ctx: StepContext) -> LossOutput:
         cfg, a = self.cfg, self.args
-        reset_extra_grads_each_step(ctx, self.trainable_modules())
         active = self.active_pairs(ctx.progress)
         hidden_pairs = active if a.hidden_weight > 0 else []
         attn_pairs = ([k for k in active if self.pairs[k][0] > 0 and self.pairs[k][1] > 0]
@@ -205,10 +185,8 @@ class IntermediateKD(Method):
 
         s_logits, targets, mask = shifted(s_out.logits, labels)
         n_resp_local = mask.sum()
-        if a.positions == "all":
-            positions = am.bool()
-        else:
-            positions = torch.nn.functional.pad(mask, (0, 1), value=False)
+        kd_positions = prediction_positions(mask)
+        positions = am.bool() if a.positions == "all" else kd_positions
 
         loss = s_logits.new_zeros((), dtype=torch.float32)
         logs: dict[str, float] = {"active_pairs": float(len(active))}
@@ -217,10 +195,10 @@ class IntermediateKD(Method):
             loss = loss + cfg.alpha * reduce_tokens(ce, mask, ctx.num_items)
             logs["ce"] = float(reduce_tokens(ce.detach(), mask))
         if use_kd:
-            div = token_divergence(s_logits, t_out.logits[:, :-1], cfg.divergence, temperature=cfg.temperature,
-                                   **cfg.divergence_args)
-            loss = loss + kd_weight * reduce_tokens(div, mask, ctx.num_items)
-            logs["kd"] = float(reduce_tokens(div.detach(), mask))
+            div = DenseTeacherSignal(t_out.logits).divergence(s_out.logits, kd_positions, cfg.divergence,
+                                                              temperature=cfg.temperature, **cfg.divergence_args)
+            loss = loss + kd_weight * reduce_tokens(div, kd_positions, ctx.num_items)
+            logs["kd"] = float(reduce_tokens(div.detach(), kd_positions))
         if hidden_pairs:
             per = 0.0
             for k in hidden_pairs:

@@ -1,32 +1,10 @@
 """`minillm`: MiniLLM (Gu et al., ICLR 2024, arXiv:2306.08543): minimise the sequence-level reverse KL
-KL(q_θ || p) = E_{y~q_θ} Σ_t KL(q_θ(·|y_<t,x) || p(·|y_<t,x)) (p = teacher, q = student) by policy gradient.
+KL(q_θ || p) = E_{y~q_θ} Σ_t KL(q_θ(·|y_<t,x) || p(·|y_<t,x)) (p = teacher, q = student) by policy gradient
+on samples of the teacher mixture p̃ = α·p + (1−α)·q_θ (α = `teacher_mix`):
 
-Per micro-batch: responses y are sampled from the prompts with teacher-mixed sampling, p̃ = α·p + (1−α)·q_θ
-(α = `teacher_mix`, default 0.2; 0 = pure student sampling) at `gen_temperature`, at most `max_new_tokens`
-tokens, stopping at EOS. On the sampled tokens (EOS included; padding and everything after EOS never enter
-a reward, an advantage or a mean), with all distributions at temperature τ:
+    loss = (1 − α_cfg) · (L_single + L_long − sg[L_long]) + (α_cfg + lm_coef) · CE(references)
 
-    r_t     = log p(y_t|y_<t,x) − log q_θ(y_t|y_<t,x)                                    (per-token reward)
-    R_{t+1} = Σ_{t'>t} γ^{t'−t−1} r_t'  /  #{valid t' > t}                   (long-term reward, length norm.)
-    A_t     = whiten(R_{t+1}) over the valid tokens of the micro-batch (optional)
-    w_t     = q_θ(y_t|·) / p̃(y_t|·)                                 (per-token importance weight, detached)
-    ρ_t     = exp(log q_θ(y_t) − sg[log q_θ(y_t)]) · w_t
-    L_long  = mean_t max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε))                (PPO clip, ε = `clip_range`)
-    L_single= mean_t KL(q_θ(·|y_<t,x) || p(·|y_<t,x))                     (exact per-step reverse KL)
-
-    loss = (1 − α_cfg) · (L_single + L_long − sg[L_long]) + α_cfg · CE(references) + lm_coef · CE(references)
-
-The single-step term is the exact expectation over y_t of the step-t reward (its gradient is taken
-directly), so the long-term reward starts at t+1 (the paper's decomposition; `single_step: false` is the
-plain policy gradient with R_t including r_t, the loss value then being the detached single-step mean).
-The loss value is the per-token reverse KL of the samples (the surrogate L_long adds gradient, not value).
-"mean_t" is the `onpolicy` normalisation (token mean weighted by the micro-batch's reference-token share).
-
-Simplifications vs. the paper/official code (microsoft/LMOps minillm), documented in docs/methods_onpolicy.md:
-one policy-gradient step per sampled batch (no rollout store, no multiple PPO epochs: ρ = w at the step);
-no value model (the official code has none either: advantages are whitened normalised returns); the
-pretraining-corpus LM loss L_PT is replaced by an optional CE on the references (`lm_coef`); the
-single-step term is unweighted by w_t (as the official `_reg_loss`); no reward clipping.
+with the terms of `minillm_terms`. Simplifications vs. microsoft/LMOps: docs/methods_onpolicy.md.
 """
 
 from __future__ import annotations
@@ -38,10 +16,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kd_core.losses.divergences import logprobs, reduce_tokens, rkl, shared_vocab
-from kd_core.methods.base import LossOutput, Method, StepContext, register_method, shifted, token_ce
-from kd_core.methods.onpolicy import (count_generation, extract_prompts, generation_batch, generation_settings,
-                                      model_logits, reference_token_count, sample, teacher_logits,
-                                      token_mean_scaled)
+from kd_core.methods.base import (LossOutput, StepContext, model_logits, register_method, shifted, teacher_logits,
+                                  token_ce)
+from kd_core.methods.batches import extract_prompts, generation_batch, reference_token_count
+from kd_core.methods.onpolicy import OnPolicyMethod, generation_settings, token_mean_scaled
+from kd_core.methods.rollouts import count_generation, sample
 
 
 class MiniLLMArgs(BaseModel):
@@ -109,7 +88,19 @@ class MiniLLMTerms:
 def minillm_terms(student_logits: torch.Tensor, teacher_logits_: torch.Tensor, labels: torch.Tensor,
                   args: MiniLLMArgs, temperature: float = 1.0) -> MiniLLMTerms:
     """Per-token MiniLLM terms from full-sequence logits [B,T,V] of a generated batch (labels on the
-    generated tokens). The teacher's logits must carry no gradient."""
+    generated tokens, EOS included). The teacher's logits must carry no gradient. At temperature τ, on the
+    supervised tokens y_t (padding and after-EOS positions never enter a reward, advantage or mean):
+
+        r_t      = log p(y_t|y_<t,x) − log q_θ(y_t|y_<t,x)                              (reward)
+        R_{t+1}  = Σ_{t'>t} γ^{t'−t−1} r_t' / #{valid t' > t}              (`advantages`: length-normalised)
+        A_t      = whiten(R_{t+1}) over the micro-batch's valid tokens (optional)
+        w_t      = q_θ(y_t|·) / p̃(y_t|·) at `gen_temperature`            (importance weight, detached)
+        ρ_t      = exp(log q_θ(y_t) − sg[log q_θ(y_t)]) · w_t
+        pg_t     = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε))                 (PPO clip, ε = `clip_range`)
+        single_t = KL(q_θ(·|y_<t,x) || p(·|y_<t,x))                        (exact per-step reverse KL)
+
+    `single_step: false` is the plain policy gradient: R_t then includes r_t.
+    """
     s, targets, mask = shifted(student_logits, labels)
     s, t = shared_vocab(s, teacher_logits_[:, :-1])
     targets = targets.clamp(max=s.shape[-1] - 1)
@@ -137,26 +128,26 @@ def minillm_terms(student_logits: torch.Tensor, teacher_logits_: torch.Tensor, l
 
 
 @register_method("minillm")
-class MiniLLM(Method):
+class MiniLLM(OnPolicyMethod):
     needs_teacher = True
     Args = MiniLLMArgs
 
     default_divergence = ("rkl", {})
     allowed_divergences = frozenset({"rkl"})  # the objective is the sequence-level reverse KL
 
-    effective_divergence = ("rkl", {})  # what the objective minimises (sequence-level reverse KL)
-
-    def generate(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """A right-padded batch of teacher-mixed samples of the micro-batch's prompts."""
+    def make_batch(self, ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool, dict[str, float]]:
+        """A right-padded batch of teacher-mixed samples of the micro-batch's prompts (always replaced)."""
         settings = generation_settings(ctx, self.args)
         a = self.args.teacher_mix
         mixture = [(ctx.student, 1.0 - a), (ctx.teacher, a)]
         gen = sample(mixture, extract_prompts(ctx.batch), **settings)
         count_generation(ctx, gen, teacher_generated=a > 0)
-        return generation_batch(gen, settings["eos_token_id"], settings["pad_token_id"], ctx.batch["input_ids"].device)
+        device = ctx.batch["input_ids"].device
+        return generation_batch(gen, settings["eos_token_id"], settings["pad_token_id"], device), True, {}
 
     def loss_on(self, ctx: StepContext, gen_batch: dict[str, torch.Tensor]) -> LossOutput:
-        """The MiniLLM loss on a given generated batch (labels on generated tokens)."""
+        """The MiniLLM loss on a given generated batch (labels on generated tokens); means are
+        `token_mean_scaled` (the micro-batch's token mean weighted by its share of reference tokens)."""
         cfg, args = self.cfg, self.args
         s_logits = model_logits(ctx.student, gen_batch)
         t_logits = teacher_logits(ctx.teacher, gen_batch)
@@ -181,4 +172,7 @@ class MiniLLM(Method):
         return LossOutput(loss, logs)
 
     def compute_loss(self, ctx: StepContext) -> LossOutput:
-        return self.loss_on(ctx, self.generate(ctx))
+        gen_batch, _, logs = self.make_batch(ctx)
+        out = self.loss_on(ctx, gen_batch)
+        out.logs.update(logs)
+        return out

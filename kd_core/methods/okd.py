@@ -32,17 +32,18 @@ module (peft `save_pretrained`) to `<model dir>/okd_online_module/`.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from kd_core.losses.chunked import chunked_rows, chunked_token_divergence
+from kd_core.losses.chunked import chunked_rows
 from kd_core.losses.divergences import get_divergence, logprobs, reduce_tokens, shared_vocab
 from kd_core.methods.base import (LossOutput, Method, StepContext, prediction_positions, register_method, shifted,
                                   token_ce)
-from kd_core.methods.intermediate import reset_extra_grads_each_step
+from kd_core.teacher import DenseTeacherSignal
 
 ARTIFACT_DIR = "okd_online_module"
 
@@ -103,13 +104,18 @@ def _mask_gpt2_key_rows(peft_model, hidden: int) -> int:
             for lora_b in module.lora_B.values():
                 if lora_b.weight.shape[0] != 3 * hidden:
                     continue
-                keep = torch.ones(lora_b.weight.shape[0], 1, dtype=lora_b.weight.dtype, device=lora_b.weight.device)
-                keep[hidden:2 * hidden] = 0
                 with torch.no_grad():
-                    lora_b.weight.mul_(keep)
-                lora_b.weight.register_hook(lambda g, keep=keep: g * keep.to(g.device, g.dtype))  # (moved after setup)
+                    lora_b.weight[hidden:2 * hidden] = 0
+                lora_b.weight.register_hook(functools.partial(_zero_rows, start=hidden, stop=2 * hidden))
                 count += 1
     return count
+
+
+def _zero_rows(grad: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The gradient with rows start:stop set to 0 (a gradient hook: works on any device)."""
+    grad = grad.clone()
+    grad[start:stop] = 0
+    return grad
 
 
 @register_method("okd")
@@ -143,9 +149,8 @@ class OKD(Method):
 
         if teacher is None:
             raise ValueError("okd needs a teacher")
-        device = next(teacher.parameters()).device
         teacher.eval().requires_grad_(False)
-        self.peft_model = get_peft_model(teacher, self.peft_config(teacher)).to(device).eval()
+        self.peft_model = get_peft_model(teacher, self.peft_config(teacher)).eval()  # (the trainer places it)
         a = self.args
         if (a.module == "lora" and a.fused_qkv == "qv" and a.target_modules is None
                 and getattr(teacher.config, "model_type", "") == "gpt2"):
@@ -175,14 +180,8 @@ class OKD(Method):
         (gradient only into the online module), both already divided by `ctx.num_items`."""
         cfg, a = self.cfg, self.args
         ids, am, labels = ctx.batch["input_ids"], ctx.batch["attention_mask"], ctx.batch["labels"]
-        teacher = ctx.teacher
-        if self.online is not None:
-            p0 = next(iter(self.online.parameters()))
-            if p0.device != ids.device:  # the trainer may move the teacher after `prepare`
-                self.peft_model.to(ids.device)
-
         s_logits = ctx.student(input_ids=ids, attention_mask=am).logits
-        t_logits = teacher(input_ids=ids, attention_mask=am).logits
+        t_logits = ctx.teacher(input_ids=ids, attention_mask=am).logits
         extra = t_logits.shape[1] - ids.shape[1]  # P-tuning: logits of the virtual tokens come first
         if extra:
             t_logits = t_logits[:, extra:]
@@ -195,8 +194,9 @@ class OKD(Method):
         row_targets = targets[rows_b, rows_t]
 
         # L_s: the divergence with the online teacher's distribution as a constant (gradient: student only)
-        student_div = chunked_token_divergence(s_logits, t_logits.detach(), positions, cfg.divergence,
-                                               temperature=cfg.temperature, **cfg.divergence_args)
+        student_div = DenseTeacherSignal(t_logits.detach()).divergence(s_logits, positions, cfg.divergence,
+                                                                       temperature=cfg.temperature,
+                                                                       **cfg.divergence_args)
         # L_t per position: α_t · D_t + (1 − α_t) · CE, the student's distribution a constant (online module only)
         div = get_divergence(cfg.divergence)
         params = div.resolve_params(**cfg.divergence_args)
@@ -231,6 +231,5 @@ class OKD(Method):
         return loss_s, loss_t, logs
 
     def compute_loss(self, ctx: StepContext) -> LossOutput:
-        reset_extra_grads_each_step(ctx, [self.online] if self.online is not None else [])
         loss_s, loss_t, logs = self.terms(ctx)
         return LossOutput(loss_s + loss_t, logs)

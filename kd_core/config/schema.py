@@ -1,12 +1,8 @@
-"""The one configuration: `params.yaml`, validated with pydantic.
+"""The pydantic schema of `params.yaml`: one model per section (model sources in `model_source`).
 
-Every stage takes a `PipelineConfig`. Unknown keys are errors (a typo must not silently fall back to a
-default), and every error names the key path and the allowed values, e.g.
-
-    params.yaml: students[1].method: unknown method 'fkd' (allowed: kd, sft)
-
-Methods and divergences are looked up by name in their registries (`kd_core.methods`,
-`kd_core.losses.divergences`), so a new module registering a name is all it takes to extend them.
+Each validator's message starts with the key it is about (`method: unknown method ...`), so that
+`kd_core.config.load` can report it under the full key path. Cross-field rules that need the whole
+pipeline live in `graph` (model references, chains, layers) and `metrics` (the champion metric).
 """
 
 from __future__ import annotations
@@ -15,22 +11,17 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A bad params.yaml: the message is one line per problem, each naming the key."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from kd_core.config import graph, metrics
+from kd_core.config.base import StrictModel
+from kd_core.config.model_source import ArchConfig, ModelSource
 
 
 # ----------------------------------------------------------------------------------------------- data
-class SplitConfig(_Strict):
+class SplitConfig(StrictModel):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
@@ -42,7 +33,7 @@ class SplitConfig(_Strict):
         return self
 
 
-class EvalSetConfig(_Strict):
+class EvalSetConfig(StrictModel):
     """A named extra evaluation set read from a local file (same field mapping rules as the main data)."""
 
     path: str
@@ -50,7 +41,7 @@ class EvalSetConfig(_Strict):
     filter_field: str | None = Field(None, description="keep only rows whose field is truthy")
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     source: Literal["builtin", "file", "hub"] = "builtin"
     builtin_examples: int = Field(3000, ge=10)
     builtin_seed: int = 0
@@ -83,43 +74,7 @@ class DataConfig(_Strict):
         return self
 
 
-# ----------------------------------------------------------------------------------------------- models
-class ArchConfig(_Strict):
-    """A model built from a config (randomly initialised), GPT-2 or Llama shaped."""
-
-    arch: Literal["gpt2", "llama"] = "gpt2"
-    n_layer: int = Field(2, ge=1)
-    hidden: int = Field(128, ge=8)
-    n_head: int = Field(4, ge=1)
-    n_kv_head: int | None = Field(None, ge=1, description="llama only; default = n_head")
-    intermediate: int | None = Field(None, ge=8, description="MLP width; default 4*hidden")
-
-    @model_validator(mode="after")
-    def _heads(self) -> ArchConfig:
-        if self.hidden % self.n_head:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by n_head ({self.n_head})")
-        return self
-
-
-class ModelSource(_Strict):
-    """Exactly one of: `config` (build from an architecture), `checkpoint` (path or hub name),
-    `from_teacher_layers` (student only: copy the teacher and keep these layer indices)."""
-
-    config: ArchConfig | None = None
-    checkpoint: str | None = None
-    gguf_file: str | None = None
-    from_teacher_layers: list[int] | None = None
-    trust_remote_code: bool = False
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> ModelSource:
-        given = [k for k in ("config", "checkpoint", "from_teacher_layers") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                f"give exactly one of config, checkpoint, from_teacher_layers (got {given or 'none'})")
-        return self
-
-
+# -------------------------------------------------------------------------------- models (sources: model_source)
 def _deepspeed_stage(path: str) -> int | None:
     try:
         return json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage")
@@ -127,7 +82,7 @@ def _deepspeed_stage(path: str) -> int | None:
         raise ValueError(f"DeepSpeed config {path!r}: {err}") from None
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(StrictModel):
     epochs: float = Field(3.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="overrides epochs when > 0")
     learning_rate: float = Field(1e-3, gt=0)
@@ -167,14 +122,14 @@ class TrainingConfig(_Strict):
         return self
 
 
-class LoraConfig(_Strict):
+class LoraConfig(StrictModel):
     r: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, description="default: peft's choice for the architecture")
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictModel):
     name: str = "teacher"
     model: ModelSource
     train: bool = Field(True, description="false: use the checkpoint as is (no SFT)")
@@ -182,8 +137,15 @@ class TeacherConfig(_Strict):
     lora: LoraConfig = LoraConfig()
     training: TrainingConfig = TrainingConfig()
 
+    @model_validator(mode="after")
+    def _not_cut_from_itself(self) -> TeacherConfig:
+        if self.model.from_teacher_layers is not None:
+            raise ValueError("model.from_teacher_layers: students only (the teacher has no teacher to be cut "
+                             "from; allowed: config, checkpoint)")
+        return self
 
-class FinetuneConfig(_Strict):
+
+class FinetuneConfig(StrictModel):
     """Post-distillation fine-tuning: cross-entropy on the task data at a smaller learning rate."""
 
     enabled: bool = False
@@ -191,7 +153,7 @@ class FinetuneConfig(_Strict):
     lr_scale: float = Field(0.1, gt=0, le=1, description="learning rate = distillation lr * lr_scale")
 
 
-class TransferSetConfig(_Strict):
+class TransferSetConfig(StrictModel):
     """A transfer set generated by a model (SeqKD data), written as `data/<name>.jsonl` by the transfer stage.
 
     strategy: `generated` (the model's responses replace the references), `confidence` (keep the
@@ -209,7 +171,7 @@ class TransferSetConfig(_Strict):
     seed: int = 0
 
 
-class TeacherCacheConfig(_Strict):
+class TeacherCacheConfig(StrictModel):
     """Teacher-logit cache (kd_core/logit_cache.py): run the teacher once over `train_data`, keep its `top_k`
     log-probabilities (+ the tail mass) per response token, and train without the live teacher. top_k >= the
     vocabulary size is exact; smaller k gives the sparse divergences of kd_core/losses/sparse.py."""
@@ -219,7 +181,7 @@ class TeacherCacheConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="teacher batch size while building the cache")
 
 
-class StudentConfig(_Strict):
+class StudentConfig(StrictModel):
     name: str = Field("", description="filled from the key under `students`")
     teacher: str = Field("teacher", description="who teaches it: the teacher, or another student (a teacher assistant)")
     train_data: str = Field("train", description="'train' (the split) or the name of a transfer set")
@@ -276,14 +238,14 @@ class StudentConfig(_Strict):
 
 
 # ----------------------------------------------------------------------------------------------- rest
-class GenerationConfig(_Strict):
+class GenerationConfig(StrictModel):
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(32, ge=1)
 
 
-class EvaluationConfig(_Strict):
+class EvaluationConfig(StrictModel):
     eval_sets: list[str] = Field(default_factory=lambda: ["test"],
                                  description="'test' (the split) and names from data.eval_sets")
     limit: int | None = Field(None, ge=1, description="first N prompts of each set")
@@ -291,12 +253,21 @@ class EvaluationConfig(_Strict):
     greedy: bool = True
     generation: GenerationConfig = GenerationConfig()
     unc_buckets: int = Field(3, ge=1, description="teacher-uncertainty buckets for the agreement/KL analysis")
-    exaccerr_lengths: list[int] = Field(default_factory=lambda: [8, 16], description="ExAccErr(l) for these l")
+    exaccerr_lengths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [8, 16],
+                                                                description="ExAccErr(l) for these l")
     exaccerr_prompts: int = Field(32, ge=0, description="prompts of the test split used for ExAccErr (0: off)")
     exaccerr_samples: int = Field(2, ge=1, description="prefixes sampled per prompt and model")
 
+    @model_validator(mode="after")
+    def _some_generation(self) -> EvaluationConfig:
+        """Eval sets are there to be generated on: greedy, sampled with each seed, or both."""
+        if self.eval_sets and not self.sample_seeds and not self.greedy:
+            raise ValueError("sample_seeds: empty and greedy is false: the eval sets would get no generation metric "
+                             "(give seeds, e.g. [0], or set greedy: true)")
+        return self
 
-class ChampionRule(_Strict):
+
+class ChampionRule(StrictModel):
     metric: str = "test/rougeL_sampled_mean"
     mode: Literal["max", "min"] = "max"
     min_delta: float = Field(0.0, ge=0, description="move the alias only when better by more than this")
@@ -304,7 +275,7 @@ class ChampionRule(_Strict):
         None, gt=0, lt=1, description="also require a paired bootstrap p-value below this (per-prompt test ROUGE-L)")
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(StrictModel):
     tracking_uri: str | None = Field(None, description="default: env MLFLOW_TRACKING_URI, else sqlite in run_dir's project")
     experiment: str = "kd-pipeline"
     registered_model: str = "kd-student"
@@ -312,12 +283,12 @@ class TrackingConfig(_Strict):
     champion: ChampionRule = ChampionRule()
 
 
-class OrchestrationConfig(_Strict):
+class OrchestrationConfig(StrictModel):
     max_parallel_students: int = Field(1, ge=1)
     retries: int = Field(1, ge=0, description="Prefect retries for transient failures")
 
 
-class TokenizerConfig(_Strict):
+class TokenizerConfig(StrictModel):
     """For models built from a config: a byte-level BPE trained on the train split."""
 
     vocab_size: int = Field(2048, ge=64)
@@ -325,7 +296,7 @@ class TokenizerConfig(_Strict):
     overlong: Literal["truncate", "drop"] = "truncate"
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(StrictModel):
     run_dir: str = "runs/default"
     seed: int = 0
     data: DataConfig = DataConfig()
@@ -351,45 +322,12 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
-        names = list(self.students)
-        if self.teacher.name in names:
-            raise ValueError(f"students: name {self.teacher.name!r} is the teacher's")
-        models = [self.teacher.name, *names]
-        for name, ts in self.transfer_sets.items():
-            if name in ("train", "val", "test"):
-                raise ValueError(f"transfer_sets.{name}: reserved name (train, val, test are the splits)")
-            if ts.source not in models:
-                raise ValueError(f"transfer_sets.{name}.source: unknown model {ts.source!r} (allowed: {', '.join(models)})")
-        from kd_core.methods import METHODS
-
-        for name, st in self.students.items():
-            if st.teacher not in models or st.teacher == name:
-                allowed = ", ".join(m for m in models if m != name)
-                raise ValueError(f"students.{name}.teacher: unknown model {st.teacher!r} (allowed: {allowed})")
-            if METHODS[st.method].needs_transfer_set and st.train_data == "train":
-                allowed = ", ".join(self.transfer_sets) or "none defined under transfer_sets"
-                raise ValueError(f"students.{name}.train_data: method {st.method!r} trains on a transfer set "
-                                 f"(allowed: {allowed})")
-            if st.train_data != "train" and st.train_data not in self.transfer_sets:
-                allowed = ", ".join(["train", *self.transfer_sets])
-                raise ValueError(f"students.{name}.train_data: unknown data {st.train_data!r} (allowed: {allowed})")
-        for name in names:  # teacher-assistant chains (and transfer-set sources) must end at the teacher
-            path: list[str] = []
-
-            def walk(node: str) -> None:
-                if node == self.teacher.name:
-                    return
-                if node in path:
-                    raise ValueError(f"students.{name}.teacher: cycle {' -> '.join(path + [node])}")
-                path.append(node)
-                for dep in self.dependencies(node):
-                    walk(dep)
-                path.pop()
-            walk(name)
-        known = {"test", *self.data.eval_sets}
-        for i, name in enumerate(self.evaluation.eval_sets):
-            if name not in known:
-                raise ValueError(f"evaluation.eval_sets[{i}]: unknown eval set {name!r} (allowed: {', '.join(sorted(known))})")
+        """Rules over several sections, first failure reported: model names and references, chains (no
+        cycle), layer indices of students cut from their teacher, then evaluation (eval sets, champion)."""
+        graph.check_references(self)
+        graph.chain_order(self)
+        graph.check_layer_indices(self)
+        metrics.check_evaluation(self)
         return self
 
     # ---- helpers
@@ -400,132 +338,12 @@ class PipelineConfig(_Strict):
 
     def dependencies(self, student: str) -> list[str]:
         """The models a student needs finished first: its teacher and the source of its transfer set."""
-        st = self.students[student]
-        deps = [st.teacher]
-        if st.train_data in self.transfer_sets:
-            deps.append(self.transfer_sets[st.train_data].source)
-        return deps
+        return graph.dependencies(self, student)
 
     def chain_order(self) -> list[str]:
         """Student names ordered so that every model comes after the models it depends on."""
-        done: list[str] = []
-
-        def visit(name: str) -> None:
-            if name in done or name == self.teacher.name:
-                return
-            for dep in self.dependencies(name):
-                visit(dep)
-            done.append(name)
-        for name in self.students:
-            visit(name)
-        return done
+        return graph.chain_order(self)
 
     def fingerprint(self) -> str:
         """Short hash of the whole config: tags registered models with the params that produced them."""
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ""
-        for part in e["loc"]:
-            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "literal_error":
-            msg = f"{msg} (got {e['input']!r})"
-        # model validators report at the parent; their message starts with the sub-key ("method: ...")
-        sub = re.match(r"^([A-Za-z_][\w.\[\]]*): (.*)$", msg)
-        if sub and e["type"] == "value_error":
-            loc, msg = (f"{loc}.{sub.group(1)}" if loc else sub.group(1)), sub.group(2)
-        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
-    return "\n".join(lines)
-
-
-# Credentials never go in params.yaml: it is committed, hashed into tags and logged as MLflow params.
-SECRET_WORDS = {"password", "passwd", "secret", "token", "apikey", "credential", "credentials"}
-SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key"), ("auth", "token")}
-SECRET_HINT = ("set credentials in the environment instead (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
-               "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, HF_TOKEN)")
-
-
-def _looks_secret(key: str) -> bool:
-    parts = re.split(r"[_\-.\s]+|(?<=[a-z])(?=[A-Z])", key.strip())
-    parts = [p.lower() for p in parts if p]
-    return bool(SECRET_WORDS & set(parts)) or any(pair in SECRET_PAIRS for pair in zip(parts, parts[1:]))
-
-
-def find_secrets(raw: Any, path: str = "") -> list[str]:
-    """Keys that look like credentials and URLs with a password (`scheme://user:pass@host`), by key path."""
-    from urllib.parse import urlsplit
-
-    found = []
-    if isinstance(raw, dict):
-        for key, value in raw.items():
-            sub = f"{path}.{key}" if path else str(key)
-            if _looks_secret(str(key)):
-                found.append(f"{sub}: looks like a credential; {SECRET_HINT}")
-            else:
-                found += find_secrets(value, sub)
-    elif isinstance(raw, list):
-        for i, value in enumerate(raw):
-            found += find_secrets(value, f"{path}[{i}]")
-    elif isinstance(raw, str) and "://" in raw:
-        try:
-            has_password = urlsplit(raw).password is not None
-        except ValueError:
-            has_password = False
-        if has_password:
-            found.append(f"{path}: URL contains a password (user:password@); {SECRET_HINT}")
-    return found
-
-
-def parse_config(raw: dict[str, Any], source: str = "params.yaml") -> PipelineConfig:
-    secrets = find_secrets(raw)
-    if secrets:
-        raise ConfigError("\n".join(f"{source}: {line}" for line in secrets))
-    try:
-        return PipelineConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
-
-
-def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    # YAML anchors load as one shared object: un-alias so an override of one student changes only that one
-    raw = json.loads(json.dumps(raw, default=str))
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
-    return parse_config(raw, source=str(path))
-
-
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
-    """Set `a.b.0.c` (list indices as numbers, like `dvc exp run -S`)."""
-    node: Any = raw
-    *parents, leaf = dotted.split(".")
-    for key in parents + [leaf]:
-        is_last = key is leaf
-        if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
-                raise ConfigError(f"override {dotted!r}: {key!r} is not an index of a list of {len(node)}")
-            if is_last:
-                node[int(key)] = value
-            else:
-                node = node[int(key)]
-        elif isinstance(node, dict):
-            if is_last:
-                node[key] = value
-            else:
-                node = node.setdefault(key, {})
-        else:
-            raise ConfigError(f"override {dotted!r}: cannot descend into a {type(node).__name__} at {key!r}")

@@ -1,0 +1,76 @@
+"""The champion rule: which registered student version holds the alias `champion` (`tracking.champion`).
+
+The best version by `metric` (max or min) takes the alias when it is better than the current champion by more
+than `min_delta` and, with `significance` set, when a paired bootstrap over the prompts both versions were
+evaluated on gives p < significance. The decision is a pure function of the versions' rows
+(`tracking.version_rows`) and a paired test; MLflow is read and written through `kd_core.tracking` only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from kd_core.config import ChampionRule, PipelineConfig
+
+
+def is_better(new: float, old: float | None, mode: str, min_delta: float) -> bool:
+    """`new` beats `old` by more than `min_delta` in the direction of `mode` (any value beats no value)."""
+    if old is None:
+        return True
+    return new > old + min_delta if mode == "max" else new < old - min_delta
+
+
+def decide(rows: list[dict], rule: ChampionRule, paired_test: Callable[[str, str], dict | None]) -> dict:
+    """The champion decision over registered version rows ({version, run_id, metrics, aliases}).
+
+    Returns {"moved": bool, "version": ..., "reason" | "metric"/"value", "paired_test"?}; `paired_test(old_run,
+    new_run)` returns a paired bootstrap result ({p_value, ...}) or None when the versions share too few prompts.
+    """
+    key = rule.metric
+    scored = [r for r in rows if key in r["metrics"]]
+    if not scored:
+        return {"moved": False, "reason": f"no version has metric {rule.metric!r}"}
+    current = next((r for r in rows if "champion" in r["aliases"]), None)
+    best = (max if rule.mode == "max" else min)(scored, key=lambda r: r["metrics"][key])
+    old = current["metrics"].get(key) if current else None
+    if current is not None and current["version"] == best["version"]:
+        return {"moved": False, "version": best["version"], "reason": "already champion"}
+    if not is_better(best["metrics"][key], old, rule.mode, rule.min_delta):
+        return {"moved": False, "version": current["version"] if current else None,
+                "reason": f"best {best['metrics'][key]:.4g} not better than {old} by > {rule.min_delta}"}
+    decision = {"moved": True, "version": best["version"], "metric": rule.metric, "value": best["metrics"][key]}
+    if rule.significance is not None and current is not None:
+        test = paired_test(current["run_id"], best["run_id"])
+        if test is None or test["p_value"] >= rule.significance:
+            return {"moved": False, "version": current["version"], "paired_test": test,
+                    "reason": f"not significant at p < {rule.significance}"}
+        decision["paired_test"] = test
+    return decision
+
+
+def paired_registry_test(old_run: str, new_run: str, seed: int, set_name: str = "test") -> dict | None:
+    """Paired bootstrap of two registered versions' per-prompt sampled ROUGE-L on the prompts both were
+    evaluated on (the `eval/<set>.jsonl` artifacts of their register runs); None when either has none."""
+    from kd_core import tracking
+    from kd_core.evaluation.compare import prompt_scores
+    from kd_core.evaluation.stats import paired_on_common_ids
+
+    scores = []
+    for run_id in (old_run, new_run):
+        local = tracking.download_artifact(run_id, f"eval/{set_name}.jsonl")
+        if local is None:  # an older version without per-prompt scores
+            return None
+        scores.append(prompt_scores(local))
+    return paired_on_common_ids(scores[0], scores[1], seed=seed)
+
+
+def update_champion(cfg: PipelineConfig) -> dict:
+    """Move alias `champion` of the student model to the best version by the rule in params."""
+    from kd_core import tracking
+
+    rule = cfg.tracking.champion
+    rows = tracking.version_rows(cfg.tracking.registered_model)
+    decision = decide(rows, rule, lambda old, new: paired_registry_test(old, new, cfg.seed))
+    if decision["moved"]:
+        tracking.set_alias(cfg.tracking.registered_model, "champion", decision["version"])
+    return decision

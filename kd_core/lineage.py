@@ -1,0 +1,179 @@
+"""DVC, through its Python API: is a stage up to date, record a stage that ran (its outputs into the DVC cache,
+`dvc.lock` updated), push to the default remote. The Prefect flow asks before each task and records after it,
+so a flow run leaves the same `dvc.lock` as `dvc repro` and either one skips what the other has done.
+
+Bookkeeping is on when the run's config is the project's DVC pipeline: the working directory holds `.dvc/` and
+`dvc.yaml`, the params file is its `params.yaml`, and no `--set` override changes it (DVC reads params.yaml
+only: use `dvc exp run -S` or edit the file). Otherwise `DvcBook.off(reason)` records nothing and skips nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("kd")
+
+_LOCK = threading.Lock()  # DVC's Repo is not thread-safe; tasks run in threads
+LOCK_WAIT_S = 120.0  # another DVC process (a `dvc status` in a shell) holds the repo lock for seconds at most
+
+
+@dataclass(frozen=True)
+class DvcBook:
+    root: Path | None
+    reason: str = ""
+
+    @classmethod
+    def off(cls, reason: str) -> DvcBook:
+        return cls(None, reason)
+
+    @classmethod
+    def for_run(cls, params_path: str | Path, overrides: dict | None) -> DvcBook:
+        """Bookkeeping for a run of `params_path` (+ overrides) started in the working directory."""
+        root = Path.cwd().resolve()
+        if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
+            return cls.off(f"{root} is not a DVC project (no .dvc/ or dvc.yaml)")
+        if Path(params_path).resolve() != root / "params.yaml":
+            return cls.off(f"the params file {params_path} is not the DVC pipeline's params.yaml")
+        if overrides:
+            return cls.off("--set overrides are not in params.yaml (use `dvc exp run -S` to version them)")
+        return cls(root)
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def _call(self, fn):
+        from dvc.lock import LockError
+        from dvc.repo import Repo
+
+        deadline = time.monotonic() + LOCK_WAIT_S
+        with _LOCK:
+            while True:
+                try:
+                    with Repo(str(self.root)) as repo:
+                        return fn(repo)
+                except LockError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+
+    def changes(self, stage: str) -> list:
+        """What DVC finds changed for the stage (`dvc status` of it): [] when it is up to date."""
+        if not self.enabled:
+            return ["DVC bookkeeping off"]
+        return self._call(lambda repo: repo.status(targets=[stage])).get(stage, [])
+
+    def record(self, stage: str) -> None:
+        """`dvc commit` of the stage: its outputs into the DVC cache, its entry in dvc.lock."""
+        if self.enabled:
+            self._call(lambda repo: repo.commit(stage, force=True))
+
+    def push(self) -> str | None:
+        """`dvc push` to the default remote, when one is configured: a one-line summary, else None."""
+        if not self.enabled:
+            return None
+
+        def push(repo):
+            remote = repo.config.get("core", {}).get("remote")
+            if not remote:
+                return None
+            pushed = repo.push()
+            return f"DVC: pushed {pushed} file(s) to remote {remote!r}"
+        return self._call(push)
+
+
+# ----------------------------------------------------------------------------------------------- lineage
+def git_revision(root: Path | None = None) -> dict[str, str]:
+    """{"commit": sha or "", "dirty": "true" | "false" | ""} of the git checkout at `root` (cwd by default)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=root or Path.cwd(), capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no") if commit else ""
+    return {"commit": commit, "dirty": ("true" if dirty else "false") if commit else ""}
+
+
+def lock_outputs(lock_text: str) -> dict[str, dict[str, str]]:
+    """stage -> {output path: DVC hash} from the text of a dvc.lock."""
+    import yaml
+
+    stages = (yaml.safe_load(lock_text) or {}).get("stages", {})
+    return {name: {o["path"]: o.get("md5") or o.get("hash", "") for o in body.get("outs", [])}
+            for name, body in stages.items()}
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.md5()  # noqa: S324 (DVC's content hash, not a security use)
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def matches_workspace(root: Path, path: str, dvc_hash: str) -> bool:
+    """The file or folder at `path` holds what dvc.lock says (a folder: every file of its manifest in the DVC
+    cache, by name and md5). Read without DVC's repo lock, so a stage run by `dvc repro` can call it."""
+    import json
+
+    target = Path(root) / path
+    if not dvc_hash.endswith(".dir"):
+        return target.is_file() and _md5(target) == dvc_hash
+    manifest = Path(root) / ".dvc" / "cache" / "files" / "md5" / dvc_hash[:2] / dvc_hash[2:]
+    if not target.is_dir() or not manifest.is_file():
+        return False
+    entries = json.loads(manifest.read_text())
+    files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    return files == sorted(e["relpath"] for e in entries) and all(
+        _md5(target / e["relpath"]) == e["md5"] for e in entries)
+
+
+def version_lineage(root: Path, lock_text: str, run_dir: str, model_stage: str) -> dict[str, str]:
+    """The DVC hashes a registered model version came from: its data splits and eval sets (the prepare
+    stage's outputs) and its model folder (the output of `model_stage`), as `data:<path>` / `model:<path>`.
+    Empty when dvc.lock does not describe the files in the workspace (a run that DVC did not record)."""
+    outs = lock_outputs(lock_text)
+    data = {path: h for path, h in outs.get("prepare", {}).items() if not path.endswith("report.json")}
+    model = {path: h for path, h in outs.get(model_stage, {}).items() if path.startswith(f"{run_dir}/models/")}
+    found = {f"data:{path}": h for path, h in data.items()} | {f"model:{path}": h for path, h in model.items()}
+    if not data or not model or not all(matches_workspace(root, k.split(":", 1)[1], h) for k, h in found.items()):
+        return {}
+    return found
+
+
+def checkout(root: Path, lock_text: str, stages: list[str]) -> list[str]:
+    """Restore the outputs of `stages` as they were under `lock_text` (a dvc.lock of an earlier run) from the
+    DVC cache, fetching from the default remote what the cache lacks. The project's own dvc.lock is left as it
+    is (so `dvc status` then shows those outputs as changed: the workspace holds the older version).
+    Returns the restored paths."""
+    from kd_core.io import write_text_atomic
+
+    book = DvcBook(Path(root))
+    lock = Path(root) / "dvc.lock"
+    current = lock.read_text(encoding="utf-8") if lock.is_file() else None
+    write_text_atomic(lock, lock_text)
+    try:
+        def restore(repo):
+            try:
+                repo.fetch(targets=stages)
+            except Exception as err:  # noqa: BLE001 (no remote, or offline: the local cache may have it all)
+                log.info("DVC fetch skipped: %s", err)
+            return repo.checkout(targets=stages, force=True)
+        result = book._call(restore)
+    finally:
+        if current is None:
+            lock.unlink(missing_ok=True)
+        else:
+            write_text_atomic(lock, current)
+    return sorted({*result.get("added", []), *result.get("modified", [])})

@@ -1,0 +1,133 @@
+"""A run folder and what every stage reads from it: where each output lives (`RunPaths`) and the loaders the
+stages share (tokenizer, encoded training set, finished models), each failing with the stage to run first
+when its input does not exist yet.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kd_core.config import PipelineConfig
+from kd_core.errors import DataError, MissingInput
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where every output of a run lives: all under `cfg.run_dir`, one folder per kind of output."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig) -> RunPaths:
+        return cls(Path(cfg.run_dir))
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def split(self, name: str) -> Path:
+        """A split (train / val / test) or a transfer set, by name."""
+        return self.data / f"{name}.jsonl"
+
+    def eval_set(self, name: str) -> Path:
+        return self.split("test") if name == "test" else self.data / "eval" / f"{name}.jsonl"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    def model(self, name: str) -> Path:
+        """The final model of the teacher or of a student (what is evaluated, registered, and teaches TAs' students)."""
+        return self.root / "models" / name
+
+    def distilled(self, student: str) -> Path:
+        """A student after distillation, before post-distillation fine-tuning."""
+        return self.root / "distilled" / student
+
+    def teacher_cache(self, student: str) -> Path:
+        """The teacher's cached top-k log-probs over a student's training data (kd_core/logit_cache.py)."""
+        return self.root / "teacher_cache" / student
+
+    def train_info(self, model: str) -> Path:
+        return self.root / "train_info" / f"{model}.json"
+
+    def metrics(self, name: str) -> Path:
+        return self.root / "metrics" / f"{name}.json"
+
+    def generations(self, name: str) -> Path:
+        return self.root / "generations" / name
+
+    @property
+    def data_report(self) -> Path:
+        return self.data / "report.json"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry.json"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+
+def training_seed(cfg: PipelineConfig, seed: int | None) -> int:
+    """A training section's own seed, else the pipeline's."""
+    return cfg.seed if seed is None else seed
+
+
+def n_positions(cfg: PipelineConfig) -> int:
+    """Positions a model built from a config needs: the longest prompt plus the longest generation."""
+    longest = max([cfg.evaluation.generation.max_new_tokens, *cfg.evaluation.exaccerr_lengths,
+                   *(t.max_new_tokens for t in cfg.transfer_sets.values())])
+    return cfg.tokenizer.max_length + longest
+
+
+def require(path: Path, what: str, stage: str) -> Path:
+    """`path` if it exists, else a MissingInput naming the stage that makes it."""
+    if not path.exists():
+        raise MissingInput(f"{path}: no {what} yet; run the {stage} stage first")
+    return path
+
+
+def data_version(paths: RunPaths) -> str:
+    """The hash of the train/val/test splits, written by the prepare stage."""
+    return json.loads(require(paths.data_report, "data report", "prepare").read_text())["data_version"]
+
+
+def load_run_tokenizer(paths: RunPaths):
+    """The run's tokenizer (built by the prepare stage)."""
+    from kd_core.data.tokenize import load_tokenizer
+
+    return load_tokenizer(require(paths.tokenizer, "tokenizer", "prepare"))
+
+
+def load_train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, split: str = "train", loss_on_prompt: bool = False):
+    """A split or transfer set encoded for training: (EncodedDataset, rows dropped as overlong)."""
+    from kd_core.data.tokenize import encode_rows
+    from kd_core.io import read_jsonl
+
+    maker = "prepare" if split in ("train", "val", "test") else f"transfer (--model {split})"
+    rows = read_jsonl(require(paths.split(split), f"data {split!r}", maker))
+    ds, dropped = encode_rows(rows, tokenizer, cfg.data.template, cfg.tokenizer.max_length, cfg.tokenizer.overlong,
+                              loss_on_prompt)
+    if len(ds) == 0:
+        raise DataError(f"split {split!r}: every example is longer than tokenizer.max_length={cfg.tokenizer.max_length}")
+    return ds, dropped
+
+
+def load_model(paths: RunPaths, name: str):
+    """A finished model of this run (the teacher or a student acting as teacher assistant)."""
+    from kd_core.models import load_checkpoint
+
+    return load_checkpoint(require(paths.model(name), f"model {name!r}", "training stages of that model (train_teacher "
+                                                                            "or distill + finetune)"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a `torchrun` / `deepspeed` launch (both set RANK), or a single process: the one that writes
+    outputs (models, metrics, train_info, MLflow runs)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,80 @@
+"""Stage `cache_teacher`: make a student's teacher-logit cache current (`teacher_cache/<student>`): reuse it,
+link another student's with the same key, or run the teacher once over the student's training data."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kd_core.config import PipelineConfig
+from kd_core.errors import CacheError
+from kd_core.io import atomic_dir, link_or_copy, write_json_atomic
+from kd_core.logit_cache import (MANIFEST, TENSORS, TeacherLogitCache, build_cache, cache_key, read_manifest,
+                                 stale_fields)
+from kd_core.run import RunPaths, load_model, load_run_tokenizer, load_train_set
+
+log = logging.getLogger("kd")
+
+
+def cache_teacher(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
+    """The stage: make `teacher_cache/<student>` current (reuse, link another student's, or run the teacher)."""
+    import torch
+    from safetensors.torch import save_file
+
+    student_cfg = cfg.student(student_name)
+    out = paths.teacher_cache(student_cfg.name)
+    if not student_cfg.teacher_cache.enabled:
+        if read_manifest(out) != {"enabled": False}:
+            with atomic_dir(out) as tmp:
+                write_json_atomic(tmp / MANIFEST, {"enabled": False})
+        return {"student": student_cfg.name, "enabled": False}
+    key = cache_key(cfg, paths, student_cfg.name)
+    info = {"student": student_cfg.name, "enabled": True, "top_k": key["top_k"], "vocab_size": key["vocab_size"]}
+    current = read_manifest(out)
+    changed = stale_fields(current, key)
+    if not changed and (out / TENSORS).is_file():
+        return info | {"source": "current"}
+    for other in sorted(out.parent.glob("*/")):
+        manifest = read_manifest(other)
+        if other != out and manifest and not stale_fields(manifest, key) and (other / TENSORS).is_file():
+            with atomic_dir(out) as tmp:
+                for name in (TENSORS, MANIFEST):
+                    link_or_copy(other / name, tmp / name)
+            log.info("teacher cache of %s: reusing %s's (same key)", student_cfg.name, other.name)
+            return info | {"source": f"linked from {other.name}"}
+    if current is not None:
+        log.info("teacher cache of %s is stale (%s changed): rebuilding", student_cfg.name, ", ".join(changed))
+
+    tokenizer = load_run_tokenizer(paths)
+    teacher = load_model(paths, student_cfg.teacher).eval()
+    if torch.cuda.is_available():
+        teacher.cuda()
+    rows = teacher.get_output_embeddings().weight.shape[0]
+    if rows != key["teacher_vocab"]:
+        raise CacheError(f"{paths.model(student_cfg.teacher)}: output layer has {rows} rows, config says "
+                         f"{key['teacher_vocab']}")
+    ds, _ = load_train_set(cfg, paths, tokenizer, student_cfg.train_data,
+                           loss_on_prompt=student_cfg.training.loss_on_prompt)
+    start = time.perf_counter()
+    tensors = build_cache(teacher, ds, tokenizer.pad_token_id, key["vocab_size"], student_cfg.temperature,
+                          key["top_k"], student_cfg.teacher_cache.batch_size)
+    seconds = time.perf_counter() - start
+    stats = {"examples": len(ds), "tokens": int(tensors["offsets"][-1]), "seconds": round(seconds, 3)}
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / TENSORS))
+        write_json_atomic(tmp / MANIFEST, {"enabled": True, "key": key, "stats": stats})
+    stats["bytes"] = (out / TENSORS).stat().st_size
+    log.info("teacher cache of %s: %d tokens, k=%d, %.1f s", student_cfg.name, stats["tokens"], key["top_k"], seconds)
+    return info | {"source": "built"} | stats
+
+
+def load_for_training(cfg: PipelineConfig, paths: RunPaths, student_name: str, dataset, student) -> TeacherLogitCache:
+    """Make the student's cache current (see :func:`cache_teacher`) and load it for `dataset` and `student`."""
+    cache_teacher(cfg, paths, student_name)
+    cache = TeacherLogitCache(paths.teacher_cache(student_name), dataset)
+    rows = student.get_output_embeddings().weight.shape[0]
+    shared = min(rows, cache.key["teacher_vocab"])
+    if shared != cache.vocab_size:
+        raise CacheError(f"{cache.folder}: cached over a vocabulary of {cache.vocab_size}, but teacher and student "
+                         f"share {shared} ({cache.key['teacher_vocab']} and {rows} output rows)")
+    return cache

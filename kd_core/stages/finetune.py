@@ -1,0 +1,44 @@
+"""Stage `finetune`: post-distillation fine-tuning (cross-entropy at lr × lr_scale); when disabled, the distilled
+model is the final one (hard-linked, no copy)."""
+
+from __future__ import annotations
+
+import json
+
+from kd_core import tracking
+from kd_core.config import PipelineConfig
+from kd_core.io import atomic_dir, link_tree, write_json_atomic
+from kd_core.methods import get_method
+from kd_core.models import load_checkpoint
+from kd_core.preflight import preflight
+from kd_core.run import RunPaths, is_main_process, load_run_tokenizer, load_train_set, require, training_seed
+from kd_core.training import train
+
+
+def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
+    """Post-distillation fine-tuning (CE at lr × lr_scale); when disabled the distilled model is final."""
+    student_cfg = cfg.student(student_name)
+    src = require(paths.distilled(student_cfg.name), "distilled model", f"distill (--model {student_cfg.name})")
+    distill_info = json.loads(paths.train_info(f"{student_cfg.name}.distill").read_text())
+    info = dict(distill_info, finetuned=student_cfg.finetune.enabled, finetune_time_s=0.0)
+    if not student_cfg.finetune.enabled:
+        if is_main_process():
+            with atomic_dir(paths.model(student_cfg.name)) as tmp:
+                link_tree(src, tmp)
+    else:
+        tokenizer = load_run_tokenizer(paths)
+        model = load_checkpoint(src)
+        preflight(cfg, f"finetune {student_cfg.name}", model=model, tokenizer=tokenizer, training=student_cfg.training,
+                  out_dir=paths.model(student_cfg.name))
+        ds, _ = load_train_set(cfg, paths, tokenizer, loss_on_prompt=student_cfg.training.loss_on_prompt)
+        lr = student_cfg.training.learning_rate * student_cfg.finetune.lr_scale
+        with tracking.stage_run(cfg, paths.root, "finetune", student_cfg.name, params=student_cfg.finetune.model_dump(),
+                                main_only=True):
+            result = train(model, ds, tokenizer, student_cfg.training, paths.model(student_cfg.name),
+                           method=get_method("sft")(student_cfg), seed=training_seed(cfg, student_cfg.training.seed),
+                           epochs=student_cfg.finetune.epochs, learning_rate=lr, on_log=tracking.log_step)
+            info.update(finetune_time_s=result.wall_time_s, finetune_steps=result.steps)
+    info["train_time_s"] = distill_info["train_time_s"] + info["finetune_time_s"]
+    if is_main_process():
+        write_json_atomic(paths.train_info(student_cfg.name), info)
+    return info

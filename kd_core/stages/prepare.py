@@ -1,0 +1,103 @@
+"""Stage `prepare`: load and validate the data, split it, write the named eval sets, build the run's tokenizer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from kd_core import tracking
+from kd_core.config import PipelineConfig
+from kd_core.data.builtin import generate_builtin
+from kd_core.data.sources import RawRow, check_report, normalize_rows, read_file, read_hub
+from kd_core.data.split import split_rows
+from kd_core.data.template import format_prompt
+from kd_core.data.tokenize import encode_rows, load_tokenizer, train_bpe_tokenizer
+from kd_core.errors import DataError, ModelError
+from kd_core.io import atomic_dir, file_hash, write_json_atomic, write_jsonl_atomic
+from kd_core.run import RunPaths
+
+log = logging.getLogger("kd")
+
+
+def load_main_rows(cfg: PipelineConfig):
+    """The main data's valid rows (normalised, first `data.max_rows`) and its validation report."""
+    d = cfg.data
+    if d.source == "builtin":
+        raw = (RawRow(r, f"builtin row {i}") for i, r in enumerate(generate_builtin(d.builtin_examples, d.builtin_seed)))
+        what = "builtin data"
+    elif d.source == "file":
+        raw, what = read_file(d.path), str(d.path)
+    else:
+        raw, what = read_hub(d.hub_name, d.hub_split), f"{d.hub_name}[{d.hub_split}]"
+    rows, report = normalize_rows(raw, field_map=d.field_map, max_chars=d.max_chars, template=d.template, id_prefix="row")
+    check_report(report, d.max_bad_fraction, what)
+    return (rows[: d.max_rows] if d.max_rows else rows), report
+
+
+def _eval_sets(cfg: PipelineConfig) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """The named eval sets of `data.eval_sets`: rows and validation reports."""
+    eval_rows: dict[str, list[dict]] = {}
+    reports: dict[str, dict] = {}
+    for name, es in cfg.data.eval_sets.items():
+        raw_rows = list(read_file(es.path))
+        erows, erep = normalize_rows(raw_rows, field_map=cfg.data.field_map, max_chars=cfg.data.max_chars,
+                                     template=cfg.data.template, id_prefix=name)
+        check_report(erep, cfg.data.max_bad_fraction, f"data.eval_sets.{name} ({es.path})")
+        if es.filter_field:
+            keep = {str(r.values.get("id")) for r in raw_rows if r.values.get(es.filter_field)}
+            erows = [r for r in erows if r["id"] in keep]
+        eval_rows[name] = erows[: es.limit] if es.limit else erows
+        reports[name] = erep.to_dict() | {"written": len(eval_rows[name])}
+    return eval_rows, reports
+
+
+def _tokenizer(cfg: PipelineConfig, train_rows: list[dict]):
+    """The teacher checkpoint's own tokenizer, else a byte-level BPE trained on the train split."""
+    teacher_src = cfg.teacher.model
+    if not teacher_src.checkpoint:
+        texts = (format_prompt(r, cfg.data.template) + r["response"] for r in train_rows)
+        return train_bpe_tokenizer(texts, cfg.tokenizer.vocab_size)
+    try:
+        return load_tokenizer(teacher_src.checkpoint, teacher_src.trust_remote_code, gguf_file=teacher_src.gguf_file)
+    except (OSError, ValueError) as err:
+        path = teacher_src.checkpoint
+        missing = path.startswith((".", "/", "~")) and not Path(path).expanduser().exists()
+        raise ModelError(f"teacher.model.checkpoint: {path!r} " + ("does not exist" if missing else
+                         f"has no tokenizer that loads ({err})")) from None
+
+
+def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
+    """Load, validate and split the data; write named eval sets; build the run's tokenizer."""
+    rows, report = load_main_rows(cfg)
+    splits = split_rows(rows, cfg.data.split.val_fraction, cfg.data.split.test_fraction, cfg.data.split.seed)
+    for name, part in splits.items():
+        if not part and (name == "train" or getattr(cfg.data.split, f"{name}_fraction", 1) > 0):
+            raise DataError(f"split {name!r} is empty after validation ({len(rows)} valid rows): "
+                            f"use more data or change data.split")
+    eval_rows, eval_reports = _eval_sets(cfg)
+    tok = _tokenizer(cfg, splits["train"])
+    # rows over tokenizer.max_length stay in the splits; training truncates or drops them (tokenizer.overlong)
+    overlong = {name: encode_rows(part, tok, cfg.data.template, cfg.tokenizer.max_length, "drop")[1]
+                for name, part in splits.items()}
+    if cfg.tokenizer.overlong == "drop" and overlong["train"] == len(splits["train"]):
+        raise DataError(f"split 'train': all {overlong['train']} rows are longer than tokenizer.max_length="
+                        f"{cfg.tokenizer.max_length} and tokenizer.overlong is 'drop'")
+    with atomic_dir(paths.tokenizer) as tmp:
+        tok.save_pretrained(str(tmp))
+
+    for name, part in splits.items():
+        write_jsonl_atomic(paths.split(name), part)
+    with atomic_dir(paths.data / "eval") as tmp:
+        for name, erows in eval_rows.items():
+            write_jsonl_atomic(tmp / f"{name}.jsonl", erows)
+    summary = {"main": report.to_dict(), "eval_sets": eval_reports, "splits": {k: len(v) for k, v in splits.items()},
+               "overlong": {"max_length": cfg.tokenizer.max_length, "policy": cfg.tokenizer.overlong, "rows": overlong},
+               "data_version": file_hash(*(paths.split(n) for n in ("train", "val", "test")))}
+    write_json_atomic(paths.data_report, summary)
+    log.info("prepared data: %s", summary["splits"])
+    with tracking.stage_run(cfg, paths.root, "prepare"):
+        tracking.log_params({"data.source": cfg.data.source, "data.version": summary["data_version"]})
+        tracking.log_metrics({f"rows_{k}": v for k, v in summary["splits"].items()} | {"rows_bad": report.total - report.kept}
+                             | {f"rows_overlong_{k}": v for k, v in overlong.items()})
+        tracking.log_dict(summary, "data_report.json")
+    return summary

@@ -1,0 +1,87 @@
+"""Stage `register`: log every model of the run to MLflow as a transformers model, register a version of each
+(tags: role, method, divergence, teacher chain, sizes, params hash, data version, weights hash), then apply the
+champion rule. A model whose weights are already registered (same `kd.model_hash`) is not registered again: its
+version is tagged with this run instead."""
+
+from __future__ import annotations
+
+import json
+
+import re
+from pathlib import Path
+
+from kd_core import lineage, tracking
+from kd_core.champion import update_champion
+from kd_core.config import PipelineConfig
+from kd_core.errors import MissingInput
+from kd_core.io import tree_hash, write_json_atomic
+from kd_core.run import RunPaths, data_version
+
+
+def version_tags(cfg: PipelineConfig, paths: RunPaths, name: str, info: dict, teacher_info: dict, version: str) -> dict:
+    """The registry tags of one model of the run (the teacher or a student)."""
+    is_teacher = name == cfg.teacher.name
+    student_cfg = None if is_teacher else cfg.student(name)
+    teaches = [s.name for s in cfg.students.values() if s.teacher == name]
+    role = "teacher" if is_teacher else "assistant" if teaches else "student"
+    return {"kd.role": role, "kd.model": name,
+            "kd.method": "teacher-sft" if is_teacher else student_cfg.method,
+            "kd.divergence": "" if is_teacher else info.get("divergence", ""),
+            "kd.teacher": "" if is_teacher else student_cfg.teacher, "kd.root_teacher": cfg.teacher.name,
+            "kd.train_data": "train" if is_teacher else student_cfg.train_data,
+            "kd.teacher_parameters": str(teacher_info["parameters"]),
+            "kd.parameters": str(info["parameters"]), "kd.params_hash": cfg.fingerprint(),
+            "kd.data_version": version, "kd.run_dir": str(paths.root),
+            "kd.finetuned": str(info.get("finetuned", False)).lower()}
+
+
+def lineage_tags(cfg: PipelineConfig, name: str, lock_text: str | None) -> dict[str, str]:
+    """The git revision and, when the run is recorded in DVC, the DVC hashes of the data and the model folder
+    the version came from (`kd lineage` prints them, `kd checkout` restores those files): taken from dvc.lock
+    when it describes the files of this run (see `lineage.version_lineage`)."""
+    git = lineage.git_revision()
+    tags = {"kd.git_commit": git["commit"], "kd.git_dirty": git["dirty"]}
+    if lock_text:
+        stage = "train_teacher" if name == cfg.teacher.name else f"finetune@{name}"
+        for key, value in lineage.version_lineage(Path.cwd(), lock_text, cfg.run_dir, stage).items():
+            tags["kd.dvc." + re.sub(r"[^\w./ -]", "_", key.replace(":", "."))] = value
+    return tags
+
+
+def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
+    """Log every model of the run to MLflow as a transformers model, register it, move `champion`."""
+    names = [cfg.teacher.name] + list(cfg.students)
+    missing = [n for n in names if not paths.metrics(n).is_file()]
+    if missing:
+        raise MissingInput(f"no metrics for {missing}: run the evaluate stage first (nothing registered)")
+    version = data_version(paths)
+    teacher_info = json.loads(paths.train_info(cfg.teacher.name).read_text())
+    registered: dict = {"versions": {}}
+    lock = Path("dvc.lock")
+    lock_text = lock.read_text(encoding="utf-8") if lock.is_file() else None
+    for name in names:
+        info = json.loads(paths.train_info(name).read_text())
+        metrics = json.loads(paths.metrics(name).read_text())
+        tags = version_tags(cfg, paths, name, info, teacher_info, version)
+        reg_name = cfg.tracking.register_teacher_as if name == cfg.teacher.name else cfg.tracking.registered_model
+        tags["kd.model_hash"] = tree_hash(paths.model(name))
+        tags |= lineage_tags(cfg, name, lock_text)
+        existing = tracking.version_with_tag(reg_name, "kd.model_hash", tags["kd.model_hash"])
+        if existing is not None:  # the same weights: no duplicate version
+            tracking.tag_version(reg_name, existing, {"kd.last_seen_params_hash": tags["kd.params_hash"],
+                                                      "kd.last_seen_run_dir": tags["kd.run_dir"]})
+            registered["versions"][name] = {"registered_model": reg_name, "version": existing, "new": False}
+            continue
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        numeric |= {"train_time_s": info.get("train_time_s", 0.0), "parameters": info["parameters"]}
+        with tracking.stage_run(cfg, paths.root, "register", name):
+            per_prompt = paths.generations(name) / "test.jsonl"
+            if per_prompt.is_file():  # per-prompt scores: the champion rule's paired test reads them back
+                tracking.log_artifact(per_prompt, "eval")
+            if any(k.startswith("kd.dvc.") for k in tags):  # what `kd checkout` restores
+                tracking.log_artifact(lock, "lineage")
+            number = tracking.log_model_and_register(paths.model(name), reg_name, tags, numeric)
+        registered["versions"][name] = {"registered_model": reg_name, "version": number, "new": True}
+    registered["champion"] = update_champion(cfg)
+    write_json_atomic(paths.registry, registered)
+    return registered

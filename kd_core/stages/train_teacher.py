@@ -1,0 +1,55 @@
+"""Stage `train_teacher`: supervised fine-tuning of the teacher (full or LoRA), or its checkpoint as is."""
+
+from __future__ import annotations
+
+from kd_core import tracking
+from kd_core.config import PipelineConfig
+from kd_core.io import atomic_dir, write_json_atomic
+from kd_core.methods import get_method
+from kd_core.models import count_parameters, make_model
+from kd_core.preflight import preflight
+from kd_core.run import RunPaths, load_run_tokenizer, load_train_set, n_positions, training_seed
+from kd_core.training import train
+
+
+def _with_lora(model, lora_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                                            target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM"))
+
+
+def _save(model, tokenizer, out_dir) -> None:
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+
+def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
+    """Supervised fine-tuning of the teacher (full or LoRA), or materialise a given checkpoint as is."""
+    teacher_cfg = cfg.teacher
+    out_dir = paths.model(teacher_cfg.name)
+    tokenizer = load_run_tokenizer(paths)
+    seed = training_seed(cfg, teacher_cfg.training.seed)
+    model = make_model(teacher_cfg.model, tokenizer, n_positions(cfg), seed)
+    preflight(cfg, "train_teacher", model=model, tokenizer=tokenizer, training=teacher_cfg.training, out_dir=out_dir)
+    info: dict = {"name": teacher_cfg.name, "parameters": count_parameters(model), "trained": teacher_cfg.train,
+                  "finetune": teacher_cfg.finetune}
+    with tracking.stage_run(cfg, paths.root, "train_teacher", teacher_cfg.name, params=teacher_cfg.model_dump(mode="json")):
+        if not teacher_cfg.train:
+            _save(model, tokenizer, out_dir)
+            info.update(train_time_s=0.0, steps=0)
+        else:
+            ds, dropped = load_train_set(cfg, paths, tokenizer, loss_on_prompt=teacher_cfg.training.loss_on_prompt)
+            lora = teacher_cfg.finetune == "lora"
+            if lora:
+                model = _with_lora(model, teacher_cfg.lora)
+            result = train(model, ds, tokenizer, teacher_cfg.training, out_dir, method=get_method("sft")(None),
+                           seed=seed, on_log=tracking.log_step, save=not lora)
+            if lora:  # merge the adapter so the teacher is a plain causal LM
+                _save(model.merge_and_unload(), tokenizer, out_dir)
+            info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
+                        dropped_overlong=dropped)
+        tracking.log_metrics(info)
+    write_json_atomic(paths.train_info(teacher_cfg.name), info)
+    return info
