@@ -63,7 +63,8 @@ def kd_pipeline(params_path: str = "params.yaml", overrides: dict | None = None)
     futures: dict[str, object] = {}
     with ThreadPoolTaskRunner(max_workers=cfg.orchestration.max_parallel_students) as runner:
         for node in nodes:  # in dependency order: every producer is submitted before its readers
-            configured = stage_task.with_options(name=node.stage.name, task_run_name=node.name,
+            run_name = f"{node.stage.name}-{node.key}" if node.key else node.stage.name  # e.g. distill-fkl
+            configured = stage_task.with_options(name=node.stage.name, task_run_name=run_name,
                                                  retries=cfg.orchestration.retries)
             waits = [futures[p.name] for p in producers(node, nodes)]
             args = {"stage": node.stage.name, "node": node.name, "params_path": params_path, "overrides": overrides,
