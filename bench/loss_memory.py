@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kd_core.losses.chunked import chunked_sparse_divergence, chunked_token_divergence  # noqa: E402
-from kd_core.losses.divergences import logprobs, reduce_tokens, token_divergence  # noqa: E402
+from kd_core.losses.tokens import logprobs, reduce_tokens, token_divergence  # noqa: E402
 from kd_core.losses.sparse import top_k_with_tail  # noqa: E402
 
 

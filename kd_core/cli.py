@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,7 @@ import yaml
 import kd_core  # noqa: F401  (applies the offline defaults before the stack is imported)
 from kd_core.config import PipelineConfig, load_config
 from kd_core.errors import ConfigError, exit_code, is_reported
+from kd_core.launcher import print_error_line
 from kd_core.stages import STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
@@ -31,7 +33,11 @@ def _overrides(sets: list[str] | None) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. --set students.fkl.method=kd)")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = str(err).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
     return out
 
 
@@ -39,6 +45,7 @@ def _fail(err: BaseException) -> None:
     message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)  # (KeyError's str() quotes it)
     for line in str(message).splitlines() or [type(err).__name__]:
         typer.echo(f"error: {line}", err=True)
+    print_error_line(err, str(message))  # KD_LAUNCHED=1 (a flow launched this `kd`): a machine-readable last line
     raise typer.Exit(exit_code(err))
 
 
@@ -72,7 +79,11 @@ SetOpt = typer.Option(None, "--set", "-S", help="override a key, e.g. -S teacher
 @app.command()
 def validate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Validate params.yaml and print the resolved configuration."""
+    from kd_core.lineage import untracked_inputs
+
     cfg = _load(params, set_)
+    for line in untracked_inputs(cfg):
+        typer.echo(f"warning: {params}: {line}", err=True)
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
 
@@ -82,11 +93,12 @@ def stage(name: str = typer.Argument(..., help=" | ".join(STAGES)),
                                               help="the student, model or transfer set of a per-model stage"),
           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Run one stage (this is what dvc.yaml calls)."""
+    from kd_core.progress import stage_bar
     from kd_core.stages import run_stage
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = _load(params, set_)
-    with _reported():
+    with _reported(), stage_bar(f"{name} {model}" if model else name):  # one progress bar, on a terminal
         result = run_stage(name, cfg, model)
     if name == "compare":
         print_table(result)
@@ -97,15 +109,29 @@ def stage(name: str = typer.Argument(..., help=" | ".join(STAGES)),
 @app.command()
 def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Run the whole pipeline as a Prefect flow (a temporary local Prefect server unless PREFECT_API_URL is set)."""
-    _load(params, set_)  # validate before starting anything
+    cfg = _load(params, set_)  # validate before starting anything
     from flows.pipeline import kd_pipeline
 
     with _reported():
         result = kd_pipeline(params_path=str(params), overrides=_overrides(set_))
+    print_summary(result, cfg.tracking.registered_model)
+
+
+def print_summary(result: dict, registered_model: str) -> None:
+    """After `kd run`: the table, the champion, where everything is, and UI commands that work as printed (the
+    venv's own `mlflow` / `prefect`, the project's Prefect home)."""
+    from kd_core import console
+
     print_table(result["compare"])
-    typer.echo(f"\nrun folder:      {result['run_dir']}\nreport:          {result['compare']['markdown']}\n"
-               f"plot:            {result['compare']['plot']}\nMLflow store:    {result['tracking_uri']}\n"
-               f"MLflow UI:       mlflow ui --backend-store-uri {result['tracking_uri']}")
+    mlflow_ui = result.get("mlflow_run") or console.mlflow_ui(result["tracking_uri"])
+    prefect_ui = console.prefect_ui((result.get("flow_run") or {}).get("id"))
+    rows = [("champion:", console.champion(result, registered_model)), ("run folder:", result["run_dir"]),
+            ("report:", result["compare"]["markdown"]), ("plot:", result["compare"]["plot"]),
+            ("MLflow store:", result["tracking_uri"])]
+    for name, ui in (("MLflow UI:", mlflow_ui), ("Prefect UI:", prefect_ui)):
+        rows += [(name, ui["command"]), ("", f"then open {ui['url']}")] if ui.get("command") else [(name, ui["url"])]
+    lines = [""] + [f"{label:<17}{text}" for label, text in rows]
+    typer.echo("\n".join(lines))
 
 
 @app.command()
@@ -203,6 +229,7 @@ def dvc_yaml(check: bool = typer.Option(False, "--check", help="only check: exit
 
 def print_table(result: dict) -> None:
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     from kd_core.evaluation.compare import table as version_table
@@ -213,7 +240,10 @@ def print_table(result: dict) -> None:
         table.add_column(col)
     for row in cells:
         table.add_row(*row)
-    Console(width=200).print(table)
+    console = Console()  # a terminal: its width (the table wraps its cells to fit)
+    if not console.is_terminal and "COLUMNS" not in os.environ:  # a pipe or a file: the table's own width
+        console = Console(width=Measurement.get(console, console.options.update_width(1000), table).maximum)
+    console.print(table)
     for p in result.get("paired_vs_sft", []):
         typer.echo(f"  {p['model']:>12} vs {p['vs']}: ΔROUGE-L {p['mean_diff']:+.2f} "
                    f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}], p = {p['p_value']:.3f} over {p['n_prompts']} test prompts")

@@ -93,3 +93,8 @@ def is_retryable(err: BaseException) -> bool:
     if isinstance(err, KDError):
         return err.retryable
     return not is_user_error(err)
+
+
+class RunFolderBusy(UserError, Transient):
+    """Another pipeline holds the run folder: the message names the holder (host, pid, since when). Exit 2 in
+    the CLI; the flow retries it (the other run may end)."""

@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kd_core.data.tokenize import left_pad
+from kd_core.progress import progress
 from kd_core.lm import model_device
 
 
@@ -69,13 +70,15 @@ def generate(model: PreTrainedModel, tokenizer, prompts: list[list[int]], *, max
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
     out_ids: list[list[int]] = []
     n_new, start = 0, time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        for row in new_tokens(model, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, eos_token_id=eos,
-                              pad_token_id=pad, static_cache=static_cache, **sampling):
-            if row and row[-1] == eos:
-                row = row[:-1]
-            out_ids.append(row)
-            n_new += len(row)
+    with progress(len(prompts), "prompts") as bar:  # the stage's progress bar, on a terminal (kd_core.env)
+        for i in range(0, len(prompts), batch_size):
+            for row in new_tokens(model, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                  pad_token_id=pad, static_cache=static_cache, **sampling):
+                if row and row[-1] == eos:
+                    row = row[:-1]
+                out_ids.append(row)
+                n_new += len(row)
+                bar.update()
     seconds = time.perf_counter() - start
     texts = tokenizer.batch_decode(out_ids, skip_special_tokens=True)
     return Generations(out_ids, [t.strip() for t in texts], n_new, seconds)

@@ -21,6 +21,18 @@ _LOCK = threading.Lock()  # DVC's Repo is not thread-safe; tasks run in threads
 LOCK_WAIT_S = 120.0  # another DVC process (a `dvc status` in a shell) holds the repo lock for seconds at most
 
 
+def untracked_inputs(cfg) -> list[str]:
+    """Local data files of the config that DVC does not watch: `prepare` depends on the project's `data/`
+    folder (dvc.yaml cannot depend on an optional path), so a file elsewhere can change unnoticed."""
+    from kd_core.stages import DATA_DIR
+
+    files = ([("data.path", cfg.data.path)] if cfg.data.source == "file" else []) + \
+        [(f"data.eval_sets.{name}.path", es.path) for name, es in cfg.data.eval_sets.items()]
+    root = Path.cwd().resolve() / DATA_DIR
+    return [f"{key}: {path!r} is outside {DATA_DIR}/: DVC will not see it change (dvc.yaml's prepare depends "
+            f"on {DATA_DIR}/); move it there" for key, path in files if root not in Path(path).resolve().parents]
+
+
 @dataclass(frozen=True)
 class DvcBook:
     root: Path | None
@@ -50,6 +62,7 @@ class DvcBook:
         from dvc.lock import LockError
         from dvc.repo import Repo
 
+        logging.getLogger("dvc").setLevel(logging.ERROR)  # "'x/__init__.py' is empty", "Updating lock file": noise
         deadline = time.monotonic() + LOCK_WAIT_S
         with _LOCK:
             while True:

@@ -6,7 +6,7 @@
   largest log-probabilities at the student's temperature (`top_logprobs` float32 [N, k]), their token ids
   (`top_ids` int32 [N, k]), the log of the remaining mass (`tail_logmass` float32 [N], -inf when k = V), and
   `offsets` int64 [E + 1] (example e owns rows offsets[e]:offsets[e + 1]). Log-probabilities are normalised
-  over the vocabulary shared by teacher and student (as :func:`kd_core.losses.divergences.shared_vocab`).
+  over the vocabulary shared by teacher and student (as :func:`kd_core.losses.tokens.shared_vocab`).
 * `manifest.json`: the key (what produced it: teacher weights, tokenizer and data hashes, template, which
   tokens are response tokens, temperature, k, shared vocabulary). A cache is used only when its key equals
   the one the current config and files give.
@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from kd_core.data.tokenize import IGNORE_INDEX, EncodedDataset, batches
-from kd_core.losses.divergences import logprobs
+from kd_core.losses.tokens import logprobs
 from kd_core.losses.sparse import top_k_with_tail
 from kd_core.errors import CacheError
 from kd_core.io import tree_hash

@@ -92,7 +92,7 @@ def make_model(source: ModelSource, tokenizer: PreTrainedTokenizerBase, n_positi
 def check_vocab_compatible(teacher: PreTrainedModel | None, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                            student_source: ModelSource | None = None) -> None:
     """The models must cover the run's tokenizer (extra padded embedding rows are fine: losses slice to the
-    shared vocabulary, `kd_core.losses.divergences.shared_vocab`), and a student checkpoint must come with
+    shared vocabulary, `kd_core.losses.tokens.shared_vocab`), and a student checkpoint must come with
     the run's tokenizer: token-level distillation compares distributions over the same token ids, so a
     different tokenizer is an error, not something to slice."""
     for role, model in (("teacher", teacher), ("student", student)):
@@ -124,3 +124,13 @@ def _check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, source: ModelSourc
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def set_generation_defaults(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> None:
+    """The generation defaults saved with the model (`generation_config.json`): greedy, as the evaluation's
+    greedy answers, up to the evaluation's `max_new_tokens`, stopping at the run tokenizer's EOS."""
+    gen = model.generation_config
+    gen.do_sample, gen.max_new_tokens = False, max_new_tokens
+    gen.eos_token_id, gen.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for key in ("temperature", "top_p", "top_k"):  # sampling settings of a greedy config only draw warnings
+        setattr(gen, key, None)

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from kd_core.losses.atkd import decompose, target_uncertainty
 from kd_core.losses.chunked import chunk_rows_for, chunked_rows, chunked_sparse_divergence, chunked_token_divergence
-from kd_core.losses.divergences import get_divergence, logprobs
+from kd_core.losses.divergences import get_divergence
+from kd_core.losses.tokens import logprobs
 from kd_core.losses.sparse import coarsen_with_target
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class TeacherSignal:
 class DenseTeacherSignal(TeacherSignal):
     """The teacher's full logits ``[B, T, V_t]`` (unshifted, like the student's), or a function computing them
     on first use (a live teacher runs only if the method reads its signal). Padded embedding rows beyond the
-    student's vocabulary are sliced off (:func:`kd_core.losses.divergences.shared_vocab`)."""
+    student's vocabulary are sliced off (:func:`kd_core.losses.tokens.shared_vocab`)."""
 
     def __init__(self, logits: Tensor | Callable[[], Tensor]):
         self._logits = logits

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -68,25 +69,70 @@ def _parent_file(run_dir: Path) -> Path:
 
 
 def parent_run_id(cfg: PipelineConfig, run_dir: Path) -> str:
-    """The pipeline's parent run for this run folder (created on first use, reused by later stages)."""
+    """The pipeline's parent run for this run folder: the flow's own (`start_pipeline_run`), else the one the
+    folder's stages share while it is running (`dvc repro`, `kd stage`); a finished one, or one of another
+    store or experiment, is not reused: a new parent is started."""
     setup(cfg)
+    saved = _saved_parent(cfg, run_dir)
+    return saved if saved is not None else start_pipeline_run(cfg, run_dir)
+
+
+def _saved_parent(cfg: PipelineConfig, run_dir: Path) -> str | None:
     path = _parent_file(run_dir)
-    uri = tracking_uri(cfg)
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("tracking_uri") == uri:
-            try:
-                MlflowClient().get_run(saved["run_id"])
-                return saved["run_id"]
-            except mlflow.exceptions.MlflowException:
-                pass  # the store was reset: start a new parent
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("tracking_uri") != tracking_uri(cfg) or saved.get("experiment") != cfg.tracking.experiment:
+        return None
+    try:
+        run = MlflowClient().get_run(saved["run_id"])
+    except mlflow.exceptions.MlflowException:
+        return None  # the store was reset
+    return saved["run_id"] if run.info.status == "RUNNING" else None
+
+
+def experiment_of(run_id: str) -> str:
+    """The experiment id of a run."""
+    return MlflowClient().get_run(run_id).info.experiment_id
+
+
+def start_pipeline_run(cfg: PipelineConfig, run_dir: Path, name: str | None = None) -> str:
+    """A new parent run for the pipeline of this run folder; later stages of the folder nest under it. A parent
+    left RUNNING by a killed pipeline is marked KILLED, with its stage runs that were still running."""
+    setup(cfg)
+    previous = _saved_parent(cfg, run_dir)
+    if previous is not None:
+        _close_killed_runs(previous)
+        MlflowClient().set_terminated(previous, "KILLED")
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     run = MlflowClient().create_run(
-        exp.experiment_id, run_name=f"pipeline:{run_dir.name}",
+        exp.experiment_id, run_name=name or f"pipeline:{run_dir.name}",
         tags={"kd.role": "pipeline", "kd.run_dir": str(run_dir), "kd.params_hash": cfg.fingerprint()})
     MlflowClient().set_terminated(run.info.run_id, "RUNNING")
-    write_json_atomic(path, {"run_id": run.info.run_id, "tracking_uri": uri})
+    write_json_atomic(_parent_file(run_dir), {"run_id": run.info.run_id, "tracking_uri": tracking_uri(cfg),
+                                              "experiment": cfg.tracking.experiment})
     return run.info.run_id
+
+
+def end_pipeline_run(run_id: str, *, params: dict | None = None, tags: dict[str, str] | None = None,
+                     artifacts: dict[str, Path] | None = None, status: str = "FINISHED") -> None:
+    """Close the pipeline's parent run with what describes the whole run: the resolved config as params, tags
+    (git revision), and files (params.yaml, dvc.lock, the comparison report and plots) as artifacts."""
+    client = MlflowClient()
+    if params:
+        flat: dict[str, Any] = {}
+        _flatten("", params, flat)
+        items = sorted(flat.items())
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:500]) for k, v in items[start:start + 100]])
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    for artifact_path, path in (artifacts or {}).items():
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path)
+        elif path.is_file():
+            client.log_artifact(run_id, str(path), artifact_path or None)
+    client.set_terminated(run_id, status)
 
 
 def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
@@ -107,14 +153,29 @@ def stage_run(cfg: PipelineConfig, run_dir: Path, stage: str, model_name: str | 
         return
     parent = parent_run_id(cfg, run_dir)
     name = f"{stage}:{model_name}" if model_name else stage
-    with mlflow.start_run(run_id=parent, nested=False):
-        with mlflow.start_run(run_name=name, nested=True, tags={"kd.stage": stage, "kd.model": model_name or "",
-                                                                "kd.params_hash": cfg.fingerprint()}) as run:
-            if params:
-                flat: dict[str, Any] = {}
-                _flatten("", params, flat)
-                mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
-            yield run
+    _close_killed_runs(parent, stage, model_name or "")
+    experiment = MlflowClient().get_run(parent).info.experiment_id
+    # a child of the parent run without activating the parent (activating and leaving it would end it)
+    with mlflow.start_run(run_name=name, experiment_id=experiment, parent_run_id=parent,
+                          tags={"kd.stage": stage, "kd.model": model_name or "", "kd.params_hash": cfg.fingerprint()}) as run:
+        if params:
+            flat: dict[str, Any] = {}
+            _flatten("", params, flat)
+            mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        yield run
+
+
+def _close_killed_runs(parent: str, stage: str | None = None, model: str = "") -> None:
+    """Stage runs still RUNNING under a pipeline run (all of them, or those of `stage` and `model`) when the
+    same stage or a new pipeline starts belong to a process that was killed (SIGKILL leaves no chance to close
+    them): mark them KILLED."""
+    client = MlflowClient()
+    experiment = client.get_run(parent).info.experiment_id
+    query = f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"
+    if stage is not None:
+        query += f" and tags.`kd.stage` = '{stage}' and tags.`kd.model` = '{model}'"
+    for run in client.search_runs([experiment], filter_string=query):
+        client.set_terminated(run.info.run_id, "KILLED")
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -153,10 +214,26 @@ def log_step(entry: dict) -> None:
         mlflow.log_metrics(metrics, step=int(entry["step"]))
 
 
-def log_model_and_register(model_dir: Path, registered_name: str, tags: dict[str, str], metrics: dict[str, float]) -> int:
-    """Log the saved model as an MLflow transformers model in the active run and register a version."""
+GENERATION_PARAMS = ("max_new_tokens", "do_sample", "temperature", "top_p")  # the params schema of a logged model
+
+
+def log_model_and_register(model_dir: Path, registered_name: str, tags: dict[str, str], metrics: dict[str, float],
+                           *, artifact_name: str = "model", card: str | None = None, prompt_template: str | None = None,
+                           generation: dict | None = None, example: str | None = None) -> int:
+    """Log the saved model as an MLflow transformers model (`artifact_name`) in the active run, register a
+    version with `tags`, and with a model `card` (markdown): log it as `<artifact_name>/README.md` and make it
+    the version's description.
+
+    The served model (pyfunc, `mlflow models serve`) answers plain instructions as the evaluation's greedy
+    answers: `prompt_template` (with `{prompt}` where the instruction goes) wraps each input as the model was
+    trained, only the new text comes back (stripped, as the evaluation strips it), and the prompt is tokenized as
+    the evaluation tokenizes it (special tokens added; a prompt longer than the context keeps its end).
+    `generation` ({max_new_tokens, do_sample, temperature, top_p}) are the defaults of the signature's params
+    schema: a request's `params` override them (sampling as the evaluation samples: no top-k cut-off).
+    `example`: an instruction for the input example (with the params)."""
     import logging
 
+    from mlflow.models import infer_signature
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # it looks for a hub model card and license for local folders: noise, not information
@@ -165,10 +242,25 @@ def log_model_and_register(model_dir: Path, registered_name: str, tags: dict[str
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
     mlflow.set_tags(tags)
+    params = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_p": 1.0} | (generation or {})
+    params = {k: params[k] for k in GENERATION_PARAMS}
+    # fixed settings of the served pipeline (not request params): the evaluation's prompt encoding and sampling
+    model_config = params | {"return_full_text": False, "add_special_tokens": True, "top_k": 0}
+    if getattr(tokenizer, "model_max_length", 0) < 10**9:  # a real context length (unset: ~1e30)
+        model_config["handle_long_generation"] = "hole"  # a long prompt keeps its end, as in evaluation
+    inputs = [example or "sort ascending: 4 35 13 33"]
     info = mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
-        pip_requirements=PIP_REQUIREMENTS)
+        transformers_model={"model": model, "tokenizer": tokenizer}, name=artifact_name, task="text-generation",
+        pip_requirements=PIP_REQUIREMENTS, prompt_template=prompt_template,
+        input_example=(inputs, {"max_new_tokens": params["max_new_tokens"]}),
+        signature=infer_signature(inputs, ["an answer"], params=params), model_config=model_config)
+    if card is not None:
+        mlflow.log_text(card, f"{artifact_name}/README.md")
     version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+    if card is not None:
+        # the version page renders markdown: the card without its YAML metadata block (README.md keeps it)
+        body = re.sub(r"\A---\n.*?\n---\n+", "", card, flags=re.S)
+        MlflowClient().update_model_version(registered_name, version.version, description=body)
     return int(version.version)
 
 

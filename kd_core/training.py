@@ -17,16 +17,18 @@ import copy
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from kd_core.config import TrainingConfig
 from kd_core.data.tokenize import IGNORE_INDEX, CausalCollator, EncodedDataset
+from kd_core.progress import Progress
 from kd_core.io import atomic_dir
 from kd_core.errors import TrainingDiverged
 from kd_core.methods.base import Method, StepContext
@@ -159,6 +161,21 @@ class _MetricsCallback(TrainerCallback):
                 self.on_log_fn(entry)
 
 
+class _ProgressBar(TrainerCallback):
+    """Steps on the stage's progress bar (kd_core.progress.Progress), not the Trainer's bar and printed log dicts."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = Progress(state.max_steps, "steps") if state.is_world_process_zero else None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update_to(state.global_step)  # (a resumed run starts at its checkpoint's step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
 class _ExtraModulesCheckpoint(TrainerCallback):
     """Trainer checkpoints hold the student, optimizer, scheduler and RNG states, not the method's extra
     trainable modules (OKD's online module, `intermediate`'s projections). Save their weights, and the state
@@ -185,6 +202,33 @@ class _ExtraModulesCheckpoint(TrainerCallback):
             module.load_state_dict(state)
         if self.optimizer is not None and saved["optimizer"] is not None:
             self.optimizer.load_state_dict(saved["optimizer"])
+
+
+DIE_AFTER_CHECKPOINT_ENV = "KD_TEST_DIE_AFTER_CHECKPOINT"  # tests only: "<model folder>:<step>"
+
+
+class _DieAfterCheckpoint(TrainerCallback):
+    """For the resume tests only (KD_TEST_DIE_AFTER_CHECKPOINT=<model folder>:<step>, e.g. `distilled/fkl:4`):
+    SIGKILL this process, as a preempted machine dies, right after the checkpoint of `step` is complete.
+    Added after every other callback, so their `on_save` (the extra modules' file) has run too."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            if args.world_size > 1:
+                torch.distributed.barrier()  # every rank has written its part of the checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _die_after_checkpoint(out_dir: Path) -> _DieAfterCheckpoint | None:
+    """The test hook when KD_TEST_DIE_AFTER_CHECKPOINT names this model folder (its trailing path parts)."""
+    target, _, step = os.environ.get(DIE_AFTER_CHECKPOINT_ENV, "").rpartition(":")
+    parts = Path(target).parts
+    if not parts or out_dir.parts[-len(parts):] != parts:
+        return None
+    return _DieAfterCheckpoint(int(step))
 
 
 EXTRA_MODULES_FILE = "extra_modules.pt"
@@ -247,7 +291,7 @@ def training_arguments(cfg: TrainingConfig, out_dir: Path, seed: int, epochs: fl
         deepspeed=cfg.deepspeed,
         bf16=cfg.precision == "bf16",
         fp16=cfg.precision == "fp16",
-        disable_tqdm=False,
+        disable_tqdm=True,  # no Trainer bar or printed log dicts: our _ProgressBar (kd_core.progress.progress)
     )
 
 
@@ -322,11 +366,12 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
     teacher = method.setup(model, teacher)
     _place_method_modules(method, teacher, args.device)
     extras_step = _ExtraModulesStep(method, args, own_optimizer=bool(cfg.deepspeed))
-    callbacks = [callback] + ([extras_step] if extras_step.params else [])
+    callbacks = [callback, _ProgressBar()] + ([extras_step] if extras_step.params else [])
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=CausalCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, method=method, teacher=teacher, teacher_cache=teacher_cache,
         callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # (disable_tqdm's replacement for the bar: a print per log)
     if teacher is not None and cfg.teacher_sharding == "zero3":
         if any(p.requires_grad for p in teacher.parameters()):
             raise ValueError(f"training.teacher_sharding: 'zero3' shards a frozen teacher, but method "
@@ -336,6 +381,8 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
     if method.trainable_modules():
         extras = _ExtraModulesCheckpoint(method.trainable_modules(), extras_step.optimizer)
         trainer.add_callback(extras)
+    if (die := _die_after_checkpoint(out_dir)) is not None:
+        trainer.add_callback(die)
     resume = last_complete_checkpoint(ckpt_dir, (EXTRA_MODULES_FILE,) if extras else ())
     if resume and extras:
         extras.load(resume)

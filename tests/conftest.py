@@ -49,6 +49,8 @@ def project(tmp_path, monkeypatch):  # noqa: D103
     import mlflow
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))  # `kd run` subprocesses: their own history
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / ".dvc-site-cache"))  # not /var/tmp/dvc
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)  # a previous test's stage may have set the process-wide URI
@@ -60,3 +62,43 @@ def write_params(folder: Path, params: dict) -> Path:
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def copy_pipeline(folder: Path) -> None:
+    """What `dvc repro` needs in a project besides params.yaml: the generated dvc.yaml, the code it runs (a
+    code dependency of every stage) and the data folder that `prepare` depends on."""
+    import shutil
+
+    shutil.copy(REPO / "dvc.yaml", folder / "dvc.yaml")
+    shutil.copytree(REPO / "kd_core", folder / "kd_core", ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "data").mkdir(exist_ok=True)
+    (folder / "data" / "README.md").write_text("local data files and eval sets (a DVC dependency of prepare)\n")
+
+
+def dvc_project(project: Path, params: dict) -> None:
+    """The project as a git + DVC repository with the tiny params, the generated dvc.yaml and the code."""
+    import subprocess
+    import sys
+
+    write_params(project, params)
+    copy_pipeline(project)
+    for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q",
+                                         "--allow-empty", "-m", "init"],
+                [str(Path(sys.executable).with_name("dvc")), "init", "-q"]):
+        subprocess.run(cmd, cwd=project, check=True, capture_output=True)
+
+
+def dvc_status(project: Path) -> dict:
+    """`dvc status` of the project's pipeline: {} when every stage is up to date."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        return repo.status()
+
+
+def registered_versions(name: str) -> list:
+    """The versions of registered model `name` in the current MLflow store ([] when there is none; an
+    unreadable store raises instead of passing for an empty one)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient().search_model_versions(f"name='{name}'")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kd_core.losses.atkd import atkd_per_token, classic_kd_from_parts, decompose
-from kd_core.losses.divergences import fkl, logprobs, rkl
+from kd_core.losses.divergences import fkl, rkl
+from kd_core.losses.tokens import logprobs
 
 DIVS = [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.3}), ("tvd", {}), ("skl", {}), ("srkl", {}), ("akl", {})]
 

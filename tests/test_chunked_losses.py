@@ -8,7 +8,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from kd_core.data.tokenize import IGNORE_INDEX
 from kd_core.losses.chunked import chunked_sparse_divergence, chunked_token_divergence
-from kd_core.losses.divergences import DIVERGENCES, logprobs, reduce_tokens, token_divergence
+from kd_core.losses.divergences import DIVERGENCES
+from kd_core.losses.tokens import logprobs, reduce_tokens, token_divergence
 from kd_core.losses.sparse import sparse_token_divergence, top_k_with_tail
 
 B, T, V = 3, 9, 17

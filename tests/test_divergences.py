@@ -10,25 +10,8 @@ import os
 import pytest
 import torch
 
-from kd_core.losses.divergences import (
-    DIVERGENCES,
-    Divergence,
-    ParamSpec,
-    akl,
-    fkl,
-    get_divergence,
-    jsd,
-    logprobs,
-    masked_token_sum_and_count,
-    reduce_tokens,
-    register_divergence,
-    rkl,
-    shared_vocab,
-    skl,
-    srkl,
-    token_divergence,
-    tvd,
-)
+from kd_core.losses.divergences import DIVERGENCES, Divergence, ParamSpec, akl, fkl, get_divergence, jsd, register_divergence, rkl, skl, srkl, tvd
+from kd_core.losses.tokens import logprobs, masked_token_sum_and_count, reduce_tokens, shared_vocab, token_divergence
 
 SHAPES = [(5,), (3, 6), (2, 3, 7), (2, 2, 3, 4)]
 NAMES = ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl"]

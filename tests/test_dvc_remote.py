@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, tiny_params, write_params
+from tests.conftest import REPO, copy_pipeline, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +34,7 @@ def test_push_then_pull_into_a_fresh_clone_restores_outputs(project):
     params["students"]["fkl"].pop("finetune")
     params["evaluation"].update(limit=3, sample_seeds=[0], exaccerr_prompts=0)
     write_params(src, params)
-    shutil.copy(REPO / "dvc.yaml", src / "dvc.yaml")
-    shutil.copytree(REPO / "kd_core", src / "kd_core", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_pipeline(src)
     (src / ".gitignore").write_text("__pycache__/\n/.prefect/\n/.torch_extensions/\n")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 

@@ -29,7 +29,7 @@ from kd_core.stages.distill import distill
 from kd_core.stages.prepare import prepare
 from kd_core.stages.train_teacher import train_teacher
 from kd_core.training import train
-from tests.conftest import TINY_MODEL, TINY_TRAINING, tiny_params
+from tests.conftest import TINY_MODEL, TINY_TRAINING, copy_pipeline, tiny_params
 
 PAD_ROWS = 3  # the teacher gets padded embedding rows: caches and losses must slice them off
 
@@ -246,13 +246,12 @@ def test_dvc_runs_the_cache_stage_before_distill_and_keeps_a_current_cache(proje
     import sys
     from pathlib import Path
 
-    from tests.conftest import REPO, write_params
+    from tests.conftest import write_params
 
     params = tiny_params()
     params["students"] = {"cached": _cached_student()}
     write_params(project, params)
-    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
-    shutil.copytree(REPO / "kd_core", project / "kd_core", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_pipeline(project)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
     def sh(*cmd):

@@ -122,14 +122,16 @@ def test_attention_divergence_per_head_and_head_averaged():
         return scores.softmax(-1)
 
     a_s, a_t = maps(2), maps(2)
+    # (these pin the fkl = KL(A_t || A_s) option, the default before the source's rkl became the default)
     assert attention_divergence(a_t, a_t).abs().max() == 0
-    per_head = attention_divergence(a_s, a_t)
+    per_head = attention_divergence(a_s, a_t, divergence="fkl")
     want = fkl(a_s.log(), a_t.log()).mean(1)  # masked entries are 0 in both: no contribution
     torch.testing.assert_close(per_head, want)
     a_t4 = maps(4)  # head counts differ: head-averaged maps
-    mean = attention_divergence(a_s, a_t4)
+    mean = attention_divergence(a_s, a_t4, divergence="fkl")
     torch.testing.assert_close(mean, fkl(a_s.mean(1).log(), a_t4.mean(1).log()))
-    torch.testing.assert_close(attention_divergence(a_s, a_t, heads="mean"), fkl(a_s.mean(1).log(), a_t.mean(1).log()))
+    torch.testing.assert_close(attention_divergence(a_s, a_t, heads="mean", divergence="fkl"),
+                               fkl(a_s.mean(1).log(), a_t.mean(1).log()))
     assert torch.isfinite(attention_divergence(a_s * (a_s > 0.05), a_t)).all()  # one-sided zeros stay finite
 
 

@@ -10,7 +10,8 @@ import torch
 
 from kd_core.config import TrainingConfig
 from kd_core.losses.atkd import decompose
-from kd_core.losses.divergences import fkl, logprobs, rkl
+from kd_core.losses.divergences import fkl, rkl
+from kd_core.losses.tokens import logprobs
 from kd_core.methods import StepContext, get_method
 from kd_core.methods.okd import ARTIFACT_DIR
 from kd_core.training import train

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kd_core.data.tokenize import IGNORE_INDEX
-from kd_core.losses.divergences import reduce_tokens, token_divergence
+from kd_core.losses.tokens import reduce_tokens, token_divergence
 from kd_core.methods import StepContext, get_method
 from kd_core.methods.distillm import AdaptiveScheduler, ReplayBuffer
 from kd_core.methods.minillm import MiniLLMArgs, advantages, discounted_future, minillm_terms

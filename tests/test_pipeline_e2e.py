@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from kd_core.config import parse_config
 from kd_core.run import RunPaths
-from tests.conftest import REPO, tiny_params, write_params
+from tests.conftest import copy_pipeline, dvc_project, dvc_status, registered_versions, tiny_params, write_params
 
 KD = str(Path(sys.executable).with_name("kd"))
-
-
-def _registered(name: str) -> list:
-    try:
-        return MlflowClient().search_model_versions(f"name='{name}'")
-    except Exception:
-        return []
 
 
 def _check_run(project: Path, cfg) -> None:
@@ -35,13 +27,13 @@ def _check_run(project: Path, cfg) -> None:
         assert metrics["test/rougeL_sampled_ci_low"] <= metrics["test/rougeL_sampled_mean"] <= metrics["test/rougeL_sampled_ci_high"]
         if name != "teacher":
             assert 0 <= metrics["test/top1_agreement"] <= 1
-    students = {v.tags["kd.model"]: v for v in _registered("kd-student")}
+    students = {v.tags["kd.model"]: v for v in registered_versions("kd-student")}
     assert set(students) == set(cfg.students)
     fkl = students["fkl"]
     assert fkl.tags["kd.method"] == "kd" and fkl.tags["kd.divergence"] == "fkl"
     assert fkl.tags["kd.params_hash"] == cfg.fingerprint() and fkl.tags["kd.teacher"] == "teacher"
     assert int(fkl.tags["kd.parameters"]) > 0 and fkl.tags["kd.data_version"]
-    assert [v.tags["kd.role"] for v in _registered("kd-teacher")] == ["teacher"]
+    assert [v.tags["kd.role"] for v in registered_versions("kd-teacher")] == ["teacher"]
     champion = MlflowClient().get_model_version_by_alias("kd-student", "champion")
     assert champion.tags["kd.model"] in cfg.students
     report = (project / paths.reports / "compare.md").read_text()
@@ -84,8 +76,7 @@ def test_dvc_repro_end_to_end_and_noop(project):
     params["tracking"]["champion"]["metric"] = "val/ppl"
     params["tracking"]["champion"]["mode"] = "min"
     write_params(project, params)
-    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
-    shutil.copytree(REPO / "kd_core", project / "kd_core", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_pipeline(project)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
     def sh(*cmd):
@@ -134,7 +125,7 @@ def test_missing_data_file_is_one_clear_error(project):
     out = subprocess.run([KD, "stage", "prepare"], cwd=project, capture_output=True, text=True)
     assert out.returncode == 2
     assert "error: nope.jsonl: data file not found" in out.stderr
-    assert _registered("kd-student") == []
+    assert registered_versions("kd-student") == []
 
 
 @pytest.mark.slow
@@ -166,27 +157,9 @@ def test_teacher_assistant_chain_and_seqkd_through_the_flow(project):
     assert 0 < len(transfer) <= n_train + 1 and all(r["generated_by"] == "teacher" for r in transfer)
     info = json.loads((project / "runs/tiny/train_info/small.json").read_text())
     assert info["teacher"] == "ta"
-    versions = {v.tags["kd.model"]: v.tags for v in _registered("kd-student")}
+    versions = {v.tags["kd.model"]: v.tags for v in registered_versions("kd-student")}
     assert versions["ta"]["kd.role"] == "assistant" and versions["small"]["kd.teacher"] == "ta"
     assert versions["seq"]["kd.train_data"] == "teacher_samples" and versions["seq"]["kd.method"] == "seqkd"
-
-
-def _dvc_project(project: Path, params: dict) -> None:
-    """The project as a git + DVC repository with the tiny params, the generated dvc.yaml and the code."""
-    write_params(project, params)
-    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
-    shutil.copytree(REPO / "kd_core", project / "kd_core", ignore=shutil.ignore_patterns("__pycache__"))
-    for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q",
-                                         "--allow-empty", "-m", "init"],
-                [str(Path(sys.executable).with_name("dvc")), "init", "-q"]):
-        subprocess.run(cmd, cwd=project, check=True, capture_output=True)
-
-
-def _dvc_status(project: Path) -> dict:
-    from dvc.repo import Repo
-
-    with Repo(str(project)) as repo:
-        return repo.status()
 
 
 @pytest.mark.slow
@@ -204,23 +177,23 @@ def test_flow_records_in_dvc_skips_what_is_up_to_date_and_checks_out_a_version(p
     from kd_core.stages.graph import expand
 
     params = tiny_params()
-    _dvc_project(project, params)
+    dvc_project(project, params)
     paths = RunPaths.of(parse_config(params))
     with prefect_test_harness():
         first = kd_pipeline(params_path="params.yaml")
         assert first["skipped"] == []
-        assert _dvc_status(project) == {}
+        assert dvc_status(project) == {}
         first_hashes = {p: tree_hash(project / p) for p in (paths.split("train"), paths.model("fkl"))}
         fkl_v1 = first["registered"]["versions"]["fkl"]["version"]
-        n_versions = len(_registered("kd-student"))
+        n_versions = len(registered_versions("kd-student"))
         second = kd_pipeline(params_path="params.yaml")
         assert set(second["skipped"]) == {n.name for n in expand(parse_config(params))}
-        assert len(_registered("kd-student")) == n_versions  # nothing registered again
+        assert len(registered_versions("kd-student")) == n_versions  # nothing registered again
         assert second["compare"]["rows"] == first["compare"]["rows"]
 
         params["students"]["fkl"]["temperature"] = 2.0
         write_params(project, params)
-        stale = set(_dvc_status(project))
+        stale = set(dvc_status(project))
         assert stale == {"cache_teacher@fkl", "distill@fkl", "finetune@fkl"}, stale
         params["students"]["fkl"]["temperature"] = 1.0
         write_params(project, params)
@@ -230,8 +203,26 @@ def test_flow_records_in_dvc_skips_what_is_up_to_date_and_checks_out_a_version(p
         third = kd_pipeline(params_path="params.yaml")
         assert third["skipped"] == []  # every stage reads the data
         assert third["registered"]["versions"]["fkl"]["new"] is True
-    assert len(_registered("kd-student")) == n_versions + len(params["students"])
+    assert len(registered_versions("kd-student")) == n_versions + len(params["students"])
     assert tree_hash(project / paths.split("train")) != first_hashes[paths.split("train")]
+    # each version has a model card (its description, and README.md beside the logged model)
+    import mlflow
+
+    client = MlflowClient()
+    v1 = client.get_model_version("kd-student", str(fkl_v1))
+    assert v1.description.startswith("# fkl: distilled student")  # the card without its YAML metadata
+    assert "divergence `fkl`" in v1.description and "test/rougeL_sampled" in v1.description
+    card = mlflow.artifacts.download_artifacts(run_id=v1.run_id, artifact_path="fkl/README.md")
+    readme = Path(card).read_text()
+    assert readme.startswith("---\n") and readme.endswith(v1.description)
+    # the pipeline runs hold the resolved config, params.yaml, dvc.lock and the report; three runs, three parents
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kd.role") == "pipeline"]
+    assert len(parents) == 3 and all(r.info.status == "FINISHED" for r in parents)
+    last = max(parents, key=lambda r: r.info.start_time)
+    assert last.data.params["students.fkl.method"] == "kd" and last.data.tags["kd.dvc"] == "recorded"
+    listed = {a.path for a in client.list_artifacts(last.info.run_id)}
+    assert {"config", "lineage", "reports"} <= listed
 
     runner = CliRunner()
     shown = runner.invoke(app, ["lineage", f"kd-student:{fkl_v1}"])

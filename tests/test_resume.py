@@ -3,11 +3,11 @@ weights as an uninterrupted run (CPU, fixed seed)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from kd_core.config import load_config
 from kd_core.run import RunPaths
 from kd_core.stages.prepare import prepare
 from kd_core.stages.train_teacher import train_teacher
-from kd_core.training import last_complete_checkpoint
+from kd_core.training import DIE_AFTER_CHECKPOINT_ENV, last_complete_checkpoint
 from tests.conftest import tiny_params, write_params
 
 KD = str(Path(sys.executable).with_name("kd"))
@@ -43,15 +43,13 @@ def test_sigkill_then_restart_matches_uninterrupted_run(project):
     train_teacher(cfg, paths)
 
     ckpts = resumed / "runs/tiny/models/.teacher-checkpoints"
-    proc = subprocess.Popen([KD, "stage", "train_teacher"], cwd=resumed,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpts.is_dir() and any(p.name == "checkpoint-15" for p in ckpts.iterdir())):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # the stage SIGKILLs itself once the checkpoint of step 15 is complete (kd_core.training's test hook)
+    killed = subprocess.run([KD, "stage", "train_teacher"], cwd=resumed, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, **{DIE_AFTER_CHECKPOINT_ENV: "models/teacher:15"}))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     done = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("checkpoint-"))
     assert done and "checkpoint-40" not in done, f"killed too late: {done}"
+    assert last_complete_checkpoint(ckpts).name == "checkpoint-15"
     assert not (resumed / "runs/tiny/models/teacher").exists(), "a killed stage must not leave a final model"
 
     train_teacher(cfg, RunPaths(resumed / cfg.run_dir))  # started again: resumes

@@ -238,3 +238,170 @@ def test_scheduled_deployment_runs_from_the_server(servers, tmp_path, monkeypatc
     client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
     run_dirs = {v.tags["kd.run_dir"] for v in client.search_model_versions("name='kd-student'")}
     assert "runs/scheduled" in run_dirs
+
+
+THREE_RUNS = "kd-three-runs-test"
+PINNED_METRIC = "pinned/rougeL_sampled_mean"
+
+
+def _three_runs_params() -> dict:
+    """`_small_params` on a local data file under data/ and a pinned eval set; two tiny students; the
+    champion read on the pinned set with a paired test. Registered under names of its own (the module's
+    other tests register kd-student). Trained long enough (a few seconds a model) and sampled at a low
+    temperature for ROUGE-L on the pinned prompts to be above 0, so that the champion rule compares numbers."""
+    p = _small_params("runs/three")
+    p["tokenizer"] = {"vocab_size": 500, "max_length": 96}  # whole rows: the responses are not cut off
+    training = dict(p["teacher"]["training"], max_steps=200, learning_rate=0.01)
+    p["teacher"]["training"] = p["students"]["fkl"]["training"] = training
+    p["students"]["sft"] = {"method": "sft", "teacher": "teacher", "train_data": "train",
+                            "model": p["students"]["fkl"]["model"], "training": training}
+    p["data"] = {"source": "file", "path": "data/train.jsonl", "template": "minimal",
+                 # split seed 3: here the third run's sft student scores above the first run's best on the
+                 # pinned prompts, so the paired test decides (the assertions hold whichever way it goes)
+                 "split": {"val_fraction": 0.15, "test_fraction": 0.15, "seed": 3},
+                 "eval_sets": {"pinned": {"path": "data/pinned.jsonl", "limit": 40}}}
+    p["evaluation"].update(eval_sets=["test", "pinned"], limit=20, sample_seeds=[0], exaccerr_prompts=0)
+    p["evaluation"]["generation"].update(max_new_tokens=8, temperature=0.3)
+    p["tracking"] = {"experiment": "three-runs", "registered_model": "kd-3r-student",
+                     "register_teacher_as": "kd-3r-teacher",
+                     "champion": {"metric": PINNED_METRIC, "min_delta": 0.0, "significance": 0.5}}
+    return p
+
+
+def _wait_for_deployment(pc, name: str, serving: subprocess.Popen, log: Path, timeout: float = 90):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert serving.poll() is None, log.read_text()[-3000:]
+        try:
+            return pc.read_deployment_by_name(f"kd-pipeline/{name}")
+        except Exception:  # not registered yet
+            time.sleep(0.5)
+    raise AssertionError(f"deployment {name} not registered after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def test_scheduled_deployment_three_runs_skip_and_champion(servers, tmp_path, monkeypatch):
+    """Issue 12, item 6: a served, scheduled deployment in a git + DVC project, triggered three times.
+    1. everything trains, one version per model, `champion` set; 2. nothing changed: every task run ends
+    `Skipped`, nothing registered, a fraction of the first run's time; 3. rows appended to the local data
+    file: every stage runs (all read the data), a new version per model, and `champion` moves only if the
+    challenger is better on the pinned prompts (identical across runs) with paired-test p < significance."""
+    import json
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from kd_core.data.builtin import generate_builtin
+    from kd_core.io import write_jsonl_atomic
+    from kd_core.stages.prepare import prompt_key
+    from tests.conftest import dvc_project, dvc_status
+
+    mlflow_url, prefect_url, env, _ = servers
+    _login(monkeypatch, env)
+    params = _three_runs_params()
+    dvc_project(tmp_path, params)
+    rows = generate_builtin(300, 0)
+    seen = {prompt_key(r) for r in rows}
+    pinned = [r for r in generate_builtin(600, 0) if prompt_key(r) not in seen][:40]
+    write_jsonl_atomic(tmp_path / "data/train.jsonl", rows[:240])
+    write_jsonl_atomic(tmp_path / "data/pinned.jsonl", pinned)
+    rule = params["tracking"]["champion"]
+    student_model, teacher_model = params["tracking"]["registered_model"], params["tracking"]["register_teacher_as"]
+    models = ["teacher", *params["students"]]
+    client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
+    registry = tmp_path / "runs/three/registry.json"
+
+    def versions() -> dict[str, list]:
+        found = client.search_model_versions(f"name='{teacher_model}'") + \
+            client.search_model_versions(f"name='{student_model}'")
+        by_model: dict[str, list] = {name: [] for name in models}
+        for v in found:
+            by_model[v.tags["kd.model"]].append(int(v.version))
+        return {name: sorted(numbers) for name, numbers in by_model.items()}
+
+    def champion() -> int:
+        return int(client.get_model_version_by_alias(student_model, "champion").version)
+
+    def pinned_metric(version: int) -> float:
+        return client.get_run(client.get_model_version(student_model, str(version)).run_id).data.metrics[PINNED_METRIC]
+
+    def run_once(pc) -> tuple[object, float, float, list]:
+        """One run triggered on the server: the flow run, its wall time seen from here and on the server
+        (Running -> end), and its task runs."""
+        start = time.monotonic()
+        with temporary_settings({PREFECT_API_URL: prefect_url}):
+            flow_run = run_deployment(f"kd-pipeline/{THREE_RUNS}", timeout=400, poll_interval=1)
+        wall = time.monotonic() - start
+        assert flow_run.state.is_completed(), f"{flow_run.state}\n{log.read_text()[-3000:]}"
+        assert flow_run.deployment_id == deployment.id
+        tasks = pc.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+        return flow_run, wall, (flow_run.end_time - flow_run.start_time).total_seconds(), tasks
+
+    log = tmp_path / "serve.log"
+    serving = _start([KD, "serve", "--params", str(tmp_path / "params.yaml"), "--cron", CRON, "--name", THREE_RUNS],
+                     dict(env, PREFECT_RUNNER_POLL_FREQUENCY="1"), log, tmp_path)
+    timings: dict[str, tuple[float, float]] = {}
+    try:
+        with _prefect_client(prefect_url) as pc:
+            deployment = _wait_for_deployment(pc, THREE_RUNS, serving, log)
+            assert [s.schedule.cron for s in deployment.schedules] == [CRON]
+
+            # 1. everything trains: one version per model, champion set
+            _, wall, on_server, tasks = run_once(pc)
+            timings["first"] = (wall, on_server)
+            assert {t.name for t in tasks} >= {"prepare", "train_teacher", "distill-fkl", "distill-sft", "register"}
+            assert all(t.state.is_completed() and t.state.name != "Skipped" for t in tasks)
+            first_tasks = sorted(t.name for t in tasks)
+            after_first = versions()
+            assert {name: len(v) for name, v in after_first.items()} == {name: 1 for name in models}
+            first_decision = json.loads(registry.read_text())["champion"]
+            assert first_decision["moved"] is True and champion() == first_decision["version"]
+            assert dvc_status(tmp_path) == {}
+
+            # 2. nothing changed: every task run skipped (DVC up to date), nothing registered, fast
+            _, wall, on_server, tasks = run_once(pc)
+            timings["second"] = (wall, on_server)
+            assert sorted(t.name for t in tasks) == first_tasks  # the same tasks, each one skipped
+            assert [t.state.name for t in tasks if t.state.name != "Skipped"] == []
+            assert all(t.state.is_completed() for t in tasks)
+            assert versions() == after_first
+            assert json.loads(registry.read_text())["champion"] == first_decision
+            old_champion = champion()
+
+            # 3. new rows in the local data file: every stage reads the data, so every stage runs
+            write_jsonl_atomic(tmp_path / "data/train.jsonl", rows)
+            _, wall, on_server, tasks = run_once(pc)
+            timings["third"] = (wall, on_server)
+            assert all(t.state.is_completed() and t.state.name != "Skipped" for t in tasks)
+    finally:
+        _stop(serving)
+        print("\nwall times (client, server) in s:", {k: (round(a, 1), round(b, 1)) for k, (a, b) in timings.items()})
+    assert serving.returncode is not None
+
+    assert timings["second"][1] < 0.4 * timings["first"][1], timings
+    after_third = versions()
+    for name in models:  # a new version of every model (new data, new weights)
+        assert len(after_third[name]) == 2 and after_third[name][0] in after_first[name], after_third
+    new_students = {max(after_third[name]) for name in params["students"]}
+    # every version was evaluated on the same pinned prompts (so all of them are compared)
+    tags = {int(v.version): v.tags for v in client.search_model_versions(f"name='{student_model}'")}
+    assert len({t["kd.eval_prompts.pinned"] for t in tags.values()}) == 1, tags
+
+    decision = json.loads(registry.read_text())["champion"]
+    now = champion()
+    best = max(tags, key=pinned_metric)
+    if decision["moved"]:
+        assert now == decision["version"] != old_champion and now in new_students
+        assert pinned_metric(now) > pinned_metric(old_champion) + rule["min_delta"]
+        assert decision["paired_test"]["p_value"] < rule["significance"]
+    else:
+        assert now == old_champion, decision
+        if pinned_metric(best) > pinned_metric(old_champion) + rule["min_delta"]:
+            assert decision["reason"] == f"not significant at p < {rule['significance']}", decision
+            test = decision["paired_test"]
+            assert test is None or test["p_value"] >= rule["significance"], decision
+        else:
+            assert decision["reason"] == "already champion" or decision["reason"].startswith("best "), decision
+    print("pinned metric by version:", {v: round(pinned_metric(v), 2) for v in sorted(tags)},
+          "\nchampion decision of the third run:", decision)
+    assert dvc_status(tmp_path) == {}

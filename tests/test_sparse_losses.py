@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from kd_core.losses.divergences import DIVERGENCES, fkl, logprobs, rkl, token_divergence
+from kd_core.losses.divergences import DIVERGENCES, fkl, rkl
+from kd_core.losses.tokens import logprobs, token_divergence
 from kd_core.losses.sparse import sparse_divergence, sparse_token_divergence, tail_logmass, top_k_with_tail
 
 V = 13

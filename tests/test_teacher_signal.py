@@ -14,7 +14,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from kd_core.config import TrainingConfig
 from kd_core.data.tokenize import IGNORE_INDEX
 from kd_core.losses.atkd import decompose
-from kd_core.losses.divergences import DIVERGENCES, logprobs
+from kd_core.losses.divergences import DIVERGENCES
+from kd_core.losses.tokens import logprobs
 from kd_core.losses.sparse import coarsen_with_target, top_k_with_tail
 from kd_core.methods import StepContext, get_method
 from kd_core.teacher import DenseTeacherSignal, TopKTeacherSignal

@@ -82,6 +82,28 @@ def _deepspeed_stage(path: str) -> int | None:
         raise ValueError(f"DeepSpeed config {path!r}: {err}") from None
 
 
+class LauncherConfig(StrictModel):
+    """How the flow runs a training stage as several processes: `kind` is the launcher (`torchrun`, or DeepSpeed's
+    `deepspeed`), started by the stage's Prefect task as `<launcher> ... kd stage NAME --model KEY`
+    (kd_core/launcher.py). On several nodes, each node runs the flow with its own `node_rank` (the `deepspeed`
+    launcher also needs a hostfile there: `extra_args: [--hostfile, PATH]`)."""
+
+    kind: Literal["torchrun", "deepspeed"]
+    nproc_per_node: int = Field(ge=1, description="processes per node (one per GPU)")
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(29500, ge=1, le=65535)
+    extra_args: list[str] = Field(default_factory=list, description="more launcher arguments, e.g. [--tee, '3']")
+
+    @model_validator(mode="after")
+    def _node_rank_below_nnodes(self) -> LauncherConfig:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank: {self.node_rank} is not a node of nnodes={self.nnodes} "
+                             f"(0 .. {self.nnodes - 1})")
+        return self
+
+
 class TrainingConfig(StrictModel):
     epochs: float = Field(3.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="overrides epochs when > 0")
@@ -104,6 +126,9 @@ class TrainingConfig(StrictModel):
         "fp32", description="mixed precision (the Trainer's and DeepSpeed's 'auto' bf16/fp16): the student keeps "
                             "fp32 master weights, the frozen teacher is cast to it; bf16 needs a GPU of the "
                             "Ampere generation or newer (on CPU it is emulated and slow), fp16 any GPU")
+    launcher: LauncherConfig | None = Field(
+        None, description="run this training stage from the flow as launched processes (torchrun / deepspeed); "
+                          "null: in the flow's process")
 
     @field_validator("deepspeed")
     @classmethod

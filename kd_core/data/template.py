@@ -39,3 +39,17 @@ def format_prompt(row: dict, template: str) -> str:
     context = (row.get("context") or "").strip()
     fmt = with_input if context else no_input
     return fmt.format(instruction=row["instruction"].strip(), context=context)
+
+
+def chat_template(template: str) -> str:
+    """The Jinja chat template that renders `messages` as `format_prompt` renders a row: the last user message
+    is the instruction (its optional `context` key the input), and the prompt ends where the response starts.
+    Saved in the run's tokenizer, so `tokenizer.apply_chat_template` and `pipeline("text-generation")` on chat
+    messages give the prompts the model was trained and evaluated on."""
+    with_input, no_input = TEMPLATES[template]
+
+    def jinja(fmt: str) -> str:
+        return fmt.replace("{instruction}", "{{ m['content'] | trim }}").replace("{context}", "{{ m['context'] | trim }}")
+    return ("{%- set m = (messages | selectattr('role', 'equalto', 'user') | list)[-1] -%}"
+            "{%- if m.get('context') and m['context'] | trim %}" + jinja(with_input) + "{% else %}"
+            + jinja(no_input) + "{% endif %}")  # (no `-` where a prompt's final newline would be trimmed)

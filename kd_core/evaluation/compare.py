@@ -1,5 +1,6 @@
 """Comparison across the MLflow registry: a table of registered versions (teacher and students), each KD
-student against the SFT student of the same run, a size-versus-quality plot, as markdown, JSON and PNG.
+student against the SFT student of the same run, a section per evaluated set (its metrics, and the paired
+comparison with the SFT student on its prompts), a size-versus-quality plot, as markdown, JSON and PNG.
 """
 
 from __future__ import annotations
@@ -11,15 +12,25 @@ from kd_core import tracking
 from kd_core.evaluation.stats import paired_on_common_ids
 from kd_core.io import atomic_dir, read_jsonl, write_json_atomic, write_text_atomic
 
-COLUMNS = [  # (metric key, header, format)
-    ("test/rougeL_sampled_mean", "ROUGE-L (T=1)", "{:.2f}"),
-    ("test/rougeL_greedy", "ROUGE-L greedy", "{:.2f}"),
-    ("test/exact_match_sampled_mean", "EM % (T=1)", "{:.1f}"),
-    ("test/exact_match_greedy", "EM % greedy", "{:.1f}"),
+SET_COLUMNS = [  # (metric key within an eval set, header, format): one eval set's generation metrics
+    ("rougeL_sampled_mean", "ROUGE-L (T=1)", "{:.2f}"),
+    ("rougeL_greedy", "ROUGE-L greedy", "{:.2f}"),
+    ("exact_match_sampled_mean", "EM % (T=1)", "{:.1f}"),
+    ("exact_match_greedy", "EM % greedy", "{:.1f}"),
+]
+RUN_COLUMNS = [  # (metric key, header, format): not tied to an eval set
     ("val/ppl", "val ppl", "{:.2f}"),
     ("test/top1_agreement", "top-1 agree", "{:.3f}"),
     ("train_time_s", "train s", "{:.0f}"),
 ]
+
+
+def columns(eval_set: str = "test") -> list[tuple[str, str, str]]:
+    """The metric columns of the versions table: `eval_set`'s generation metrics, then the run-wide ones."""
+    return [(f"{eval_set}/{key}", header, fmt) for key, header, fmt in SET_COLUMNS] + RUN_COLUMNS
+
+
+COLUMNS = columns("test")
 
 
 def format_metric(metrics: dict, key: str, fmt: str) -> str:
@@ -56,10 +67,11 @@ def _vs_sft(rows: list[dict], params_hash: str, key: str) -> list[dict]:
     return out
 
 
-def table(rows: list[dict], *, roles: bool = True) -> tuple[list[str], list[list[str]]]:
+def table(rows: list[dict], *, roles: bool = True, eval_set: str = "test") -> tuple[list[str], list[list[str]]]:
     """Header and cells of the registered-versions table: model, role (when `roles`), method (divergence),
-    parameters, the `COLUMNS` metrics (`format_metric`) and the aliases, one row per version."""
-    header = ["model"] + (["role"] if roles else []) + ["method", "params"] + [h for _, h, _ in COLUMNS] + ["aliases"]
+    parameters, the metrics of `columns(eval_set)` (`format_metric`) and the aliases, one row per version."""
+    cols = columns(eval_set)
+    header = ["model"] + (["role"] if roles else []) + ["method", "params"] + [h for _, h, _ in cols] + ["aliases"]
     cells = []
     for r in rows:
         t = r["tags"]
@@ -67,15 +79,27 @@ def table(rows: list[dict], *, roles: bool = True) -> tuple[list[str], list[list
         if t.get("kd.divergence"):
             method += f" ({t['kd.divergence']})"
         row = [r["label"]] + ([t.get("kd.role", "")] if roles else []) + [method, t.get("kd.parameters", "")]
-        cells.append(row + [format_metric(r["metrics"], k, f) for k, _, f in COLUMNS] + [", ".join(r["aliases"])])
+        cells.append(row + [format_metric(r["metrics"], k, f) for k, _, f in cols] + [", ".join(r["aliases"])])
     return header, cells
 
 
-def markdown_table(rows: list[dict]) -> str:
-    header, cells = table(rows)
+def _markdown(header: list[str], cells: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict], eval_set: str = "test") -> str:
+    return _markdown(*table(rows, eval_set=eval_set))
+
+
+def set_table(rows: list[dict], eval_set: str) -> str:
+    """One eval set's generation metrics, one row per version evaluated on it (markdown)."""
+    keys = [(f"{eval_set}/{k}", h, f) for k, h, f in SET_COLUMNS]
+    header = ["model"] + [h for _, h, _ in keys]
+    cells = [[r["label"]] + [format_metric(r["metrics"], k, f) for k, _, f in keys]
+             for r in rows if any(k in r["metrics"] for k, _, _ in keys)]
+    return _markdown(header, cells) if cells else "(no registered version was evaluated on this set)"
 
 
 def _plot(rows: list[dict], key: str, path: Path) -> None:
@@ -149,39 +173,64 @@ def _unc_plot(cfg, paths, out_dir: Path) -> bool:
     return bool(buckets)
 
 
+def _paired_section(set_name: str, paired: list[dict]) -> list[str]:
+    md = ["", f"## Paired comparison with the SFT student ({set_name} prompts, bootstrap over prompts)", "",
+          "Per-prompt ROUGE-L averaged over sampling seeds; Δ = model − SFT.", "",
+          "| model | prompts | Δ ROUGE-L | 95% CI | p-value |", "|---|---|---|---|---|"]
+    return md + [f"| {p['model']} | {p['n_prompts']} | {p['mean_diff']:+.2f} | [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | "
+                 f"{p['p_value']:.3f} |" for p in paired]
+
+
+def _n_prompts(cfg, paths, set_name: str) -> int | None:
+    """How many prompts of the eval set the run's models were evaluated on (the teacher's per-prompt file)."""
+    f = paths.generations(cfg.teacher.name) / f"{set_name}.jsonl"
+    return len(read_jsonl(f)) if f.is_file() else None
+
+
 def build_report(cfg, paths) -> dict:
+    """The comparison report (`reports/compare.md` and `.json`, plots): the registered versions on the champion
+    metric's eval set, the KD students against the SFT student, then a section per evaluated set (its metrics per
+    version and the paired comparison with the SFT student on its prompts)."""
     out_dir: Path = paths.reports
     rows = collect_rows(cfg)
     if not rows:
         raise LookupError(f"no registered versions of {cfg.tracking.registered_model!r} at {tracking.tracking_uri(cfg)}")
     key = cfg.tracking.champion.metric
     vs_sft = _vs_sft(rows, cfg.fingerprint(), key)
+    champion_set = key.split("/", 1)[0]  # the eval set of the champion metric
+    main_set = champion_set if champion_set in cfg.evaluation.eval_sets else "test"
     md = ["# Registered models", "", f"Tracking store: `{tracking.tracking_uri(cfg)}`; CI = 95% Student-t over "
-          f"{len(cfg.evaluation.sample_seeds)} sampling seeds.", "", markdown_table(rows), ""]
+          f"{len(cfg.evaluation.sample_seeds)} sampling seeds; generation metrics on the `{main_set}` eval set "
+          f"(champion metric `{key}`; every evaluated set has its section below).", "",
+          markdown_table(rows, main_set), ""]
     if vs_sft:
         md += [f"## KD students vs the SFT student (this run, `{key}`)", "", "| model | method | value | SFT | Δ |",
                "|---|---|---|---|---|"]
         md += [f"| {v['model']} | {v['method']} ({v['divergence']}) | {v['value']:.2f} | {v['sft']:.2f} | {v['delta']:+.2f} |"
                for v in vs_sft]
-    paired_set = key.split("/", 1)[0]  # the eval set of the champion metric
-    paired = _paired_vs_sft(cfg, paths, paired_set)
-    if paired:
-        md += ["", f"## Paired comparison with the SFT student ({paired_set} prompts, bootstrap over prompts)", "",
-               "Per-prompt ROUGE-L averaged over sampling seeds; Δ = model − SFT.", "",
-               "| model | prompts | Δ ROUGE-L | 95% CI | p-value |", "|---|---|---|---|---|"]
-        md += [f"| {p['model']} | {p['n_prompts']} | {p['mean_diff']:+.2f} | [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | "
-               f"{p['p_value']:.3f} |" for p in paired]
+    by_set: dict[str, dict] = {}
+    for set_name in cfg.evaluation.eval_sets:
+        n = _n_prompts(cfg, paths, set_name)
+        paired = [p | {"set": set_name} for p in _paired_vs_sft(cfg, paths, set_name)]
+        by_set[set_name] = {"n_prompts": n, "paired_vs_sft": paired}
+        md += ["", f"## Eval set `{set_name}`" + (f" ({n} prompts)" if n is not None else ""), "",
+               set_table(rows, set_name)]
+        if paired:
+            md += _paired_section(set_name, paired)
+    paired_champion = by_set.get(champion_set, {}).get("paired_vs_sft") or \
+        [p | {"set": champion_set} for p in _paired_vs_sft(cfg, paths, champion_set)]
     out_dir.mkdir(parents=True, exist_ok=True)
     if _unc_plot(cfg, paths, out_dir):
         md += ["", "## Teacher-uncertainty buckets", "", "![UNC buckets](unc_buckets.png)"]
     md += ["", "![size vs quality](size_vs_quality.png)"]
     write_text_atomic(out_dir / "compare.md", "\n".join(md) + "\n")
-    write_json_atomic(out_dir / "compare.json", {"rows": rows, "vs_sft": vs_sft, "paired_vs_sft": paired, "metric": key,
-                                             "paired_set": paired_set})
+    write_json_atomic(out_dir / "compare.json", {"rows": rows, "vs_sft": vs_sft, "paired_vs_sft": paired_champion,
+                                                 "metric": key, "paired_set": champion_set, "eval_sets": by_set})
     _plot(rows, key, out_dir / "size_vs_quality.png")
     # one field name whatever the metric, so dvc.yaml's plot definition does not depend on params
     points = [{"model": r["label"], "parameters": int(r["tags"].get("kd.parameters") or 0),
                "champion_metric": r["metrics"][key], "metric": key} for r in rows if key in r["metrics"]]
     write_json_atomic(out_dir / "plot_points.json", points)  # DVC plots (dvc.yaml)
-    return {"rows": rows, "vs_sft": vs_sft, "paired_vs_sft": paired, "markdown": str(out_dir / "compare.md"),
-            "json": str(out_dir / "compare.json"), "plot": str(out_dir / "size_vs_quality.png")}
+    return {"rows": rows, "vs_sft": vs_sft, "paired_vs_sft": paired_champion, "paired_set": champion_set,
+            "eval_sets": by_set, "markdown": str(out_dir / "compare.md"), "json": str(out_dir / "compare.json"),
+            "plot": str(out_dir / "size_vs_quality.png")}

@@ -21,7 +21,8 @@ import torch
 
 from kd_core.data.tokenize import left_pad
 from kd_core.lm import causal_lm_logits, eval_mode, length_limit, model_device, shared_vocab_size
-from kd_core.losses.divergences import fkl, shared_vocab
+from kd_core.losses.divergences import fkl
+from kd_core.losses.tokens import shared_vocab
 
 __all__ = ["exaccerr", "exaccerr_from_step_kl", "sample_prefixes", "per_step_kl"]
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from kd_core.data.tokenize import IGNORE_INDEX
 from kd_core.lm import causal_lm_logits, eval_mode, model_device, target_logprobs
-from kd_core.losses.divergences import fkl, shared_vocab
+from kd_core.losses.divergences import fkl
+from kd_core.losses.tokens import shared_vocab
 
 __all__ = ["TokenStats", "collect_token_stats", "top1_agreement", "unc_buckets", "plot_unc_buckets"]
 

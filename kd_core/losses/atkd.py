@@ -32,8 +32,25 @@ most uncertain are *hard* (:func:`hard_selection`), the rest *easy*::
     masked-out positions: 0 (and they never take part in the ranking)
 
 DKD is deliberately **not** multiplied by UNC (ATKD decouples the two parts).
-Ranking happens per call, so with gradient accumulation the hard set is chosen
-per micro-batch.  Temperature applies to both models; no ``T**2`` factor.
+Temperature applies to both models; no ``T**2`` factor.
+
+Ranking scope (gradient accumulation)
+-------------------------------------
+The source ranks "tokens in each mini-batch".  Ranking happens per call, i.e. per
+*micro-batch*: with gradient accumulation over M micro-batches of n_1..n_M valid
+tokens (N = sum n_m) the hard set is H_mb = union_m top_ceil(f n_m)(UNC in m),
+not the accumulated batch's H_acc = top_ceil(f N)(UNC of all N) (f = hard_fraction).
+Ranking over the accumulated batch would need every micro-batch's teacher UNC before
+the first micro-batch's backward (a second live-teacher pass, or trainer support),
+so it is not done.  Since DKD counts on every token, the difference is exactly::
+
+    L_mb - L_acc = tkd_weight / N * ( sum_{H_mb - H_acc} TKD_t - sum_{H_acc - H_mb} TKD_t )
+
+(the same identity holds for the gradients; the hard set is a constant), so
+``|L_mb - L_acc| <= tkd_weight * |H_mb xor H_acc| / N * max_t TKD_t``, and
+``0 <= |H_mb| - |H_acc| <= M - 1`` (ceil per micro-batch).  It is 0 with one
+micro-batch, with f = 0 or 1, and whenever each micro-batch's top set is its share
+of the accumulated top set.  ``tests/test_fidelity.py`` checks the identity.
 
 Numerics: ``1 - p_g`` is computed as the log-sum-exp of the non-target
 log-probs (not ``1 - exp(log p_g)``), so it stays accurate when ``p_g -> 1``;
@@ -48,7 +65,8 @@ import math
 import torch
 from torch import Tensor
 
-from kd_core.losses.divergences import _up, get_divergence, logprobs, shared_vocab
+from kd_core.losses.divergences import upcast, get_divergence
+from kd_core.losses.tokens import logprobs, shared_vocab
 
 __all__ = ["decompose", "target_uncertainty", "hard_selection", "atkd_per_token", "classic_kd_from_parts"]
 
@@ -101,7 +119,7 @@ def decompose(
         ``tkd + unc * dkd == KL(p || q)`` (see module docstring).
     """
     div = get_divergence(divergence)
-    lq, lp = _up(student_logprobs), _up(teacher_logprobs)
+    lq, lp = upcast(student_logprobs), upcast(teacher_logprobs)
     q_bin, q_hat = _split(lq, target_ids)
     p_bin, p_hat = _split(lp, target_ids)
     tkd = div(q_bin, p_bin, **div_params)
@@ -113,7 +131,7 @@ def decompose(
 def target_uncertainty(teacher_logprobs: Tensor, target_ids: Tensor) -> Tensor:
     """UNC = 1 - p_g, the teacher's non-target mass: ``[..., V]`` log-probs, ``[...]`` ids -> ``[...]``.
     The same value :func:`decompose` returns as ``unc``."""
-    return _split(_up(teacher_logprobs), target_ids)[0][..., 1].exp()
+    return _split(upcast(teacher_logprobs), target_ids)[0][..., 1].exp()
 
 
 def hard_selection(unc: Tensor, hard_fraction: float) -> Tensor:
@@ -162,7 +180,7 @@ def atkd_per_token(
     Returns:
         ``[B, T]``: ``tkd_weight*TKD + dkd_weight*DKD`` on hard tokens,
         ``dkd_weight*DKD`` on easy tokens, 0 on masked positions.  Reduce with
-        :func:`kd_core.losses.divergences.reduce_tokens`.
+        :func:`kd_core.losses.tokens.reduce_tokens`.
     """
     s, t = shared_vocab(student_logits, teacher_logits)
     valid = mask.bool()

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from kd_core.losses.divergences import get_divergence, logprobs, shared_vocab
+from kd_core.losses.divergences import get_divergence
+from kd_core.losses.tokens import logprobs, shared_vocab
 from kd_core.losses.sparse import sparse_token_divergence
 
 __all__ = ["CHUNK_ELEMENTS", "chunk_rows_for", "chunked_rows", "chunked_token_divergence", "chunked_sparse_divergence"]
@@ -82,7 +83,7 @@ def chunked_rows(logits: Tensor, mask: Tensor, row_fn: RowFn, chunk_rows: int | 
 
 def chunked_token_divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, name: str,
                              temperature: float = 1.0, chunk_rows: int | None = None, **params: float) -> Tensor:
-    """Chunked :func:`~kd_core.losses.divergences.token_divergence` on the masked positions.
+    """Chunked :func:`~kd_core.losses.tokens.token_divergence` on the masked positions.
 
     ``[B, T, V_s]`` (student, with grad), ``[B, T, V_t]`` (teacher, no grad), ``[B, T]`` -> ``[B, T]``, 0 off
     the mask. Same definition: :func:`shared_vocab`, both at ``temperature``, divergence ``name`` (fkl =

@@ -11,7 +11,8 @@ Conventions
 
   The last (vocabulary) dimension is reduced; one value per position is returned.
   Log-probabilities are expected to be already temperature-scaled by the caller
-  (see :func:`logprobs` / :func:`token_divergence`). No ``T**2`` factor is applied.
+  (see :func:`logprobs` / :func:`token_divergence`). No ``T**2`` factor is applied here;
+  methods that offer it multiply by :func:`temperature_factor`.
 * Inputs in half precision are cast up to fp32 (fp64 stays fp64).
 * Zero probabilities (log-prob ``-inf``, e.g. from vocabulary entries masked with
   ``-inf`` logits) are handled with the convention ``0 * log(0 / x) = 0``: they
@@ -22,17 +23,10 @@ Conventions
   based divergences (``jsd`` with 0 < beta < 1, ``skl``/``srkl`` with alpha > 0,
   ``tvd``) are always finite.
 
-Registry
---------
-Divergences are registered with :func:`register_divergence` and looked up with
-:func:`get_divergence`; a :class:`Divergence` fills parameter defaults and checks
-their ranges when called::
-
-    div = get_divergence("jsd")
-    per_pos = div(student_lp, teacher_lp, beta=0.9)   # Tensor[...]
-
-Helpers for the training loop: :func:`logprobs`, :func:`shared_vocab`,
-:func:`token_divergence`, :func:`masked_token_sum_and_count`, :func:`reduce_tokens`.
+Registry: :func:`register_divergence` / :func:`get_divergence`; a :class:`Divergence` fills parameter
+defaults and checks their ranges when called (``get_divergence("jsd")(student_lp, teacher_lp, beta=0.9)``).
+The training loop's token-level helpers (log-probabilities at a temperature, shared vocabulary, masked
+reductions) are in :mod:`kd_core.losses.tokens`.
 """
 
 from __future__ import annotations
@@ -44,26 +38,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-__all__ = [
-    "ParamSpec",
-    "Divergence",
-    "DIVERGENCES",
-    "register_divergence",
-    "get_divergence",
-    "logprobs",
-    "shared_vocab",
-    "token_divergence",
-    "masked_token_sum_and_count",
-    "reduce_tokens",
-    "fkl",
-    "rkl",
-    "jsd",
-    "tvd",
-    "skl",
-    "srkl",
-    "akl",
-]
 
 _NEG_INF = float("-inf")
 
@@ -150,23 +124,39 @@ def get_divergence(name: str) -> Divergence:
 # --------------------------------------------------------------------------- numerics
 
 
-def _up(x: Tensor) -> Tensor:
+def upcast(x: Tensor) -> Tensor:
     """Cast half/bfloat16 (and integer) tensors up to fp32; fp32/fp64 are kept."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _kl(logp_a: Tensor, logp_b: Tensor) -> Tensor:
+def _kl(logp_a: Tensor, logp_b: Tensor, rows: Tensor | None = None) -> Tensor:
     """``KL(a || b) = sum_v a_v (log a_v - log b_v)`` over the last dim, from log-probs.
 
     Entries with ``a_v = 0`` (``log a_v = -inf``) contribute exactly 0, with zero
     (finite) gradient: both logs are replaced by 0 there *before* the product, so
     no ``0 * inf`` appears in forward or backward.
+
+    ``rows`` (bool ``[...]``, optional): positions where the KL is wanted; elsewhere
+    the result is exactly 0 with zero gradient, even where ``KL(a || b)`` is ``inf``
+    (used to drop a term whose mixing weight is 0, see :func:`_weighted_kl`).
     """
     support = logp_a > _NEG_INF
+    if rows is not None:
+        support = support & rows.unsqueeze(-1)
     la = torch.where(support, logp_a, 0.0)
     lb = torch.where(support, logp_b, 0.0)
     terms = torch.where(support, la.exp() * (la - lb), 0.0)
     return terms.sum(-1)
+
+
+def _weighted_kl(weight: Tensor, logp_a: Tensor, logp_b: Tensor) -> Tensor:
+    """``weight * KL(a || b)`` with the convention ``0 * KL = 0``: ``[...]``, ``[..., V]``, ``[..., V]`` -> ``[...]``.
+
+    Where ``weight == 0`` the term is exactly 0 with zero gradient even if ``KL(a || b)`` is
+    infinite (b puts zero mass where a has some): a plain product would give ``0 * inf = NaN``.
+    Where ``weight > 0`` an infinite KL stays infinite (a genuinely infinite divergence).
+    """
+    return weight * _kl(logp_a, logp_b, rows=weight > 0)
 
 
 def _log_mix(logp_a: Tensor, logp_b: Tensor, w: float) -> Tensor:
@@ -195,7 +185,7 @@ def fkl(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
 
     Shapes: [..., V], [..., V] -> [...].
     """
-    return _kl(_up(teacher_logprobs), _up(student_logprobs))
+    return _kl(upcast(teacher_logprobs), upcast(student_logprobs))
 
 
 @register_divergence("rkl")
@@ -204,7 +194,7 @@ def rkl(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
 
     Shapes: [..., V], [..., V] -> [...].
     """
-    return _kl(_up(student_logprobs), _up(teacher_logprobs))
+    return _kl(upcast(student_logprobs), upcast(teacher_logprobs))
 
 
 @register_divergence("jsd", params={"beta": ParamSpec(default=0.5, low=0.0, high=1.0)})
@@ -227,7 +217,7 @@ def jsd(student_logprobs: Tensor, teacher_logprobs: Tensor, beta: float = 0.5) -
 
     Shapes: [..., V], [..., V] -> [...].
     """
-    lq, lp = _up(student_logprobs), _up(teacher_logprobs)
+    lq, lp = upcast(student_logprobs), upcast(teacher_logprobs)
     beta = float(beta)
     if beta <= 0.0:
         return _kl(lp, lq)
@@ -243,7 +233,7 @@ def tvd(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
 
     Shapes: [..., V], [..., V] -> [...].
     """
-    return 0.5 * (_up(teacher_logprobs).exp() - _up(student_logprobs).exp()).abs().sum(-1)
+    return 0.5 * (upcast(teacher_logprobs).exp() - upcast(student_logprobs).exp()).abs().sum(-1)
 
 
 @register_divergence("skl", params={"alpha": ParamSpec(default=0.1, low=0.0, high=1.0)})
@@ -254,7 +244,7 @@ def skl(student_logprobs: Tensor, teacher_logprobs: Tensor, alpha: float = 0.1) 
     Finite for any alpha > 0 (the mixture covers the teacher's support).
     Shapes: [..., V], [..., V] -> [...].
     """
-    lq, lp = _up(student_logprobs), _up(teacher_logprobs)
+    lq, lp = upcast(student_logprobs), upcast(teacher_logprobs)
     return _kl(lp, _log_mix(lp, lq, float(alpha)))
 
 
@@ -265,7 +255,7 @@ def srkl(student_logprobs: Tensor, teacher_logprobs: Tensor, alpha: float = 0.1)
     ``alpha = 0`` is the plain reverse KL ``KL(q || p)``; ``alpha = 1`` is 0.
     Shapes: [..., V], [..., V] -> [...].
     """
-    lq, lp = _up(student_logprobs), _up(teacher_logprobs)
+    lq, lp = upcast(student_logprobs), upcast(teacher_logprobs)
     return _kl(lq, _log_mix(lq, lp, float(alpha)))
 
 
@@ -285,6 +275,13 @@ def akl(student_logprobs: Tensor, teacher_logprobs: Tensor, mu: float = 0.5) -> 
     (p == q) the weights are 0.5 / 0.5 (both KLs are 0 there anyway).
     Ties in p are ordered arbitrarily by ``torch.sort``.
 
+    A KL whose weight is exactly 0 is left out (``0 * KL = 0``, also when that KL is
+    infinite): e.g. ``mu = 0`` (empty head) is exactly the reverse KL even where the
+    student gives a token zero probability (``-inf`` logit) that the teacher supports,
+    where ``KL(p || q) = inf`` would otherwise turn the mix into ``0 * inf = NaN``.
+    Student [0, 0, 0, -inf], teacher [0, 0, 0, 0] logits, ``mu = 0``: AKL = KL(q || p) =
+    log(4/3).  An infinite KL with a positive weight still gives ``inf``.
+
     Note: the authors' reference code puts token i in the head iff the inclusive
     cumulative mass is <= mu (plus always the top-1 token); this implementation
     follows the "smallest prefix reaching mu" definition, which differs only in
@@ -292,7 +289,7 @@ def akl(student_logprobs: Tensor, teacher_logprobs: Tensor, mu: float = 0.5) -> 
 
     Shapes: [..., V], [..., V] -> [...].
     """
-    lq, lp = _up(student_logprobs), _up(teacher_logprobs)
+    lq, lp = upcast(student_logprobs), upcast(teacher_logprobs)
     with torch.no_grad():
         p_sorted, idx = lp.exp().sort(dim=-1, descending=True)
         q_sorted = lq.exp().gather(-1, idx)
@@ -303,89 +300,4 @@ def akl(student_logprobs: Tensor, teacher_logprobs: Tensor, mu: float = 0.5) -> 
         g_tail = torch.where(head, 0.0, gap).sum(-1)
         total = g_head + g_tail
         w_head = torch.where(total > 0, g_head / total.clamp_min(torch.finfo(total.dtype).tiny), 0.5)
-    return w_head * _kl(lp, lq) + (1.0 - w_head) * _kl(lq, lp)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def logprobs(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """``log_softmax(logits / temperature, -1)`` computed in (at least) fp32. Shape [..., V] -> [..., V]."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    return F.log_softmax(_up(logits) / temperature, dim=-1)
-
-
-def shared_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Slice both ``[..., V_s]`` / ``[..., V_t]`` tensors to ``V = min(V_s, V_t)`` along the last dim.
-
-    Models of one tokenizer family often differ only by padded embedding rows
-    (``resize_token_embeddings(pad_to_multiple_of=...)``) appended *after* the real
-    vocabulary; those rows are dropped so that both distributions live on the same
-    (real) vocabulary.  Differing tokenizers are out of scope (that needs
-    cross-tokenizer alignment).  Returns the inputs unchanged when V matches.
-    """
-    vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
-    if vs == vt:
-        return student_logits, teacher_logits
-    v = min(vs, vt)
-    return student_logits[..., :v], teacher_logits[..., :v]
-
-
-def token_divergence(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    name: str,
-    temperature: float = 1.0,
-    **params: float,
-) -> Tensor:
-    """Per-position divergence ``name`` between student and teacher logits.
-
-    ``[B, T, V_s]``, ``[B, T, V_t]`` -> ``[B, T]`` (any leading shape works):
-    :func:`shared_vocab`, then :func:`logprobs` of both at ``temperature``, then
-    ``get_divergence(name)(student_lp, teacher_lp, **params)``.  The teacher is not
-    detached here; produce its logits under ``torch.no_grad()``.
-    """
-    div = get_divergence(name)
-    s, t = shared_vocab(student_logits, teacher_logits)
-    return div(logprobs(s, temperature), logprobs(t, temperature), **params)
-
-
-def masked_token_sum_and_count(per_token: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum(per_token * mask), sum(mask))`` over all elements; ``[B, T]``, ``[B, T]`` -> scalars.
-
-    ``mask`` is bool or numeric (numeric values act as weights).  Masked-out
-    positions are *selected away* (``torch.where``), so NaN/inf values at padding
-    positions never leak into the sum.
-    """
-    if mask.shape != per_token.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} != per_token shape {tuple(per_token.shape)}")
-    keep = mask.bool() if mask.dtype != torch.bool else mask
-    weights = per_token if mask.dtype == torch.bool else per_token * mask.to(per_token.dtype)
-    total = torch.where(keep, weights, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum()
-    count = mask.sum() if mask.dtype != torch.bool else keep.sum()
-    return total, count.to(per_token.dtype)
-
-
-def reduce_tokens(per_token: Tensor, mask: Tensor, num_items: int | Tensor | None = None) -> Tensor:
-    """``sum(per_token * mask) / num_items`` -> scalar; ``num_items`` defaults to ``mask.sum()``.
-
-    The denominator is clamped to >= 1 (a batch without response tokens gives 0). ``num_items`` is an int or
-    a 0-dim tensor, not moved: on ``per_token``'s device (the trainer puts it there) or the CPU (a 0-dim CPU
-    tensor acts as a scalar).
-
-    Gradient accumulation: the trainer passes ``num_items`` = number of response
-    tokens in the *whole* accumulated batch (all micro-batches, all ranks if it is
-    all-reduced).  Each micro-batch then returns its partial sum over that global
-    count, so summing the micro-batch losses gives exactly the token mean over the
-    full batch, independent of how padding is distributed between micro-batches
-    (averaging per-micro-batch means would not).
-    """
-    total, count = masked_token_sum_and_count(per_token, mask)
-    if num_items is None:
-        denom = count
-    elif isinstance(num_items, Tensor):
-        denom = num_items.to(dtype=total.dtype)
-    else:
-        denom = torch.tensor(float(num_items), device=total.device, dtype=total.dtype)
-    return total / denom.clamp_min(1.0)
+    return _weighted_kl(w_head, lp, lq) + _weighted_kl(1.0 - w_head, lq, lp)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_core.losses.divergences import _up, get_divergence
+from kd_core.losses.divergences import upcast, get_divergence
 
 __all__ = [
     "uniform_pairs",
@@ -115,7 +115,7 @@ def hidden_state_loss(student_h: Tensor, teacher_h: Tensor, kind: Literal["mse",
     if student_h.shape != teacher_h.shape:
         raise ValueError(f"hidden shapes differ: student {tuple(student_h.shape)} vs teacher {tuple(teacher_h.shape)} "
                          "(project the student first)")
-    hs, ht = _up(student_h), _up(teacher_h)
+    hs, ht = upcast(student_h), upcast(teacher_h)
     if kind == "mse":
         return (hs - ht).pow(2).mean(-1)
     if kind == "cosine":
@@ -136,7 +136,7 @@ def attention_logprobs(student_attn: Tensor, teacher_attn: Tensor, heads: Litera
     and so contribute nothing; a probability that is 0 in only one map (fp underflow) is floored at 1e-30 so
     that the divergence stays finite.
     """
-    a_s, a_t = _up(student_attn), _up(teacher_attn)
+    a_s, a_t = upcast(student_attn), upcast(teacher_attn)
     if a_s.shape[-2:] != a_t.shape[-2:] or a_s.shape[0] != a_t.shape[0]:
         raise ValueError(f"attention shapes differ: {tuple(a_s.shape)} vs {tuple(a_t.shape)}")
     if heads == "mean" or a_s.shape[1] != a_t.shape[1]:
@@ -149,12 +149,20 @@ def attention_logprobs(student_attn: Tensor, teacher_attn: Tensor, heads: Litera
     return ls, lt
 
 
-def attention_divergence(student_attn: Tensor, teacher_attn: Tensor, *, divergence: str = "fkl",
+def attention_divergence(student_attn: Tensor, teacher_attn: Tensor, *, divergence: str = "rkl",
                          heads: Literal["auto", "mean"] = "auto", **div_params: float) -> Tensor:
-    """Per-query divergence between attention maps, averaged over heads: ``[B, T]``.
+    """Per-query divergence between attention maps, averaged over heads: ``[B, H_s, T, T]``,
+    ``[B, H_t, T, T]`` -> ``[B, T]``.
 
     ``divergence`` is any registered token divergence applied over the key axis with the teacher map as
-    ``p`` and the student map as ``q``: ``fkl`` is ``KL(A_t || A_s)`` (MiniLM's direction).
+    ``p`` and the student map as ``q``.  The default ``rkl`` is ``KL(A_s || A_t)``, the source's
+    direction (large-to-small notes: ``L_attention = (1/N_heads) sum_j D_KL(A_student^(j) || A_teacher^(j))``);
+    ``fkl`` is ``KL(A_t || A_s)`` (MiniLM's direction).  Per query position t and head h::
+
+        rkl:  sum_k A_s[h, t, k] log(A_s[h, t, k] / A_t[h, t, k])
+        fkl:  sum_k A_t[h, t, k] log(A_t[h, t, k] / A_s[h, t, k])
+
+    then the mean over the H heads (or one head-averaged map, see :func:`attention_logprobs`).
     """
     ls, lt = attention_logprobs(student_attn, teacher_attn, heads)
     per = get_divergence(divergence)(ls, lt, **div_params)  # [B, H, T]

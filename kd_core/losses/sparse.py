@@ -39,7 +39,8 @@ import math
 import torch
 from torch import Tensor
 
-from kd_core.losses.divergences import _up, get_divergence, logprobs
+from kd_core.losses.divergences import upcast, get_divergence
+from kd_core.losses.tokens import logprobs
 
 __all__ = ["tail_logmass", "top_k_with_tail", "coarsen_student", "coarsen_with_target", "sparse_divergence",
            "sparse_token_divergence"]
@@ -64,14 +65,14 @@ def top_k_with_tail(teacher_logprobs: Tensor, k: int) -> tuple[Tensor, Tensor, T
     """The teacher's k most likely tokens: ``[..., V]`` log-probs -> (log-probs ``[..., k]`` in descending
     order, token ids ``[..., k]`` int64, tail log-mass ``[...]``). k is capped at V (k = V is exact)."""
     k = min(int(k), teacher_logprobs.shape[-1])
-    top_lp, top_ids = _up(teacher_logprobs).topk(k, dim=-1)
-    return top_lp, top_ids, tail_logmass(_up(teacher_logprobs), top_ids)
+    top_lp, top_ids = upcast(teacher_logprobs).topk(k, dim=-1)
+    return top_lp, top_ids, tail_logmass(upcast(teacher_logprobs), top_ids)
 
 
 def coarsen_student(student_logprobs: Tensor, top_ids: Tensor) -> Tensor:
     """The student on the teacher's k + 1 categories: ``[..., V]``, ``[..., k]`` -> ``[..., k + 1]``
     (log q_v at the teacher's top-k ids, then log Q_tail)."""
-    lq = _up(student_logprobs)
+    lq = upcast(student_logprobs)
     return torch.cat([lq.gather(-1, top_ids), tail_logmass(lq, top_ids).unsqueeze(-1)], dim=-1)
 
 
@@ -104,14 +105,14 @@ def coarsen_with_target(student_logprobs: Tensor | None, top_logprobs: Tensor, t
     hit = top_ids.eq(targets.unsqueeze(-1))
     in_top = hit.any(-1)
     target_index = torch.where(in_top, hit.float().argmax(-1), k)
-    tail = _up(tail)
+    tail = upcast(tail)
     outside = max(vocab_size - k, 1)  # (g outside K implies V - k >= 1)
     t_target = torch.where(in_top, _NEG_INF, tail - math.log(outside))
     t_rest = torch.where(in_top, tail, tail + math.log1p(-1.0 / outside) if outside > 1 else _NEG_INF)
-    teacher = torch.cat([_up(top_logprobs), t_target.unsqueeze(-1), t_rest.unsqueeze(-1)], dim=-1)
+    teacher = torch.cat([upcast(top_logprobs), t_target.unsqueeze(-1), t_rest.unsqueeze(-1)], dim=-1)
     if student_logprobs is None:
         return None, teacher, target_index
-    lq = _up(student_logprobs)
+    lq = upcast(student_logprobs)
     q_target = torch.where(in_top, _NEG_INF, lq.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1))
     q_rest = tail_logmass(lq, torch.cat([top_ids, targets.long().unsqueeze(-1)], dim=-1))
     student = torch.cat([lq.gather(-1, top_ids), q_target.unsqueeze(-1), q_rest.unsqueeze(-1)], dim=-1)
@@ -126,7 +127,7 @@ def sparse_divergence(student_logprobs: Tensor, top_logprobs: Tensor, top_ids: T
     (int), tail ``[...]`` (teacher's tail log-mass) -> ``[...]``. Argument order of the divergence as in
     :mod:`kd_core.losses.divergences`: student first, teacher second (fkl = KL(teacher || student)).
     """
-    teacher = torch.cat([_up(top_logprobs), _up(tail).unsqueeze(-1)], dim=-1)
+    teacher = torch.cat([upcast(top_logprobs), upcast(tail).unsqueeze(-1)], dim=-1)
     return get_divergence(name)(coarsen_student(student_logprobs, top_ids.long()), teacher, **params)
 
 
@@ -135,7 +136,7 @@ def sparse_token_divergence(student_logits: Tensor, top_logprobs: Tensor, top_id
     """Per-position sparse divergence from student logits ``[..., V_s]`` -> ``[...]``.
 
     The student is sliced to ``vocab_size`` (the vocabulary the teacher's log-probs were normalised over: the
-    shared vocabulary of teacher and student, see :func:`~kd_core.losses.divergences.shared_vocab`), then
+    shared vocabulary of teacher and student, see :func:`~kd_core.losses.tokens.shared_vocab`), then
     log-softmaxed at ``temperature``; the teacher's cached values are already at that temperature.
     """
     if vocab_size is not None:

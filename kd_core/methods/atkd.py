@@ -9,6 +9,13 @@ ATKD_t: the response positions of the micro-batch are ranked by the teacher's un
 same divergence between the renormalised non-target distributions (:mod:`kd_core.losses.atkd`); both models
 at `temperature`, no T² factor. α = `alpha`, N = response tokens of the accumulated batch.
 
+Ranking scope: the source ranks the tokens "within the batch"; here the ranking is over the micro-batch
+(each `compute_loss` call). Under gradient accumulation the loss then differs from the accumulated batch's
+by exactly tkd_weight/N · (Σ_{hard here, not in the batch ranking} TKD − Σ_{hard in the batch ranking, not
+here} TKD) (:mod:`kd_core.losses.atkd`, "Ranking scope"; 0 without accumulation). Ranking over the
+accumulated batch needs the teacher's UNC of every micro-batch before the first backward (a second
+teacher pass, or the trainer looking ahead), which this method does not do.
+
 The teacher comes from `ctx.teacher_signal`: live logits, or the teacher-logit cache (exact at top_k = V;
 below, a target outside the cached top-k gets the estimate of
 :func:`kd_core.losses.sparse.coarsen_with_target`).
@@ -19,7 +26,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from kd_core.losses.atkd import hard_selection
-from kd_core.losses.divergences import reduce_tokens
+from kd_core.losses.tokens import reduce_tokens
 from kd_core.methods.base import (LossOutput, Method, StepContext, mix_with_ce, model_logits, prediction_positions,
                                   register_method, shifted)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kd_core.data.tokenize import IGNORE_INDEX
-from kd_core.losses.divergences import reduce_tokens
+from kd_core.losses.tokens import reduce_tokens
 from kd_core.teacher import DenseTeacherSignal, TeacherSignal
 
 

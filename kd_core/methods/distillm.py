@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kd_core.losses.divergences import reduce_tokens
+from kd_core.losses.tokens import reduce_tokens
 from kd_core.methods.base import LossOutput, StepContext, model_logits, register_method, shifted, token_ce
 from kd_core.methods.batches import extract_prompts, generation_batch
 from kd_core.methods.onpolicy import OnPolicyMethod, distill_on_batch, generation_settings

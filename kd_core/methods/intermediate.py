@@ -9,9 +9,11 @@
   (s_k, t_k); ℓ = MSE (mean over the hidden dim) or 1 − cosine; P_k a learned bias-free linear map
   student width → teacher width (one per pair, only when the widths differ unless `projection: always`);
   w_k = `pair_weights[k]` (default 1); γ_h = `hidden_weight`.
-* L_attn = (1/K_a) Σ_k w_k · mean_pos mean_heads D(A_t^{(t_k)} || A_s^{(s_k)}) over the active pairs with
-  both layers ≥ 1; D = `attention_divergence` over key positions (default fkl = KL(A_t || A_s)); per head
-  when the head counts agree, else on head-averaged maps; γ_a = `attention_weight`.
+* L_attn = (1/K_a) Σ_k w_k · mean_pos (1/H) Σ_h D_a(A_t^{(t_k),h}, A_s^{(s_k),h}) over the active pairs with
+  both layers ≥ 1; D_a = `attention_divergence` over key positions with the teacher's map as p and the
+  student's as q: default `rkl` = KL(A_s || A_t), the source's (1/H) Σ_h KL(A_s^h || A_t^h);
+  `fkl` = KL(A_t || A_s) is MiniLM's direction. Per head when the head counts agree, else on head-averaged
+  maps; γ_a = `attention_weight`.
 
 Positions for the intermediate terms (`positions`): `all` = every non-padding position (prompt and response,
 default) or `response` = the positions that predict a response token (the KD positions); the mean over them
@@ -32,7 +34,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kd_core.losses.divergences import DIVERGENCES, reduce_tokens
+from kd_core.losses.divergences import DIVERGENCES
+from kd_core.losses.tokens import reduce_tokens
 from kd_core.losses.intermediate import (attention_divergence, hidden_state_loss, resolve_layer_map,
                                          scaled_position_mean)
 from kd_core.methods.base import (LossOutput, Method, StepContext, prediction_positions, register_method, shifted,
@@ -82,7 +85,9 @@ class IntermediateArgs(BaseModel):
     projection_init: Literal["xavier", "identity"] = "xavier"
     positions: Literal["all", "response"] = "all"
     attention_heads: Literal["auto", "mean"] = "auto"
-    attention_divergence: str = "fkl"
+    attention_divergence: str = Field(
+        "rkl", description="divergence between attention rows, teacher map = p, student map = q: rkl = "
+                           "KL(A_s || A_t) (the source's direction, default), fkl = KL(A_t || A_s) (MiniLM)")
 
     @field_validator("attention_divergence")
     @classmethod

@@ -1,10 +1,12 @@
 """`kd`: token-level distillation on the references (teacher forcing) with any registered divergence.
 
-loss = α · CE(y) + (1 − α) · Σ_response D(p_T(·|y_<t,x) || q_S(·|y_<t,x)) / N
+loss = α · CE(y) + (1 − α) · c_τ · Σ_response D(p_T(·|y_<t,x) || q_S(·|y_<t,x)) / N
 
 with p_T, q_S the teacher's and student's next-token distributions at temperature τ (both scaled), D the
 divergence named by `divergence` (fkl = KL(p_T || q_S), rkl = KL(q_S || p_T), jsd, tvd, skl, srkl, akl),
-α = `alpha`, and N the response tokens of the accumulated batch.
+α = `alpha`, and N the response tokens of the accumulated batch. c_τ = `method_args.temperature_scale`:
+`none` (default) c_τ = 1; `tau_squared` c_τ = τ², Hinton et al.'s factor and the OKD paper's eq. 2
+(forward KD = τ² Σ p_T log(p_T / q_S) with fkl); the logged `kd` is D without the factor.
 
 The teacher comes from `ctx.teacher_signal` (:mod:`kd_core.teacher`): the live teacher's logits (eval mode,
 no gradients), or with `teacher_cache.enabled` its cached top-k log-probs + tail mass, where D is taken on
@@ -14,15 +16,27 @@ in chunks of response positions (no full B×T×V temporaries).
 
 from __future__ import annotations
 
-from kd_core.losses.divergences import reduce_tokens
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kd_core.losses.tokens import reduce_tokens, temperature_factor
 from kd_core.methods.base import (LossOutput, Method, StepContext, mix_with_ce, model_logits, prediction_positions,
                                   register_method, shifted)
+
+
+class KDArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    temperature_scale: Literal["none", "tau_squared"] = Field(
+        "none", description="factor on the divergence: none = 1, tau_squared = τ² (Hinton; OKD paper eq. 2)")
 
 
 @register_method("kd")
 class TokenKD(Method):
     needs_teacher = True
     reads_teacher_cache = True
+    Args = KDArgs
 
     def compute_loss(self, ctx: StepContext) -> LossOutput:
         cfg = self.cfg
@@ -32,5 +46,6 @@ class TokenKD(Method):
         div = ctx.teacher_signal.divergence(logits, positions, cfg.divergence, temperature=cfg.temperature,
                                             **cfg.divergence_args)
         logs = {"kd": float(reduce_tokens(div.detach(), positions))}
-        kd_loss = reduce_tokens(div, positions, ctx.num_items)
+        kd_loss = temperature_factor(self.args.temperature_scale, cfg.temperature) * reduce_tokens(
+            div, positions, ctx.num_items)
         return mix_with_ce(cfg, kd_loss, logs, s_logits, targets, mask, ctx.num_items)

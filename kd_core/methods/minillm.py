@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kd_core.losses.divergences import logprobs, reduce_tokens, rkl, shared_vocab
+from kd_core.losses.divergences import rkl
+from kd_core.losses.tokens import logprobs, reduce_tokens, shared_vocab
 from kd_core.methods.base import (LossOutput, StepContext, model_logits, register_method, shifted, teacher_logits,
                                   token_ce)
 from kd_core.methods.batches import extract_prompts, generation_batch, reference_token_count
@@ -32,7 +33,8 @@ class MiniLLMArgs(BaseModel):
     clip_range: float = Field(0.2, gt=0, lt=1, description="PPO clip of the importance ratio")
     gamma: float = Field(1.0, ge=0, le=1, description="discount of the long-term reward")
     length_norm: bool = Field(True, description="divide the long-term reward by the number of future tokens")
-    whiten: bool = Field(True, description="whiten the advantages over the micro-batch's valid tokens")
+    whiten: bool = Field(True, description="whiten the advantages over the micro-batch's valid tokens (not the "
+                                           "accumulated batch's: see `advantages`)")
     single_step: bool = Field(True, description="exact single-step reverse-KL term (else plain policy gradient)")
     lm_coef: float = Field(0.0, ge=0, description="weight of an added CE on the references (L_PT stand-in)")
 
@@ -56,7 +58,15 @@ def discounted_future(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, i
 def advantages(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, length_norm: bool = True,
                whiten: bool = True, include_current: bool = False) -> torch.Tensor:
     """MiniLLM advantages A_t on [B,T] rewards; 0 at invalid positions; no NaN for any mask (empty rows,
-    one-token rows) or any value at invalid positions."""
+    one-token rows) or any value at invalid positions.
+
+    Whitening scope: A = (R − m) / s with m, s² the mean and variance of R over the valid tokens of *this
+    call*, i.e. the micro-batch's own samples (s = sqrt(var + 1e-8)). The samples are generated inside each
+    micro-batch's step, so the statistics of the whole accumulated batch are not known when the first
+    micro-batch's backward runs. Relative to whitening over the accumulated batch (m, s), the micro-batch k
+    (m_k, s_k) gets the affine map A_k = (s / s_k) · A_acc + (m − m_k) / s_k: each micro-batch's advantages
+    have mean 0 and variance 1 on their own, and they equal the accumulated ones when all micro-batches have
+    the same mean and variance of R (``tests/test_fidelity.py``)."""
     mask = mask.bool()
     rewards = rewards.float()
     ret = discounted_future(rewards, mask, gamma, include_current)
@@ -93,7 +103,7 @@ def minillm_terms(student_logits: torch.Tensor, teacher_logits_: torch.Tensor, l
 
         r_t      = log p(y_t|y_<t,x) − log q_θ(y_t|y_<t,x)                              (reward)
         R_{t+1}  = Σ_{t'>t} γ^{t'−t−1} r_t' / #{valid t' > t}              (`advantages`: length-normalised)
-        A_t      = whiten(R_{t+1}) over the micro-batch's valid tokens (optional)
+        A_t      = whiten(R_{t+1}) over the micro-batch's valid tokens (optional; see `advantages`)
         w_t      = q_θ(y_t|·) / p̃(y_t|·) at `gen_temperature`            (importance weight, detached)
         ρ_t      = exp(log q_θ(y_t) − sg[log q_θ(y_t)]) · w_t
         pg_t     = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε))                 (PPO clip, ε = `clip_range`)

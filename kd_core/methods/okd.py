@@ -4,15 +4,18 @@ The frozen teacher gets a small trainable *online module* (peft): LoRA (default;
 value projections, scaling s = lora_alpha / r), prefix tuning, or P-tuning. The teacher's base weights stay
 frozen and unchanged; the online module and the student are trained together, each on its own loss:
 
-    L_t = α_t · D_t(p_ta, q) + (1 − α_t) · CE_ta(y)          (eq. 16, gradient into the online module only)
-    L_s = (1 − α) · D(p_ta || q) + α · CE_s(y)                (eq. 17, gradient into the student only)
+    L_t = α_t · c_τ · D_t(p_ta, q) + (1 − α_t) · CE_ta(y)    (eq. 16, gradient into the online module only)
+    L_s = (1 − α) · c_τ · D(p_ta || q) + α · CE_s(y)          (eq. 17, gradient into the student only)
     loss = L_s + w_t · L_t
 
-with p_ta the online teacher's and q the student's next-token distributions (both at `temperature`, no T²
-factor), D = the registered divergence `divergence` (+ `divergence_args`) with p_ta as the teacher argument
-and q as the student argument (fkl: KL(p_ta || q), the paper's default; rkl, jsd: Table V), α_t =
-`teacher_kl_weight`, w_t = `teacher_loss_weight`, α = `alpha` (0 in the paper: students learn only from the
-teacher's distribution). All terms are token sums over the response tokens divided by N (`ctx.num_items`).
+with p_ta the online teacher's and q the student's next-token distributions (both at `temperature`), c_τ the
+temperature factor of eq. 2 (`temperature_scale`: `none` (default) c_τ = 1; `tau_squared` c_τ = τ², the
+paper's L_KL = τ² Σ p_t log(p_t / p_s), on both KL terms since eqs. 16 and 17 both use L_KL; the logged
+`okd_student_kd` / `okd_teacher_kd` are D without the factor), D = the registered divergence `divergence`
+(+ `divergence_args`) with p_ta as the teacher argument and q as the student argument (fkl: KL(p_ta || q),
+the paper's default; rkl, jsd: Table V), α_t = `teacher_kl_weight`, w_t = `teacher_loss_weight`, α = `alpha`
+(0 in the paper: students learn only from the teacher's distribution). All terms are token sums over the
+response tokens divided by N (`ctx.num_items`).
 The two gradients stay separate because L_s uses the teacher's log-probs detached and L_t the student's.
 
 Direction of eq. 16 (`teacher_direction`): the paper defines (eq. 2) L_KL(p(θ_s), p(θ_t)) = Σ p_t log(p_t/p_s),
@@ -40,7 +43,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from kd_core.losses.chunked import chunked_rows
-from kd_core.losses.divergences import get_divergence, logprobs, reduce_tokens, shared_vocab
+from kd_core.losses.divergences import get_divergence
+from kd_core.losses.tokens import logprobs, reduce_tokens, shared_vocab, temperature_factor
 from kd_core.methods.base import (LossOutput, Method, StepContext, prediction_positions, register_method, shifted,
                                   token_ce)
 from kd_core.teacher import DenseTeacherSignal
@@ -60,6 +64,8 @@ class OKDArgs(BaseModel):
     teacher_kl_weight: float = Field(0.5, ge=0.0, le=1.0, description="α in eq. 16 (KL vs teacher MLE)")
     teacher_loss_weight: float = Field(1.0, ge=0.0, description="weight of L_t in the summed loss")
     teacher_direction: Literal["swapped", "same"] = "swapped"
+    temperature_scale: Literal["none", "tau_squared"] = Field(
+        "none", description="factor on both KL terms: none = 1, tau_squared = τ² (the paper's eq. 2)")
     # LoRA
     lora_r: int = Field(32, ge=1)
     lora_alpha: float = Field(32.0, gt=0, description="scaling s = lora_alpha / lora_r (paper: s >= 1)")
@@ -202,6 +208,7 @@ class OKD(Method):
         params = div.resolve_params(**cfg.divergence_args)
         s_const = s_logits.detach()
         sums = {"kd": 0.0, "ce": 0.0}
+        c_tau = temperature_factor(a.temperature_scale, cfg.temperature)  # eq. 2's τ² (or 1)
 
         def teacher_rows(x: torch.Tensor, sl: slice) -> torch.Tensor:
             t_v, s_v = shared_vocab(x, s_const[rows_b[sl], rows_t[sl]])
@@ -211,12 +218,12 @@ class OKD(Method):
             ce = -full_lp.gather(-1, row_targets[sl].unsqueeze(-1)).squeeze(-1)
             sums["kd"] += float(d_t.detach().sum())
             sums["ce"] += float(ce.detach().sum())
-            return a.teacher_kl_weight * d_t + (1 - a.teacher_kl_weight) * ce
+            return a.teacher_kl_weight * c_tau * d_t + (1 - a.teacher_kl_weight) * ce
 
         teacher_loss = chunked_rows(t_logits, positions, teacher_rows)
         n_tokens = max(int(rows_b.numel()), 1)
 
-        loss_s = (1 - cfg.alpha) * reduce_tokens(student_div, positions, ctx.num_items)
+        loss_s = (1 - cfg.alpha) * c_tau * reduce_tokens(student_div, positions, ctx.num_items)
         logs = {"okd_student_kd": float(reduce_tokens(student_div.detach(), positions)),
                 "okd_teacher_kd": sums["kd"] / n_tokens, "okd_teacher_ce": sums["ce"] / n_tokens}
         if cfg.alpha > 0:
@@ -225,8 +232,8 @@ class OKD(Method):
             logs["ce"] = float(reduce_tokens(ce.detach(), mask))
         loss_t = a.teacher_loss_weight * reduce_tokens(teacher_loss, positions, ctx.num_items)
         # token means (like the other logged terms), not the num_items-normalised micro-batch shares
-        logs["okd_student"] = (1 - cfg.alpha) * logs["okd_student_kd"] + cfg.alpha * logs.get("ce", 0.0)
-        logs["okd_teacher"] = a.teacher_loss_weight * (a.teacher_kl_weight * logs["okd_teacher_kd"]
+        logs["okd_student"] = (1 - cfg.alpha) * c_tau * logs["okd_student_kd"] + cfg.alpha * logs.get("ce", 0.0)
+        logs["okd_teacher"] = a.teacher_loss_weight * (a.teacher_kl_weight * c_tau * logs["okd_teacher_kd"]
                                                       + (1 - a.teacher_kl_weight) * logs["okd_teacher_ce"])
         return loss_s, loss_t, logs
 

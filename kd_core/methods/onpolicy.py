@@ -10,7 +10,7 @@ import torch
 
 from kd_core.lm import length_limit, shared_vocab_size
 from kd_core.losses.chunked import chunked_token_divergence
-from kd_core.losses.divergences import masked_token_sum_and_count, reduce_tokens
+from kd_core.losses.tokens import masked_token_sum_and_count, reduce_tokens
 from kd_core.methods.base import (LossOutput, Method, StepContext, mix_with_ce, model_logits, prediction_positions,
                                   shifted, teacher_logits, token_ce)
 from kd_core.methods.batches import reference_token_count

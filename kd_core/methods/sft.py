@@ -5,7 +5,7 @@ loss = Σ_response −log q(y_t | y_<t, x) / N, with N the response tokens of th
 
 from __future__ import annotations
 
-from kd_core.losses.divergences import reduce_tokens
+from kd_core.losses.tokens import reduce_tokens
 from kd_core.methods.base import LossOutput, Method, StepContext, model_logits, register_method, shifted, token_ce
 
 

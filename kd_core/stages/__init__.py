@@ -40,6 +40,10 @@ class Stage:
     outs: tuple[Out, ...] = ()
     metrics: tuple[str, ...] = ()
     doc: str = ""
+    # whether the stage does work for a key (None: always); where it does not (a student without post-distillation
+    # fine-tuning or without a teacher cache) it still runs, to write its outputs (a hard link, a manifest) and
+    # keep the DVC pipeline whole, but the flow runs it inline, as no Prefect task
+    applies: Callable[..., bool] | None = None
 
     @property
     def function(self) -> Callable[..., dict]:
@@ -52,9 +56,12 @@ class Stage:
 
 
 R = "${run_dir}"
+# the project's data folder: local data files and eval sets live here, so that DVC sees a file's content change
+# (dvc.yaml cannot depend on a path that only some configs name: data.path is optional)
+DATA_DIR = "data"
 DECLARATIONS = (
     Stage("prepare", doc="load, validate and split the data; eval sets; the run's tokenizer",
-          deps=(), params=("data", "tokenizer", "teacher.model"),
+          deps=(DATA_DIR,), params=("data", "tokenizer", "teacher.model"),
           outs=(Out(f"{R}/data/train.jsonl"), Out(f"{R}/data/val.jsonl"), Out(f"{R}/data/test.jsonl"),
                 Out(f"{R}/data/eval"), Out(f"{R}/data/report.json", cache=False), Out(f"{R}/tokenizer"))),
     Stage("train_teacher", doc="teacher SFT (full or LoRA), or its checkpoint as is",
@@ -68,7 +75,8 @@ DECLARATIONS = (
           "(a manifest only when students.<name>.teacher_cache is off)",
           deps=(f"{R}/models/${{item.teacher}}", f"{R}/data/${{item.train_data}}.jsonl", f"{R}/tokenizer"),
           params=("students.${key}", "data.template", "tokenizer"),
-          outs=(Out(f"{R}/teacher_cache/${{key}}", persist=True),)),
+          outs=(Out(f"{R}/teacher_cache/${{key}}", persist=True),),
+          applies=lambda cfg, key: cfg.students[key].teacher_cache.enabled),
     Stage("distill", per="student", doc="train the student with its method",
           deps=(f"{R}/models/${{item.teacher}}", f"{R}/teacher_cache/${{key}}", f"{R}/data/${{item.train_data}}.jsonl",
                 f"{R}/tokenizer"),
@@ -78,12 +86,15 @@ DECLARATIONS = (
           deps=(f"{R}/distilled/${{key}}", f"{R}/train_info/${{key}}.distill.json", f"{R}/data/train.jsonl",
                 f"{R}/tokenizer"),
           params=("seed", "students.${key}"),
-          outs=(Out(f"{R}/models/${{key}}"), Out(f"{R}/train_info/${{key}}.json", cache=False))),
+          outs=(Out(f"{R}/models/${{key}}"), Out(f"{R}/train_info/${{key}}.json", cache=False)),
+          applies=lambda cfg, key: cfg.students[key].finetune.enabled),
     Stage("evaluate", per="model", doc="generation metrics, validation loss, agreement with the teacher",
           deps=(f"{R}/models/${{key}}", f"{R}/models/${{teacher.name}}", f"{R}/data/val.jsonl", f"{R}/data/test.jsonl",
                 f"{R}/data/eval", f"{R}/tokenizer"),
           params=("evaluation",),
-          outs=(Out(f"{R}/generations/${{key}}"),), metrics=(f"{R}/metrics/${{key}}.json",)),
+          # every metric in <model>.json; `dvc metrics show` prints the short summary (a line per model)
+          outs=(Out(f"{R}/generations/${{key}}"), Out(f"{R}/metrics/${{key}}.json", cache=False)),
+          metrics=(f"{R}/metrics/${{key}}.summary.json",)),
     Stage("register", doc="register every model in MLflow; the champion rule",
           deps=(f"{R}/metrics", f"{R}/train_info"), params=("tracking",),
           outs=(Out(f"{R}/registry.json", cache=False),)),
@@ -127,10 +138,11 @@ def check_key(stage: Stage, cfg, key: str | None) -> None:
 
 
 def run_stage(name: str, cfg, key: str | None = None) -> dict:
-    """Run one stage (for one key) on the run folder of `cfg`."""
-    from kd_core.run import RunPaths
+    """Run one stage (for one key) on the run folder of `cfg`, holding the folder's lock (`run.run_lock`)."""
+    from kd_core.run import RunPaths, run_lock
 
     stage = get_stage(name)
     check_key(stage, cfg, key)
     paths = RunPaths.of(cfg)
-    return stage.function(cfg, paths, key) if stage.per else stage.function(cfg, paths)
+    with run_lock(paths):  # one pipeline at a time per run folder
+        return stage.function(cfg, paths, key) if stage.per else stage.function(cfg, paths)

@@ -6,7 +6,7 @@ from kd_core import tracking
 from kd_core.config import PipelineConfig
 from kd_core.io import write_json_atomic
 from kd_core.methods import get_method
-from kd_core.models import count_parameters, make_model
+from kd_core.models import count_parameters, make_model, set_generation_defaults
 from kd_core.preflight import preflight
 from kd_core.run import (RunPaths, is_main_process, load_model, load_run_tokenizer, load_train_set, n_positions,
                          training_seed)
@@ -25,6 +25,7 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     teacher = load_model(paths, student_cfg.teacher) if needs_teacher_model else None
     seed = training_seed(cfg, student_cfg.training.seed)
     student = make_model(student_cfg.model, tokenizer, n_positions(cfg), seed, teacher=teacher)
+    set_generation_defaults(student, tokenizer, cfg.evaluation.generation.max_new_tokens)
     preflight(cfg, f"distill {student_cfg.name}", model=student, tokenizer=tokenizer, training=student_cfg.training,
               out_dir=paths.distilled(student_cfg.name), teacher=teacher, student_source=student_cfg.model)
     ds, dropped = load_train_set(cfg, paths, tokenizer, student_cfg.train_data,

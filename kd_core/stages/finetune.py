@@ -1,5 +1,5 @@
 """Stage `finetune`: post-distillation fine-tuning (cross-entropy at lr × lr_scale); when disabled, the distilled
-model is the final one (hard-linked, no copy)."""
+model is the final one (hard-linked, no copy). The final folder gets its model card (README.md, kd_core/model_card.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 
 from kd_core import tracking
 from kd_core.config import PipelineConfig
-from kd_core.io import atomic_dir, link_tree, write_json_atomic
+from kd_core.io import atomic_dir, link_tree, write_json_atomic, write_text_atomic
 from kd_core.methods import get_method
+from kd_core.model_card import card_tags, model_card
 from kd_core.models import load_checkpoint
 from kd_core.preflight import preflight
 from kd_core.run import RunPaths, is_main_process, load_run_tokenizer, load_train_set, require, training_seed
@@ -25,6 +26,8 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
         if is_main_process():
             with atomic_dir(paths.model(student_cfg.name)) as tmp:
                 link_tree(src, tmp)
+                # its model card (a new file: a rename, never a write through a hard link into distilled/)
+                write_text_atomic(tmp / "README.md", model_card(cfg, student_cfg.name, card_tags(cfg, student_cfg.name, info)))
     else:
         tokenizer = load_run_tokenizer(paths)
         model = load_checkpoint(src)
@@ -40,5 +43,8 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
             info.update(finetune_time_s=result.wall_time_s, finetune_steps=result.steps)
     info["train_time_s"] = distill_info["train_time_s"] + info["finetune_time_s"]
     if is_main_process():
+        if student_cfg.finetune.enabled:  # the folder's model card (this stage writes the folder: a DVC output of it)
+            write_text_atomic(paths.model(student_cfg.name) / "README.md",
+                              model_card(cfg, student_cfg.name, card_tags(cfg, student_cfg.name, info)))
         write_json_atomic(paths.train_info(student_cfg.name), info)
     return info

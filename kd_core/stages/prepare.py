@@ -10,11 +10,11 @@ from kd_core.config import PipelineConfig
 from kd_core.data.builtin import generate_builtin
 from kd_core.data.sources import RawRow, check_report, normalize_rows, read_file, read_hub
 from kd_core.data.split import split_rows
-from kd_core.data.template import format_prompt
+from kd_core.data.template import chat_template, format_prompt
 from kd_core.data.tokenize import encode_rows, load_tokenizer, train_bpe_tokenizer
 from kd_core.errors import DataError, ModelError
 from kd_core.io import atomic_dir, file_hash, write_json_atomic, write_jsonl_atomic
-from kd_core.run import RunPaths
+from kd_core.run import RunPaths, n_positions
 
 log = logging.getLogger("kd")
 
@@ -40,15 +40,37 @@ def _eval_sets(cfg: PipelineConfig) -> tuple[dict[str, list[dict]], dict[str, di
     reports: dict[str, dict] = {}
     for name, es in cfg.data.eval_sets.items():
         raw_rows = list(read_file(es.path))
+        filtered_out = 0
+        if es.filter_field:
+            # Filter the raw rows (the flag is not one of the normalised fields), and validate only the rows kept.
+            # A row without an `id` gets the id it would have had unfiltered (`<name>-<position in the file>`),
+            # so ids do not depend on the filter.
+            flagged = [RawRow(r.values if r.values.get("id") else r.values | {"id": f"{name}-{i:06d}"}, r.where)
+                       for i, r in enumerate(raw_rows) if r.values.get(es.filter_field)]
+            filtered_out = len(raw_rows) - len(flagged)
+            if not flagged:
+                raise DataError(f"data.eval_sets.{name} ({es.path}): no row has a truthy "
+                                f"filter_field {es.filter_field!r} ({len(raw_rows)} rows read)")
+            raw_rows = flagged
         erows, erep = normalize_rows(raw_rows, field_map=cfg.data.field_map, max_chars=cfg.data.max_chars,
                                      template=cfg.data.template, id_prefix=name)
         check_report(erep, cfg.data.max_bad_fraction, f"data.eval_sets.{name} ({es.path})")
-        if es.filter_field:
-            keep = {str(r.values.get("id")) for r in raw_rows if r.values.get(es.filter_field)}
-            erows = [r for r in erows if r["id"] in keep]
         eval_rows[name] = erows[: es.limit] if es.limit else erows
-        reports[name] = erep.to_dict() | {"written": len(eval_rows[name])}
+        reports[name] = erep.to_dict() | {"filtered_out": filtered_out, "written": len(eval_rows[name])}
     return eval_rows, reports
+
+
+def prompt_key(row: dict) -> tuple[str, str]:
+    """What makes two rows the same prompt: instruction and context, whitespace-normalised."""
+    return " ".join(row["instruction"].split()), " ".join((row.get("context") or "").split())
+
+
+def decontaminate(rows: list[dict], eval_rows: list[dict]) -> tuple[list[dict], int]:
+    """The data rows whose prompt is not in any eval set (train/val/test never share a prompt with a named
+    eval set, so a fixed eval set stays a held-out one), and how many were dropped."""
+    held_out = {prompt_key(r) for r in eval_rows}
+    kept = [r for r in rows if prompt_key(r) not in held_out]
+    return kept, len(rows) - len(kept)
 
 
 def _tokenizer(cfg: PipelineConfig, train_rows: list[dict]):
@@ -69,12 +91,15 @@ def _tokenizer(cfg: PipelineConfig, train_rows: list[dict]):
 def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     """Load, validate and split the data; write named eval sets; build the run's tokenizer."""
     rows, report = load_main_rows(cfg)
+    eval_rows, eval_reports = _eval_sets(cfg)
+    rows, contaminated = decontaminate(rows, [r for part in eval_rows.values() for r in part])
+    if contaminated:
+        log.info("dropped %d data rows whose prompt is in an eval set", contaminated)
     splits = split_rows(rows, cfg.data.split.val_fraction, cfg.data.split.test_fraction, cfg.data.split.seed)
     for name, part in splits.items():
         if not part and (name == "train" or getattr(cfg.data.split, f"{name}_fraction", 1) > 0):
             raise DataError(f"split {name!r} is empty after validation ({len(rows)} valid rows): "
                             f"use more data or change data.split")
-    eval_rows, eval_reports = _eval_sets(cfg)
     tok = _tokenizer(cfg, splits["train"])
     # rows over tokenizer.max_length stay in the splits; training truncates or drops them (tokenizer.overlong)
     overlong = {name: encode_rows(part, tok, cfg.data.template, cfg.tokenizer.max_length, "drop")[1]
@@ -82,6 +107,10 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     if cfg.tokenizer.overlong == "drop" and overlong["train"] == len(splits["train"]):
         raise DataError(f"split 'train': all {overlong['train']} rows are longer than tokenizer.max_length="
                         f"{cfg.tokenizer.max_length} and tokenizer.overlong is 'drop'")
+    if tok.chat_template is None:  # a checkpoint's own chat template wins
+        tok.chat_template = chat_template(cfg.data.template)
+    if not cfg.teacher.model.checkpoint:  # models built from a config have exactly this context
+        tok.model_max_length = n_positions(cfg)
     with atomic_dir(paths.tokenizer) as tmp:
         tok.save_pretrained(str(tmp))
 
@@ -90,7 +119,7 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     with atomic_dir(paths.data / "eval") as tmp:
         for name, erows in eval_rows.items():
             write_jsonl_atomic(tmp / f"{name}.jsonl", erows)
-    summary = {"main": report.to_dict(), "eval_sets": eval_reports, "splits": {k: len(v) for k, v in splits.items()},
+    summary = {"main": report.to_dict() | {"in_eval_sets": contaminated}, "eval_sets": eval_reports, "splits": {k: len(v) for k, v in splits.items()},
                "overlong": {"max_length": cfg.tokenizer.max_length, "policy": cfg.tokenizer.overlong, "rows": overlong},
                "data_version": file_hash(*(paths.split(n) for n in ("train", "val", "test")))}
     write_json_atomic(paths.data_report, summary)

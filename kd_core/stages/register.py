@@ -6,15 +6,16 @@ version is tagged with this run instead."""
 from __future__ import annotations
 
 import json
-
 import re
 from pathlib import Path
 
 from kd_core import lineage, tracking
-from kd_core.champion import update_champion
+from kd_core.champion import pinned_set, prompts_hash, prompts_tag, update_champion
 from kd_core.config import PipelineConfig
+from kd_core.data.template import format_prompt
 from kd_core.errors import MissingInput
-from kd_core.io import tree_hash, write_json_atomic
+from kd_core.io import read_jsonl, tree_hash, write_json_atomic
+from kd_core.model_card import model_card
 from kd_core.run import RunPaths, data_version
 
 
@@ -48,6 +49,35 @@ def lineage_tags(cfg: PipelineConfig, name: str, lock_text: str | None) -> dict[
     return tags
 
 
+def _version_params(cfg: PipelineConfig, name: str) -> dict:
+    """The settings that made the model, as MLflow params of its register run (MLflow's compare view)."""
+    if name == cfg.teacher.name:
+        return {"teacher": cfg.teacher.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json")}
+    return {"student": cfg.student(name).model_dump(mode="json"), "data": cfg.data.model_dump(mode="json")}
+
+
+def _example_instruction(cfg: PipelineConfig, paths: RunPaths, name: str) -> str | None:
+    """An instruction the model was evaluated on (without an input): the logged model's input example."""
+    for set_name in cfg.evaluation.eval_sets:
+        per_prompt = paths.generations(name) / f"{set_name}.jsonl"
+        if per_prompt.is_file():
+            row = next((r for r in read_jsonl(per_prompt) if not (r.get("context") or "").strip()), None)
+            if row is not None:
+                return row["instruction"].strip()
+    return None
+
+
+def eval_prompt_tags(cfg: PipelineConfig, paths: RunPaths, name: str) -> dict[str, str]:
+    """`kd.eval_prompts.<set>`: the hash of the prompts the model was evaluated on, per eval set (the champion
+    rule compares versions only on identical prompts)."""
+    tags = {}
+    for set_name in cfg.evaluation.eval_sets:
+        per_prompt = paths.generations(name) / f"{set_name}.jsonl"
+        if per_prompt.is_file():
+            tags[prompts_tag(set_name)] = prompts_hash(read_jsonl(per_prompt))
+    return tags
+
+
 def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
     """Log every model of the run to MLflow as a transformers model, register it, move `champion`."""
     names = [cfg.teacher.name] + list(cfg.students)
@@ -65,7 +95,7 @@ def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
         tags = version_tags(cfg, paths, name, info, teacher_info, version)
         reg_name = cfg.tracking.register_teacher_as if name == cfg.teacher.name else cfg.tracking.registered_model
         tags["kd.model_hash"] = tree_hash(paths.model(name))
-        tags |= lineage_tags(cfg, name, lock_text)
+        tags |= lineage_tags(cfg, name, lock_text) | eval_prompt_tags(cfg, paths, name)
         existing = tracking.version_with_tag(reg_name, "kd.model_hash", tags["kd.model_hash"])
         if existing is not None:  # the same weights: no duplicate version
             tracking.tag_version(reg_name, existing, {"kd.last_seen_params_hash": tags["kd.params_hash"],
@@ -74,14 +104,23 @@ def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
             continue
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         numeric |= {"train_time_s": info.get("train_time_s", 0.0), "parameters": info["parameters"]}
-        with tracking.stage_run(cfg, paths.root, "register", name):
-            per_prompt = paths.generations(name) / "test.jsonl"
-            if per_prompt.is_file():  # per-prompt scores: the champion rule's paired test reads them back
-                tracking.log_artifact(per_prompt, "eval")
+        card = model_card(cfg, name, tags, metrics)  # the folder's README.md, now with metrics and the version's tags
+        with tracking.stage_run(cfg, paths.root, "register", name, params=_version_params(cfg, name)):
+            for set_name in cfg.evaluation.eval_sets:  # per-prompt scores: the champion's paired test reads them
+                per_prompt = paths.generations(name) / f"{set_name}.jsonl"
+                if per_prompt.is_file():
+                    tracking.log_artifact(per_prompt, "eval")
             if any(k.startswith("kd.dvc.") for k in tags):  # what `kd checkout` restores
                 tracking.log_artifact(lock, "lineage")
-            number = tracking.log_model_and_register(paths.model(name), reg_name, tags, numeric)
+            number = tracking.log_model_and_register(
+                paths.model(name), reg_name, tags, numeric, artifact_name=name, card=card,
+                prompt_template=format_prompt({"instruction": "{prompt}"}, cfg.data.template),
+                generation={"max_new_tokens": cfg.evaluation.generation.max_new_tokens, "do_sample": False,
+                            "temperature": cfg.evaluation.generation.temperature,
+                            "top_p": cfg.evaluation.generation.top_p},
+                example=_example_instruction(cfg, paths, name))
         registered["versions"][name] = {"registered_model": reg_name, "version": number, "new": True}
-    registered["champion"] = update_champion(cfg)
+    pinned = paths.generations(cfg.teacher.name) / f"{pinned_set(cfg.tracking.champion)}.jsonl"
+    registered["champion"] = update_champion(cfg, prompts_hash(read_jsonl(pinned)) if pinned.is_file() else None)
     write_json_atomic(paths.registry, registered)
     return registered

@@ -1,14 +1,16 @@
-"""Stage `train_teacher`: supervised fine-tuning of the teacher (full or LoRA), or its checkpoint as is."""
+"""Stage `train_teacher`: supervised fine-tuning of the teacher (full or LoRA), or its checkpoint as is; the saved
+folder is a complete Hugging Face model (chat template, context length, generation defaults, README.md card)."""
 
 from __future__ import annotations
 
 from kd_core import tracking
 from kd_core.config import PipelineConfig
-from kd_core.io import atomic_dir, write_json_atomic
+from kd_core.io import atomic_dir, write_json_atomic, write_text_atomic
 from kd_core.methods import get_method
-from kd_core.models import count_parameters, make_model
+from kd_core.model_card import card_tags, model_card
+from kd_core.models import count_parameters, make_model, set_generation_defaults
 from kd_core.preflight import preflight
-from kd_core.run import RunPaths, load_run_tokenizer, load_train_set, n_positions, training_seed
+from kd_core.run import RunPaths, is_main_process, load_run_tokenizer, load_train_set, n_positions, training_seed
 from kd_core.training import train
 
 
@@ -32,6 +34,7 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
     tokenizer = load_run_tokenizer(paths)
     seed = training_seed(cfg, teacher_cfg.training.seed)
     model = make_model(teacher_cfg.model, tokenizer, n_positions(cfg), seed)
+    set_generation_defaults(model, tokenizer, cfg.evaluation.generation.max_new_tokens)
     preflight(cfg, "train_teacher", model=model, tokenizer=tokenizer, training=teacher_cfg.training, out_dir=out_dir)
     info: dict = {"name": teacher_cfg.name, "parameters": count_parameters(model), "trained": teacher_cfg.train,
                   "finetune": teacher_cfg.finetune}
@@ -51,5 +54,7 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
             info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
                         dropped_overlong=dropped)
         tracking.log_metrics(info)
+    if is_main_process():  # the folder's model card (this stage writes the folder: a DVC output of it)
+        write_text_atomic(out_dir / "README.md", model_card(cfg, teacher_cfg.name, card_tags(cfg, teacher_cfg.name, info)))
     write_json_atomic(paths.train_info(teacher_cfg.name), info)
     return info
