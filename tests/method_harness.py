@@ -116,3 +116,14 @@ def assert_student_grads(method, student, teacher, progress: float = 0.5) -> Non
     grads = [p.grad for p in student.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def padded_batch(ids: torch.Tensor, prompt_len: int = 4, pad_row: int = 1, pad_from: int = 9) -> dict[str, torch.Tensor]:
+    """A right-padded batch of `ids` [B,T]: row `pad_row` padded from `pad_from`, labels IGNORE_INDEX on the first
+    `prompt_len` positions (the prompt) and on padding."""
+    attention = torch.ones_like(ids)
+    attention[pad_row, pad_from:] = 0
+    labels = ids.clone()
+    labels[:, :prompt_len] = IGNORE_INDEX
+    labels[attention == 0] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}

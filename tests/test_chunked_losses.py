@@ -81,7 +81,7 @@ def test_chunked_rejects_bad_divergence_params_and_row_counts():
 def test_kd_method_loss_and_gradients_match_the_dense_formula():
     """The `kd` method (chunked) against the dense definition on real models with padded vocabularies."""
     from kd_core.methods import StepContext, get_method
-    from tests.method_harness import student_config
+    from tests.method_harness import padded_batch, student_config
 
     def gpt2(vocab: int):
         return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_layer=1, n_embd=16, n_head=2, n_positions=32,
@@ -91,12 +91,8 @@ def test_kd_method_loss_and_gradients_match_the_dense_formula():
     torch.manual_seed(0)
     student, teacher = gpt2(40), gpt2(45).eval()  # the teacher has 5 padded embedding rows
     ids = torch.randint(0, 40, (3, 12))
-    attention = torch.ones_like(ids)
-    attention[1, 9:] = 0
-    labels = ids.clone()
-    labels[:, :4] = IGNORE_INDEX
-    labels[attention == 0] = IGNORE_INDEX
-    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    batch = padded_batch(ids)
+    attention, labels = batch["attention_mask"], batch["labels"]
     for sc in (student_config("kd", divergence="jsd", divergence_args={"beta": 0.3}, temperature=2.0),
                student_config("kd", divergence="fkl", alpha=0.4)):
         method = get_method("kd")(sc, sc.method_args)

@@ -20,7 +20,7 @@ from kd_core.losses.sparse import coarsen_with_target, top_k_with_tail
 from kd_core.methods import StepContext, get_method
 from kd_core.teacher import DenseTeacherSignal, TopKTeacherSignal
 from kd_core.training import train
-from tests.method_harness import student_config, tiny_setup
+from tests.method_harness import padded_batch, student_config, tiny_setup
 
 B, T, V, PAD = 3, 8, 11, 2
 DIVS = [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.3}), ("tvd", {}), ("skl", {"alpha": 0.2}),
@@ -155,12 +155,7 @@ def test_method_loss_and_gradients_on_the_cache_equal_the_live_teacher(method_na
                                                                         method_args):
     student, teacher = _gpt2(40, 0), _gpt2(43, 1).eval()  # the teacher has 3 padded rows
     ids = torch.randint(0, 40, (3, 12), generator=torch.Generator().manual_seed(5))
-    attention = torch.ones_like(ids)
-    attention[1, 9:] = 0
-    labels = ids.clone()
-    labels[:, :4] = IGNORE_INDEX
-    labels[attention == 0] = IGNORE_INDEX
-    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    batch = padded_batch(ids)
     sc = student_config(method_name, divergence=divergence, divergence_args=div_args, temperature=1.5, alpha=0.2,
                         method_args=method_args)
     method = get_method(method_name)(sc, sc.method_args)
