@@ -283,9 +283,10 @@ def test_a_child_failing_under_a_real_launcher(tmp_path, monkeypatch, kind):
     with pytest.raises(PreflightError, match="^batch too big$"):
         run_launched("distill", "fkl", "params.yaml", None, lc, log)
     started = [line for line in log.lines if "rank 0 of 2 [" in line and "'stage', 'distill', '--model', 'fkl'" in line]
-    assert started, log.lines
     if kind == "torchrun":
-        assert started[0].startswith("[default0]:rank 0 of 2")
+        assert started and started[0].startswith("[default0]:rank 0 of 2"), log.lines
+    else:  # DeepSpeed's launcher tears its workers down when one fails: a worker's own first line may not make it
+        assert started or any("WORLD INFO DICT: {'localhost': [0, 1]}" in line for line in log.lines), log.lines
 
 
 # ------------------------------------------------------------------------------------------- through the flow
