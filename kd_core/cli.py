@@ -246,7 +246,7 @@ def print_table(result: dict) -> None:
     console.print(table)
     for p in result.get("paired_vs_sft", []):
         typer.echo(f"  {p['model']:>12} vs {p['vs']}: ΔROUGE-L {p['mean_diff']:+.2f} "
-                   f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}], p = {p['p_value']:.3f} over {p['n_prompts']} test prompts")
+                   f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}], p = {p['p_value']:.3f} over {p['n_prompts']} {p.get('set', 'test')} prompts")
 
 
 def main() -> None:  # pragma: no cover
