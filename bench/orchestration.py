@@ -118,6 +118,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="kd-bench-orch-"))
     scratch_copy(work)
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)  # DVC (the flow records every stage) needs a git repo
     os.chdir(work)
     sys.path.insert(0, str(work))
     os.environ.update(MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", PREFECT_HOME=str(work / ".prefect"))
