@@ -102,7 +102,7 @@ def start_pipeline_run(cfg: PipelineConfig, run_dir: Path, name: str | None = No
     setup(cfg)
     previous = _saved_parent(cfg, run_dir)
     if previous is not None:
-        _close_killed_runs(previous)
+        _close_killed_runs(previous, experiment_of(previous))
         MlflowClient().set_terminated(previous, "KILLED")
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     run = MlflowClient().create_run(
@@ -153,8 +153,8 @@ def stage_run(cfg: PipelineConfig, run_dir: Path, stage: str, model_name: str | 
         return
     parent = parent_run_id(cfg, run_dir)
     name = f"{stage}:{model_name}" if model_name else stage
-    _close_killed_runs(parent, stage, model_name or "")
-    experiment = MlflowClient().get_run(parent).info.experiment_id
+    experiment = experiment_of(parent)
+    _close_killed_runs(parent, experiment, stage, model_name or "")
     # a child of the parent run without activating the parent (activating and leaving it would end it)
     with mlflow.start_run(run_name=name, experiment_id=experiment, parent_run_id=parent,
                           tags={"kd.stage": stage, "kd.model": model_name or "", "kd.params_hash": cfg.fingerprint()}) as run:
@@ -165,12 +165,11 @@ def stage_run(cfg: PipelineConfig, run_dir: Path, stage: str, model_name: str | 
         yield run
 
 
-def _close_killed_runs(parent: str, stage: str | None = None, model: str = "") -> None:
+def _close_killed_runs(parent: str, experiment: str, stage: str | None = None, model: str = "") -> None:
     """Stage runs still RUNNING under a pipeline run (all of them, or those of `stage` and `model`) when the
     same stage or a new pipeline starts belong to a process that was killed (SIGKILL leaves no chance to close
     them): mark them KILLED."""
     client = MlflowClient()
-    experiment = client.get_run(parent).info.experiment_id
     query = f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"
     if stage is not None:
         query += f" and tags.`kd.stage` = '{stage}' and tags.`kd.model` = '{model}'"

@@ -38,12 +38,6 @@ if TYPE_CHECKING:
     from kd_core.logit_cache import TeacherLogitCache
 
 
-def is_main_process() -> bool:
-    """Rank 0 of a `torchrun` / `deepspeed` launch (both set RANK), or a single process: the one that writes
-    outputs (models, metrics, train_info, MLflow runs)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 @dataclass
 class TrainResult:
     model_dir: Path
