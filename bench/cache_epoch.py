@@ -52,7 +52,7 @@ def main() -> None:
 def run(args, tmp: Path) -> None:
     base = load_config(args.params)
     student = base.students["sft"].model_dump(mode="json", include={"model", "training"})
-    student["training"] = {**student["training"], "epochs": 1.0}
+    student["training"] = {**student["training"], "epochs": 1.0, "max_steps": -1}
     common = {"teacher": base.teacher.name, "train_data": "train", **student}
     students = {
         "sft": {**common, "method": "sft"},

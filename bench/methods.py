@@ -48,8 +48,8 @@ TRANSFER = {"bench_teacher_samples": {"source": "teacher", "n_samples": 1, "max_
 def build_overrides(base, labels: list[str], seeds: list[int], run_dir: str, epochs: float | None,
                     eval_limit: int | None, sample_seeds: list[int] | None) -> dict:
     template = base.students["sft"].model_dump(mode="json", include={"model", "training"})
-    if epochs is not None:
-        template["training"]["epochs"] = epochs
+    if epochs is not None:  # epochs instead of params.yaml's max_steps
+        template["training"].update(epochs=epochs, max_steps=-1)
     students = {}
     for label in labels:
         for seed in seeds:

@@ -60,12 +60,13 @@ def _skipped(node: str, key_label: str, log) -> dict:
 
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_transient)
 def stage_task(stage: str, node: str, params_path: str, overrides: dict | None = None, key: str | None = None,
-               dvc_root: str | None = None):
-    """One stage for one key: skipped when DVC finds it up to date, else run and recorded in DVC."""
+               dvc_root: str | None = None, verdict: str = "ask"):
+    """One stage for one key: skipped when DVC finds it up to date, else run and recorded in DVC. `verdict`: what
+    the flow's up-front `dvc status` settled (`_verdicts`): "skip", "run", or "ask" DVC again now."""
     log = get_run_logger()
     name = console.label(stage, key)
     dvc = DvcBook(Path(dvc_root)) if dvc_root else DvcBook.off("")
-    if dvc.enabled and not dvc.changes(node):
+    if dvc.enabled and _up_to_date(dvc, node, verdict):
         return Completed(name="Skipped", message="up to date (DVC)", data=_skipped(node, name, log))
     cfg = load_config(params_path, overrides)
     with console.stage(name, log) as lines:  # ▶ / ✓ lines (console and run log), the stage's progress bar
@@ -80,11 +81,27 @@ def stage_task(stage: str, node: str, params_path: str, overrides: dict | None =
     return result
 
 
-def _inline(node: Node, cfg, dvc: DvcBook) -> dict:
+def _up_to_date(dvc: DvcBook, node: str, verdict: str) -> bool:
+    return verdict == "skip" or (verdict == "ask" and not dvc.changes(node))
+
+
+def _verdicts(nodes: list[Node], stale: set[str]) -> dict[str, str]:
+    """What each node will do, from one `dvc status` of every stage taken before any runs (`stale`: the changed
+    ones). Changed: "run" (nothing done in this flow makes it up to date). Up to date with every producer up to
+    date too: "skip" (nothing upstream will run). Up to date but downstream of a node that runs: "ask" DVC
+    again in its turn (the producer may write the same outputs again, and then it stays up to date)."""
+    verdicts: dict[str, str] = {}
+    for node in nodes:  # in dependency order
+        ups = [verdicts[p.name] for p in producers(node, nodes)]
+        verdicts[node.name] = "run" if node.name in stale else "skip" if all(v == "skip" for v in ups) else "ask"
+    return verdicts
+
+
+def _inline(node: Node, cfg, dvc: DvcBook, verdict: str) -> dict:
     """A node whose stage does not apply to its key, run in the flow (no task), asking and recording DVC."""
     log = get_run_logger()
     name = console.label(node.stage.name, node.key)
-    if dvc.enabled and not dvc.changes(node.name):
+    if dvc.enabled and _up_to_date(dvc, node.name, verdict):
         return _skipped(node.name, name, log)
     start = time.perf_counter()
     result = run_stage(node.stage.name, cfg, node.key)
@@ -111,6 +128,9 @@ def _flow_run_name() -> str:
 def kd_pipeline(params_path: str = "params.yaml", overrides: dict | None = None) -> dict:
     from prefect.runtime import flow_run
 
+    from kd_core.interrupts import on_sigterm
+
+    on_sigterm(chain=True)  # SIGTERM (a cancel): the training stage in a task thread checkpoints and stops
     cfg = load_config(params_path, overrides)
     console.quiet_mlflow_registry()
     log = get_run_logger()
@@ -156,22 +176,27 @@ def kd_pipeline(params_path: str = "params.yaml", overrides: dict | None = None)
 
 def _run_nodes(cfg, nodes: list[Node], params_path: str, overrides: dict | None, dvc: DvcBook) -> dict[str, dict]:
     """Every node as a task, each waiting for the tasks that write what it reads; a node whose stage does not
-    apply runs inline, in its turn (`_wait_turn`); their results by node name."""
+    apply runs inline, in its turn (`_wait_turn`); their results by node name.
+
+    DVC is asked once, up front, for every stage (`DvcBook.changed`, `_verdicts`); only a node downstream of
+    one that ran asks again in its turn."""
     workers = cfg.orchestration.max_parallel_students
     futures: dict[str, object] = {}
     inline: dict[str, dict] = {}
+    verdicts = _verdicts(nodes, dvc.changed()) if dvc.enabled else {n.name: "run" for n in nodes}
     with ThreadPoolTaskRunner(max_workers=workers) as runner:
         for node in nodes:  # in dependency order: every producer is submitted (or run inline) before its readers
             waits = [futures[p.name] for p in producers(node, nodes) if p.name in futures]
             if node.stage.applies is not None and not node.stage.applies(cfg, node.key):
                 _wait_turn(waits, list(futures.values()), workers)
-                inline[node.name] = _inline(node, cfg, dvc)
+                inline[node.name] = _inline(node, cfg, dvc, verdicts[node.name])
                 continue
             run_name = f"{node.stage.name}-{node.key}" if node.key else node.stage.name  # e.g. distill-fkl
             configured = stage_task.with_options(name=node.stage.name, task_run_name=run_name,
                                                  retries=cfg.orchestration.retries)
             args = {"stage": node.stage.name, "node": node.name, "params_path": params_path, "overrides": overrides,
-                    "key": node.key, "dvc_root": str(dvc.root) if dvc.enabled else None}
+                    "key": node.key, "dvc_root": str(dvc.root) if dvc.enabled else None,
+                    "verdict": verdicts[node.name]}
             futures[node.name] = runner.submit(configured, args, wait_for=waits)
         done = {name: future.result() for name, future in futures.items()}
     return {n.name: done[n.name] if n.name in done else inline[n.name] for n in nodes}

@@ -123,8 +123,10 @@ def prefect_ui(flow_run_id: str | None = None) -> dict:
     used a temporary server on the project's Prefect home, the command that starts one on that home."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_UI_URL
 
+    from kd_core.prefect_server import is_temporary
+
     page = f"runs/flow-run/{flow_run_id}" if flow_run_id else ""
-    if PREFECT_API_URL.value():
+    if PREFECT_API_URL.value() and not is_temporary(PREFECT_API_URL.value()):
         ui = PREFECT_UI_URL.value() or re.sub(r"/api/?$", "", PREFECT_API_URL.value())
         return {"url": _public(ui).rstrip("/") + "/" + page, "command": ""}
     home = str(Path(PREFECT_HOME.value()).expanduser().resolve())

@@ -68,6 +68,14 @@ class TrainingDiverged(KDError):
     """A NaN or inf loss: the message has the step, the batch shape and the loss terms."""
 
 
+class Cancelled(KDError):
+    """SIGTERM (a Prefect cancel, a preempted node): training stopped at a step boundary and wrote a checkpoint;
+    running the stage again resumes from it. Exit status 143 (128 + SIGTERM), as a process ended by it; never
+    retried (kd_core/interrupts.py)."""
+
+    exit_code = 143
+
+
 # Python's own exceptions that the stages raise for bad input
 _BUILTIN_USER_ERRORS = (ValueError, LookupError, FileNotFoundError)
 

@@ -80,6 +80,14 @@ class DvcBook:
             return ["DVC bookkeeping off"]
         return self._call(lambda repo: repo.status(targets=[stage])).get(stage, [])
 
+    def changed(self) -> set[str]:
+        """Every stage `dvc status` finds changed, in one call (one index build, one hashing pass): the flow
+        asks once up front and, for a stage whose producers all stay up to date, needs no second look."""
+        if not self.enabled:
+            return set()
+        status = self._call(lambda repo: repo.status())
+        return {name.rsplit(":", 1)[-1] for name in status}  # `dvc.yaml:distill@fkl` in subfolders
+
     def record(self, stage: str) -> None:
         """`dvc commit` of the stage: its outputs into the DVC cache, its entry in dvc.lock."""
         if self.enabled:

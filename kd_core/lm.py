@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator
+import weakref
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -140,3 +141,52 @@ def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     targets = batch["labels"][:, 1:]
     mask = targets.ne(IGNORE_INDEX)
     return target_logprobs(logits, targets).masked_fill(~mask, 0.0), mask
+
+
+class HeadInputs(NamedTuple):
+    """What a causal LM's output layer reads, and the layer: logits = hidden @ weight^T + bias."""
+
+    hidden: torch.Tensor  # [B, T, H], the last hidden states (after the final norm)
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None  # [V] or None
+
+
+# config keys of models whose logits are not the plain projection (Gemma's soft-capping, Cohere's scale, ...)
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+_PLAIN_HEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> checked on its first call
+
+
+def lm_head_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> HeadInputs | None:
+    """The model's last hidden states and output layer, from one forward that projects only the last position
+    (`logits_to_keep=1`): the batch's logits are never formed. Runs under the caller's grad mode, through the
+    wrapper (DDP, DeepSpeed, PEFT) like a plain forward, with the inputs `model_logits` passes.
+
+    None when the logits are not that projection, and the caller uses the model's logits instead: no
+    `nn.Linear` output layer holding its weight (LoRA on the head, a head sharded by ZeRO-3), a config that scales
+    or soft-caps the logits, a forward without `logits_to_keep`, or (checked on the first call per model) a
+    kept last-position logit row that differs from the projection of the last hidden state.
+    """
+    inner = _unwrapped(model)
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, torch.nn.Linear) or head.weight.dim() != 2 or head.weight.numel() == 0:
+        return None
+    cfg = getattr(inner, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if any(getattr(cfg, key, None) not in (None, 1.0) for key in _LOGIT_TRANSFORMS):
+        return None
+    core = inner.get_base_model() if callable(getattr(inner, "get_base_model", None)) else inner  # PEFT
+    if not _accepts_kwarg(core, "logits_to_keep", allow_var_kw=False):
+        return None
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]
+    plain = _PLAIN_HEAD.get(inner)
+    if plain is None:
+        with torch.no_grad():
+            kept = out.logits[:, -1].float()
+            projected = F.linear(hidden[:, -1], head.weight, head.bias).float()
+            tol = 1e-4 if out.logits.dtype == hidden.dtype == torch.float32 else 2e-2
+            plain = bool(torch.allclose(kept, projected, rtol=tol, atol=tol * max(1.0, float(kept.abs().max()))))
+        _PLAIN_HEAD[inner] = plain
+    return HeadInputs(hidden, head.weight, head.bias) if plain else None

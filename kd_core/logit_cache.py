@@ -9,7 +9,7 @@
   over the vocabulary shared by teacher and student (as :func:`kd_core.losses.tokens.shared_vocab`).
 * `manifest.json`: the key (what produced it: teacher weights, tokenizer and data hashes, template, which
   tokens are response tokens, temperature, k, shared vocabulary). A cache is used only when its key equals
-  the one the current config and files give.
+  the one the current config and files give (the key and the manifest: :mod:`kd_core.logit_cache_key`).
 
 Rows are read per batch by content (a hash of each row's token ids and labels), so any sampler order,
 micro-batching or data-parallel sharding finds its rows, and a row missing from the cache is an error.
@@ -18,10 +18,8 @@ micro-batching or data-parallel sharding finds its rows, and a row missing from 
 from __future__ import annotations
 
 import hashlib
-import json
 from array import array
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
@@ -30,68 +28,7 @@ from kd_core.data.tokenize import IGNORE_INDEX, EncodedDataset, batches
 from kd_core.losses.tokens import logprobs
 from kd_core.losses.sparse import top_k_with_tail
 from kd_core.errors import CacheError
-from kd_core.io import tree_hash
-
-if TYPE_CHECKING:
-    from kd_core.config import PipelineConfig, StudentConfig
-    from kd_core.run import RunPaths
-
-
-FORMAT = 1
-TENSORS = "top_k.safetensors"
-MANIFEST = "manifest.json"
-
-
-# ----------------------------------------------------------------------------------------------- keys
-def _vocab_of_checkpoint(source: str | Path, gguf_file: str | None = None, trust_remote_code: bool = False) -> int:
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(str(source), gguf_file=gguf_file, trust_remote_code=trust_remote_code).vocab_size)
-
-
-def _student_vocab(sc: StudentConfig, tokenizer_size: int, teacher_vocab: int) -> int:
-    """Rows of the student's output layer, from its model source (the distill stage checks the built model)."""
-    src = sc.model
-    if src.config is not None:
-        return tokenizer_size  # models built from a config have exactly the tokenizer's vocabulary
-    if src.from_teacher_layers is not None:
-        return teacher_vocab
-    return _vocab_of_checkpoint(src.checkpoint, src.gguf_file, src.trust_remote_code)
-
-
-def cache_key(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
-    """What a student's cache must have been produced from, given the config and the files on disk now."""
-    sc = cfg.student(student_name)
-    from kd_core.run import load_run_tokenizer, require
-
-    teacher_dir = require(paths.model(sc.teacher), f"model {sc.teacher!r}", "training stages of that model")
-    data = require(paths.split(sc.train_data), f"data {sc.train_data!r}", "prepare (or transfer)")
-    tokenizer_size = len(load_run_tokenizer(paths))
-    teacher_vocab = _vocab_of_checkpoint(teacher_dir)
-    return {
-        "format": FORMAT,
-        "teacher": sc.teacher, "teacher_hash": tree_hash(teacher_dir), "teacher_vocab": teacher_vocab,
-        "tokenizer_hash": tree_hash(paths.tokenizer),
-        "data": sc.train_data, "data_hash": tree_hash(data),
-        "template": cfg.data.template, "max_length": cfg.tokenizer.max_length, "overlong": cfg.tokenizer.overlong,
-        "loss_on_prompt": sc.training.loss_on_prompt,
-        "temperature": sc.temperature,
-        "vocab_size": min(teacher_vocab, _student_vocab(sc, tokenizer_size, teacher_vocab)),
-        "top_k": min(sc.teacher_cache.top_k, teacher_vocab),
-    }
-
-
-def stale_fields(manifest: dict | None, key: dict) -> list[str]:
-    """Key fields whose value differs between a stored manifest and the expected key (all if none stored)."""
-    stored = (manifest or {}).get("key") or {}
-    return [k for k in key if stored.get(k) != key[k]]
-
-
-def read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((Path(folder) / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+from kd_core.logit_cache_key import TENSORS, read_manifest
 
 
 # ----------------------------------------------------------------------------------------------- build

@@ -172,6 +172,7 @@ def model_card(cfg: PipelineConfig, name: str, tags: dict[str, str], metrics: di
                   "metrics and 95% CIs, as its description; `kd compare` lists the versions side by side.", ""]
     else:
         lines += [f"Sampling at T = {gen.temperature}, top-p {gen.top_p}, {len(cfg.evaluation.sample_seeds)} seeds, "
-                  f"up to {gen.max_new_tokens} new tokens; greedy decoding for the `_greedy` metrics.",
+                  f"up to {gen.max_new_tokens} new tokens; greedy decoding for the `_greedy` metrics; 95% CIs "
+                  "bootstrap over prompts.",
                   "", "| metric | value |", "|---|---|", *_metric_lines(metrics), ""]
     return "\n".join(lines)

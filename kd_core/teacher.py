@@ -20,10 +20,12 @@ from torch import Tensor
 from kd_core.losses.atkd import decompose, target_uncertainty
 from kd_core.losses.chunked import chunk_rows_for, chunked_rows, chunked_sparse_divergence, chunked_token_divergence
 from kd_core.losses.divergences import get_divergence
+from kd_core.losses.fused import fused_logits_divergence, fused_sparse_divergence, fused_token_divergence
 from kd_core.losses.tokens import logprobs
 from kd_core.losses.sparse import coarsen_with_target
 
 if TYPE_CHECKING:
+    from kd_core.lm import HeadInputs
     from kd_core.logit_cache import TeacherLogitCache
 
 __all__ = ["TeacherSignal", "DenseTeacherSignal", "TopKTeacherSignal"]
@@ -40,6 +42,13 @@ class TeacherSignal:
                    **params: float) -> Tensor:
         """Per-position divergence ``name`` between teacher p and student q, both at ``temperature``:
         ``[B, T, V_s]`` (with grad), ``[B, T]`` -> ``[B, T]``. Computed in chunks of positions."""
+        raise NotImplementedError
+
+    def fused_divergence(self, student: HeadInputs, positions: Tensor, name: str, temperature: float = 1.0,
+                         **params: float) -> Tensor:
+        """:meth:`divergence` from the student's last hidden states ``[B, T, H]`` and LM head
+        (:func:`kd_core.lm.lm_head_inputs`) instead of its logits: ``[B, T]``, gradients to the hidden states and
+        the head, the batch's logits never formed (:mod:`kd_core.losses.fused`)."""
         raise NotImplementedError
 
     def _categories(self, student_logprobs: Tensor | None, rows: slice, where: tuple[Tensor, Tensor],
@@ -103,10 +112,15 @@ class TeacherSignal:
 class DenseTeacherSignal(TeacherSignal):
     """The teacher's full logits ``[B, T, V_t]`` (unshifted, like the student's), or a function computing them
     on first use (a live teacher runs only if the method reads its signal). Padded embedding rows beyond the
-    student's vocabulary are sliced off (:func:`kd_core.losses.tokens.shared_vocab`)."""
+    student's vocabulary are sliced off (:func:`kd_core.losses.tokens.shared_vocab`).
 
-    def __init__(self, logits: Tensor | Callable[[], Tensor]):
+    ``head_inputs``: the teacher's last hidden states and LM head (or a function computing them on first use,
+    None when its head is not a plain projection), which :meth:`fused_divergence` reads instead of the logits."""
+
+    def __init__(self, logits: Tensor | Callable[[], Tensor],
+                 head_inputs: HeadInputs | Callable[[], HeadInputs | None] | None = None):
         self._logits = logits
+        self._head_inputs = head_inputs
 
     @property
     def logits(self) -> Tensor:
@@ -117,6 +131,17 @@ class DenseTeacherSignal(TeacherSignal):
     def divergence(self, student_logits, positions, name, temperature=1.0, **params):
         return chunked_token_divergence(student_logits, self.logits, positions, name, temperature=temperature,
                                         **params)
+
+    def fused_divergence(self, student, positions, name, temperature=1.0, **params):
+        if callable(self._head_inputs):
+            self._head_inputs = self._head_inputs()
+        teacher = self._head_inputs
+        if teacher is None:  # the teacher's logits, the student's still fused
+            return fused_logits_divergence(student.hidden, student.weight, self.logits, name, temperature,
+                                           student_bias=student.bias, mask=positions, **params)
+        return fused_token_divergence(student.hidden, student.weight, teacher.hidden, teacher.weight, name,
+                                      temperature, student_bias=student.bias, teacher_bias=teacher.bias,
+                                      mask=positions, **params)
 
     def shared_vocab_size(self, student_vocab: int) -> int:
         return min(student_vocab, self.logits.shape[-1])
@@ -161,6 +186,13 @@ class TopKTeacherSignal(TeacherSignal):
         return chunked_sparse_divergence(student_logits, positions, self.top_logprobs, self.top_ids,
                                          self.tail_logmass, name, temperature=temperature,
                                          vocab_size=self.vocab_size, **params)
+
+    def fused_divergence(self, student, positions, name, temperature=1.0, **params):
+        self._check(positions, temperature)
+        self.shared_vocab_size(student.weight.shape[0])
+        return fused_sparse_divergence(student.hidden, student.weight, self.top_logprobs, self.top_ids,
+                                       self.tail_logmass, name, temperature=temperature, vocab_size=self.vocab_size,
+                                       student_bias=student.bias, mask=positions, **params)
 
     def shared_vocab_size(self, student_vocab: int) -> int:
         if student_vocab < self.vocab_size:

@@ -15,22 +15,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainingArguments
 
 from kd_core.config import TrainingConfig
 from kd_core.data.tokenize import IGNORE_INDEX, CausalCollator, EncodedDataset
-from kd_core.progress import Progress
 from kd_core.io import atomic_dir
-from kd_core.errors import TrainingDiverged
+from kd_core.training_callbacks import (EXTRA_MODULES_FILE, ExtraModulesCheckpoint, ExtraModulesStep,
+                                        MetricsCallback, ProgressBar, StopAtNextStep, test_hooks)
+from kd_core.errors import Cancelled, TrainingDiverged
 from kd_core.methods.base import Method, StepContext
 from kd_core.teacher import TopKTeacherSignal
 
@@ -103,129 +102,11 @@ class DistillationTrainer(Trainer):
             return self.optimizer
         extra = [p for m in self.method.trainable_modules() for p in m.parameters() if p.requires_grad]
         optimizer = super().create_optimizer(*args, **kwargs)
-        if extra and not self.is_deepspeed_enabled:  # (under DeepSpeed: _ExtraModulesStep has their optimizer)
+        if extra and not self.is_deepspeed_enabled:  # (under DeepSpeed: ExtraModulesStep has their optimizer)
             optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
         return optimizer
 
 
-class _ExtraModulesStep(TrainerCallback):
-    """The gradients of the method's extra trainable modules (OKD's online module, hidden-state projections).
-
-    The Trainer clears the student's gradients only: the extras' are cleared here after every optimizer step
-    (else they would accumulate across steps). DDP and DeepSpeed reduce the student's gradients only: in a
-    multi-process run the extras' are averaged over the ranks before the optimizer step, so every rank
-    applies the same update to its replica. DeepSpeed's ZeRO optimizer takes only parameters of the engine's
-    module, so there the extras get their own AdamW (the Trainer's betas/eps, no weight decay, no clipping:
-    as in the single-process param group) stepped at the Trainer's learning rate of the step.
-    """
-
-    def __init__(self, method: Method, args: TrainingArguments, own_optimizer: bool):
-        self.params = [p for m in method.trainable_modules() for p in m.parameters() if p.requires_grad]
-        self.optimizer = None
-        if own_optimizer and self.params:
-            self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                               eps=args.adam_epsilon, weight_decay=0.0)
-
-    def on_pre_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
-        if args.world_size > 1:
-            for p in self.params:
-                if p.grad is not None:  # SUM then divide: gloo has no AVG
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad.div_(args.world_size)
-        if self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr_scheduler.get_last_lr()[0]
-            self.optimizer.step()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        for p in self.params:
-            p.grad = None
-
-
-class _MetricsCallback(TrainerCallback):
-    def __init__(self, on_log=None):
-        self.history: list[dict] = []
-        self.on_log_fn = on_log
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and state.is_world_process_zero:  # one copy of the metrics (MLflow), from rank 0
-            entry = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-            self.history.append(entry)
-            if self.on_log_fn:
-                self.on_log_fn(entry)
-
-
-class _ProgressBar(TrainerCallback):
-    """Steps on the stage's progress bar (kd_core.progress.Progress), not the Trainer's bar and printed log dicts."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = Progress(state.max_steps, "steps") if state.is_world_process_zero else None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update_to(state.global_step)  # (a resumed run starts at its checkpoint's step)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _ExtraModulesCheckpoint(TrainerCallback):
-    """Trainer checkpoints hold the student, optimizer, scheduler and RNG states, not the method's extra
-    trainable modules (OKD's online module, `intermediate`'s projections). Save their weights, and the state
-    of their own optimizer when they have one (DeepSpeed: `_ExtraModulesStep`), into every checkpoint, so a
-    resumed run continues them instead of restarting them from their initialisation. (In one process their
-    Adam moments are in the Trainer's optimizer.pt already: they are a param group of that optimizer.)"""
-
-    def __init__(self, modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer | None = None):
-        self.modules = modules
-        self.optimizer = optimizer
-
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:  # the modules are replicated: rank 0's copy is everyone's
-            return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        tmp = folder / f".{EXTRA_MODULES_FILE}.tmp"
-        torch.save({"modules": [m.state_dict() for m in self.modules],
-                    "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}, tmp)
-        os.replace(tmp, folder / EXTRA_MODULES_FILE)  # its presence marks the checkpoint complete
-
-    def load(self, checkpoint: Path) -> None:
-        saved = torch.load(checkpoint / EXTRA_MODULES_FILE, map_location="cpu", weights_only=True)
-        for module, state in zip(self.modules, saved["modules"], strict=True):
-            module.load_state_dict(state)
-        if self.optimizer is not None and saved["optimizer"] is not None:
-            self.optimizer.load_state_dict(saved["optimizer"])
-
-
-DIE_AFTER_CHECKPOINT_ENV = "KD_TEST_DIE_AFTER_CHECKPOINT"  # tests only: "<model folder>:<step>"
-
-
-class _DieAfterCheckpoint(TrainerCallback):
-    """For the resume tests only (KD_TEST_DIE_AFTER_CHECKPOINT=<model folder>:<step>, e.g. `distilled/fkl:4`):
-    SIGKILL this process, as a preempted machine dies, right after the checkpoint of `step` is complete.
-    Added after every other callback, so their `on_save` (the extra modules' file) has run too."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            if args.world_size > 1:
-                torch.distributed.barrier()  # every rank has written its part of the checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _die_after_checkpoint(out_dir: Path) -> _DieAfterCheckpoint | None:
-    """The test hook when KD_TEST_DIE_AFTER_CHECKPOINT names this model folder (its trailing path parts)."""
-    target, _, step = os.environ.get(DIE_AFTER_CHECKPOINT_ENV, "").rpartition(":")
-    parts = Path(target).parts
-    if not parts or out_dir.parts[-len(parts):] != parts:
-        return None
-    return _DieAfterCheckpoint(int(step))
-
-
-EXTRA_MODULES_FILE = "extra_modules.pt"
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -285,7 +166,7 @@ def training_arguments(cfg: TrainingConfig, out_dir: Path, seed: int, epochs: fl
         deepspeed=cfg.deepspeed,
         bf16=cfg.precision == "bf16",
         fp16=cfg.precision == "fp16",
-        disable_tqdm=True,  # no Trainer bar or printed log dicts: our _ProgressBar (kd_core.progress.progress)
+        disable_tqdm=True,  # no Trainer bar or printed log dicts: our ProgressBar (kd_core.training_callbacks)
     )
 
 
@@ -352,15 +233,15 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
     out_dir = Path(out_dir)
     ckpt_dir = out_dir.parent / f".{out_dir.name}-checkpoints"
     args = training_arguments(cfg, ckpt_dir, seed, epochs, learning_rate)
-    callback = _MetricsCallback(on_log)
+    callback = MetricsCallback(on_log)
     if teacher is not None:  # frozen: eval mode, no gradients, in no optimizer; a full copy on every rank
         # in the training precision: it needs no fp32 master copy (OKD's online module, added by the method's
         # setup below, is created in fp32 by peft)
         teacher.to(args.device, dtype=PRECISION_DTYPES[cfg.precision]).eval().requires_grad_(False)
     teacher = method.setup(model, teacher)
     _place_method_modules(method, teacher, args.device)
-    extras_step = _ExtraModulesStep(method, args, own_optimizer=bool(cfg.deepspeed))
-    callbacks = [callback, _ProgressBar()] + ([extras_step] if extras_step.params else [])
+    extras_step = ExtraModulesStep(method, args, own_optimizer=bool(cfg.deepspeed))
+    callbacks = [callback, ProgressBar()] + ([extras_step] if extras_step.params else [])
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=CausalCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, method=method, teacher=teacher, teacher_cache=teacher_cache,
@@ -373,16 +254,20 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
         trainer.teacher = zero3_inference_engine(teacher, trainer.accelerator)
     extras = None
     if method.trainable_modules():
-        extras = _ExtraModulesCheckpoint(method.trainable_modules(), extras_step.optimizer)
+        extras = ExtraModulesCheckpoint(method.trainable_modules(), extras_step.optimizer)
         trainer.add_callback(extras)
-    if (die := _die_after_checkpoint(out_dir)) is not None:
-        trainer.add_callback(die)
+    stop = StopAtNextStep()  # SIGTERM: a checkpoint at the next step boundary, then `Cancelled`
+    for hook in [*test_hooks(out_dir), stop]:  # (the test hooks: none outside the tests)
+        trainer.add_callback(hook)
     resume = last_complete_checkpoint(ckpt_dir, (EXTRA_MODULES_FILE,) if extras else ())
     if resume and extras:
         extras.load(resume)
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - start
+    if stop.stopped_at is not None:
+        raise Cancelled(f"{out_dir}: cancelled (SIGTERM) at step {stop.stopped_at}; checkpoint saved in "
+                                   f"{ckpt_dir}: run the stage again to resume")
     if save:
         _save_final(trainer, out_dir, tokenizer, method)
     if trainer.is_world_process_zero():

@@ -116,12 +116,13 @@ def test_generation_metrics_the_evaluation_writes_are_the_ones_validate_expects(
     params["evaluation"].update(greedy=greedy, sample_seeds=seeds)
     params["tracking"]["champion"]["metric"] = "val/loss"
     cfg = parse_config(params)
-    tokenizer = lambda text: {"input_ids": [1, 2, 3]}  # noqa: E731
+    tokenizer = lambda text, add_special_tokens=True: {"input_ids": [1, 2, 3]}  # noqa: E731
     rows = [{"id": i, "instruction": f"q {i}", "response": "a b"} for i in range(2)]
     written = run._generation_metrics(cfg, None, tokenizer, "test", rows, tmp_path / "test.jsonl")
     assert written and all(metric_problem(cfg, key) is None for key in written)
     for name in ("rougeL_greedy", "exact_match_greedy", "gen_tokens_per_s", "rougeL_sampled_mean",
-                 "exact_match_sampled_ci_high", "distinct_2", "self_bleu"):
+                 "exact_match_sampled_ci_high", "distinct_2", "self_bleu", "rougeL_greedy_ci_low",
+                 "exact_match_greedy_ci_high", "n_prompts", "max_new_tokens", "ref_tokens_p95", "ref_tokens_max"):
         assert (metric_problem(cfg, f"test/{name}") is None) == (f"test/{name}" in written)
 
 

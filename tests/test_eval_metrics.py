@@ -26,6 +26,7 @@ from kd_core.evaluation.teacher_forcing import (
     collect_token_stats,
     plot_unc_buckets,
     top1_agreement,
+    top1_agreement_tokens,
     unc_buckets,
 )
 from kd_core.evaluation.text_metrics import distinct_n, exact_match, normalize_answer, rouge_l, self_bleu
@@ -220,7 +221,12 @@ def test_token_stats_match_hand_computation(student, teacher, temperature):
     torch.testing.assert_close(stats.student_logit_std.double(), ref["s_std"], **tol)
     torch.testing.assert_close(stats.teacher_logit_std.double(), ref["t_std"], **tol)
     torch.testing.assert_close(stats.student_nll.double(), ref["nll"], **tol)
-    assert top1_agreement(stats) == pytest.approx(float(ref["agree"].mean()))
+    assert top1_agreement_tokens(stats) == pytest.approx(float(ref["agree"].mean()))
+    # eq. 3: per sentence (row), then the mean over rows
+    assert stats.sentence.tolist() == [i for i, (_, r) in enumerate(ROWS) for _ in r]
+    bounds = np.cumsum([0] + [len(r) for _, r in ROWS])
+    per_row = [float(ref["agree"][lo:hi].mean()) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    assert top1_agreement(stats) == pytest.approx(sum(per_row) / len(per_row))
     # the two models really differ, so the test is not vacuous
     assert float(stats.kl.min()) > 1e-3
     assert 0.0 < float(stats.unc.min()) and float(stats.unc.max()) < 1.0
@@ -242,11 +248,12 @@ def test_padding_and_prompt_tokens_excluded(student, teacher):
     # different pad id, extra right padding, and a prompt-only row (all labels -100)
     other = make_batch(ROWS + [([30, 31, 32], [])], pad_id=42, width=14)
     changed = collect_token_stats(student, teacher, [other])
-    for name in ("unc", "kl", "agree", "student_logit_std", "teacher_logit_std", "student_nll"):
+    for name in ("unc", "kl", "agree", "student_logit_std", "teacher_logit_std", "student_nll", "sentence"):
         torch.testing.assert_close(getattr(changed, name), getattr(base, name), rtol=1e-5, atol=1e-6)
-    # splitting into several batches gives the same tokens in the same order
+    # splitting into several batches gives the same tokens in the same order, and the same sentences
     split = collect_token_stats(student, teacher, [make_batch(ROWS[:1]), make_batch(ROWS[1:])])
     torch.testing.assert_close(split.unc, base.unc, rtol=1e-5, atol=1e-6)
+    assert split.sentence.tolist() == base.sentence.tolist()
     # turning a response token into a prompt token removes exactly that token
     fewer = make_batch(ROWS)
     fewer["labels"][0, 3] = -100  # first response token of row 0
@@ -319,7 +326,7 @@ def test_plot_unc_buckets(student, teacher, tmp_path):
 
 def test_token_stats_validation():
     with pytest.raises(ValueError):
-        TokenStats(*(torch.zeros(3) for _ in range(5)), torch.zeros(2))
+        TokenStats(*(torch.zeros(3) for _ in range(5)), torch.zeros(2), torch.zeros(3, dtype=torch.long))
     assert len(TokenStats.cat([])) == 0
 
 

@@ -75,3 +75,92 @@ def test_no_filter_keeps_every_valid_row(tmp_path):
     out, reports = _eval_sets(_cfg({"x": {"path": path}}))
     assert [r["id"] for r in out["x"]] == [f"x-{i:06d}" for i in range(5)]
     assert reports["x"]["filtered_out"] == 0 and reports["x"]["written"] == 5
+
+
+# ------------------------------------------------------------------------------ field maps, several references
+SNI_ROWS = [  # Super-NaturalInstructions' layout: instruction / input / output (a list of references)
+    {"instruction": "Write a headline.", "input": "Markets rallied as fear eased.",
+     "output": ["Cuts fear for markets", "  Stocks rally as fear eases "]},
+    {"instruction": "Answer yes or no.", "input": "", "output": ["yes"]},
+    {"instruction": "Name a colour.", "input": "", "output": "red"},  # one reference as a plain string
+]
+
+
+def test_own_field_map_loads_a_multi_reference_file_as_it_is(tmp_path):
+    path = _write(tmp_path / "sni.jsonl", SNI_ROWS)
+    params = tiny_params()
+    params["data"]["field_map"] = {"response": "answer"}  # the main data's map is not the eval set's
+    params["data"]["eval_sets"] = {"sni": {"path": path, "field_map": {"context": "input", "response": "output"}}}
+    rows, reports = _eval_sets(parse_config(params))
+    got = rows["sni"]
+    assert [r["context"] for r in got] == ["Markets rallied as fear eased.", "", ""]
+    # a list stays a list of references (stripped), never the string of the list
+    assert got[0]["response"] == ["Cuts fear for markets", "Stocks rally as fear eases"]
+    assert got[1]["response"] == ["yes"] and got[2]["response"] == "red"
+    assert reports["sni"]["kept"] == 3
+
+
+def test_without_its_own_field_map_an_eval_set_uses_the_main_one(tmp_path):
+    path = _write(tmp_path / "e.jsonl", [{"question": "q", "answer": "a"}])
+    params = tiny_params()
+    params["data"]["field_map"] = {"instruction": "question", "response": "answer"}
+    params["data"]["eval_sets"] = {"e": {"path": path}}
+    rows, _ = _eval_sets(parse_config(params))
+    assert (rows["e"][0]["instruction"], rows["e"][0]["response"]) == ("q", "a")
+
+
+def test_an_empty_reference_list_is_a_bad_row_not_an_error(tmp_path):
+    rows = SNI_ROWS + [{"instruction": "x", "input": "", "output": ["", "  "]}]
+    path = _write(tmp_path / "sni.jsonl", rows)
+    params = tiny_params()
+    params["data"] |= {"max_bad_fraction": 0.5,
+                       "eval_sets": {"sni": {"path": path, "field_map": {"context": "input", "response": "output"}}}}
+    out, reports = _eval_sets(parse_config(params))
+    assert len(out["sni"]) == 3 and reports["sni"]["bad"] == {"missing or empty field(s) ['response']": 1}
+
+
+BAD_VALUES = [  # (field changed in row 2, its value, how the message names the type)
+    ("instruction", 5, "is a int; allowed: a string"),
+    ("instruction", ["Write", "a headline"], "is a list of str; allowed: a string"),
+    ("input", {"text": "x"}, "is a dict; allowed: a string"),
+    ("output", ["fine", 3], "is a list of int, str; allowed: a string or a list of strings (several references)"),
+    ("output", 42.5, "is a float; allowed: a string or a list of strings (several references)"),
+]
+
+
+@pytest.mark.parametrize("column, value, message", BAD_VALUES)
+def test_a_value_of_the_wrong_type_names_file_line_and_field(tmp_path, column, value, message):
+    rows = [dict(r) for r in SNI_ROWS]
+    rows[1][column] = value
+    path = _write(tmp_path / "sni.jsonl", rows)
+    field = {"input": "context", "output": "response"}.get(column, column)
+    with pytest.raises(DataError) as err:
+        _eval_sets(_cfg({"sni": {"path": path, "field_map": {"context": "input", "response": "output"}}}))
+    assert str(err.value) == f"{path}:2: field {field!r} (column {column!r}) {message}"
+
+
+def test_several_references_are_for_eval_sets_only():
+    from kd_core.data.sources import RawRow, normalize_rows
+
+    raw = [RawRow({"instruction": "q", "response": ["a", "b"]}, "train.jsonl:4")]
+    with pytest.raises(DataError, match=r"^train.jsonl:4: field 'response' \(column 'response'\) is a list of str; "
+                                        r"allowed: a string$"):
+        normalize_rows(raw, field_map={}, max_chars=4000, template="minimal", id_prefix="row")
+
+
+def test_bad_eval_set_exits_2_with_one_line(project):
+    from typer.testing import CliRunner
+
+    from kd_core.cli import app
+    from tests.conftest import write_params
+
+    rows = [dict(r) for r in SNI_ROWS]
+    rows[2]["instruction"] = 7
+    _write(project / "sni.jsonl", rows)
+    params = tiny_params()
+    params["data"]["eval_sets"] = {"sni": {"path": "sni.jsonl", "field_map": {"context": "input",
+                                                                             "response": "output"}}}
+    write_params(project, params)
+    result = CliRunner().invoke(app, ["stage", "prepare"])
+    assert result.exit_code == 2
+    assert "error: sni.jsonl:3: field 'instruction' (column 'instruction') is a int; allowed: a string" in result.stderr

@@ -1,6 +1,7 @@
-"""Stage-level resume of a whole `kd run` (issue 12, item 5): a run killed (SIGKILL) during a student's
-distillation, started again, skips the stages that finished, resumes the interrupted one from its last complete
-checkpoint (`training.save_steps`) and leaves the registry as an uninterrupted run leaves it.
+"""Stage-level resume of a whole `kd run` (issue 12, item 5; issue 18, cancellation): a run cancelled (SIGTERM)
+and then one killed (SIGKILL) during a student's distillation, started again, skip the stages that finished,
+resume the interrupted one from its last complete checkpoint (the cancellation's, then `training.save_steps`')
+and leave the registry as an uninterrupted run leaves it.
 
 The kill is deterministic: `KD_TEST_DIE_AFTER_CHECKPOINT=distilled/fkl:4` makes the `kd run` process SIGKILL
 itself right after the checkpoint of fkl's distillation step 4 is complete (kd_core.training's test hook)."""
@@ -25,7 +26,8 @@ from kd_core.config import parse_config
 from kd_core.io import tree_hash
 from kd_core.run import RunPaths
 from kd_core.stages.graph import expand
-from kd_core.training import DIE_AFTER_CHECKPOINT_ENV, last_complete_checkpoint
+from kd_core.interrupts import DIE_AFTER_CHECKPOINT_ENV, SIGTERM_AT_STEP_ENV
+from kd_core.training import last_complete_checkpoint
 from tests.conftest import dvc_project, dvc_status, registered_versions, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -102,9 +104,21 @@ def test_killed_flow_resumes_at_the_interrupted_stage(project, tmp_path_factory,
     interrupted = nodes.index("distill@fkl")
     ckpts = paths.root / "distilled" / ".fkl-checkpoints"
 
-    # 1. killed right after fkl's distillation saved its step-4 checkpoint
+    # 0. cancelled (SIGTERM, as Prefect cancels a flow run) during fkl's step 1: the stage stops at the next step
+    # boundary with a checkpoint there (the signal reaches the main thread while the task's thread trains, so the
+    # step boundary is 1 or 2), the flow ends, the process exits with 143
+    rc, out = _kd_run(project, project / "cancelled.log", **{SIGTERM_AT_STEP_ENV: "distilled/fkl:1"})
+    assert rc == 128 + signal.SIGTERM, out[-4000:]
+    assert "cancelled (SIGTERM) at step" in out
+    stopped_at = int(last_complete_checkpoint(ckpts).name.removeprefix("checkpoint-"))
+    assert stopped_at in (1, 2) and not paths.distilled("fkl").exists()
+
+    # 1. started again (it resumes from that checkpoint), killed right after fkl's step-4 checkpoint is saved
     rc, out = _kd_run(project, project / "killed.log", **{DIE_AFTER_CHECKPOINT_ENV: f"distilled/fkl:{KILLED_AT}"})
     assert rc == -signal.SIGKILL, out[-4000:]
+    cancelled_run, killed_run = sorted(_stage_runs("distill", "fkl"), key=lambda r: r.info.start_time)
+    history = MlflowClient().get_metric_history(killed_run.info.run_id, "loss")
+    assert history and min(m.step for m in history) > stopped_at, [m.step for m in history]
     assert set(dvc_status(project)) == set(nodes[interrupted:]), "finished stages are recorded, the rest are not"
     assert {"prepare", "train_teacher", "distill@sft"} <= set(nodes[:interrupted])
     assert last_complete_checkpoint(ckpts).name == f"checkpoint-{KILLED_AT}"
@@ -118,7 +132,7 @@ def test_killed_flow_resumes_at_the_interrupted_stage(project, tmp_path_factory,
     assert skipped == nodes[:interrupted], skipped
     assert len(_stage_runs("prepare")) == len(_stage_runs("train_teacher")) == 1  # not run again
     assert len(_stage_runs("distill", "sft")) == 1
-    _killed_run, resumed_run = sorted(_stage_runs("distill", "fkl"), key=lambda r: r.info.start_time)
+    *_, resumed_run = sorted(_stage_runs("distill", "fkl"), key=lambda r: r.info.start_time)
     history = MlflowClient().get_metric_history(resumed_run.info.run_id, "loss")
     assert history and min(m.step for m in history) > KILLED_AT, [m.step for m in history]
     assert max(m.step for m in history) == STEPS
@@ -132,10 +146,11 @@ def test_killed_flow_resumes_at_the_interrupted_stage(project, tmp_path_factory,
     students = registered_versions("kd-student")
     assert sorted(v.tags["kd.model"] for v in students) == sorted(cfg.students)
     assert MlflowClient().get_model_version_by_alias("kd-student", "champion").tags["kd.model"] in cfg.students
-    # the killed run's MLflow runs (its pipeline run, fkl's distill) were closed as KILLED, none left RUNNING
+    # the killed run's MLflow runs (its pipeline run, fkl's distill) were closed as KILLED, the cancelled one's as
+    # FAILED, none left RUNNING
     every = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tiny").experiment_id])
     assert not [r.info.run_name for r in every if r.info.status == "RUNNING"]
-    assert {r.info.status for r in _stage_runs("distill", "fkl")} == {"KILLED", "FINISHED"}
+    assert sorted(r.info.status for r in _stage_runs("distill", "fkl")) == ["FAILED", "FINISHED", "KILLED"]
 
     # 4. the same weights as fkl trained without a kill (same inputs and seed, CPU)
     straight = _uninterrupted_fkl(tmp_path_factory.mktemp("straight"), params, paths, monkeypatch)

@@ -18,7 +18,8 @@ from kd_core.config import ConfigError, TrainingConfig, parse_config
 from kd_core.data.tokenize import load_tokenizer, train_bpe_tokenizer
 from kd_core.io import write_jsonl_atomic
 from kd_core.errors import CacheError
-from kd_core.logit_cache import TeacherLogitCache, cache_key, read_manifest, stale_fields
+from kd_core.logit_cache import TeacherLogitCache
+from kd_core.logit_cache_key import cache_key, read_manifest, stale_fields
 from kd_core.losses.chunked import chunked_token_divergence
 from kd_core.methods import get_method
 from kd_core.models import ModelError, build_from_config, check_vocab_compatible

@@ -169,7 +169,7 @@ def test_okd_extra_grads_do_not_leak_across_steps(monkeypatch):
     """The trainer clears the online module's gradients after every optimizer step (methods do not): with the
     same examples in every micro-batch and a negligible learning rate, the gradient the optimizer sees is the
     same at every step, and equals one micro-batch's loss gradient (the accumulated micro-batches sum)."""
-    from kd_core import training
+    from kd_core import training_callbacks
     from kd_core.data.tokenize import CausalCollator, EncodedDataset
 
     setup = tiny_setup()
@@ -178,13 +178,13 @@ def test_okd_extra_grads_do_not_leak_across_steps(monkeypatch):
     student, teacher = setup.student(), copy.deepcopy(setup.teacher)
     same = EncodedDataset([setup.train_set.examples[0]] * 16)
     seen: list[list[torch.Tensor]] = []
-    record = training._ExtraModulesStep.on_pre_optimizer_step
+    record = training_callbacks.ExtraModulesStep.on_pre_optimizer_step
 
     def recording(self, args, state, control, **kw):
         seen.append([p.grad.detach().clone() for p in method.online.parameters()])
         return record(self, args, state, control, **kw)
 
-    monkeypatch.setattr(training._ExtraModulesStep, "on_pre_optimizer_step", recording)
+    monkeypatch.setattr(training_callbacks.ExtraModulesStep, "on_pre_optimizer_step", recording)
     cfg = TrainingConfig(max_steps=3, learning_rate=1e-12, batch_size=8, grad_accum=2, warmup_ratio=0.0,
                          logging_steps=1)
     train(student, same, setup.tokenizer, cfg, setup.workdir / "okd-no-leak", method=method, seed=0,

@@ -128,7 +128,7 @@ def test_generation_metrics_aggregate_rouge_and_em_like_rouge_score(tmp_path, mo
     params = tiny_params()
     params["evaluation"].update(greedy=True, sample_seeds=[0, 1])
     cfg = parse_config(params)
-    tok = lambda text: {"input_ids": [1, 2, 3]}  # noqa: E731
+    tok = lambda text, add_special_tokens=True: {"input_ids": [1, 2, 3]}  # noqa: E731
     metrics = run._generation_metrics(cfg, None, tok, "test", rows, tmp_path / "gen.jsonl")
 
     ref_rouge = {k: [_reference_rouge_l(p, r) for p, r in zip(v, refs)] for k, v in outputs.items()}
@@ -145,6 +145,57 @@ def test_generation_metrics_aggregate_rouge_and_em_like_rouge_score(tmp_path, mo
     assert [p["rougeL_sampled_mean"] for p in per_prompt] == pytest.approx(
         [(a + b) / 2 for a, b in zip(ref_rouge[0], ref_rouge[1])])
     assert [p["rougeL_greedy"] for p in per_prompt] == pytest.approx(ref_rouge[None])
+    # 95 % intervals: percentile bootstrap over prompts of the per-prompt (seed-averaged) scores, seed = cfg.seed
+    from kd_core.evaluation.stats import bootstrap_mean
+
+    for key, per in (("rougeL_sampled_mean", [p["rougeL_sampled_mean"] for p in per_prompt]),
+                     ("rougeL_greedy", ref_rouge[None])):
+        b = bootstrap_mean(per, seed=cfg.seed)
+        base = key.removesuffix("_mean")
+        assert (metrics[f"test/{base}_ci_low"], metrics[f"test/{base}_ci_high"]) == (b["ci_low"], b["ci_high"])
+        assert b["ci_low"] < metrics[f"test/{key}"] < b["ci_high"]
+
+
+def test_several_references_score_the_best_one_and_set_the_budget(tmp_path, monkeypatch):
+    """A multi-reference eval set: per prompt, ROUGE-L is rouge_score's best over the references and EM is
+    'any'; the references' token-length percentiles are numpy's over per-prompt longest references; with
+    generation.reference_percentile = 90 the new-token budget is ceil(p90) + 1, capped at max_new_tokens."""
+    import kd_core.evaluation.run as run
+    from kd_core.config import parse_config
+    from kd_core.generation import Generations
+    from tests.conftest import tiny_params
+
+    refs = [["the cat sat on the mat", "a cat sat"], ["yes"], "one two three four five six seven", ["no", "nope"]]
+    preds = ["a cat sat", "Yes.", "one two three", "maybe"]
+    rows = [{"id": f"r{i}", "instruction": f"q{i}", "response": r} for i, r in enumerate(refs)]
+    budgets = []
+
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, **kw):
+        budgets.append(max_new_tokens)
+        return Generations([[1]] * len(preds), preds, len(preds), 1.0)
+
+    monkeypatch.setattr(run, "generate", fake_generate)
+    tok = lambda text, add_special_tokens=True: {"input_ids": text.split()}  # noqa: E731  (a word per token)
+    params = tiny_params()
+    params["evaluation"].update(greedy=True, sample_seeds=[0])
+    params["evaluation"]["generation"].update(max_new_tokens=6, reference_percentile=90)
+    metrics = run._generation_metrics(parse_config(params), None, tok, "s", rows, tmp_path / "gen.jsonl")
+
+    best = [max(_reference_rouge_l(p, r) for r in ([ref] if isinstance(ref, str) else ref))
+            for p, ref in zip(preds, refs)]
+    assert best[0] == 100.0 and best[2] < 100.0  # the second reference is the one that matches
+    assert metrics["s/rougeL_greedy"] == pytest.approx(sum(best) / 4)
+    assert metrics["s/exact_match_greedy"] == pytest.approx(100 * 2 / 4)  # "a cat sat", "Yes." match one reference
+    lengths = [6, 1, 7, 1]  # per prompt, its longest reference in words
+    for q in (50, 90, 95):
+        assert metrics[f"s/ref_tokens_p{q}"] == pytest.approx(float(np.percentile(lengths, q)))
+    assert metrics["s/ref_tokens_max"] == 7 and metrics["s/n_prompts"] == 4
+    assert math.ceil(np.percentile(lengths, 90)) + 1 == 8  # over the cap: the cap
+    assert metrics["s/max_new_tokens"] == 6 and budgets == [6, 6]
+    params["evaluation"]["generation"].update(max_new_tokens=32, reference_percentile=50)
+    budgets.clear()
+    metrics = run._generation_metrics(parse_config(params), None, tok, "s", rows, tmp_path / "gen.jsonl")
+    assert metrics["s/max_new_tokens"] == math.ceil(np.percentile(lengths, 50)) + 1 == 5 and budgets == [5, 5]
 
 
 # ----------------------------------------------------------------------------------------------- paired bootstrap

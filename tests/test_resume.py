@@ -1,5 +1,6 @@
-"""A training stage killed with SIGKILL resumes from its last complete checkpoint and ends with the same
-weights as an uninterrupted run (CPU, fixed seed)."""
+"""A training stage killed with SIGKILL resumes from its last complete checkpoint, and one cancelled with SIGTERM
+stops at the next step with a checkpoint (exit 143) and resumes from it; both end with the same weights as an
+uninterrupted run (CPU, fixed seed)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from kd_core.config import load_config
 from kd_core.run import RunPaths
 from kd_core.stages.prepare import prepare
 from kd_core.stages.train_teacher import train_teacher
-from kd_core.training import DIE_AFTER_CHECKPOINT_ENV, last_complete_checkpoint
+from kd_core.interrupts import DIE_AFTER_CHECKPOINT_ENV, SIGTERM_AT_STEP_ENV
+from kd_core.training import last_complete_checkpoint
 from tests.conftest import tiny_params, write_params
 
 KD = str(Path(sys.executable).with_name("kd"))
@@ -32,15 +34,36 @@ def _params():
     return p
 
 
+def _same_weights(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(a_dir / "runs/tiny/models/teacher/model.safetensors")
+    b = load_file(b_dir / "runs/tiny/models/teacher/model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
 @pytest.mark.slow
-def test_sigkill_then_restart_matches_uninterrupted_run(project):
-    straight, resumed = project / "straight", project / "resumed"
+def test_sigkill_or_sigterm_then_restart_matches_uninterrupted_run(project):
+    straight, resumed, cancelled = project / "straight", project / "resumed", project / "cancelled"
     straight.mkdir()
     cfg = load_config(write_params(straight, _params()))
     paths = RunPaths(straight / cfg.run_dir)
     prepare(cfg, paths)
     shutil.copytree(straight, resumed)
+    shutil.copytree(straight, cancelled)
     train_teacher(cfg, paths)
+
+    # SIGTERM (a Prefect cancel, a preempted node) at the end of step 12, between two save_steps (5): training
+    # stops there with a checkpoint of step 12 and the stage exits 143 with one line; the rerun resumes from it
+    stopped = subprocess.run([KD, "stage", "train_teacher"], cwd=cancelled, capture_output=True, text=True,
+                             timeout=300, env=dict(os.environ, **{SIGTERM_AT_STEP_ENV: "models/teacher:12"}))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "cancelled (SIGTERM) at step 12" in stopped.stderr and "Traceback" not in stopped.stderr
+    cancelled_ckpts = cancelled / "runs/tiny/models/.teacher-checkpoints"
+    assert last_complete_checkpoint(cancelled_ckpts).name == "checkpoint-12"
+    assert not (cancelled / "runs/tiny/models/teacher").exists(), "a cancelled stage must not leave a final model"
+    train_teacher(cfg, RunPaths(cancelled / cfg.run_dir))
+    _same_weights(straight, cancelled)
 
     ckpts = resumed / "runs/tiny/models/.teacher-checkpoints"
     # the stage SIGKILLs itself once the checkpoint of step 15 is complete (kd_core.training's test hook)
@@ -53,11 +76,7 @@ def test_sigkill_then_restart_matches_uninterrupted_run(project):
     assert not (resumed / "runs/tiny/models/teacher").exists(), "a killed stage must not leave a final model"
 
     train_teacher(cfg, RunPaths(resumed / cfg.run_dir))  # started again: resumes
-    a = load_file(straight / "runs/tiny/models/teacher/model.safetensors")
-    b = load_file(resumed / "runs/tiny/models/teacher/model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    _same_weights(straight, resumed)
     assert not ckpts.exists(), "checkpoints are removed once the final model is saved"
 
 

@@ -2,13 +2,16 @@
 
 Every stage takes a `PipelineConfig`. Unknown keys are errors (a typo must not silently fall back to a
 default), and every error names the file, the key path and the allowed values. Methods and divergences are
-looked up by name in their registries (`kd_core.methods`, `kd_core.losses.divergences`).
+checked by name against light tables (`methods`: what each method needs and its `method_args` model;
+`kd_core.losses.catalog`: the divergences and their parameters), so that validating imports no torch; the code
+behind each name (`kd_core.methods`, `kd_core.losses.divergences`) is imported when a stage runs.
 
-`schema`: the sections (`model_source`: how a model is made); `load`: YAML, overrides, the credentials scan,
-error lines; `graph`: who teaches whom (order, cycles, layer indices); `metrics`: which metrics the configured
-evaluation produces.
+`schema`: the sections (`model_source`: how a model is made; `data_source`: field maps, the prompts-only
+source); `load`: YAML, overrides, the credentials scan, error lines; `graph`: who teaches whom (order, cycles,
+layer indices); `metrics`: which metrics the configured evaluation produces.
 """
 
+from kd_core.config.data_source import UnlabeledConfig
 from kd_core.config.load import find_secrets, load_config, parse_config
 from kd_core.config.model_source import ArchConfig, ModelSource
 from kd_core.config.schema import (ChampionRule, DataConfig, EvalSetConfig, EvaluationConfig, FinetuneConfig,
@@ -20,4 +23,4 @@ from kd_core.errors import ConfigError
 __all__ = ["ArchConfig", "ChampionRule", "ConfigError", "DataConfig", "EvalSetConfig", "EvaluationConfig",
            "FinetuneConfig", "GenerationConfig", "LoraConfig", "ModelSource", "OrchestrationConfig", "PipelineConfig",
            "SplitConfig", "StudentConfig", "TeacherCacheConfig", "TeacherConfig", "TokenizerConfig", "TrackingConfig",
-           "TrainingConfig", "TransferSetConfig", "find_secrets", "load_config", "parse_config"]
+           "TrainingConfig", "TransferSetConfig", "UnlabeledConfig", "find_secrets", "load_config", "parse_config"]

@@ -14,27 +14,33 @@ if TYPE_CHECKING:
     from kd_core.config.schema import PipelineConfig
 
 SPLITS = ("train", "val", "test")
+UNLABELED = "unlabeled"  # the unlabeled prompt pool (data/unlabeled.jsonl): a data set name, not a transfer set
 
 
 def check_references(cfg: PipelineConfig) -> None:
     """Every name that points at a model or a data set names one that exists: a student's teacher (not
-    itself), a transfer set's source, a student's train_data (a transfer set when its method needs one)."""
-    from kd_core.methods import METHODS
+    itself), a transfer set's source and prompts (unlabeled ones only when the data has them), a student's
+    train_data (a transfer set when its method needs one)."""
+    from kd_core.config.methods import METHOD_SPECS
 
     names = list(cfg.students)
     if cfg.teacher.name in names:
         raise ValueError(f"students: name {cfg.teacher.name!r} is the teacher's")
     models = [cfg.teacher.name, *names]
     for name, ts in cfg.transfer_sets.items():
-        if name in SPLITS:
-            raise ValueError(f"transfer_sets.{name}: reserved name (train, val, test are the splits)")
+        if name in (*SPLITS, UNLABELED):
+            raise ValueError(f"transfer_sets.{name}: reserved name (train, val, test are the splits, unlabeled the "
+                             f"unlabeled prompts)")
         if ts.source not in models:
             raise ValueError(f"transfer_sets.{name}.source: unknown model {ts.source!r} (allowed: {', '.join(models)})")
+        if ts.prompts != "train" and not cfg.data.has_unlabeled:
+            raise ValueError(f"transfer_sets.{name}.prompts: {ts.prompts!r} needs unlabeled prompts: set "
+                             f"data.builtin_unlabeled (source builtin) or data.unlabeled (allowed without: train)")
     for name, st in cfg.students.items():
         if st.teacher not in models or st.teacher == name:
             allowed = ", ".join(m for m in models if m != name)
             raise ValueError(f"students.{name}.teacher: unknown model {st.teacher!r} (allowed: {allowed})")
-        if METHODS[st.method].needs_transfer_set and st.train_data == "train":
+        if METHOD_SPECS[st.method].needs_transfer_set and st.train_data == "train":
             allowed = ", ".join(cfg.transfer_sets) or "none defined under transfer_sets"
             raise ValueError(f"students.{name}.train_data: method {st.method!r} trains on a transfer set "
                              f"(allowed: {allowed})")

@@ -16,14 +16,16 @@ if TYPE_CHECKING:
 
 REGISTER_METRICS = ("parameters", "train_time_s")
 SPLIT_METRIC = re.compile(r"loss|ppl")  # val/ and test/: teacher-forced on the splits, whatever eval_sets says
-GREEDY_METRIC = re.compile(r"rougeL_greedy|exact_match_greedy|gen_tokens_per_s")
+GREEDY_METRIC = re.compile(r"(rougeL|exact_match)_greedy(_ci_low|_ci_high)?|gen_tokens_per_s")
 SAMPLED_METRIC = re.compile(r"(rougeL|exact_match)_sampled_(mean|std|ci_low|ci_high)|distinct_[12]|self_bleu")
-AGREEMENT_METRIC = re.compile(r"top1_agreement|kl_teacher_student")  # test/, students only
+SET_METRIC = re.compile(r"n_prompts|max_new_tokens|ref_tokens_(p50|p90|p95|max)")  # every evaluated set
+AGREEMENT_METRIC = re.compile(r"top1_agreement(_tokens)?|kl_teacher_student")  # test/, students only
 UNC_METRIC = re.compile(r"unc_bucket(\d+)_(top1_agreement|kl|logit_std)")  # test/, students only
 EXACCERR_METRIC = re.compile(r"exaccerr_l(\d+)(_ci_low|_ci_high)?")  # test/, students only
-ALLOWED = ("parameters, train_time_s, {val,test}/{loss,ppl}, <eval set>/{rougeL_greedy,exact_match_greedy,"
-           "gen_tokens_per_s}, <eval set>/{rougeL,exact_match}_sampled_{mean,std,ci_low,ci_high}, "
-           "<eval set>/{distinct_1,distinct_2,self_bleu}, test/{top1_agreement,kl_teacher_student}, "
+ALLOWED = ("parameters, train_time_s, {val,test}/{loss,ppl}, <eval set>/{rougeL,exact_match}_greedy[_ci_low|"
+           "_ci_high], <eval set>/gen_tokens_per_s, <eval set>/{rougeL,exact_match}_sampled_{mean,std,ci_low,ci_high}, "
+           "<eval set>/{distinct_1,distinct_2,self_bleu,n_prompts,max_new_tokens,ref_tokens_{p50,p90,p95,max}}, "
+           "test/{top1_agreement,top1_agreement_tokens,kl_teacher_student}, "
            "test/unc_bucket<i>_{top1_agreement,kl,logit_std}, test/exaccerr_l<l>[_ci_low|_ci_high]")
 
 
@@ -48,9 +50,10 @@ def metric_problem(cfg: PipelineConfig, metric: str) -> str | None:
 
     - `parameters`, `train_time_s`: always (the register stage logs them).
     - `val/{loss,ppl}`, `test/{loss,ppl}`: when that split is not empty (data.split.<split>_fraction > 0).
-    - `<set>/<generation metric>`: `<set>` in evaluation.eval_sets; `*_greedy` and `gen_tokens_per_s` need
-      evaluation.greedy; `*_sampled_*`, `distinct_*`, `self_bleu` need evaluation.sample_seeds.
-    - `test/top1_agreement`, `test/kl_teacher_student`, `test/unc_bucket<i>_*` (i < evaluation.unc_buckets),
+    - `<set>/<generation metric>`: `<set>` in evaluation.eval_sets; `*_greedy[_ci_*]` and `gen_tokens_per_s`
+      need evaluation.greedy; `*_sampled_*`, `distinct_*`, `self_bleu` need evaluation.sample_seeds;
+      `n_prompts`, `max_new_tokens`, `ref_tokens_*` need the set only.
+    - `test/top1_agreement[_tokens]`, `test/kl_teacher_student`, `test/unc_bucket<i>_*` (i < evaluation.unc_buckets),
       `test/exaccerr_l<l>[_ci_low|_ci_high]` (l in evaluation.exaccerr_lengths, exaccerr_prompts > 0):
       agreement with the teacher on the test split.
     """
@@ -64,7 +67,7 @@ def metric_problem(cfg: PipelineConfig, metric: str) -> str | None:
                                or EXACCERR_METRIC.fullmatch(name)):
         return _split_problem(cfg, "test", metric) or _agreement_problem(cfg, name, metric)
     greedy, sampled = GREEDY_METRIC.fullmatch(name), SAMPLED_METRIC.fullmatch(name)
-    if not (greedy or sampled):
+    if not (greedy or sampled or SET_METRIC.fullmatch(name)):
         return f"unknown metric {metric!r} (allowed: {ALLOWED})"
     if set_name not in ev.eval_sets:
         allowed = ", ".join(ev.eval_sets) or "none, evaluation.eval_sets is empty"

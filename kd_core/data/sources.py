@@ -2,7 +2,8 @@
 
 Every source yields rows `{id, instruction, context, response, category}`. Validation counts bad rows
 (missing or empty required field, undecodable bytes, over-long text) with where they came from; a file
-that cannot be parsed at all (malformed JSON) is an error naming the file and line.
+that cannot be parsed at all (malformed JSON) and a value of the wrong type in a field (a number in a text
+field, a list where one text is expected) are errors naming the file and line (and the field).
 """
 
 from __future__ import annotations
@@ -121,12 +122,29 @@ def read_hub(name: str, split: str) -> Iterable[RawRow]:
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _clean(value: Any) -> str | None:
-    if value is None:
+def _field_value(values: dict, field: str, column: str, where: str,
+                 multi_reference: bool) -> str | list[str] | None:
+    """Our `field` of a source row (read from `column`), stripped: a string; None when missing (None, NaN); with
+    `multi_reference`, a list of strings in the response column is several references (the non-empty ones; None
+    if none). A category may be a number (a class label). Any other type (a number, dict or list in a text field,
+    a list of non-strings) is a DataError naming the row (`where`: file and line), the field and the column."""
+    value = values.get(column)
+    if hasattr(value, "tolist"):  # numpy scalars and arrays (pandas, parquet) -> Python values
+        value = value.tolist()
+    if value is None or (isinstance(value, float) and value != value):  # NaN from pandas
         return None
-    if isinstance(value, float) and value != value:  # NaN from pandas
-        return None
-    return str(value)
+    if isinstance(value, str):
+        return value.strip()
+    if field == "category" and isinstance(value, (int, float)):
+        return str(value)
+    several = multi_reference and field == "response"
+    if several and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value if v.strip()] or None
+    kind = type(value).__name__
+    if isinstance(value, list):
+        kind = f"list of {', '.join(sorted({type(v).__name__ for v in value}))}" if value else "empty list"
+    raise DataError(f"{where}: field {field!r} (column {column!r}) is a {kind}; allowed: a string"
+                    + (" or a list of strings (several references)" if several else ""))
 
 
 def normalize_rows(
@@ -136,8 +154,16 @@ def normalize_rows(
     max_chars: int,
     template: str,
     id_prefix: str,
+    prompts_only: bool = False,
+    multi_reference: bool = False,
 ) -> tuple[list[dict], ValidationReport]:
-    """Map source columns to our fields and drop bad rows, counting each reason."""
+    """Map source columns to our fields and drop bad rows, counting each reason. A value of the wrong type in a
+    field is a DataError (`_field_value`), not a bad row.
+
+    `prompts_only` (an unlabeled prompt pool): a row needs only an instruction, and its response is "" (a
+    response column in the source is ignored). `multi_reference` (eval sets): a response may be a list of
+    strings, kept as a list (several references; max_chars applies to the longest)."""
+    required = ("instruction",) if prompts_only else REQUIRED
     report = ValidationReport()
     rows: list[dict] = []
     for raw in raw_rows:
@@ -146,13 +172,15 @@ def normalize_rows(
         if "__bad__" in values:
             report.add_bad(values["__bad__"], raw.where)
             continue
-        row = {f: _clean(values.get(field_map.get(f, f))) for f in FIELDS}
-        missing = [f for f in REQUIRED if not (row[f] or "").strip()]
+        row = {f: _field_value(values, f, field_map.get(f, f), raw.where, multi_reference)
+               for f in FIELDS if not (prompts_only and f == "response")}
+        missing = [f for f in required if not row[f]]
         if missing:
             report.add_bad(f"missing or empty field(s) {missing}", raw.where)
             continue
-        row = {f: (row[f] or "").strip() if f != "response" else row[f].strip() for f in FIELDS}
-        if len(format_prompt(row, template)) + len(row["response"]) > max_chars:
+        row = {f: row.get(f) or "" for f in FIELDS}
+        response = row["response"] if isinstance(row["response"], list) else [row["response"]]
+        if len(format_prompt(row, template)) + max(map(len, response)) > max_chars:
             report.add_bad(f"longer than data.max_chars={max_chars}", raw.where)
             continue
         row["id"] = str(values.get("id") or f"{id_prefix}-{report.total - 1:06d}")

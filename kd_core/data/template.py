@@ -41,6 +41,12 @@ def format_prompt(row: dict, template: str) -> str:
     return fmt.format(instruction=row["instruction"].strip(), context=context)
 
 
+def prompt_key(row: dict) -> tuple[str, str]:
+    """What makes two rows the same prompt: (instruction, context), each whitespace-normalised (runs of
+    whitespace -> one space, stripped). Decontamination and the unlabeled pool's disjointness compare these."""
+    return " ".join(row["instruction"].split()), " ".join((row.get("context") or "").split())
+
+
 def chat_template(template: str) -> str:
     """The Jinja chat template that renders `messages` as `format_prompt` renders a row: the last user message
     is the instruction (its optional `context` key the input), and the prompt ends where the response starts.

@@ -6,6 +6,7 @@ comparison with the SFT student on its prompts), a size-versus-quality plot, as 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from kd_core import tracking
@@ -34,12 +35,14 @@ COLUMNS = columns("test")
 
 
 def format_metric(metrics: dict, key: str, fmt: str) -> str:
-    """A metric formatted with `fmt`, with its 95% CI when it is a mean that has one; "–" when absent."""
+    """A metric formatted with `fmt`, with its 95% CI when it has one (`<base>_ci_low` / `<base>_ci_high`, base =
+    the key without a trailing `_mean`: `test/rougeL_sampled_mean`, `test/rougeL_greedy`); "–" when absent."""
     if key not in metrics:
         return "–"
     text = fmt.format(metrics[key])
-    lo, hi = key.replace("_mean", "_ci_low"), key.replace("_mean", "_ci_high")
-    if key.endswith("_mean") and lo in metrics and hi in metrics:
+    base = key.removesuffix("_mean")
+    lo, hi = f"{base}_ci_low", f"{base}_ci_high"
+    if lo in metrics and hi in metrics:
         text += f" [{metrics[lo]:.2f}, {metrics[hi]:.2f}]"
     return text
 
@@ -122,7 +125,7 @@ def _plot(rows: list[dict], key: str, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel(key)
-    ax.set_title("size vs quality (registered versions, 95% CI over seeds)")
+    ax.set_title("size vs quality (registered versions, 95% CI: bootstrap over prompts)")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -173,18 +176,51 @@ def _unc_plot(cfg, paths, out_dir: Path) -> bool:
     return bool(buckets)
 
 
-def _paired_section(set_name: str, paired: list[dict]) -> list[str]:
+def detectable(paired: list[dict]) -> float | None:
+    """The difference each of these paired comparisons detects at 80 % power, alpha = 0.05: the largest of their
+    minimal detectable differences (`stats.min_detectable_difference`); None without comparisons."""
+    mdes = [p["mde"] for p in paired if p.get("mde") is not None and math.isfinite(p["mde"])]
+    return max(mdes) if mdes else None
+
+
+def _paired_section(set_name: str, paired: list[dict], mde: float | None) -> list[str]:
+    """The paired comparisons of one set as markdown; `mde`: the students' detectable difference (`detectable`)."""
     md = ["", f"## Paired comparison with the SFT student ({set_name} prompts, bootstrap over prompts)", "",
-          "Per-prompt ROUGE-L averaged over sampling seeds; Δ = model − SFT.", "",
-          "| model | prompts | Δ ROUGE-L | 95% CI | p-value |", "|---|---|---|---|---|"]
+          "Per-prompt ROUGE-L averaged over sampling seeds; Δ = model − SFT; MDE = the difference this many "
+          "prompts detect with 80 % power at α = 0.05 (two-sided): (z₀.₉₇₅ + z₀.₈) · SD(paired differences) / "
+          "√prompts.", ""]
+    if mde is not None:
+        md += [f"This run can detect differences of ≥ {mde:.2f} ROUGE-L points against SFT on `{set_name}` "
+               f"(the largest MDE of the students below); a smaller true difference is found significant in "
+               f"fewer than 80 % of runs.", ""]
+    md += ["| model | prompts | Δ ROUGE-L | 95% CI | p-value | MDE |", "|---|---|---|---|---|---|"]
     return md + [f"| {p['model']} | {p['n_prompts']} | {p['mean_diff']:+.2f} | [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | "
-                 f"{p['p_value']:.3f} |" for p in paired]
+                 f"{p['p_value']:.3f} | {p['mde']:.2f} |" for p in paired]
 
 
 def _n_prompts(cfg, paths, set_name: str) -> int | None:
     """How many prompts of the eval set the run's models were evaluated on (the teacher's per-prompt file)."""
     f = paths.generations(cfg.teacher.name) / f"{set_name}.jsonl"
     return len(read_jsonl(f)) if f.is_file() else None
+
+
+REFERENCE_KEYS = ("ref_tokens_p50", "ref_tokens_p90", "ref_tokens_p95", "ref_tokens_max", "max_new_tokens")
+
+
+def reference_lengths(cfg, paths, set_name: str) -> dict:
+    """The references' token-length percentiles of an eval set and the new-token budget it was generated with
+    ({key: value} of `REFERENCE_KEYS`, from the teacher's metrics: the same for every model of the run)."""
+    f = paths.metrics(cfg.teacher.name)
+    metrics = json.loads(f.read_text()) if f.is_file() else {}
+    return {k: metrics[f"{set_name}/{k}"] for k in REFERENCE_KEYS if f"{set_name}/{k}" in metrics}
+
+
+def _reference_line(refs: dict) -> list[str]:
+    if len(refs) < len(REFERENCE_KEYS):
+        return []
+    return ["", f"References: p50 {refs['ref_tokens_p50']:.0f}, p90 {refs['ref_tokens_p90']:.0f}, "
+                f"p95 {refs['ref_tokens_p95']:.0f}, max {refs['ref_tokens_max']:.0f} tokens; generated with up to "
+                f"{refs['max_new_tokens']:.0f} new tokens."]
 
 
 def build_report(cfg, paths) -> dict:
@@ -199,8 +235,10 @@ def build_report(cfg, paths) -> dict:
     vs_sft = _vs_sft(rows, cfg.fingerprint(), key)
     champion_set = key.split("/", 1)[0]  # the eval set of the champion metric
     main_set = champion_set if champion_set in cfg.evaluation.eval_sets else "test"
-    md = ["# Registered models", "", f"Tracking store: `{tracking.tracking_uri(cfg)}`; CI = 95% Student-t over "
-          f"{len(cfg.evaluation.sample_seeds)} sampling seeds; generation metrics on the `{main_set}` eval set "
+    g = cfg.evaluation.generation
+    md = ["# Registered models", "", f"Tracking store: `{tracking.tracking_uri(cfg)}`; CI = 95% bootstrap over "
+          f"prompts (sampled metrics: per prompt the mean over {len(cfg.evaluation.sample_seeds)} sampling seeds at "
+          f"T = {g.temperature:g}, top-p {g.top_p:g}); generation metrics on the `{main_set}` eval set "
           f"(champion metric `{key}`; every evaluated set has its section below).", "",
           markdown_table(rows, main_set), ""]
     if vs_sft:
@@ -212,11 +250,13 @@ def build_report(cfg, paths) -> dict:
     for set_name in cfg.evaluation.eval_sets:
         n = _n_prompts(cfg, paths, set_name)
         paired = [p | {"set": set_name} for p in _paired_vs_sft(cfg, paths, set_name)]
-        by_set[set_name] = {"n_prompts": n, "paired_vs_sft": paired}
-        md += ["", f"## Eval set `{set_name}`" + (f" ({n} prompts)" if n is not None else ""), "",
-               set_table(rows, set_name)]
+        refs = reference_lengths(cfg, paths, set_name)
+        mde = detectable([p for p in paired if p["model"] in cfg.students])
+        by_set[set_name] = {"n_prompts": n, "references": refs, "detectable_difference": mde, "paired_vs_sft": paired}
+        md += ["", f"## Eval set `{set_name}`" + (f" ({n} prompts)" if n is not None else ""), *_reference_line(refs),
+               "", set_table(rows, set_name)]
         if paired:
-            md += _paired_section(set_name, paired)
+            md += _paired_section(set_name, paired, mde)
     paired_champion = by_set.get(champion_set, {}).get("paired_vs_sft") or \
         [p | {"set": champion_set} for p in _paired_vs_sft(cfg, paths, champion_set)]
     out_dir.mkdir(parents=True, exist_ok=True)

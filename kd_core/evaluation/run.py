@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from kd_core.data.tokenize import batches, encode_prompt, encode_rows, load_tokenizer
-from kd_core.evaluation.stats import summarize
-from kd_core.evaluation.text_metrics import distinct_n, exact_match, rouge_l, self_bleu
+from kd_core.evaluation.stats import bootstrap_mean, summarize
+from kd_core.evaluation.text_metrics import distinct_n, exact_match, references, rouge_l, self_bleu
 from kd_core.generation import generate
 from kd_core.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from kd_core.lm import response_logprobs
@@ -31,45 +32,76 @@ def validation_loss(model, dataset, pad_id: int, batch_size: int = 32) -> float:
     return total / max(count, 1)
 
 
+REF_PERCENTILES = (50, 90, 95)  # reported per eval set, with the max, in tokens
+
+
+def reference_tokens(tokenizer, refs: list) -> list[int]:
+    """Per prompt, the token count of its reference (of the longest, for several), without special tokens."""
+    return [max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references(ref)) for ref in refs]
+
+
+def generation_budget(g, ref_tokens: list[int]) -> int:
+    """New tokens per prompt: `g.max_new_tokens`, or with `g.reference_percentile` = P set,
+    min(max_new_tokens, ceil(P-th percentile of the reference token counts) + 1) (+1: the EOS)."""
+    if g.reference_percentile is None or not ref_tokens:
+        return g.max_new_tokens
+    return max(1, min(g.max_new_tokens, math.ceil(float(np.percentile(ref_tokens, g.reference_percentile))) + 1))
+
+
+def _mean_with_ci(metrics: dict, key: str, per_prompt, seed: int) -> None:
+    """metrics[key] = the mean over prompts; <base>_ci_low / <base>_ci_high (base: key without a trailing `_mean`)
+    its 95 % bootstrap interval over prompts (`bootstrap_mean`)."""
+    b, base = bootstrap_mean(per_prompt, seed=seed), key.removesuffix("_mean")
+    metrics |= {key: b["mean"], f"{base}_ci_low": b["ci_low"], f"{base}_ci_high": b["ci_high"]}
+
+
 def _generation_metrics(cfg, model, tokenizer, set_name: str, rows: list[dict], out_file) -> dict:
-    ev, g = cfg.evaluation, cfg.evaluation.generation
+    """Generation metrics of one eval set: greedy and sampled (one pass per seed, T and top-p of
+    evaluation.generation) ROUGE-L and exact match (max over the references of a multi-reference row). A
+    sampled metric is per prompt the mean over seeds, then the mean over prompts; every mean has a 95 %
+    percentile bootstrap interval over prompts (`bootstrap_mean`, seed = cfg.seed); `*_sampled_std` is the SD
+    of the per-seed means (ddof 1). Also: prompts, the references' token-length percentiles, the new-token
+    budget (`generation_budget`). Per prompt: generations and scores in `out_file` (the paired tests read it)."""
+    ev, g, n = cfg.evaluation, cfg.evaluation.generation, len(rows)
     prompts = [encode_prompt(r, tokenizer, cfg.data.template, cfg.tokenizer.max_length) for r in rows]
     refs = [r["response"] for r in rows]
-    metrics: dict[str, float] = {}
+    ref_tokens = reference_tokens(tokenizer, refs)
+    budget = generation_budget(g, ref_tokens)
+    metrics: dict[str, float] = {f"{set_name}/n_prompts": n, f"{set_name}/max_new_tokens": budget,
+                                 f"{set_name}/ref_tokens_max": max(ref_tokens)}
+    metrics |= {f"{set_name}/ref_tokens_p{q}": float(np.percentile(ref_tokens, q)) for q in REF_PERCENTILES}
     per_prompt = [{"id": r["id"], "instruction": r["instruction"], "context": r.get("context", ""),
-                   "reference": r["response"], "samples": []} for r in rows]
+                   "reference": r["response"], "ref_tokens": k, "samples": []} for r, k in zip(rows, ref_tokens)]
+    gen_args = dict(max_new_tokens=budget, batch_size=g.batch_size)
     if ev.greedy:
-        gen = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=False,
-                       batch_size=g.batch_size)
-        scores = rouge_l(gen.texts, refs)
-        ems = [exact_match(p, r) for p, r in zip(gen.texts, refs)]
-        metrics[f"{set_name}/rougeL_greedy"] = sum(scores) / len(scores)
-        metrics[f"{set_name}/exact_match_greedy"] = 100 * sum(ems) / len(ems)
+        gen = generate(model, tokenizer, prompts, do_sample=False, **gen_args)
+        rouge, em = rouge_l(gen.texts, refs), [100 * exact_match(p, r) for p, r in zip(gen.texts, refs)]
+        _mean_with_ci(metrics, f"{set_name}/rougeL_greedy", rouge, cfg.seed)
+        _mean_with_ci(metrics, f"{set_name}/exact_match_greedy", em, cfg.seed)
         metrics[f"{set_name}/gen_tokens_per_s"] = gen.tokens_per_second
-        for item, text, score in zip(per_prompt, gen.texts, scores):
-            item.update(greedy=text, rougeL_greedy=score)
-    seed_rouge, seed_em, first_seed_texts = [], [], None
-    prompt_rouge = [[] for _ in rows]
-    for seed in ev.sample_seeds:
-        gen = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, do_sample=True,
-                       temperature=g.temperature, top_p=g.top_p, seed=seed, batch_size=g.batch_size)
-        scores = rouge_l(gen.texts, refs)
-        seed_rouge.append(sum(scores) / len(scores))
-        seed_em.append(100 * sum(exact_match(p, r) for p, r in zip(gen.texts, refs)) / len(refs))
+        for item, text, r, e in zip(per_prompt, gen.texts, rouge, em):
+            item.update(greedy=text, rougeL_greedy=r, exact_match_greedy=e)
+    rouge = np.zeros((len(ev.sample_seeds), n))  # [seed, prompt]
+    em = np.zeros((len(ev.sample_seeds), n))
+    first_seed_texts = None
+    for k, seed in enumerate(ev.sample_seeds):
+        gen = generate(model, tokenizer, prompts, do_sample=True, temperature=g.temperature, top_p=g.top_p,
+                       seed=seed, **gen_args)
+        rouge[k] = rouge_l(gen.texts, refs)
+        em[k] = [100 * exact_match(p, r) for p, r in zip(gen.texts, refs)]
         first_seed_texts = first_seed_texts or gen.texts
-        for i, (text, score) in enumerate(zip(gen.texts, scores)):
-            per_prompt[i]["samples"].append(text)
-            prompt_rouge[i].append(score)
-    if seed_rouge:
-        for key, values in (("rougeL_sampled", seed_rouge), ("exact_match_sampled", seed_em)):
-            s = summarize(values)
-            metrics.update({f"{set_name}/{key}_mean": s["mean"], f"{set_name}/{key}_std": s["std"],
-                            f"{set_name}/{key}_ci_low": s["ci_low"], f"{set_name}/{key}_ci_high": s["ci_high"]})
+        for item, text in zip(per_prompt, gen.texts):
+            item["samples"].append(text)
+    if ev.sample_seeds:
+        for key, scores in (("rougeL_sampled", rouge), ("exact_match_sampled", em)):
+            _mean_with_ci(metrics, f"{set_name}/{key}_mean", scores.mean(axis=0), cfg.seed)
+            metrics[f"{set_name}/{key}_std"] = summarize(scores.mean(axis=1))["std"]
         metrics[f"{set_name}/distinct_1"] = distinct_n(first_seed_texts, 1)
         metrics[f"{set_name}/distinct_2"] = distinct_n(first_seed_texts, 2)
         metrics[f"{set_name}/self_bleu"] = self_bleu(first_seed_texts[:200])
-        for item, scores in zip(per_prompt, prompt_rouge):
-            item["rougeL_sampled_mean"] = sum(scores) / len(scores)
+        for i, item in enumerate(per_prompt):
+            item.update(rougeL_samples=rouge[:, i].tolist(), rougeL_sampled_mean=float(rouge[:, i].mean()),
+                        exact_match_sampled_mean=float(em[:, i].mean()))
     write_jsonl_atomic(out_file, per_prompt)
     return metrics
 
@@ -102,10 +134,11 @@ def _encoded_split(cfg, paths, tokenizer, split: str):
 
 def _agreement_with_teacher(cfg, paths, student, tokenizer, model_name: str) -> dict:
     """Teacher-relative metrics on the test split (the teacher p is the oracle):
-    top-1 agreement (OKD eq. 3), KL(p || q), UNC-bucketed STD / KL / agreement (eq. 4, Figs. 2 and 5),
-    and ExAccErr(l) (eqs. 5-7) on sampled prefixes."""
+    top-1 agreement (OKD eq. 3, per sentence then averaged; `_tokens`: pooled over tokens), KL(p || q),
+    UNC-bucketed STD / KL / agreement (eq. 4, Figs. 2 and 5), and ExAccErr(l) (eqs. 5-7) on sampled prefixes."""
     from kd_core.evaluation.exposure_bias import exaccerr
-    from kd_core.evaluation.teacher_forcing import collect_token_stats, top1_agreement, unc_buckets
+    from kd_core.evaluation.teacher_forcing import (collect_token_stats, top1_agreement, top1_agreement_tokens,
+                                                    unc_buckets)
 
     ev = cfg.evaluation
     teacher = load_checkpoint(paths.model(cfg.teacher.name))
@@ -114,7 +147,8 @@ def _agreement_with_teacher(cfg, paths, student, tokenizer, model_name: str) -> 
     if not len(test_ds):
         return {}
     stats = collect_token_stats(student, teacher, list(batches(test_ds, tokenizer.pad_token_id, 32)))
-    out = {"test/top1_agreement": top1_agreement(stats), "test/kl_teacher_student": float(stats.kl.mean())}
+    out = {"test/top1_agreement": top1_agreement(stats), "test/top1_agreement_tokens": top1_agreement_tokens(stats),
+           "test/kl_teacher_student": float(stats.kl.mean())}
     buckets = unc_buckets(stats, n_buckets=ev.unc_buckets) if len(stats) >= ev.unc_buckets else []
     write_json_atomic(paths.generations(model_name) / "unc_buckets.json", buckets)
     for i, b in enumerate(buckets):

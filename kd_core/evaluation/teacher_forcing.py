@@ -1,4 +1,5 @@
-"""Teacher-forced token statistics: top-1 agreement (OKD eq. 3), teacher uncertainty UNC (eq. 4), per-token
+"""Teacher-forced token statistics: top-1 agreement (OKD eq. 3: per sentence, then averaged over sentences; and
+token-pooled), teacher uncertainty UNC (eq. 4), per-token
 forward KL(p || q) (p = teacher, q = student), logit standard deviations, and UNC-bucketed summaries (OKD
 Figures 2 and 5), over the response tokens (labels[:, 1:] != IGNORE_INDEX) of right-padded batches. Logits
 are sliced to the shared vocabulary when the models differ by padded rows.
@@ -18,7 +19,8 @@ from kd_core.lm import causal_lm_logits, eval_mode, model_device, target_logprob
 from kd_core.losses.divergences import fkl
 from kd_core.losses.tokens import shared_vocab
 
-__all__ = ["TokenStats", "collect_token_stats", "top1_agreement", "unc_buckets", "plot_unc_buckets"]
+__all__ = ["TokenStats", "collect_token_stats", "top1_agreement", "top1_agreement_tokens", "unc_buckets",
+           "plot_unc_buckets"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -38,6 +40,8 @@ class TokenStats:
             ddof=0) - the "STD" of OKD Figures 2/5.
         teacher_logit_std: same for the teacher.
         student_nll: ``-log q(g_t)`` at temperature 1.
+        sentence: int64, the index of the sentence (batch row) the token belongs to, 0-based in collection
+            order (``cat`` renumbers its parts consecutively); rows without response tokens have no tokens.
     """
 
     unc: torch.Tensor
@@ -46,6 +50,7 @@ class TokenStats:
     student_logit_std: torch.Tensor
     teacher_logit_std: torch.Tensor
     student_nll: torch.Tensor
+    sentence: torch.Tensor
 
     def __post_init__(self) -> None:
         n = None
@@ -64,20 +69,26 @@ class TokenStats:
     @classmethod
     def empty(cls) -> "TokenStats":
         z = torch.zeros(0, dtype=torch.float32)
-        return cls(*(z.clone() for _ in fields(cls)))
+        return cls(*(z.clone() for _ in fields(cls)[:-1]), sentence=torch.zeros(0, dtype=torch.long))
 
     @classmethod
     def cat(cls, parts: Iterable["TokenStats"]) -> "TokenStats":
         parts = list(parts)
         if not parts:
             return cls.empty()
-        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+        offsets, start = [], 0
+        for p in parts:  # sentence indices of each part follow those of the parts before it
+            offsets.append(start)
+            start += int(p.sentence.max()) + 1 if len(p) else 0
+        out = {f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls) if f.name != "sentence"}
+        return cls(**out, sentence=torch.cat([p.sentence + o for p, o in zip(parts, offsets)]))
 
 
 def _batch_token_stats(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, temperature: float
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+    sentence: torch.Tensor,
 ) -> TokenStats:
-    """``[N, V_s]``, ``[N, V_t]`` logits at response positions and ``[N]`` targets -> TokenStats."""
+    """``[N, V_s]``, ``[N, V_t]`` logits at response positions, ``[N]`` targets and sentence indices -> TokenStats."""
     s, t = shared_vocab(student_logits, teacher_logits)
     if int(targets.max()) >= s.shape[-1]:
         raise ValueError(f"a label id ({int(targets.max())}) is outside the shared vocabulary ({s.shape[-1]})")
@@ -97,6 +108,7 @@ def _batch_token_stats(
         student_logit_std=s.std(-1, correction=0).cpu(),
         teacher_logit_std=t.std(-1, correction=0).cpu(),
         student_nll=student_nll.cpu(),
+        sentence=sentence.long().cpu(),
     )
 
 
@@ -136,12 +148,28 @@ def collect_token_stats(
             s_logits = s_logits[sel.to(dev_s)]  # [N, V_s]
             t_logits = causal_lm_logits(teacher, input_ids.to(dev_t), mask.to(dev_t))[:, :-1]
             t_logits = t_logits[sel.to(dev_t)].to(dev_s)  # [N, V_t]
-            parts.append(_batch_token_stats(s_logits, t_logits, targets[sel].to(dev_s), float(temperature)))
+            rows = sel.nonzero()[:, 0]  # each response token's row, in the row-major order of `sel`
+            parts.append(_batch_token_stats(s_logits, t_logits, targets[sel].to(dev_s), float(temperature),
+                                            torch.unique(rows, return_inverse=True)[1]))
     return TokenStats.cat(parts)
 
 
 def top1_agreement(stats: TokenStats) -> float:
-    """Mean of ``stats.agree`` (OKD eq. 3 pooled over all response tokens); NaN if there are none."""
+    """Top-1 agreement as OKD eq. 3: per sentence s with N_s response tokens,
+    TA_s = (1 / N_s) * sum_i 1(argmax p_i^t = argmax p_i^s), then the mean of TA_s over the sentences (each
+    sentence weighs the same, however long). NaN if there is no token."""
+    if len(stats) == 0:
+        return float("nan")
+    _, sentence = torch.unique(stats.sentence, return_inverse=True)
+    n = int(sentence.max()) + 1
+    agreed = torch.zeros(n, dtype=torch.float64).index_add_(0, sentence, stats.agree.double())
+    tokens = torch.bincount(sentence, minlength=n).double()
+    return float((agreed / tokens).mean())
+
+
+def top1_agreement_tokens(stats: TokenStats) -> float:
+    """Top-1 agreement pooled over all response tokens: sum_tokens 1(argmax p^t = argmax p^s) / #tokens (long
+    sentences weigh more than in ``top1_agreement``); NaN if there are none."""
     if len(stats) == 0:
         return float("nan")
     return float(stats.agree.double().mean())

@@ -15,7 +15,7 @@ import string
 from collections.abc import Sequence
 from functools import lru_cache
 
-__all__ = ["normalize_answer", "exact_match", "rouge_l", "distinct_n", "self_bleu"]
+__all__ = ["normalize_answer", "references", "exact_match", "rouge_l", "distinct_n", "self_bleu"]
 
 _PUNCT = string.punctuation
 
@@ -30,9 +30,20 @@ def normalize_answer(s: str) -> str:
     return text.rstrip(_PUNCT + " \t\n\r\f\v")
 
 
-def exact_match(pred: str, ref: str) -> float:
-    """1.0 if ``normalize_answer(pred) == normalize_answer(ref)`` else 0.0."""
-    return float(normalize_answer(pred) == normalize_answer(ref))
+def references(ref: str | Sequence[str]) -> list[str]:
+    """A reference field as a list of references: a string is one reference, a list (a multi-reference eval
+    set, e.g. Super-NaturalInstructions' ``output``) is several. An empty list is an error."""
+    refs = [ref] if isinstance(ref, str) else list(ref)
+    if not refs:
+        raise ValueError("empty reference list")
+    return refs
+
+
+def exact_match(pred: str, ref: str | Sequence[str]) -> float:
+    """1.0 if ``normalize_answer(pred) == normalize_answer(r)`` for the reference (or any of the references)
+    ``r``, else 0.0 (max over references, as for ROUGE-L)."""
+    answer = normalize_answer(pred)
+    return float(any(answer == normalize_answer(r) for r in references(ref)))
 
 
 @lru_cache(maxsize=4)
@@ -54,7 +65,8 @@ def rouge_l(
     Args:
         preds: N predictions.
         refs: N references; an element may also be a list of references, in which case the best
-            (maximum) score over them is taken, as in MiniLLM / Super-NaturalInstructions evaluation.
+            (maximum) score over them is taken (``RougeScorer.score_multi``), as in MiniLLM /
+            Super-NaturalInstructions evaluation.
         use_stemmer: Porter stemming in the ``rouge_score`` tokenizer (MiniLLM uses ``True``).
 
     Returns:
@@ -65,12 +77,9 @@ def rouge_l(
     scorer = _rouge_l_scorer(bool(use_stemmer))
     out: list[float] = []
     for pred, ref in zip(preds, refs):
-        ref_list = [ref] if isinstance(ref, str) else list(ref)
-        if not ref_list:
-            raise ValueError("rouge_l: empty reference list")
-        # RougeScorer.score(target, prediction)
-        best = max(scorer.score(r, pred)["rougeL"].fmeasure for r in ref_list)
-        out.append(100.0 * best)
+        # RougeScorer.score(target, prediction); score_multi(targets, prediction): the best F-measure's target
+        score = scorer.score(ref, pred) if isinstance(ref, str) else scorer.score_multi(references(ref), pred)
+        out.append(100.0 * score["rougeL"].fmeasure)
     return out
 
 

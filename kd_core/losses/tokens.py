@@ -19,7 +19,8 @@ def logprobs(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """``log_softmax(logits / temperature, -1)`` computed in (at least) fp32. Shape [..., V] -> [..., V]."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    return F.log_softmax(upcast(logits) / temperature, dim=-1)
+    x = upcast(logits)
+    return F.log_softmax(x if temperature == 1 else x / temperature, dim=-1)
 
 
 TEMPERATURE_SCALES = ("none", "tau_squared")

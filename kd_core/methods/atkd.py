@@ -23,28 +23,14 @@ below, a target outside the cached top-k gets the estimate of
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from kd_core.losses.atkd import hard_selection
 from kd_core.losses.tokens import reduce_tokens
 from kd_core.methods.base import (LossOutput, Method, StepContext, mix_with_ce, model_logits, prediction_positions,
                                   register_method, shifted)
 
 
-class ATKDArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    hard_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of response tokens treated as hard (top UNC)")
-    tkd_weight: float = Field(1.0, ge=0.0, description="weight of the target-oriented part (hard tokens only)")
-    dkd_weight: float = Field(1.0, ge=0.0, description="weight of the diversity-oriented part (all tokens)")
-
-
 @register_method("atkd")
 class ATKD(Method):
-    needs_teacher = True
-    reads_teacher_cache = True
-    Args = ATKDArgs
-
     def compute_loss(self, ctx: StepContext) -> LossOutput:
         cfg, a = self.cfg, self.args
         logits = model_logits(ctx.student, ctx.batch)

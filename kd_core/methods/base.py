@@ -1,11 +1,12 @@
 """The method interface and registry.
 
-A method turns one micro-batch into a loss. It declares what it needs (`needs_teacher`), validates its own
-`method_args` with a pydantic model, and returns the loss already normalised by the number of response
+A method turns one micro-batch into a loss. What it needs (`needs_teacher`, ...) and the pydantic model of its
+`method_args` are its spec in `kd_core.config.methods` (light: params are validated against it without torch),
+which `register_method` copies onto the class. It returns the loss already normalised by the number of response
 tokens in the whole gradient-accumulation batch (`ctx.num_items`), so that summing micro-batch losses
 gives the token mean over the accumulated batch regardless of padding or micro-batch sizes.
 
-New methods are new modules in this package that use `@register_method`: nothing else changes.
+A new method is a new module in this package that uses `@register_method`, plus its spec.
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, ValidationError
 
+from kd_core.config.methods import MethodArgs, get_spec
 from kd_core.data.tokenize import IGNORE_INDEX
+from kd_core.lm import HeadInputs, lm_head_inputs
+from kd_core.losses.fused import fused_cross_entropy
 from kd_core.losses.tokens import reduce_tokens
 from kd_core.teacher import DenseTeacherSignal, TeacherSignal
-
-
-class NoArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass
@@ -53,7 +52,8 @@ class StepContext:
     def __post_init__(self) -> None:
         if self.teacher_signal is None and self.teacher is not None:
             teacher, batch = self.teacher, self.batch
-            self.teacher_signal = DenseTeacherSignal(lambda: teacher_logits(teacher, batch))
+            self.teacher_signal = DenseTeacherSignal(lambda: teacher_logits(teacher, batch),
+                                                     head_inputs=lambda: teacher_head_inputs(teacher, batch))
 
 
 @dataclass
@@ -63,16 +63,14 @@ class LossOutput:
 
 
 class Method:
+    # set by `register_method` from the method's spec (`kd_core.config.methods.MethodSpec`, which says what each means)
     name: ClassVar[str]
-    needs_teacher: ClassVar[bool] = True
-    needs_transfer_set: ClassVar[bool] = False  # trains on model-generated data (`train_data` must name a transfer set)
-    # the divergence used when params name none, and (if not None) the only ones the method accepts
-    default_divergence: ClassVar[tuple[str, dict]] = ("fkl", {})
-    allowed_divergences: ClassVar[frozenset[str] | None] = None
-    # reads the teacher only through `ctx.teacher_signal`, so it can train on the teacher-logit cache
-    # (`teacher_cache` in params) instead of running the teacher
-    reads_teacher_cache: ClassVar[bool] = False
-    Args: ClassVar[type[BaseModel]] = NoArgs
+    needs_teacher: ClassVar[bool]
+    needs_transfer_set: ClassVar[bool]
+    default_divergence: ClassVar[tuple[str, dict]]
+    allowed_divergences: ClassVar[frozenset[str] | None]
+    reads_teacher_cache: ClassVar[bool]
+    Args: ClassVar[type[MethodArgs]]
 
     def __init__(self, student_cfg, method_args: dict[str, Any] | None = None):
         self.cfg = student_cfg
@@ -80,14 +78,8 @@ class Method:
 
     @classmethod
     def validate_args(cls, method_args: dict[str, Any]) -> None:
-        try:
-            cls.Args.model_validate(method_args)
-        except ValidationError as err:
-            first = err.errors()[0]
-            key = ".".join(str(p) for p in first["loc"])
-            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-            allowed = ", ".join(cls.Args.model_fields) or "none"
-            raise ValueError(f"method_args.{key}: {msg} (method {cls.name!r} takes: {allowed})") from None
+        """ValueError naming the first bad key (the spec's check: `MethodSpec.validate_args`)."""
+        get_spec(cls.name).validate_args(method_args)
 
     def setup(self, student: torch.nn.Module, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
         """`prepare` once (later calls return the same teacher): the trainer and tests both call this."""
@@ -119,10 +111,17 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register_method(name: str):
+    """Register a method class under `name`, which must have a spec in `kd_core.config.methods`; the class gets
+    its flags and `Args` from the spec (their one home)."""
+    spec = get_spec(name)
+
     def deco(cls: type[Method]) -> type[Method]:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
         cls.name = name
+        for attr in ("needs_teacher", "needs_transfer_set", "default_divergence", "allowed_divergences",
+                     "reads_teacher_cache", "Args"):
+            setattr(cls, attr, getattr(spec, attr))
         METHODS[name] = cls
         return cls
     return deco
@@ -143,11 +142,32 @@ def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     return logits[:, :-1], targets.clamp(min=0), mask
 
 
+def fused_head_inputs(cfg, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> HeadInputs | None:
+    """The student's last hidden states and LM head, for the fused losses (`kd_core.losses.fused`), when its config
+    asks for them (`fused_lm_head`) and the head is a plain projection (`kd_core.lm.lm_head_inputs`); None: use
+    `model_logits`."""
+    if not getattr(cfg, "fused_lm_head", False):
+        return None
+    return lm_head_inputs(model, batch["input_ids"], batch["attention_mask"])
+
+
+def teacher_head_inputs(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> HeadInputs | None:
+    """The frozen teacher's last hidden states and LM head (`kd_core.lm.lm_head_inputs`), without a graph."""
+    with torch.no_grad():
+        return lm_head_inputs(teacher, batch["input_ids"], batch["attention_mask"])
+
+
 def prediction_positions(mask: torch.Tensor) -> torch.Tensor:
     """The shifted target mask [B,T-1] (from `shifted`) as a mask over the unshifted logits [B,T]: position t's
     logits predict token t + 1, so the last position predicts nothing. Chunked losses index the logits with
     it directly (no [:, :-1] copy; the gradient buffer has the logits' own shape)."""
     return F.pad(mask, (0, 1), value=False)
+
+
+def response_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions [B,T] whose next token is a response token (labels [B,T], IGNORE_INDEX elsewhere):
+    `prediction_positions` of `shifted`'s mask, without the logits."""
+    return prediction_positions(labels[:, 1:].ne(IGNORE_INDEX))
 
 
 def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -172,6 +192,27 @@ def mix_with_ce(cfg, kd_loss: torch.Tensor, logs: dict[str, float], logits: torc
     like every loss, and logged (token mean) as `ce`. α = 0 returns the KD loss alone."""
     if cfg.alpha <= 0:
         return LossOutput(kd_loss, logs)
-    ce = token_ce(logits, targets)
+    return _mixed(cfg, kd_loss, logs, token_ce(logits, targets), mask, num_items)
+
+
+def mix_with_fused_ce(cfg, kd_loss: torch.Tensor, logs: dict[str, float], student: HeadInputs,
+                      labels: torch.Tensor, num_items) -> LossOutput:
+    """`mix_with_ce` with the CE of the references (`labels` [B,T]) taken from the student's hidden states and head
+    (`fused_cross_entropy`, the logits never formed): the same tokens, normalisation and logs."""
+    if cfg.alpha <= 0:
+        return LossOutput(kd_loss, logs)
+    return _mixed(cfg, kd_loss, logs, *fused_reference_ce(student, labels), num_items)
+
+
+def fused_reference_ce(student: HeadInputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-position CE [B,T] of the reference tokens (labels [B,T]) from the student's hidden states and head
+    (`fused_cross_entropy`: `token_ce` without the logits), and the positions [B,T] it is taken on."""
+    positions = response_positions(labels)
+    targets = F.pad(labels[:, 1:].clamp(min=0), (0, 1))  # position t predicts token t + 1
+    return fused_cross_entropy(student.hidden, student.weight, targets, bias=student.bias, mask=positions), positions
+
+
+def _mixed(cfg, kd_loss: torch.Tensor, logs: dict[str, float], ce: torch.Tensor, mask: torch.Tensor,
+           num_items) -> LossOutput:
     logs["ce"] = float(reduce_tokens(ce.detach(), mask))
     return LossOutput(cfg.alpha * reduce_tokens(ce, mask, num_items) + (1 - cfg.alpha) * kd_loss, logs)

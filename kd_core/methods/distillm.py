@@ -12,29 +12,14 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from kd_core.losses.tokens import reduce_tokens
 from kd_core.methods.base import LossOutput, StepContext, model_logits, register_method, shifted, token_ce
 from kd_core.methods.batches import extract_prompts, generation_batch
 from kd_core.methods.onpolicy import OnPolicyMethod, distill_on_batch, generation_settings
 from kd_core.methods.rollouts import Generation, count_generation, sample
-
-
-class DistiLLMArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of the student generations")
-    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
-    init_threshold: float = Field(0.0, ge=0, le=1, description="initial probability φ of student generations")
-    threshold_step: float = Field(0.1, gt=0, le=1, description="increase of φ when the proxy got worse")
-    loss_eps: float = Field(0.1, ge=0, description="proxy increase (nats) that counts as getting worse")
-    eval_interval: int = Field(100, ge=1, description="training micro-batches per validation-proxy window")
-    capacity: int = Field(1000, ge=1, description="replay buffer size (sequences)")
-    replay_ratio: Literal["decreasing", "constant", "increasing"] = "decreasing"
 
 
 @dataclass
@@ -109,10 +94,6 @@ class ReplayBuffer:
 class DistiLLM(OnPolicyMethod):
     """Every `eval_interval` training micro-batches the scheduler is updated with the validation proxy: the
     mean over the window of the student's token-mean CE on each micro-batch's references before its update."""
-
-    needs_teacher = True
-    Args = DistiLLMArgs
-    default_divergence = ("skl", {"alpha": 0.1})
 
     def state(self, ctx: StepContext) -> dict:
         st = ctx.state.get("distillm")

@@ -8,7 +8,6 @@ loss = α · CE(references) + (1 − α) · Σ_{supervised t} D(p_T || q_S) / no
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from kd_core.methods.base import StepContext, register_method
 from kd_core.methods.batches import extract_prompts, generation_batch
@@ -16,21 +15,8 @@ from kd_core.methods.onpolicy import OnPolicyMethod, generation_settings
 from kd_core.methods.rollouts import count_generation, sample
 
 
-class GKDArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    lmbda: float = Field(0.5, ge=0, le=1, description="probability that a micro-batch uses student samples")
-    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of the generations")
-    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
-    seq_kd: bool = Field(False, description="replace the references by teacher samples (before the lmbda draw)")
-
-
 @register_method("gkd")
 class GKD(OnPolicyMethod):
-    needs_teacher = True
-    Args = GKDArgs
-    default_divergence = ("jsd", {"beta": 0.5})
-
     def make_batch(self, ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool, dict[str, float]]:
         """The micro-batch the loss is computed on, whether its responses were replaced, and logs."""
         args = self.args

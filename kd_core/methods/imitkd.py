@@ -8,7 +8,6 @@ D(p_T || q_S) / norm (D default fkl; norm: `onpolicy.token_mean_scaled`). Detail
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from kd_core.methods.base import StepContext, register_method
 from kd_core.methods.batches import extract_prompts, mixed_batch
@@ -16,20 +15,8 @@ from kd_core.methods.onpolicy import OnPolicyMethod, generation_settings
 from kd_core.methods.rollouts import count_generation, sample
 
 
-class ImitKDArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    beta_start: float = Field(1.0, ge=0, le=1, description="probability of keeping a reference at the start")
-    beta_end: float = Field(0.0, ge=0, le=1, description="probability of keeping a reference at the end")
-    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of the student continuations")
-    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
-
-
 @register_method("imitkd")
 class ImitKD(OnPolicyMethod):
-    needs_teacher = True
-    Args = ImitKDArgs
-
     def beta(self, progress: float) -> float:
         """Probability that a row keeps its reference at this point of training (linear schedule)."""
         p = min(max(float(progress), 0.0), 1.0)

@@ -29,12 +29,10 @@ disables the student's attention-probability dropout (the maps must be true dist
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kd_core.losses.divergences import DIVERGENCES
 from kd_core.losses.tokens import reduce_tokens
 from kd_core.losses.intermediate import (attention_divergence, hidden_state_loss, resolve_layer_map,
                                          scaled_position_mean)
@@ -69,47 +67,9 @@ def disable_attention_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-# ----------------------------------------------------------------------------------------------- args
-class IntermediateArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    kd_weight: float | None = Field(None, ge=0, description="β for the logit KD term; default 1 − alpha")
-    hidden_weight: float = Field(1.0, ge=0, description="γ_h for the hidden-state term")
-    attention_weight: float = Field(0.0, ge=0, description="γ_a for the attention-map term (needs eager attention)")
-    hidden_loss: Literal["mse", "cosine"] = "mse"
-    layer_map: Literal["uniform", "last_k"] | list[tuple[int, int]] = "uniform"
-    last_k: int = Field(1, ge=1, description="pairs for layer_map: last_k")
-    include_embeddings: bool = Field(False, description="also match the embedding outputs (layer 0) for uniform/last_k")
-    pair_weights: list[float] | None = Field(None, description="w_k per layer pair (same order as the pairs)")
-    projection: Literal["auto", "always", "never"] = "auto"
-    projection_init: Literal["xavier", "identity"] = "xavier"
-    positions: Literal["all", "response"] = "all"
-    attention_heads: Literal["auto", "mean"] = "auto"
-    attention_divergence: str = Field(
-        "rkl", description="divergence between attention rows, teacher map = p, student map = q: rkl = "
-                           "KL(A_s || A_t) (the source's direction, default), fkl = KL(A_t || A_s) (MiniLM)")
-
-    @field_validator("attention_divergence")
-    @classmethod
-    def _known_divergence(cls, v: str) -> str:
-        if v not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {v!r} (allowed: {', '.join(sorted(DIVERGENCES))})")
-        return v
-
-    @field_validator("pair_weights")
-    @classmethod
-    def _non_negative(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and any(w < 0 for w in v):
-            raise ValueError("pair weights must be >= 0")
-        return v
-
-
 # ----------------------------------------------------------------------------------------------- method
 @register_method("intermediate")
 class IntermediateKD(Method):
-    needs_teacher = True
-    Args = IntermediateArgs
-
     def __init__(self, student_cfg, method_args: dict[str, Any] | None = None):
         super().__init__(student_cfg, method_args)
         self.pairs: list[tuple[int, int]] = []

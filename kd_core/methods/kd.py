@@ -11,41 +11,36 @@ divergence named by `divergence` (fkl = KL(p_T || q_S), rkl = KL(q_S || p_T), js
 The teacher comes from `ctx.teacher_signal` (:mod:`kd_core.teacher`): the live teacher's logits (eval mode,
 no gradients), or with `teacher_cache.enabled` its cached top-k log-probs + tail mass, where D is taken on
 the top-k + tail coarsening (:mod:`kd_core.losses.sparse`, exact when top_k = V). Either way D is computed
-in chunks of response positions (no full B×T×V temporaries).
+in chunks of response positions (no full B×T×V temporaries). With `fused_lm_head` (default) D (and the CE) are
+computed from the student's last hidden states and LM head (the teacher's too when live), so that neither
+model's logits exist for the batch (:mod:`kd_core.losses.fused`; same values and gradients).
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
-
 from kd_core.losses.tokens import reduce_tokens, temperature_factor
-from kd_core.methods.base import (LossOutput, Method, StepContext, mix_with_ce, model_logits, prediction_positions,
-                                  register_method, shifted)
-
-
-class KDArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    temperature_scale: Literal["none", "tau_squared"] = Field(
-        "none", description="factor on the divergence: none = 1, tau_squared = τ² (Hinton; OKD paper eq. 2)")
+from kd_core.methods.base import (LossOutput, Method, StepContext, fused_head_inputs, mix_with_ce, mix_with_fused_ce,
+                                  model_logits, prediction_positions, register_method, response_positions, shifted)
 
 
 @register_method("kd")
 class TokenKD(Method):
-    needs_teacher = True
-    reads_teacher_cache = True
-    Args = KDArgs
-
     def compute_loss(self, ctx: StepContext) -> LossOutput:
         cfg = self.cfg
-        logits = model_logits(ctx.student, ctx.batch)
-        s_logits, targets, mask = shifted(logits, ctx.batch["labels"])
-        positions = prediction_positions(mask)
-        div = ctx.teacher_signal.divergence(logits, positions, cfg.divergence, temperature=cfg.temperature,
-                                            **cfg.divergence_args)
+        student = fused_head_inputs(cfg, ctx.student, ctx.batch)
+        if student is None:
+            logits = model_logits(ctx.student, ctx.batch)
+            s_logits, targets, mask = shifted(logits, ctx.batch["labels"])
+            positions = prediction_positions(mask)
+            div = ctx.teacher_signal.divergence(logits, positions, cfg.divergence, temperature=cfg.temperature,
+                                                **cfg.divergence_args)
+        else:
+            positions = response_positions(ctx.batch["labels"])
+            div = ctx.teacher_signal.fused_divergence(student, positions, cfg.divergence, temperature=cfg.temperature,
+                                                      **cfg.divergence_args)
         logs = {"kd": float(reduce_tokens(div.detach(), positions))}
         kd_loss = temperature_factor(self.args.temperature_scale, cfg.temperature) * reduce_tokens(
             div, positions, ctx.num_items)
-        return mix_with_ce(cfg, kd_loss, logs, s_logits, targets, mask, ctx.num_items)
+        if student is None:
+            return mix_with_ce(cfg, kd_loss, logs, s_logits, targets, mask, ctx.num_items)
+        return mix_with_fused_ce(cfg, kd_loss, logs, student, ctx.batch["labels"], ctx.num_items)

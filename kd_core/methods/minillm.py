@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
+from kd_core.config.methods import MiniLLMArgs
 from kd_core.losses.divergences import rkl
 from kd_core.losses.tokens import logprobs, reduce_tokens, shared_vocab
 from kd_core.methods.base import (LossOutput, StepContext, model_logits, register_method, shifted, teacher_logits,
@@ -22,21 +22,6 @@ from kd_core.methods.base import (LossOutput, StepContext, model_logits, registe
 from kd_core.methods.batches import extract_prompts, generation_batch, reference_token_count
 from kd_core.methods.onpolicy import OnPolicyMethod, generation_settings, token_mean_scaled
 from kd_core.methods.rollouts import count_generation, sample
-
-
-class MiniLLMArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    teacher_mix: float = Field(0.2, ge=0, lt=1, description="α of the sampling mixture α·p + (1−α)·q")
-    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature")
-    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
-    clip_range: float = Field(0.2, gt=0, lt=1, description="PPO clip of the importance ratio")
-    gamma: float = Field(1.0, ge=0, le=1, description="discount of the long-term reward")
-    length_norm: bool = Field(True, description="divide the long-term reward by the number of future tokens")
-    whiten: bool = Field(True, description="whiten the advantages over the micro-batch's valid tokens (not the "
-                                           "accumulated batch's: see `advantages`)")
-    single_step: bool = Field(True, description="exact single-step reverse-KL term (else plain policy gradient)")
-    lm_coef: float = Field(0.0, ge=0, description="weight of an added CE on the references (L_PT stand-in)")
 
 
 def discounted_future(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, include_current: bool) -> torch.Tensor:
@@ -139,12 +124,6 @@ def minillm_terms(student_logits: torch.Tensor, teacher_logits_: torch.Tensor, l
 
 @register_method("minillm")
 class MiniLLM(OnPolicyMethod):
-    needs_teacher = True
-    Args = MiniLLMArgs
-
-    default_divergence = ("rkl", {})
-    allowed_divergences = frozenset({"rkl"})  # the objective is the sequence-level reverse KL
-
     def make_batch(self, ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool, dict[str, float]]:
         """A right-padded batch of teacher-mixed samples of the micro-batch's prompts (always replaced)."""
         settings = generation_settings(ctx, self.args)

@@ -37,10 +37,9 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from kd_core.losses.chunked import chunked_rows
 from kd_core.losses.divergences import get_divergence
@@ -50,43 +49,6 @@ from kd_core.methods.base import (LossOutput, Method, StepContext, prediction_po
 from kd_core.teacher import DenseTeacherSignal
 
 ARTIFACT_DIR = "okd_online_module"
-
-_LORA_KEYS = {"lora_r", "lora_alpha", "target_modules", "fused_qkv"}
-_PROMPT_KEYS = {"num_virtual_tokens"}
-_PREFIX_KEYS = {"prefix_projection"}
-_PTUNING_KEYS = {"encoder_hidden_size", "encoder_type"}
-
-
-class OKDArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    module: Literal["lora", "prefix", "ptuning"] = "lora"
-    teacher_kl_weight: float = Field(0.5, ge=0.0, le=1.0, description="α in eq. 16 (KL vs teacher MLE)")
-    teacher_loss_weight: float = Field(1.0, ge=0.0, description="weight of L_t in the summed loss")
-    teacher_direction: Literal["swapped", "same"] = "swapped"
-    temperature_scale: Literal["none", "tau_squared"] = Field(
-        "none", description="factor on both KL terms: none = 1, tau_squared = τ² (the paper's eq. 2)")
-    # LoRA
-    lora_r: int = Field(32, ge=1)
-    lora_alpha: float = Field(32.0, gt=0, description="scaling s = lora_alpha / lora_r (paper: s >= 1)")
-    target_modules: list[str] | None = Field(None, description="default: q and v projections (GPT-2: c_attn)")
-    fused_qkv: Literal["qv", "qkv"] = Field("qv", description="GPT-2 fused c_attn: adapt only the q and v parts")
-    # prefix tuning / P-tuning
-    num_virtual_tokens: int = Field(10, ge=1)
-    prefix_projection: bool = False
-    encoder_hidden_size: int | None = Field(None, ge=1, description="P-tuning encoder width; default model width")
-    encoder_type: Literal["MLP", "LSTM"] = "MLP"
-
-    @field_validator(*sorted(_LORA_KEYS | _PROMPT_KEYS | _PREFIX_KEYS | _PTUNING_KEYS))
-    @classmethod
-    def _applies_to_module(cls, v, info: ValidationInfo):
-        module = info.data.get("module", "lora")
-        allowed = {"lora": _LORA_KEYS, "prefix": _PROMPT_KEYS | _PREFIX_KEYS,
-                   "ptuning": _PROMPT_KEYS | _PTUNING_KEYS}[module]
-        if info.field_name not in allowed:
-            raise ValueError(f"does not apply to module {module!r}")
-        return v
-
 
 class _OnlineParams(torch.nn.Module):
     """Holds (references to) the online module's trainable parameters for the optimizer."""
@@ -126,9 +88,6 @@ def _zero_rows(grad: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 @register_method("okd")
 class OKD(Method):
-    needs_teacher = True
-    Args = OKDArgs
-
     def __init__(self, student_cfg, method_args: dict[str, Any] | None = None):
         super().__init__(student_cfg, method_args)
         self.peft_model = None

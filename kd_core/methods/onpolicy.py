@@ -11,9 +11,11 @@ import torch
 from kd_core.lm import length_limit, shared_vocab_size
 from kd_core.losses.chunked import chunked_token_divergence
 from kd_core.losses.tokens import masked_token_sum_and_count, reduce_tokens
-from kd_core.methods.base import (LossOutput, Method, StepContext, mix_with_ce, model_logits, prediction_positions,
-                                  shifted, teacher_logits, token_ce)
+from kd_core.methods.base import (LossOutput, Method, StepContext, fused_head_inputs, fused_reference_ce, mix_with_ce,
+                                  mix_with_fused_ce, model_logits, prediction_positions, response_positions, shifted,
+                                  teacher_head_inputs, teacher_logits, token_ce)
 from kd_core.methods.batches import reference_token_count
+from kd_core.teacher import DenseTeacherSignal
 
 Batch = dict[str, torch.Tensor]
 
@@ -58,7 +60,12 @@ def distill_on_batch(ctx: StepContext, student_cfg, new_batch: Batch, *, replace
     `token_mean_scaled` normalisation and the CE needs its own student forward on the references. When
     `new_batch` is the reference batch this is exactly the `kd` method's loss. `want_reference_ce`: also
     return the student's CE on the references when it comes free (from a forward on the references).
+    With `fused_lm_head` both terms come from the models' last hidden states and LM heads (`_fused_distill`).
     """
+    student = fused_head_inputs(student_cfg, ctx.student, new_batch)
+    if student is not None:
+        return _fused_distill(ctx, student_cfg, new_batch, student, replaced=replaced, divergence=divergence,
+                              divergence_args=divergence_args, want_reference_ce=want_reference_ce)
     logits = model_logits(ctx.student, new_batch)
     s_logits, targets, mask = shifted(logits, new_batch["labels"])
     positions = prediction_positions(mask)  # per supervised position, in chunks, as the `kd` method
@@ -78,6 +85,28 @@ def distill_on_batch(ctx: StepContext, student_cfg, new_batch: Batch, *, replace
     if want_reference_ce and not replaced:
         with torch.no_grad():
             ref_ce = float(reduce_tokens(token_ce(s_logits.detach(), targets), mask))
+    return DistillResult(LossOutput(kd, logs), ref_ce)
+
+
+def _fused_distill(ctx: StepContext, student_cfg, new_batch: Batch, student, *, replaced: bool, divergence: str,
+                   divergence_args: dict, want_reference_ce: bool) -> DistillResult:
+    """`distill_on_batch` from the student's hidden states and head (`kd_core.losses.fused`): the same loss."""
+    positions = response_positions(new_batch["labels"])
+    signal = DenseTeacherSignal(lambda: teacher_logits(ctx.teacher, new_batch),
+                                head_inputs=lambda: teacher_head_inputs(ctx.teacher, new_batch))
+    div = signal.fused_divergence(student, positions, divergence, temperature=student_cfg.temperature,
+                                  **divergence_args)
+    kd = token_mean_scaled(div, positions, reference_token_count(ctx.batch), ctx.num_items)
+    logs = {"kd": float(reduce_tokens(div.detach(), positions)), "supervised_tokens": float(positions.sum())}
+    if student_cfg.alpha > 0:  # (the reference batch's head inputs exist: the same model gave them above)
+        reference = fused_head_inputs(student_cfg, ctx.student, ctx.batch) if replaced else student
+        out = mix_with_fused_ce(student_cfg, kd, logs, reference, ctx.batch["labels"], ctx.num_items)
+        return DistillResult(out, out.logs["ce"])
+    ref_ce = None
+    if want_reference_ce and not replaced:
+        with torch.no_grad():
+            ce, ce_positions = fused_reference_ce(student, new_batch["labels"])
+            ref_ce = float(reduce_tokens(ce, ce_positions))
     return DistillResult(LossOutput(kd, logs), ref_ce)
 
 

@@ -52,21 +52,11 @@ once the last phase has begun. Under DeepSpeed ZeRO-3 (partitioned parameters) t
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from kd_core.methods.base import LossOutput, StepContext, register_method
-from kd_core.methods.intermediate import IntermediateArgs, IntermediateKD, num_layers, phase_of
-
-
-class ProgressiveArgs(IntermediateArgs):
-    kd_schedule: Literal["always", "last_phase"] = Field("always", description="when the logit KD term is on")
-    accumulate: bool = Field(True, description="keep earlier pairs on when deeper ones are added")
-    train_layers: Literal["active", "all"] = Field(
-        "active", description="active: freeze the student layers deeper than the current phase's pairs (the "
-                              "source's layer-by-layer variant); all: the whole student trains from step 0")
+from kd_core.methods.intermediate import IntermediateKD, num_layers, phase_of
 
 
 def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -97,9 +87,6 @@ def student_layer_of_params(model: torch.nn.Module) -> list[tuple[torch.nn.Param
 
 @register_method("progressive")
 class ProgressiveKD(IntermediateKD):
-    needs_teacher = True
-    Args = ProgressiveArgs
-
     def __init__(self, student_cfg, method_args=None):
         super().__init__(student_cfg, method_args)
         self.n_student_layers = 0

@@ -14,5 +14,4 @@ from kd_core.methods.sft import SFT
 
 @register_method("seqkd")
 class SeqKD(SFT):
-    needs_teacher = False  # the teacher's knowledge is in the data
-    needs_transfer_set = True
+    """SFT's loss on a transfer set (`needs_transfer_set` in its spec)."""

@@ -11,8 +11,6 @@ from kd_core.methods.base import LossOutput, Method, StepContext, model_logits, 
 
 @register_method("sft")
 class SFT(Method):
-    needs_teacher = False
-
     def compute_loss(self, ctx: StepContext) -> LossOutput:
         logits = model_logits(ctx.student, ctx.batch)
         logits, targets, mask = shifted(logits, ctx.batch["labels"])

@@ -60,15 +60,17 @@ R = "${run_dir}"
 # (dvc.yaml cannot depend on a path that only some configs name: data.path is optional)
 DATA_DIR = "data"
 DECLARATIONS = (
-    Stage("prepare", doc="load, validate and split the data; eval sets; the run's tokenizer",
+    Stage("prepare", doc="load, validate and split the data; the unlabeled prompts; eval sets; the run's tokenizer",
           deps=(DATA_DIR,), params=("data", "tokenizer", "teacher.model"),
           outs=(Out(f"{R}/data/train.jsonl"), Out(f"{R}/data/val.jsonl"), Out(f"{R}/data/test.jsonl"),
-                Out(f"{R}/data/eval"), Out(f"{R}/data/report.json", cache=False), Out(f"{R}/tokenizer"))),
+                Out(f"{R}/data/unlabeled.jsonl"), Out(f"{R}/data/eval"), Out(f"{R}/data/report.json", cache=False),
+                Out(f"{R}/tokenizer"))),
     Stage("train_teacher", doc="teacher SFT (full or LoRA), or its checkpoint as is",
           deps=(f"{R}/data/train.jsonl", f"{R}/tokenizer"), params=("seed", "teacher", "tokenizer"),
           outs=(Out(f"{R}/models/${{teacher.name}}"), Out(f"{R}/train_info/${{teacher.name}}.json", cache=False))),
-    Stage("transfer", per="transfer_set", doc="a teacher-generated transfer set (SeqKD data)",
-          deps=(f"{R}/models/${{item.source}}", f"{R}/data/train.jsonl", f"{R}/tokenizer"),
+    Stage("transfer", per="transfer_set", doc="a teacher-generated transfer set (SeqKD data) over the train and/or "
+          "unlabeled prompts",
+          deps=(f"{R}/models/${{item.source}}", f"{R}/data/train.jsonl", f"{R}/data/unlabeled.jsonl", f"{R}/tokenizer"),
           params=("transfer_sets.${key}", "evaluation.generation.batch_size"),
           outs=(Out(f"{R}/data/${{key}}.jsonl"),)),
     Stage("cache_teacher", per="student", doc="the teacher's top-k log-probs over the student's training data "

@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from kd_core.config import PipelineConfig
 from kd_core.errors import CacheError
 from kd_core.io import atomic_dir, link_or_copy, write_json_atomic
-from kd_core.logit_cache import (MANIFEST, TENSORS, TeacherLogitCache, build_cache, cache_key, read_manifest,
-                                 stale_fields)
+from kd_core.logit_cache_key import MANIFEST, TENSORS, cache_key, read_manifest, stale_fields
 from kd_core.run import RunPaths, load_model, load_run_tokenizer, load_train_set
+
+if TYPE_CHECKING:
+    from kd_core.logit_cache import TeacherLogitCache
 
 log = logging.getLogger("kd")
 
 
 def cache_teacher(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
-    """The stage: make `teacher_cache/<student>` current (reuse, link another student's, or run the teacher)."""
-    import torch
-    from safetensors.torch import save_file
-
+    """The stage: make `teacher_cache/<student>` current (reuse, link another student's, or run the teacher).
+    Without a cache (a manifest only) it imports no torch."""
     student_cfg = cfg.student(student_name)
     out = paths.teacher_cache(student_cfg.name)
     if not student_cfg.teacher_cache.enabled:
@@ -44,6 +45,10 @@ def cache_teacher(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> di
             return info | {"source": f"linked from {other.name}"}
     if current is not None:
         log.info("teacher cache of %s is stale (%s changed): rebuilding", student_cfg.name, ", ".join(changed))
+    import torch
+    from safetensors.torch import save_file
+
+    from kd_core.logit_cache import build_cache
 
     tokenizer = load_run_tokenizer(paths)
     teacher = load_model(paths, student_cfg.teacher).eval()
@@ -70,6 +75,8 @@ def cache_teacher(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> di
 
 def load_for_training(cfg: PipelineConfig, paths: RunPaths, student_name: str, dataset, student) -> TeacherLogitCache:
     """Make the student's cache current (see :func:`cache_teacher`) and load it for `dataset` and `student`."""
+    from kd_core.logit_cache import TeacherLogitCache
+
     cache_teacher(cfg, paths, student_name)
     cache = TeacherLogitCache(paths.teacher_cache(student_name), dataset)
     rows = student.get_output_embeddings().weight.shape[0]

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import json
 
-from kd_core import tracking
 from kd_core.config import PipelineConfig
 from kd_core.io import atomic_dir, link_tree, write_json_atomic, write_text_atomic
-from kd_core.methods import get_method
 from kd_core.model_card import card_tags, model_card
-from kd_core.models import load_checkpoint
 from kd_core.preflight import preflight
 from kd_core.run import RunPaths, is_main_process, load_run_tokenizer, load_train_set, require, training_seed
-from kd_core.training import train
 
 
 def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
@@ -28,7 +24,12 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
                 link_tree(src, tmp)
                 # its model card (a new file: a rename, never a write through a hard link into distilled/)
                 write_text_atomic(tmp / "README.md", model_card(cfg, student_cfg.name, card_tags(cfg, student_cfg.name, info)))
-    else:
+    else:  # (torch, the trainer and MLflow only here: the stage of a student without fine-tuning starts light)
+        from kd_core import tracking
+        from kd_core.methods import get_method
+        from kd_core.models import load_checkpoint
+        from kd_core.training import train
+
         tokenizer = load_run_tokenizer(paths)
         model = load_checkpoint(src)
         preflight(cfg, f"finetune {student_cfg.name}", model=model, tokenizer=tokenizer, training=student_cfg.training,

@@ -1,4 +1,5 @@
-"""Stage `prepare`: load and validate the data, split it, write the named eval sets, build the run's tokenizer."""
+"""Stage `prepare`: load and validate the data, split it, write the unlabeled prompt pool and the named eval sets,
+build the run's tokenizer."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from pathlib import Path
 
 from kd_core import tracking
 from kd_core.config import PipelineConfig
-from kd_core.data.builtin import generate_builtin
+from kd_core.data.builtin import generate_builtin, generate_unlabeled
 from kd_core.data.sources import RawRow, check_report, normalize_rows, read_file, read_hub
 from kd_core.data.split import split_rows
-from kd_core.data.template import chat_template, format_prompt
+from kd_core.data.template import chat_template, format_prompt, prompt_key
 from kd_core.data.tokenize import encode_rows, load_tokenizer, train_bpe_tokenizer
 from kd_core.errors import DataError, ModelError
 from kd_core.io import atomic_dir, file_hash, write_json_atomic, write_jsonl_atomic
@@ -35,7 +36,8 @@ def load_main_rows(cfg: PipelineConfig):
 
 
 def _eval_sets(cfg: PipelineConfig) -> tuple[dict[str, list[dict]], dict[str, dict]]:
-    """The named eval sets of `data.eval_sets`: rows and validation reports."""
+    """The named eval sets of `data.eval_sets`: rows and validation reports. Each set's columns are mapped by its
+    own `field_map` (else `data.field_map`); a list-valued response is several references (kept as a list)."""
     eval_rows: dict[str, list[dict]] = {}
     reports: dict[str, dict] = {}
     for name, es in cfg.data.eval_sets.items():
@@ -52,17 +54,13 @@ def _eval_sets(cfg: PipelineConfig) -> tuple[dict[str, list[dict]], dict[str, di
                 raise DataError(f"data.eval_sets.{name} ({es.path}): no row has a truthy "
                                 f"filter_field {es.filter_field!r} ({len(raw_rows)} rows read)")
             raw_rows = flagged
-        erows, erep = normalize_rows(raw_rows, field_map=cfg.data.field_map, max_chars=cfg.data.max_chars,
-                                     template=cfg.data.template, id_prefix=name)
+        erows, erep = normalize_rows(raw_rows, field_map=cfg.data.field_map if es.field_map is None else es.field_map,
+                                     max_chars=cfg.data.max_chars, template=cfg.data.template, id_prefix=name,
+                                     multi_reference=True)
         check_report(erep, cfg.data.max_bad_fraction, f"data.eval_sets.{name} ({es.path})")
         eval_rows[name] = erows[: es.limit] if es.limit else erows
         reports[name] = erep.to_dict() | {"filtered_out": filtered_out, "written": len(eval_rows[name])}
     return eval_rows, reports
-
-
-def prompt_key(row: dict) -> tuple[str, str]:
-    """What makes two rows the same prompt: instruction and context, whitespace-normalised."""
-    return " ".join(row["instruction"].split()), " ".join((row.get("context") or "").split())
 
 
 def decontaminate(rows: list[dict], eval_rows: list[dict]) -> tuple[list[dict], int]:
@@ -71,6 +69,40 @@ def decontaminate(rows: list[dict], eval_rows: list[dict]) -> tuple[list[dict], 
     held_out = {prompt_key(r) for r in eval_rows}
     kept = [r for r in rows if prompt_key(r) not in held_out]
     return kept, len(rows) - len(kept)
+
+
+def load_unlabeled_rows(cfg: PipelineConfig, exclude: set[tuple[str, str]]) -> tuple[list[dict], dict]:
+    """The unlabeled pool (rows with response ""): `data.builtin_unlabeled` generated prompts, then the valid rows
+    of the prompts-only source `data.unlabeled` (first `max_rows`); each prompt once, none whose `prompt_key` is in
+    `exclude` (the labeled rows' and the eval sets' prompts: a transfer set must not answer a test prompt). Also
+    a report: how many came from each source and how many were dropped as held out or repeated."""
+    d = cfg.data
+    rows: list[dict] = []
+    report: dict = {}
+    if d.builtin_unlabeled:
+        try:
+            rows = generate_unlabeled(d.builtin_unlabeled, d.builtin_seed, exclude)
+        except ValueError as err:
+            raise DataError(f"data.builtin_unlabeled: cannot generate {d.builtin_unlabeled} prompts disjoint from the "
+                            f"labeled and eval prompts ({err}); lower it") from None
+        report["builtin"] = len(rows)
+    if d.unlabeled is not None:
+        u = d.unlabeled
+        what = f"data.unlabeled ({u.path or f'{u.hub_name}[{u.hub_split}]'})"
+        raw = read_file(u.path) if u.path else read_hub(u.hub_name, u.hub_split)
+        found, rep = normalize_rows(raw, field_map=d.field_map if u.field_map is None else u.field_map,
+                                    max_chars=d.max_chars, template=d.template, id_prefix="unlabeled", prompts_only=True)
+        check_report(rep, d.max_bad_fraction, what)
+        found = found[: u.max_rows] if u.max_rows else found
+        seen = set(exclude) | {prompt_key(r) for r in rows}
+        kept = []
+        for row in found:
+            if (key := prompt_key(row)) not in seen:
+                seen.add(key)
+                kept.append(row)
+        report["source"] = rep.to_dict() | {"held_out_or_repeated": len(found) - len(kept), "written": len(kept)}
+        rows += kept
+    return rows, report
 
 
 def _tokenizer(cfg: PipelineConfig, train_rows: list[dict]):
@@ -89,7 +121,8 @@ def _tokenizer(cfg: PipelineConfig, train_rows: list[dict]):
 
 
 def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
-    """Load, validate and split the data; write named eval sets; build the run's tokenizer."""
+    """Load, validate and split the data; write the unlabeled pool (`data/unlabeled.jsonl`, empty without one) and
+    the named eval sets; build the run's tokenizer."""
     rows, report = load_main_rows(cfg)
     eval_rows, eval_reports = _eval_sets(cfg)
     rows, contaminated = decontaminate(rows, [r for part in eval_rows.values() for r in part])
@@ -100,6 +133,11 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
         if not part and (name == "train" or getattr(cfg.data.split, f"{name}_fraction", 1) > 0):
             raise DataError(f"split {name!r} is empty after validation ({len(rows)} valid rows): "
                             f"use more data or change data.split")
+    unlabeled, unlabeled_report = load_unlabeled_rows(
+        cfg, {prompt_key(r) for r in [*rows, *(r for part in eval_rows.values() for r in part)]})
+    if cfg.data.has_unlabeled and not unlabeled:
+        raise DataError(f"data.unlabeled: no prompt left after dropping the labeled and eval prompts "
+                        f"({unlabeled_report})")
     tok = _tokenizer(cfg, splits["train"])
     # rows over tokenizer.max_length stay in the splits; training truncates or drops them (tokenizer.overlong)
     overlong = {name: encode_rows(part, tok, cfg.data.template, cfg.tokenizer.max_length, "drop")[1]
@@ -114,19 +152,21 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     with atomic_dir(paths.tokenizer) as tmp:
         tok.save_pretrained(str(tmp))
 
-    for name, part in splits.items():
+    for name, part in [*splits.items(), ("unlabeled", unlabeled)]:  # unlabeled.jsonl always (a DVC out), maybe empty
         write_jsonl_atomic(paths.split(name), part)
     with atomic_dir(paths.data / "eval") as tmp:
         for name, erows in eval_rows.items():
             write_jsonl_atomic(tmp / f"{name}.jsonl", erows)
     summary = {"main": report.to_dict() | {"in_eval_sets": contaminated}, "eval_sets": eval_reports, "splits": {k: len(v) for k, v in splits.items()},
+               "unlabeled": unlabeled_report | {"rows": len(unlabeled)},
                "overlong": {"max_length": cfg.tokenizer.max_length, "policy": cfg.tokenizer.overlong, "rows": overlong},
-               "data_version": file_hash(*(paths.split(n) for n in ("train", "val", "test")))}
+               "data_version": file_hash(*(paths.split(n) for n in ("train", "val", "test", "unlabeled")))}
     write_json_atomic(paths.data_report, summary)
-    log.info("prepared data: %s", summary["splits"])
+    log.info("prepared data: %s, unlabeled prompts: %d", summary["splits"], len(unlabeled))
     with tracking.stage_run(cfg, paths.root, "prepare"):
         tracking.log_params({"data.source": cfg.data.source, "data.version": summary["data_version"]})
         tracking.log_metrics({f"rows_{k}": v for k, v in summary["splits"].items()} | {"rows_bad": report.total - report.kept}
+                             | {"rows_unlabeled": len(unlabeled)}
                              | {f"rows_overlong_{k}": v for k, v in overlong.items()})
         tracking.log_dict(summary, "data_report.json")
     return summary

@@ -9,6 +9,8 @@ Six task families (:mod:`.families`), each probing a different aspect of distill
 tiny scale; open_qa asks about a fixed fictional world (:mod:`.world`). Determinism: every
 random choice goes through ``random.Random`` seeded from ``seed`` and every pool is a list
 or tuple, so the same ``(n_examples, seed)`` gives identical output in any process.
+:func:`generate_unlabeled` gives the unlabeled prompt pool (response "", prompts disjoint from the ones
+it is told to avoid): the prompts a teacher answers for a transfer set.
 """
 
 from kd_core.data.builtin.families import (
@@ -19,7 +21,7 @@ from kd_core.data.builtin.families import (
     Family,
     valid_answers,
 )
-from kd_core.data.builtin.generate import ID_PREFIX, generate_builtin
+from kd_core.data.builtin.generate import ID_PREFIX, UNLABELED_ID_PREFIX, generate_builtin, generate_unlabeled
 from kd_core.data.builtin.world import (
     N_ENTITIES,
     OPEN_QA_TEMPLATES,
@@ -37,9 +39,11 @@ __all__ = [
     "World",
     "build_world",
     "generate_builtin",
+    "generate_unlabeled",
     "valid_answers",
     "open_qa_key",
     "ID_PREFIX",
+    "UNLABELED_ID_PREFIX",
     "N_ENTITIES",
     "WORLD_ATTRIBUTES",
     "OPEN_QA_TEMPLATES",

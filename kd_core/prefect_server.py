@@ -1,0 +1,119 @@
+"""The temporary Prefect server of an ad hoc `kd run` (no PREFECT_API_URL): started first thing, so it boots in
+its own process while this one imports the pipeline, and stopped when the command ends.
+
+Prefect would start the same server itself (`SubprocessASGIServer`, its "ephemeral" mode) at the flow call, after
+the imports and after importing the server's own modules into this process (seconds, only to spawn it): starting
+it here takes both off the critical path. It is the same command and settings Prefect uses (uvicorn on
+`prefect.server.api.server:create_app`, no UI, the database in PREFECT_HOME), on a free port of 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kd_core.errors import Transient
+
+# what Prefect's SubprocessASGIServer sets for its temporary server
+_SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+
+
+TEMPORARY_ENV = "KD_TEMPORARY_PREFECT_API_URL"  # the URL of this command's temporary server
+
+
+def is_temporary(api_url: str) -> bool:
+    """`api_url` is the temporary server of this `kd run` (gone when it ends: the UI needs a server of its own)."""
+    return os.environ.get(TEMPORARY_ENV) == api_url
+
+
+class ServerDidNotStart(Transient):
+    """The temporary Prefect server did not answer in time (retryable: a loaded machine)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before exec (Linux): SIGTERM it when the `kd run` process dies, however it dies
+    (SIGKILL included: no exit handler of ours runs then)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: `stop` at exit is all there is
+        pass
+
+
+class TemporaryServer:
+    """A Prefect API server process for this command; `PREFECT_API_URL` points at it from `start` on, and it
+    is stopped at exit."""
+
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
+        self.proc, self.url, self.log = proc, url, log
+
+    @classmethod
+    def start(cls) -> TemporaryServer | None:
+        """Start one unless the user has a server (PREFECT_API_URL) or Prefect is imported already (its settings
+        are read: the flow then starts its own, as Prefect does)."""
+        if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+            return None
+        package = Path(importlib.util.find_spec("prefect").origin).parent
+        port = _free_port()
+        log = Path(tempfile.mkstemp(prefix="kd-prefect-server-", suffix=".log")[1])
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", str(package.parent), "--factory",
+                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+                 "--log-level", "error", "--lifespan", "on"],
+                env=dict(os.environ, **_SERVER_ENV), stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        os.environ["PREFECT_API_URL"] = os.environ[TEMPORARY_ENV] = url = f"http://127.0.0.1:{port}/api"
+        server = cls(proc, url, log)
+        atexit.register(server.stop)  # after Prefect's own exit handlers (LIFO): its run logs are sent by then
+        return server
+
+    def wait_healthy(self, timeout: float | None = None) -> None:
+        """Block until `/health` answers (timeout: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, as Prefect)."""
+        import httpx
+
+        timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+        deadline = time.monotonic() + timeout
+        with httpx.Client() as client:
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    if client.get(f"{self.url}/health", timeout=2).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+        tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] if self.log.is_file() else []
+        state = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else f"no answer in {timeout:.0f} s"
+        self.stop(keep_log=True)
+        raise ServerDidNotStart(f"the temporary Prefect server ({self.url}) {state}; its log: {self.log}"
+                                + (f" ({tail[0]})" if tail else ""))
+
+    def stop(self, keep_log: bool = False) -> None:
+        """Stop the server (one uvicorn process); its log file goes too, unless `keep_log`."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for key in ("PREFECT_API_URL", TEMPORARY_ENV):
+            if os.environ.get(key) == self.url:
+                del os.environ[key]
+        if not keep_log:
+            self.log.unlink(missing_ok=True)
