@@ -1,8 +1,9 @@
 """The Prefect flow: the declared stages (kd_core/stages) expanded for the config, one task per stage and key,
 each waiting for the tasks that write what it reads; independent tasks run in parallel up to
 `orchestration.max_parallel_students`. Each task asks DVC whether its stage is up to date (then it ends as
-`Skipped`), else runs the stage function and records the stage in DVC (`kd_core.lineage`); the run ends with a
-`dvc push` when a remote is configured.
+`Skipped`), else runs the stage function and records the stage in DVC (`kd_core.lineage`: a `dvc commit` on a
+background thread, while the next stage runs; `register` and the end of the run wait for the commits); the run
+ends with a `dvc push` when a remote is configured.
 
 A stage that does not apply to a key (`Stage.applies`: a student without post-distillation fine-tuning or
 without a teacher cache) is no task: the flow runs it inline (it writes its outputs: a hard link, a manifest),
@@ -36,7 +37,7 @@ from kd_core import console, tracking
 from kd_core.config import load_config
 from kd_core.errors import is_retryable
 from kd_core.launcher import launched_result, launcher_for, run_launched
-from kd_core.lineage import DvcBook, git_revision, untracked_inputs
+from kd_core.lineage import DvcBook, git_revision, settle_commits, untracked_inputs
 from kd_core.run import RunPaths, run_lock
 from kd_core.stages import run_stage
 from kd_core.stages.compare import saved_report
@@ -76,7 +77,7 @@ def stage_task(stage: str, node: str, params_path: str, overrides: dict | None =
             result = launched_result(stage, cfg, key)
         else:
             result = run_stage(stage, cfg, key)
-        dvc.record(node)
+        dvc.record(node, background=True)  # committed while the next stage runs; readers of dvc.lock wait for it
         lines.note = console.note(stage, result, cfg.tracking.champion.metric)
     return result
 
@@ -105,7 +106,7 @@ def _inline(node: Node, cfg, dvc: DvcBook, verdict: str) -> dict:
         return _skipped(node.name, name, log)
     start = time.perf_counter()
     result = run_stage(node.stage.name, cfg, node.key)
-    dvc.record(node.name)
+    dvc.record(node.name, background=True)
     log.info("%s: not configured for %s, run in the flow (no task)", node.name, node.key)
     took = console.seconds(time.perf_counter() - start)
     console.say(f"{console.mark('skip')} {name} not configured (no task, {took})")
@@ -148,6 +149,7 @@ def kd_pipeline(params_path: str = "params.yaml", overrides: dict | None = None)
         try:
             results = _run_nodes(cfg, nodes, params_path, overrides, dvc)
         except BaseException:
+            settle_commits_quietly(log)  # the stages that finished stay recorded: the rerun skips them
             tracking.end_pipeline_run(parent, status="FAILED")
             raise
         skipped = [name for name, r in results.items() if isinstance(r, dict) and r.get("skipped")]
@@ -172,6 +174,15 @@ def kd_pipeline(params_path: str = "params.yaml", overrides: dict | None = None)
                 "dvc": pushed or dvc.reason or "recorded", "tracking_uri": tracking.tracking_uri(cfg),
                 "mlflow_run": {"run_id": parent, "experiment_id": experiment_id} | mlflow_page,
                 "flow_run": {"id": str(flow_run.id), "name": flow_run.name}}
+
+
+def settle_commits_quietly(log) -> None:
+    """Wait for the background DVC commits of a failing run; one that failed too is logged, not raised (the
+    run's own error is the one to report)."""
+    try:
+        settle_commits()
+    except Exception as err:  # noqa: BLE001 (logged; the run's failure propagates)
+        log.warning("DVC commit failed: %s", err)
 
 
 def _run_nodes(cfg, nodes: list[Node], params_path: str, overrides: dict | None, dvc: DvcBook) -> dict[str, dict]:

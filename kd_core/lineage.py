@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,11 @@ log = logging.getLogger("kd")
 
 _LOCK = threading.Lock()  # DVC's Repo is not thread-safe; tasks run in threads
 LOCK_WAIT_S = 120.0  # another DVC process (a `dvc status` in a shell) holds the repo lock for seconds at most
+# `dvc commit`s of stages that ran, in the background (one thread, in order): the next stage starts meanwhile.
+# Whoever reads dvc.lock waits for them first (`settle_commits`, `read_lock`).
+_COMMITTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dvc-commit")
+_PENDING: list[Future] = []
+_PENDING_LOCK = threading.Lock()
 
 
 def untracked_inputs(cfg) -> list[str]:
@@ -88,15 +94,24 @@ class DvcBook:
         status = self._call(lambda repo: repo.status())
         return {name.rsplit(":", 1)[-1] for name in status}  # `dvc.yaml:distill@fkl` in subfolders
 
-    def record(self, stage: str) -> None:
-        """`dvc commit` of the stage: its outputs into the DVC cache, its entry in dvc.lock."""
-        if self.enabled:
+    def record(self, stage: str, background: bool = False) -> None:
+        """`dvc commit` of the stage: its outputs into the DVC cache, its entry in dvc.lock. `background`: queued
+        on the commit thread and returned at once (the stage's outputs are final: no later stage writes them);
+        `settle_commits` waits for it and raises its error."""
+        if not self.enabled:
+            return
+        if not background:
             self._call(lambda repo: repo.commit(stage, force=True))
+            return
+        future = _COMMITTER.submit(self._call, lambda repo: repo.commit(stage, force=True))
+        with _PENDING_LOCK:
+            _PENDING.append(future)
 
     def push(self) -> str | None:
         """`dvc push` to the default remote, when one is configured: a one-line summary, else None."""
         if not self.enabled:
             return None
+        settle_commits()
 
         def push(repo):
             remote = repo.config.get("core", {}).get("remote")
@@ -105,6 +120,26 @@ class DvcBook:
             pushed = repo.push()
             return f"DVC: pushed {pushed} file(s) to remote {remote!r}"
         return self._call(push)
+
+
+def settle_commits() -> None:
+    """Wait for every background `dvc commit` queued so far (`DvcBook.record(background=True)`); the first one
+    that failed raises its error (after all have finished, so dvc.lock holds every commit that could be made)."""
+    with _PENDING_LOCK:
+        pending = list(_PENDING)
+        _PENDING.clear()
+    errors = [f.exception() for f in pending]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+
+
+def read_lock(root: Path | None = None) -> str | None:
+    """The text of `dvc.lock` at `root` (cwd by default) once the pending background commits are in it; None
+    when there is none (a run DVC does not record)."""
+    settle_commits()
+    lock = Path(root or Path.cwd()) / "dvc.lock"
+    return lock.read_text(encoding="utf-8") if lock.is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------- lineage

@@ -88,7 +88,7 @@ def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
     teacher_info = json.loads(paths.train_info(cfg.teacher.name).read_text())
     registered: dict = {"versions": {}}
     lock = Path("dvc.lock")
-    lock_text = lock.read_text(encoding="utf-8") if lock.is_file() else None
+    lock_text = lineage.read_lock()  # the stages before this one are recorded (the flow commits in the background)
     for name in names:
         info = json.loads(paths.train_info(name).read_text())
         metrics = json.loads(paths.metrics(name).read_text())

@@ -1,0 +1,45 @@
+"""Background `dvc commit`s (kd_core.lineage): queued in order, waited for by readers of dvc.lock, errors kept."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kd_core import lineage
+from kd_core.lineage import DvcBook
+
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+def _dvc_project(root):
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([DVC, "init", "-q"], cwd=root, check=True)
+    (root / "dvc.yaml").write_text("stages:\n  make:\n    cmd: echo\n    outs: [out.txt]\n  copy:\n"
+                                   "    cmd: echo\n    deps: [out.txt]\n    outs: [copy.txt]\n")
+
+
+def test_background_commits_are_in_dvc_lock_when_it_is_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "site"))
+    monkeypatch.chdir(tmp_path)  # stage names resolve against the working directory, as in a run
+    _dvc_project(tmp_path)
+    (tmp_path / "out.txt").write_text("a\n")
+    (tmp_path / "copy.txt").write_text("a\n")
+    book = DvcBook(tmp_path)
+    book.record("make", background=True)
+    book.record("copy", background=True)
+    text = lineage.read_lock(tmp_path)  # waits for both
+    assert set(lineage.lock_outputs(text)) == {"make", "copy"}
+    assert book.changed() == set()
+
+
+def test_a_failed_background_commit_raises_when_settled(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "site"))
+    monkeypatch.chdir(tmp_path)  # stage names resolve against the working directory, as in a run
+    _dvc_project(tmp_path)  # out.txt does not exist: committing `make` fails
+    DvcBook(tmp_path).record("make", background=True)
+    with pytest.raises(Exception, match="out.txt"):
+        lineage.settle_commits()
+    lineage.settle_commits()  # reported once: nothing pending afterwards
