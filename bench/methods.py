@@ -67,9 +67,27 @@ def student(base, label: str, seed: int, steps: int) -> dict:
     return body
 
 
-def config(args, students: dict):
-    overrides = {"run_dir": args.run_dir, "students": students, "evaluation.eval_sets": [EVAL_SET],
-                 "evaluation.exaccerr_prompts": 0}  # not in the table; the default pipeline reports it
+# a teacher-assistant chain at a large capacity gap: a student of 1 layer x 64 (0.15M against the teacher's 3.58M)
+# distilled directly, and through the method table's kd-fkl student of the same seed (2 x 128) as the assistant
+SMALL_MODEL = {"config": {"arch": "gpt2", "n_layer": 1, "hidden": 64, "n_head": 2}}
+CHAIN = {"small-sft": ("sft", None), "small-direct": ("kd-fkl", None), "small-via-ta": ("kd-fkl", "kd-fkl")}
+
+
+def chain_students(base, seeds: list[int], steps: int) -> dict:
+    out = {}
+    for label, (method, assistant) in CHAIN.items():
+        for seed in seeds:
+            body = student(base, method, seed, steps) | {"model": SMALL_MODEL}
+            if assistant:
+                body["teacher"] = f"{assistant}-s{seed}"
+            out[f"{label}-s{seed}"] = body
+    return out
+
+
+def config(args, students: dict, exaccerr: bool = True):
+    overrides = {"run_dir": args.run_dir, "students": students, "evaluation.eval_sets": [EVAL_SET]}
+    if not exaccerr:  # the convergence sweep reads validation loss only
+        overrides["evaluation.exaccerr_prompts"] = 0
     return load_config(args.params, overrides)
 
 
@@ -94,7 +112,7 @@ def train_and_evaluate(cfg, paths: RunPaths, names: list[str]) -> None:
 def converge(args) -> None:
     base = load_config(args.params)
     students = {f"sft-steps{b}": student(base, "sft", 0, b) for b in args.converge}
-    cfg = config(args, students)
+    cfg = config(args, students, exaccerr=False)
     paths = RunPaths.of(cfg)
     train_and_evaluate(cfg, paths, list(students))
     losses = {b: json.loads(paths.metrics(f"sft-steps{b}").read_text())["val/loss"] for b in args.converge}
@@ -117,6 +135,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--steps", type=int, help="optimizer steps of every student (the SFT convergence budget)")
     ap.add_argument("--converge", type=int, nargs="+", help="SFT step budgets to find the convergence budget")
+    ap.add_argument("--no-chain", dest="chain", action="store_false", help="skip the teacher-assistant chain")
     ap.add_argument("--run-dir", default="runs/bench-methods")
     ap.add_argument("--out", default="docs/benchmarks_methods.md")
     args = ap.parse_args()
@@ -128,12 +147,16 @@ def main() -> None:
     labels = ["sft"] + [m for m in args.methods if m != "sft"]  # SFT first: every paired test needs it
     base = load_config(args.params)
     students = {f"{label}-s{seed}": student(base, label, seed, args.steps) for label in labels for seed in args.seeds}
+    chain = args.chain and "kd-fkl" in labels
+    if chain:
+        students |= chain_students(base, args.seeds, args.steps)
     cfg = config(args, students)
     paths = RunPaths.of(cfg)
     start = time.perf_counter()
-    for label in labels:  # one method (all seeds) at a time, the table rewritten after each
+    groups = labels + (list(CHAIN) if chain else [])
+    for k, label in enumerate(groups):  # one method (all seeds) at a time, the table rewritten after each
         train_and_evaluate(cfg, paths, [f"{label}-s{seed}" for seed in args.seeds])
-        write_table(args, cfg, paths, labels[:labels.index(label) + 1], time.perf_counter() - start)
+        write_table(args, cfg, paths, groups[:k + 1], time.perf_counter() - start)
 
 
 def _ms(values: list[float], fmt: str = "{:.2f}") -> str:
@@ -153,11 +176,88 @@ def _paired(a: dict, b: dict, seed: int) -> dict:
     return paired_bootstrap([a[i] for i in ids], [b[i] for i in ids], seed=seed)
 
 
-def write_table(args, cfg, paths: RunPaths, labels: list[str], wall: float) -> None:
+def _delta(paths: RunPaths, args, cfg, base: str, other: str) -> str:
+    """`other` against `base` (labels), paired over prompts on seed-averaged scores: Δ [95% CI], p."""
+    res = _paired(_mean_scores(paths, [f"{base}-s{s}" for s in args.seeds]),
+                  _mean_scores(paths, [f"{other}-s{s}" for s in args.seeds]), cfg.seed)
+    p = "< 0.001" if res["p_value"] < 0.001 else f"{res['p_value']:.3f}"
+    return f"{res['mean_diff']:+.2f} [{res['ci_low']:+.2f}, {res['ci_high']:+.2f}], p {p} (MDE {res['mde']:.2f})"
+
+
+def _runs(paths: RunPaths, args, label: str) -> list[dict]:
+    names = [f"{label}-s{s}" for s in args.seeds]
+    return [json.loads(paths.metrics(n).read_text()) | json.loads(paths.train_info(n).read_text()) for n in names]
+
+
+def _col(runs: list[dict], k: str, fmt: str = "{:.2f}") -> str:
+    values = [r[k] for r in runs if k in r]
+    return _ms(values, fmt) if values else "–"
+
+
+def claims(args, cfg, paths: RunPaths, done: list[str]) -> list[str]:
+    """The seeds' claims measured on the same students (each where its students are done)."""
+    key = f"{EVAL_SET}/rougeL_sampled_mean"
+    out = ["", "## The seeds' claims on these students", ""]
+    if {"kd-fkl", "kd-rkl"} <= set(done):
+        out += ["### Mode-seeking (RKL) against mean-seeking (FKL)", "",
+                f"Diversity of the first sampling seed's answers on the {EVAL_SET} set (distinct-n: share of distinct "
+                "n-grams; self-BLEU over 200 answers: higher = more alike) and the teacher-forced KL(teacher ‖ student) "
+                "on the test split; mean ± std over training seeds.", "",
+                "| method | ROUGE-L (T=1) | distinct-1 | distinct-2 | self-BLEU | KL(t‖s) | val ppl |", "|---|---|---|---|---|---|---|"]
+        for label in [m for m in ("sft", "kd-fkl", "kd-rkl", "kd-jsd", "kd-tvd") if m in done]:
+            r = _runs(paths, args, label)
+            out.append(f"| {label} | {_col(r, key)} | {_col(r, f'{EVAL_SET}/distinct_1', '{:.3f}')} | "
+                       f"{_col(r, f'{EVAL_SET}/distinct_2', '{:.3f}')} | {_col(r, f'{EVAL_SET}/self_bleu')} | "
+                       f"{_col(r, 'test/kl_teacher_student')} | {_col(r, 'val/ppl')} |")
+        out += ["", f"RKL against FKL, paired: {_delta(paths, args, cfg, 'kd-fkl', 'kd-rkl')}.", ""]
+    exposure = [m for m in ("sft", "kd-fkl", "kd-jsd", "imitkd", "gkd", "minillm", "distillm") if m in done]
+    if any(m in done for m in ("imitkd", "gkd", "minillm", "distillm")):
+        lengths = cfg.evaluation.exaccerr_lengths
+        out += ["### Exposure bias: ExAccErr, off-policy against on-policy students", "",
+                f"ExAccErr(l) (OKD paper eqs. 5–7, %) on {cfg.evaluation.exaccerr_prompts} test prompts × "
+                f"{cfg.evaluation.exaccerr_samples} sampled prefixes, mean ± std over training seeds (lower = less "
+                "error accumulated from the student's own prefixes). The built-in answers are short (p95 7 tokens), "
+                "so the long-answer regime of the claim is not reached here.", "",
+                "| method | policy | " + " | ".join(f"ExAccErr({n}) %" for n in lengths) + " |",
+                "|---|---|" + "---|" * len(lengths)]
+        for label in exposure:
+            r = _runs(paths, args, label)
+            policy = "on" if label in ("imitkd", "gkd", "minillm", "distillm") else "off"
+            out.append(f"| {label} | {policy} | " + " | ".join(_col(r, f"test/exaccerr_l{n}") for n in lengths) + " |")
+        out.append("")
+    unc = [m for m in ("sft", "kd-fkl", "atkd", "okd") if m in done]
+    if len(unc) > 1:
+        n = cfg.evaluation.unc_buckets
+        out += ["### Teacher-uncertainty buckets (OKD paper Figs. 2 and 5)", "",
+                f"Top-1 agreement with the teacher on the test split's response tokens, in {n} buckets of the "
+                "teacher's UNC (bucket 0: the most certain tokens), mean ± std over training seeds.", "",
+                "| method | " + " | ".join(f"bucket {i}" for i in range(n)) + " |", "|---|" + "---|" * n]
+        for label in unc:
+            r = _runs(paths, args, label)
+            out.append(f"| {label} | " + " | ".join(_col(r, f"test/unc_bucket{i}_top1_agreement", "{:.3f}")
+                                                  for i in range(n)) + " |")
+        out.append("")
+    if {"kd-fkl", "okd"} <= set(done):
+        out += ["### OKD against FKD (forward-KL KD)", "",
+                f"OKD against `kd-fkl`, paired on the {EVAL_SET} set: {_delta(paths, args, cfg, 'kd-fkl', 'okd')}.", ""]
+    if set(CHAIN) <= set(done):
+        out += ["### A teacher-assistant chain at a large capacity gap", "",
+                f"A {SMALL_MODEL['config']['n_layer']}-layer × {SMALL_MODEL['config']['hidden']} student "
+                f"({_runs(paths, args, 'small-sft')[0]['parameters']:,} parameters) trained by forward KL directly from "
+                "the teacher, or from the `kd-fkl` student of the same seed (the assistant), same steps.", "",
+                "| student | ROUGE-L (T=1) | ROUGE-L greedy | val ppl |", "|---|---|---|---|"]
+        for label in CHAIN:
+            r = _runs(paths, args, label)
+            out.append(f"| {label} | {_col(r, key)} | {_col(r, f'{EVAL_SET}/rougeL_greedy')} | {_col(r, 'val/ppl')} |")
+        out += ["", f"Via the assistant against direct, paired: {_delta(paths, args, cfg, 'small-direct', 'small-via-ta')}; "
+                f"direct against SFT of the same size: {_delta(paths, args, cfg, 'small-sft', 'small-direct')}.", ""]
+    return out
+
+
+def write_table(args, cfg, paths: RunPaths, done: list[str], wall: float) -> None:
     teacher = json.loads(paths.metrics(cfg.teacher.name).read_text())
     key = f"{EVAL_SET}/rougeL_sampled_mean"
-    sft_names = [f"sft-s{s}" for s in args.seeds]
-    sft_mean = _mean_scores(paths, sft_names)
+    sft_mean = _mean_scores(paths, [f"sft-s{s}" for s in args.seeds])
     conv = Path(args.run_dir) / "convergence.json"
     conv_line = ""
     if conv.is_file():
@@ -169,35 +269,29 @@ def write_table(args, cfg, paths: RunPaths, labels: list[str], wall: float) -> N
     lines = [
         "# Every method at the SFT baseline's convergence budget, 3 training seeds, paired against SFT", "",
         f"Generated by `python bench/methods.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}` "
-        f"on {platform.machine()}, 2 cores, fp32; wall time {wall / 60:.1f} min, load average at the end "
-        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other jobs shared the machine: `train s` is an upper bound "
+        f"on {platform.machine()}, 2 cores, fp32, one torch thread; wall time {wall / 60:.1f} min, load average at the "
+        f"end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other jobs shared the machine: `train s` is an upper bound "
         "and comparable only within this table).", "",
         f"Scenario: params.yaml's default (teacher {teacher['parameters']:,} parameters, {cfg.teacher.training.max_steps} "
         f"steps); every student is its `sft` student ({cfg.students['sft-s0'].model.config}), batch "
         f"{cfg.students['sft-s0'].training.batch_size}, **{args.steps} steps**, one method's defaults, untuned, on the "
-        "labeled rows (SeqKD: labeled rows + the teacher's answers to the unlabeled prompts). "
-        + conv_line, "",
+        "labeled rows (SeqKD: labeled rows + the teacher's answers to the unlabeled prompts). " + conv_line, "",
         f"Evaluation: the pinned set ({cfg.data.eval_sets[EVAL_SET].limit} fixed prompts), ROUGE-L sampled at T = 1, "
         f"top-p 1, seeds {cfg.evaluation.sample_seeds} (mean per prompt), and greedy; ± = std over training seeds "
         f"{args.seeds}. Δ vs SFT: paired bootstrap over prompts of the per-prompt ROUGE-L averaged over sampling and "
-        "training seeds; MDE = the difference this test detects with 80 % power at α = 0.05; seeds > = training seeds "
-        "whose own paired difference (seed s vs SFT seed s) is positive.", "",
+        "training seeds (bold: p < 0.05); MDE = the difference this test detects with 80 % power at α = 0.05; "
+        "seeds > = training seeds whose own paired difference (seed s vs SFT seed s) is positive.", "",
         f"Teacher: ROUGE-L (T=1) {teacher[key]:.2f}, greedy {teacher[f'{EVAL_SET}/rougeL_greedy']:.2f}.", "",
         "| method | ROUGE-L (T=1) | ROUGE-L greedy | EM % (T=1) | val ppl | top-1 agree | Δ vs SFT [95% CI] | p | MDE "
         "| seeds > | train s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label in labels:
-        names = [f"{label}-s{s}" for s in args.seeds]
-        runs = [json.loads(paths.metrics(n).read_text()) | json.loads(paths.train_info(n).read_text()) for n in names]
-
-        def col(k: str, fmt: str = "{:.2f}") -> str:
-            values = [r[k] for r in runs if k in r]
-            return _ms(values, fmt) if values else "–"
+    for label in [d for d in done if d in METHODS]:
+        runs = _runs(paths, args, label)
         if label == "sft":
             delta, p, mde, better = "–", "–", "–", "–"
         else:
-            res = _paired(sft_mean, _mean_scores(paths, names), cfg.seed)
+            res = _paired(sft_mean, _mean_scores(paths, [f"{label}-s{s}" for s in args.seeds]), cfg.seed)
             delta = f"{res['mean_diff']:+.2f} [{res['ci_low']:+.2f}, {res['ci_high']:+.2f}]"
             p = "< 0.001" if res["p_value"] < 0.001 else f"{res['p_value']:.3f}"
             mde = f"{res['mde']:.2f}"
@@ -206,12 +300,13 @@ def write_table(args, cfg, paths: RunPaths, labels: list[str], wall: float) -> N
             better = f"{sum(r['mean_diff'] > 0 for r in per_seed)}/{len(per_seed)}"
             if res["p_value"] < 0.05:
                 delta, p = f"**{delta}**", f"**{p}**"
-        lines.append(f"| {label} | {col(key)} | {col(f'{EVAL_SET}/rougeL_greedy')} | "
-                     f"{col(f'{EVAL_SET}/exact_match_sampled_mean', '{:.1f}')} | {col('val/ppl')} | "
-                     f"{col('test/top1_agreement', '{:.3f}')} | {delta} | {p} | {mde} | {better} | "
-                     f"{col('train_time_s', '{:.0f}')} |")
+        lines.append(f"| {label} | {_col(runs, key)} | {_col(runs, f'{EVAL_SET}/rougeL_greedy')} | "
+                     f"{_col(runs, f'{EVAL_SET}/exact_match_sampled_mean', '{:.1f}')} | {_col(runs, 'val/ppl')} | "
+                     f"{_col(runs, 'test/top1_agreement', '{:.3f}')} | {delta} | {p} | {mde} | {better} | "
+                     f"{_col(runs, 'train_time_s', '{:.0f}')} |")
+    lines += claims(args, cfg, paths, done)
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines[-len(labels) - 2:]), flush=True)
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
