@@ -77,12 +77,11 @@ def dvc_bookkeeping(work: Path) -> float:
 
 def start_prefect_server(work: Path) -> subprocess.Popen:
     """A `prefect server` on a free local port, healthy before the timing starts; PREFECT_API_URL points at it."""
-    import socket
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from kd_core.prefect_server import free_port
+
+    port = free_port()
     log = open(work / "prefect-server.log", "wb")
     proc = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
                              "--port", str(port), "--no-ui"], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))

@@ -38,7 +38,8 @@ class ServerDidNotStart(Transient):
     """The temporary Prefect server did not answer in time (retryable: a loaded machine)."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (the OS picks it; the caller binds it soon after)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -70,7 +71,7 @@ class TemporaryServer:
         if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
             return None
         package = Path(importlib.util.find_spec("prefect").origin).parent
-        port = _free_port()
+        port = free_port()
         log = Path(tempfile.mkstemp(prefix="kd-prefect-server-", suffix=".log")[1])
         with log.open("wb") as out:
             proc = subprocess.Popen(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import threading
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from kd_core.preflight import (PreflightError, TrackingUnreachable, check_disk, 
 from kd_core.run import RunPaths
 from kd_core.stages.prepare import prepare
 from kd_core.stages.train_teacher import train_teacher
+from kd_core.prefect_server import free_port
 from tests.conftest import tiny_params, write_params
 
 
@@ -34,12 +34,6 @@ def _errors(result) -> list[str]:
 def _nothing_registered(project: Path) -> bool:
     db = project / "mlflow.db"
     return not db.exists() or MlflowClient(f"sqlite:///{db}").search_registered_models() == []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rows(n: int, start: int = 0, response: str = "ok") -> list[dict]:
@@ -202,7 +196,7 @@ def test_unreachable_tracking_uri(project, monkeypatch):
     cfg = load_config(write_params(project, tiny_params()))
     paths = RunPaths.of(cfg)
     prepare(cfg, paths)
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     result = _kd("stage", "train_teacher")
     assert result.exit_code == 2
@@ -354,7 +348,6 @@ def test_credentials_from_the_env_are_not_logged(project, monkeypatch, capsys):
     assert on_disk and not [p for p in on_disk if secret in p.read_text(errors="replace")]
     captured = capsys.readouterr()
     assert secret not in captured.out + captured.err
-
 
 
 def test_nan_loss_stops_training_with_step_batch_and_terms(tmp_path):

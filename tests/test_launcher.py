@@ -5,7 +5,6 @@ distillation as two gloo processes under `torchrun`."""
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -19,6 +18,7 @@ from kd_core.config.schema import LauncherConfig
 from kd_core.errors import DataError, KDError, MissingInput, Transient, UserError, exit_code, is_retryable
 from kd_core.launcher import (error_from_record, launch_command, launcher_for, parse_error_line, print_error_line,
                               run_launched)
+from kd_core.prefect_server import free_port
 from tests.conftest import tiny_params, write_params
 
 BIN = Path(sys.executable).parent
@@ -35,12 +35,6 @@ class ListLog:
         self.lines.append(msg % args if args else msg)
         if self.forward is not None:
             self.forward.info(msg, *args)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _with_launcher(params: dict, student: str, launcher_cfg: dict, **training) -> dict:
@@ -275,7 +269,7 @@ def test_a_child_failing_under_a_real_launcher(tmp_path, monkeypatch, kind):
     real_bin = launcher._bin
     monkeypatch.setattr(launcher, "_bin", lambda name: str(script) if name == "kd" else real_bin(name))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    lc = LauncherConfig(kind=kind, nproc_per_node=2, master_port=_free_port(),
+    lc = LauncherConfig(kind=kind, nproc_per_node=2, master_port=free_port(),
                         extra_args=["--tee", "3"] if kind == "torchrun" else [])
     log = ListLog()
     from kd_core.errors import PreflightError
@@ -315,7 +309,7 @@ def test_flow_task_fails_with_the_in_process_error(project, harness, monkeypatch
     from kd_core.stages import run_stage
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    path = write_params(project, _launched_params(_free_port()))
+    path = write_params(project, _launched_params(free_port()))
     with pytest.raises(MissingInput) as in_process:
         run_stage("distill", load_config(path), "fkl")
     with pytest.raises(MissingInput) as launched:
@@ -338,7 +332,7 @@ def test_flow_runs_a_student_as_two_torchrun_processes(project, harness, monkeyp
         return real(stage, key, params_path, overrides, launcher_cfg, streamed[-1])
 
     monkeypatch.setattr(pipeline, "run_launched", capturing)
-    params = _launched_params(_free_port())
+    params = _launched_params(free_port())
     path = write_params(project, params)
     result = pipeline.kd_pipeline(params_path=str(path))
 

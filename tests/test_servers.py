@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO, tiny_params, write_params
+from kd_core.prefect_server import free_port
 
 KD = str(Path(sys.executable).with_name("kd"))
 BIN = Path(sys.executable).parent
@@ -33,12 +33,6 @@ DEPLOYMENT = "kd-scheduled-test"
 CRON = "0 3 * * *"
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
@@ -87,7 +81,7 @@ def servers(tmp_path_factory):
                PREFECT_SERVER_UI_ENABLED="false", DO_NOT_TRACK="true")
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PREFECT_API_URL", None)
-    m_port, p_port = _free_port(), _free_port()
+    m_port, p_port = free_port(), free_port()
     # MLflow behind basic auth with the team setup's auth config (infra/mlflow/basic_auth.ini), users in tmp
     auth_ini = (REPO / "infra/mlflow/basic_auth.ini").read_text()
     (root / "basic_auth.ini").write_text(re.sub(r"(?m)^database_uri = .*$", f"database_uri = sqlite:///{root}/auth.db",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from kd_core.config import parse_config
 from kd_core.io import read_jsonl
 from kd_core.run import RunPaths, n_positions
 from tests.conftest import REPO, dvc_project, tiny_params, write_params
+from kd_core.prefect_server import free_port
 
 BIN = Path(sys.executable).parent
 SERVE_START_S = 240  # import torch + transformers, load the model (2 shared CPU cores)
@@ -131,11 +131,6 @@ def test_saved_model_folder_is_a_complete_hf_model(run, name):
 
 
 # ------------------------------------------------------------------------------------------------ item 2
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _post(url: str, body: dict, timeout: float = 120) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -148,7 +143,7 @@ def served_champion(run, tmp_path):
     """`mlflow models serve` of kd-student@champion on a free loopback port: its base URL; stopped (its whole
     process group) at teardown, whatever the test did."""
     project, _, _ = run
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}",
                PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
