@@ -106,3 +106,32 @@ def is_retryable(err: BaseException) -> bool:
 class RunFolderBusy(UserError, Transient):
     """Another pipeline holds the run folder: the message names the holder (host, pid, since when). Exit 2 in
     the CLI; the flow retries it (the other run may end)."""
+
+
+class TrackingLost(Transient):
+    """The MLflow server stopped answering while a stage was using it (it passed the preflight): exit status 75
+    (EX_TEMPFAIL); the flow retries it. What the stage had registered is completed by the rerun (a version is
+    created `kd.pending` and cleared once complete: kd_core/stages/register.py)."""
+
+    exit_code = 75
+
+
+class WriteFailed(KDError):
+    """An output could not be written (a full disk or quota, a read-only or failing disk): the message names the
+    path, and the previous output there is intact (every write is atomic: kd_core/io.py). Exit status 74
+    (EX_IOERR); not retried by the flow (a full disk is still full two seconds later): free space and run again,
+    a training stage resumes from its last checkpoint."""
+
+    exit_code = 74
+
+
+class EndpointUnreachable(Transient):
+    """A served teacher's endpoint (`teacher.model.endpoint`) does not answer, times out or answers a server error
+    (5xx): the message names the URL (never the API key). Exit status 75 (EX_TEMPFAIL); the flow retries it."""
+
+    exit_code = 75
+
+
+class EndpointError(ModelError):
+    """A served teacher's endpoint answers, but not as asked (a client error status such as a wrong model name or
+    key, a response without log-probs or with a wrong number of tokens): the message names the URL; never retried."""

@@ -15,7 +15,11 @@ Test hooks (environment variables read when training starts, naming the model fo
 - `KD_TEST_DIE_AFTER_CHECKPOINT=<model folder>:<step>`: SIGKILL the process right after the checkpoint of
   `step` is complete (a preempted machine that dies without warning);
 - `KD_TEST_SIGTERM_AT_STEP=<model folder>:<step>`: the process sends itself SIGTERM at the end of `step` (a
-  cancellation, delivered at a known step so the test is deterministic).
+  cancellation, delivered at a known step so the test is deterministic);
+- `KD_TEST_DISK_FULL_AFTER_CHECKPOINT=<model folder>:<step>`: once the checkpoint of `step` is complete, every
+  write that grows a file fails with EFBIG, as on a full disk (RLIMIT_FSIZE 0);
+- `KD_TEST_KILL_TRACKING_SERVER=<process group>`: register SIGKILLs that process group (the test's MLflow
+  server) right after the first version is created, before the rest of its registration (`kill_tracking_server`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from kd_core.errors import Cancelled
 
 DIE_AFTER_CHECKPOINT_ENV = "KD_TEST_DIE_AFTER_CHECKPOINT"
 SIGTERM_AT_STEP_ENV = "KD_TEST_SIGTERM_AT_STEP"
+DISK_FULL_AFTER_CHECKPOINT_ENV = "KD_TEST_DISK_FULL_AFTER_CHECKPOINT"
+KILL_TRACKING_ENV = "KD_TEST_KILL_TRACKING_SERVER"
 
 _requested = threading.Event()
 
@@ -67,3 +73,25 @@ def hook_step(out_dir: Path, env: str) -> int | None:
     if not parts or out_dir.parts[-len(parts):] != parts:
         return None
     return int(step)
+
+
+def kill_tracking_server() -> None:
+    """The test hook `KD_TEST_KILL_TRACKING_SERVER`: SIGKILL that process group once (the variable is cleared) and
+    return when none of its processes is alive (their sockets are closed: the next request is refused)."""
+    group = os.environ.pop(KILL_TRACKING_ENV, "")
+    if not group:
+        return
+    os.killpg(int(group), signal.SIGKILL)
+    while _group_alive(int(group)):
+        os.sched_yield()
+
+
+def _group_alive(group: int) -> bool:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] not in ("Z", "X"):  # (state, ppid, pgrp): alive, not a zombie
+            return True
+    return False

@@ -1,19 +1,55 @@
 """Atomic writes: a reader (DVC, MLflow, a later stage) never sees a half-written model or metrics file.
 
 Files are written to a temporary name in the same folder and renamed; folders are built under a temporary
-name and swapped in with rename, so an interrupted stage leaves the previous output or nothing.
+name and swapped in with rename, so an interrupted stage leaves the previous output or nothing. A write that
+fails (a full disk) raises `WriteFailed` naming the path, with the previous output intact.
+
+Checksums: `write_checksums` records the sha256 of every file of a folder in `CHECKSUMS` (written last,
+atomically); `checksum_problem` finds a file truncated or corrupted since (checkpoints, the teacher cache).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from kd_core.errors import WriteFailed
+
+CHECKSUMS = "checksums.json"
+# how libraries report a failed write: Rust's io::Error (safetensors), torch's zip writer (torch.save)
+_OS_ERROR = re.compile(r"os error (\d+)")
+_TORCH_WRITER = ("PytorchStreamWriter", "inline_container")
+# a failed write (not a missing input: FileNotFoundError inside a writer is a bug or bad input, left as it is)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def write_failure(err: BaseException, path: str | Path) -> WriteFailed | None:
+    """`err` as a `WriteFailed` naming `path` when it is a failed write (OSError, safetensors' or torch's
+    report of one), else None (a bug: let it through). One raised inside a folder being built (`atomic_dir`)
+    is named by the folder, not by the temporary file that failed."""
+    if isinstance(err, WriteFailed):
+        reason = getattr(err, "reason", str(err))
+    elif isinstance(err, OSError):
+        if err.errno not in WRITE_ERRNOS:
+            return None
+        reason = err.strerror or str(err)
+    elif (found := _OS_ERROR.search(str(err))) is not None and int(found.group(1)) in WRITE_ERRNOS:
+        reason = os.strerror(int(found.group(1)))
+    elif isinstance(err, RuntimeError) and any(s in str(err) for s in _TORCH_WRITER):
+        reason = f"short write ({str(err).splitlines()[0]})"
+    else:
+        return None
+    failed = WriteFailed(f"{path}: cannot write ({reason}); the previous output there is intact")
+    failed.reason = reason
+    return failed
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -26,9 +62,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if (failed := write_failure(err, path)) is not None:
+            raise failed from err
         raise
     return path
 
@@ -61,8 +99,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (failed := write_failure(err, path)) is not None:
+            raise failed from err
         raise
 
 
@@ -98,3 +138,42 @@ def file_hash(*paths: str | Path) -> str:
     for p in paths:
         h.update(Path(p).read_bytes())
     return h.hexdigest()[:12]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(folder: str | Path) -> Path:
+    """sha256 and size of every file under `folder` into `folder/CHECKSUMS` (written last, atomically: its
+    presence says the files before it were complete)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS and not p.name.startswith("."))
+    sums = {str(p.relative_to(folder)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+    return write_json_atomic(folder / CHECKSUMS, sums)
+
+
+def checksum_problem(folder: str | Path) -> str | None:
+    """What is wrong with the files `folder/CHECKSUMS` lists (one line naming the file: missing, truncated,
+    corrupted), None when all match or the folder has no checksums (written before they existed)."""
+    folder = Path(folder)
+    try:
+        recorded = json.loads((folder / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return f"{folder / CHECKSUMS}: unreadable"
+    for name, want in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{path}: truncated or extended ({size} bytes, {want['bytes']} when written)"
+        if _sha256(path) != want["sha256"]:
+            return f"{path}: corrupted (sha256 differs from the one recorded when it was written)"
+    return None

@@ -28,6 +28,7 @@ from kd_core.data.tokenize import IGNORE_INDEX, EncodedDataset, batches
 from kd_core.losses.tokens import logprobs
 from kd_core.losses.sparse import top_k_with_tail
 from kd_core.errors import CacheError
+from kd_core.io import checksum_problem
 from kd_core.logit_cache_key import TENSORS, read_manifest
 
 
@@ -76,6 +77,8 @@ class TeacherLogitCache:
         self.key = manifest["key"]
         self.vocab_size = int(self.key["vocab_size"])
         self.temperature = float(self.key["temperature"])
+        if (problem := checksum_problem(self.folder)) is not None:
+            raise CacheError(f"teacher cache damaged: {problem}; run `kd stage cache_teacher` to rebuild it")
         t = load_file(str(self.folder / TENSORS))
         self.top_logprobs, self.top_ids, self.tail, self.offsets = (t["top_logprobs"], t["top_ids"], t["tail_logmass"],
                                                                     t["offsets"])

@@ -37,18 +37,20 @@ def _student_vocab(sc: StudentConfig, tokenizer_size: int, teacher_vocab: int) -
     return _vocab_of_checkpoint(src.checkpoint, src.gguf_file, src.trust_remote_code)
 
 
-def cache_key(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
-    """What a student's cache must have been produced from, given the config and the files on disk now."""
+def cache_key(cfg: PipelineConfig, paths: RunPaths, student_name: str, teacher: str | None = None) -> dict:
+    """What a student's cache must have been produced from, given the config and the files on disk now
+    (`teacher`: one of the student's several `teachers`; default its `teacher`)."""
     sc = cfg.student(student_name)
     from kd_core.run import load_run_tokenizer, require
 
-    teacher_dir = require(paths.model(sc.teacher), f"model {sc.teacher!r}", "training stages of that model")
+    teacher = teacher or sc.teacher
+    teacher_dir = require(paths.model(teacher), f"model {teacher!r}", "training stages of that model")
     data = require(paths.split(sc.train_data), f"data {sc.train_data!r}", "prepare (or transfer)")
     tokenizer_size = len(load_run_tokenizer(paths))
     teacher_vocab = _vocab_of_checkpoint(teacher_dir)
     return {
         "format": FORMAT,
-        "teacher": sc.teacher, "teacher_hash": tree_hash(teacher_dir), "teacher_vocab": teacher_vocab,
+        "teacher": teacher, "teacher_hash": tree_hash(teacher_dir), "teacher_vocab": teacher_vocab,
         "tokenizer_hash": tree_hash(paths.tokenizer),
         "data": sc.train_data, "data_hash": tree_hash(data),
         "template": cfg.data.template, "max_length": cfg.tokenizer.max_length, "overlong": cfg.tokenizer.overlong,

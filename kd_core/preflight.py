@@ -10,6 +10,7 @@ flow does not retry it, except an MLflow server that does not answer (`TrackingU
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from kd_core.config import PipelineConfig, TrainingConfig, find_secrets
-from kd_core.errors import ConfigError, PreflightError, TrackingUnreachable
+from kd_core.errors import ConfigError, KDError, PreflightError, TrackingLost, TrackingUnreachable
 
 HEALTH_TIMEOUT_S = 5.0
 # Adam keeps two fp32 moments per parameter: a resume checkpoint is weights + 2x weights (+ small files)
@@ -92,6 +93,27 @@ def _check_server(uri: str) -> None:
         pass  # reachable a moment ago: let MLflow's client retry and report
 
 
+@contextlib.contextmanager
+def server_lost(cfg: PipelineConfig, what: str):
+    """A stage (`what`) failing while its MLflow server has gone (it passed the check when the stage started):
+    whatever MLflow's client raised becomes one `TrackingLost` line (exit 75, retried by the flow). The server is
+    asked again (GET /health) only after an error that is not ours."""
+    try:
+        yield
+    except Exception as err:
+        uri = tracking_uri(cfg) if not isinstance(err, KDError) else ""
+        if not uri.startswith(("http://", "https://")):
+            raise
+        uri = uri.rstrip("/")
+        try:
+            _check_server(uri)
+        except TrackingUnreachable as down:
+            now = down.args[0].partition(f"{uri} ")[2].partition(": start it")[0]  # "is not reachable (...)"
+            raise TrackingLost(f"{what}: MLflow tracking server {uri} stopped answering during the stage (it {now}): "
+                               "run the stage again once it is back; the rerun completes what was registered") from err
+        raise
+
+
 def _probe_write(folder: Path) -> None:
     """Create `folder` if needed and write (then remove) a file in it: permissions, read-only mounts, quotas."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,8 +162,10 @@ def _gb(n: int) -> str:
 
 
 def preflight(cfg: PipelineConfig, stage: str, *, model, tokenizer, training: TrainingConfig, out_dir: Path,
-              teacher=None, student_source=None) -> None:
-    """All checks before a training stage; raises one `PreflightError` naming the stage and the problem."""
+              teacher=None, student_source=None, teacher_tokenizer=None) -> None:
+    """All checks before a training stage; raises one `PreflightError` naming the stage and the problem.
+    `teacher_tokenizer`: the teacher's own, for a method that distils across tokenizers (each model is checked
+    against its own tokenizer)."""
     from kd_core.models import ModelError, check_vocab_compatible, count_parameters
 
     try:
@@ -149,7 +173,7 @@ def preflight(cfg: PipelineConfig, stage: str, *, model, tokenizer, training: Tr
         check_writable(Path(out_dir).parent, Path(cfg.run_dir) / "train_info")
         if teacher is not None or student_source is not None:
             try:
-                check_vocab_compatible(teacher, model, tokenizer, student_source)
+                check_vocab_compatible(teacher, model, tokenizer, student_source, teacher_tokenizer)
             except ModelError as err:
                 raise PreflightError(str(err)) from None
         check_disk(Path(out_dir), count_parameters(model), training)

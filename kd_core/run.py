@@ -108,6 +108,59 @@ def load_run_tokenizer(paths: RunPaths):
     return load_tokenizer(require(paths.tokenizer, "tokenizer", "prepare"))
 
 
+def load_model_tokenizer(paths: RunPaths, name: str, folder: Path | None = None):
+    """The tokenizer of a model of this run: the one its training stage saved beside it in `folder` (default its final
+    folder, `paths.model(name)`): its own when it has one (`model.tokenizer`, a checkpoint's, across tokenizers),
+    else a copy of the run's; the run's when the folder has none."""
+    from kd_core.data.tokenize import load_tokenizer
+
+    folder = paths.model(name) if folder is None else folder
+    if (folder / "tokenizer_config.json").is_file():
+        return load_tokenizer(folder)
+    return load_run_tokenizer(paths)
+
+
+def load_source_tokenizer(cfg: PipelineConfig, source, key: str):
+    """A model's own tokenizer: its `tokenizer` (`key`: that key's path, for errors), else a checkpoint's files (None
+    when it has none, or for a model built from config without `tokenizer`), made ready as `prepare` makes the run's:
+    a pad token, the template's chat template when it has none, and for a model built from config the context length
+    of such models. Loaded from local files / the hub cache only (the pipeline runs offline)."""
+    from kd_core.data.template import chat_template
+    from kd_core.data.tokenize import load_tokenizer
+    from kd_core.errors import ModelError
+
+    name = source.tokenizer or source.checkpoint
+    if name is None:
+        return None
+    try:
+        tok = load_tokenizer(name, source.trust_remote_code, gguf_file=None if source.tokenizer else source.gguf_file)
+    except (OSError, ValueError) as err:
+        if source.tokenizer is None:  # a checkpoint without tokenizer files
+            return None
+        missing = name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
+        raise ModelError(f"{key}: {name!r} " + ("does not exist" if missing else f"does not load as a tokenizer "
+                                                                              f"({err})")) from None
+    if tok.chat_template is None:
+        tok.chat_template = chat_template(cfg.data.template)
+    if source.config is not None:
+        tok.model_max_length = n_positions(cfg)
+    return tok
+
+
+def load_student_tokenizer(cfg: PipelineConfig, paths: RunPaths, student_cfg, cross_tokenizer: bool):
+    """The tokenizer a student trains with: its `model.tokenizer`; a checkpoint's own when its method distils across
+    tokenizers (`cross_tokenizer`; else the run's, which must then equal it: preflight checks); its teacher's when cut
+    `from_teacher_layers`; else (built from config) the run's."""
+    src = student_cfg.model
+    if src.from_teacher_layers is not None:
+        return load_model_tokenizer(paths, student_cfg.teacher)
+    if src.tokenizer is not None or (cross_tokenizer and src.checkpoint is not None):
+        own = load_source_tokenizer(cfg, src, f"students.{student_cfg.name}.model.tokenizer")
+        if own is not None:
+            return own
+    return load_run_tokenizer(paths)
+
+
 def load_train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, split: str = "train", loss_on_prompt: bool = False):
     """A split or transfer set encoded for training: (EncodedDataset, rows dropped as overlong)."""
     from kd_core.data.tokenize import encode_rows
@@ -119,6 +172,23 @@ def load_train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, split: str =
                               loss_on_prompt)
     if len(ds) == 0:
         raise DataError(f"split {split!r}: every example is longer than tokenizer.max_length={cfg.tokenizer.max_length}")
+    return ds, dropped
+
+
+def load_paired_train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, teacher_tokenizer, split: str = "train",
+                          loss_on_prompt: bool = False, with_offsets: bool = False):
+    """`load_train_set` under the student's and the teacher's tokenizers at once (cross-tokenizer methods,
+    `kd_core.data.paired`): (PairedDataset, rows dropped on either side)."""
+    from kd_core.data.paired import encode_paired_rows
+    from kd_core.io import read_jsonl
+
+    maker = "prepare" if split in ("train", "val", "test") else f"transfer (--model {split})"
+    rows = read_jsonl(require(paths.split(split), f"data {split!r}", maker))
+    ds, dropped = encode_paired_rows(rows, tokenizer, teacher_tokenizer, cfg.data.template, cfg.tokenizer.max_length,
+                                     cfg.tokenizer.overlong, loss_on_prompt, with_offsets)
+    if len(ds) == 0:
+        raise DataError(f"split {split!r}: every example is longer than tokenizer.max_length={cfg.tokenizer.max_length} "
+                        f"under the student's or the teacher's tokenizer")
     return ds, dropped
 
 

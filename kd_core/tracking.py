@@ -17,6 +17,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from kd_core.config import PipelineConfig
+from kd_core.interrupts import kill_tracking_server
 from kd_core.io import write_json_atomic
 from kd_core.preflight import check_tracking, tracking_uri  # noqa: F401  (tracking_uri: part of this API)
 from kd_core.run import is_main_process
@@ -156,13 +157,21 @@ def stage_run(cfg: PipelineConfig, run_dir: Path, stage: str, model_name: str | 
     experiment = experiment_of(parent)
     _close_killed_runs(parent, experiment, stage, model_name or "")
     # a child of the parent run without activating the parent (activating and leaving it would end it)
-    with mlflow.start_run(run_name=name, experiment_id=experiment, parent_run_id=parent,
-                          tags={"kd.stage": stage, "kd.model": model_name or "", "kd.params_hash": cfg.fingerprint()}) as run:
+    run = mlflow.start_run(run_name=name, experiment_id=experiment, parent_run_id=parent,
+                           tags={"kd.stage": stage, "kd.model": model_name or "", "kd.params_hash": cfg.fingerprint()})
+    try:
         if params:
             flat: dict[str, Any] = {}
             _flatten("", params, flat)
             mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
         yield run
+    except BaseException:
+        # the store may be what failed (a server gone, a full disk): the stage's own error is the one reported;
+        # a run left RUNNING is closed as KILLED by the next run of the stage
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
 
 
 def _close_killed_runs(parent: str, experiment: str, stage: str | None = None, model: str = "") -> None:
@@ -255,12 +264,29 @@ def log_model_and_register(model_dir: Path, registered_name: str, tags: dict[str
         signature=infer_signature(inputs, ["an answer"], params=params), model_config=model_config)
     if card is not None:
         mlflow.log_text(card, f"{artifact_name}/README.md")
-    version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
-    if card is not None:
-        # the version page renders markdown: the card without its YAML metadata block (README.md keeps it)
-        body = re.sub(r"\A---\n.*?\n---\n+", "", card, flags=re.S)
-        MlflowClient().update_model_version(registered_name, version.version, description=body)
+    version = mlflow.register_model(info.model_uri, registered_name, tags=tags | {PENDING_TAG: "true"})
+    kill_tracking_server()  # (a test hook: the server dies between the registry's calls)
+    complete_version(registered_name, int(version.version), card)
     return int(version.version)
+
+
+# A version is created with this tag and loses it once complete (its description set): one that still has it was
+# cut off by a failure (a server gone) and is completed by the rerun (`complete_version`), never duplicated.
+PENDING_TAG = "kd.pending"
+
+
+def complete_version(registered_name: str, version: int, card: str | None) -> None:
+    """The rest of a version's registration: the model `card` as its description (the version page renders
+    markdown: the card without its YAML metadata block; README.md keeps it), then the pending tag removed."""
+    client = MlflowClient()
+    if card is not None:
+        body = re.sub(r"\A---\n.*?\n---\n+", "", card, flags=re.S)
+        client.update_model_version(registered_name, str(version), description=body)
+    client.delete_model_version_tag(registered_name, str(version), PENDING_TAG)
+
+
+def is_pending(registered_name: str, version: int) -> bool:
+    return PENDING_TAG in MlflowClient().get_model_version(registered_name, str(version)).tags
 
 
 def version_rows(registered_name: str) -> list[dict]:

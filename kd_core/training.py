@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import shutil
 import time
@@ -26,15 +27,16 @@ from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainingArgu
 
 from kd_core.config import TrainingConfig
 from kd_core.data.tokenize import IGNORE_INDEX, CausalCollator, EncodedDataset
-from kd_core.io import atomic_dir
-from kd_core.training_callbacks import (EXTRA_MODULES_FILE, ExtraModulesCheckpoint, ExtraModulesStep,
-                                        MetricsCallback, ProgressBar, StopAtNextStep, test_hooks)
+from kd_core.io import atomic_dir, checksum_problem, write_failure
+from kd_core.training_callbacks import (EXTRA_MODULES_FILE, ChecksumCheckpoint, ExtraModulesCheckpoint,
+                                        ExtraModulesStep, MetricsCallback, ProgressBar, StopAtNextStep, test_hooks)
 from kd_core.errors import Cancelled, TrainingDiverged
 from kd_core.methods.base import Method, StepContext
 from kd_core.teacher import TopKTeacherSignal
 
 if TYPE_CHECKING:
     from kd_core.logit_cache import TeacherLogitCache
+    from kd_core.multi_teacher import TeacherEnsemble
 
 
 @dataclass
@@ -53,11 +55,12 @@ class DistillationTrainer(Trainer):
     `teacher_cache` (its rows for the batch, on the batch's device) when given, else from the live `teacher`."""
 
     def __init__(self, *args, method: Method, teacher: PreTrainedModel | None = None,
-                 teacher_cache: TeacherLogitCache | None = None, **kwargs):
+                 teacher_cache: TeacherLogitCache | None = None, teachers: TeacherEnsemble | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
         self.teacher = teacher
         self.teacher_cache = teacher_cache
+        self.teachers = teachers
         self.method_state: dict = {}
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
@@ -74,11 +77,11 @@ class DistillationTrainer(Trainer):
         signal = (TopKTeacherSignal.from_cache(self.teacher_cache, inputs, inputs["input_ids"].device)
                   if self.teacher_cache is not None else None)  # (None: the live teacher's, see StepContext)
         ctx = StepContext(student=model, batch=inputs, num_items=num_items_in_batch, teacher=self.teacher,
-                          teacher_signal=signal, tokenizer=self.processing_class,
+                          teacher_signal=signal, teachers=self.teachers, tokenizer=self.processing_class,
                           progress=self.state.global_step / max_steps, state=self.method_state, trainer=self)
         out = self.method.compute_loss(ctx)
-        if self.teacher is not None:
-            self.teacher_forward_passes += inputs["input_ids"].shape[0]
+        live = len(self.teachers.models) if self.teachers is not None else int(self.teacher is not None)
+        self.teacher_forward_passes += live * inputs["input_ids"].shape[0]
         loss = out.loss
         if not torch.isfinite(loss.detach()).all():
             raise TrainingDiverged(
@@ -107,6 +110,8 @@ class DistillationTrainer(Trainer):
         return optimizer
 
 
+log = logging.getLogger("kd")
+
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -125,17 +130,26 @@ def _is_complete(ckpt: Path, extra_files: tuple[str, ...]) -> bool:
     return any(ckpt.glob("*.safetensors")) and all((ckpt / f).is_file() for f in ("optimizer.pt", "scheduler.pt"))
 
 
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The checkpoint folders, newest first."""
+    return sorted((p for p in ckpt_dir.iterdir() if p.name.startswith("checkpoint-") and p.name[11:].isdigit()),
+                  key=lambda p: int(p.name[11:]), reverse=True) if ckpt_dir.is_dir() else []
+
+
 def last_complete_checkpoint(ckpt_dir: Path, extra_files: tuple[str, ...] = ()) -> Path | None:
-    """The newest checkpoint written in full (with `extra_files` too), in the Trainer's layout or DeepSpeed's.
-    A process killed while saving leaves a partial folder: it is removed, and training resumes from the one
-    before."""
-    if not ckpt_dir.is_dir():
-        return None
-    found = sorted((p for p in ckpt_dir.iterdir() if p.name.startswith("checkpoint-") and p.name[11:].isdigit()),
-                   key=lambda p: int(p.name[11:]), reverse=True)
-    for ckpt in found:
+    """The newest checkpoint written in full (with `extra_files` too), in the Trainer's layout or DeepSpeed's,
+    whose files match their checksums (`ChecksumCheckpoint`). A process killed while saving leaves a partial
+    folder, a disk fault a truncated or corrupted file: either is removed (the latter with a warning naming the
+    file), and training resumes from the one before."""
+    for ckpt in _checkpoints(ckpt_dir):
         if _is_complete(ckpt, extra_files):
-            return ckpt
+            problem = checksum_problem(ckpt)
+            if problem is None:
+                return ckpt
+            step = int(ckpt.name[11:])
+            older = next((p.name for p in _checkpoints(ckpt_dir) if int(p.name[11:]) < step), None)
+            log.warning("checkpoint %s is damaged: %s; removed, resuming from %s", ckpt, problem,
+                        older or "the start (no earlier checkpoint)")
         shutil.rmtree(ckpt, ignore_errors=True)
     return None
 
@@ -207,6 +221,22 @@ def _save_final(trainer: DistillationTrainer, out_dir: Path, tokenizer, method: 
         trainer.accelerator.wait_for_everyone()
 
 
+def _checkpoint_write_failed(err: BaseException, trainer: DistillationTrainer, ckpt_dir: Path):
+    """A write that failed during training (a checkpoint, on a full disk) as one `WriteFailed` naming the
+    checkpoint; its partial folder is removed (the previous checkpoint is what a rerun resumes from)."""
+    ckpt = ckpt_dir / f"checkpoint-{trainer.state.global_step}"
+    failed = write_failure(err, ckpt)
+    if failed is None:
+        return None
+    if trainer.is_world_process_zero():
+        shutil.rmtree(ckpt, ignore_errors=True)
+    previous = next((p for p in _checkpoints(ckpt_dir) if p != ckpt), None)
+    failed.args = (f"{ckpt}: cannot write ({failed.reason}); checkpoint not saved, "
+                   + (f"{previous.name} is intact: free space and run the stage again to resume from it" if previous
+                      else "no earlier checkpoint: free space and run the stage again"),)
+    return failed
+
+
 def _place_method_modules(method: Method, teacher: torch.nn.Module | None, device: torch.device) -> None:
     """Move what the method's `setup` returned or built to the training device, keeping dtypes: the teacher in
     use (a wrapper such as OKD's peft model holds modules outside the teacher) and the extra trainable modules.
@@ -218,15 +248,18 @@ def _place_method_modules(method: Method, teacher: torch.nn.Module | None, devic
 
 def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: TrainingConfig, out_dir: Path, *,
           method: Method, seed: int, teacher: PreTrainedModel | None = None,
-          teacher_cache: TeacherLogitCache | None = None, epochs: float | None = None,
-          learning_rate: float | None = None, on_log=None, save=True) -> TrainResult:
+          teacher_cache: TeacherLogitCache | None = None, teachers: TeacherEnsemble | None = None,
+          epochs: float | None = None, learning_rate: float | None = None, on_log=None, save=True,
+          data_collator=None) -> TrainResult:
     """Train `model` with `method` and save it (safetensors + tokenizer) to `out_dir` atomically.
 
     The teacher's signal: `teacher_cache` (a :class:`kd_core.logit_cache.TeacherLogitCache` for `dataset`;
     only for methods with `reads_teacher_cache`), else the live `teacher` model (None for methods without a
-    teacher). A method that needs the model itself (OKD, hidden states, generation) gets `teacher`.
-    Checkpoints (if `cfg.save_steps`) go to `out_dir.parent/.<name>-checkpoints`; a run started again
-    resumes from the latest one.
+    teacher). A method that needs the model itself (OKD, hidden states, generation) gets `teacher`. Several
+    teachers (`teachers`, kd_core/multi_teacher.py; `teacher` then the one among them that samples): their
+    combined signal replaces the single teacher's. Checkpoints (if `cfg.save_steps`) go to
+    `out_dir.parent/.<name>-checkpoints`; a run started again resumes from the latest one. `data_collator`:
+    default `CausalCollator` (a paired data set of a cross-tokenizer method: `kd_core.data.paired.PairedCollator`).
     """
     if teacher_cache is not None and not method.reads_teacher_cache:
         raise ValueError(f"method {method.name!r} cannot train on the teacher cache: it needs the live teacher")
@@ -234,17 +267,20 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
     ckpt_dir = out_dir.parent / f".{out_dir.name}-checkpoints"
     args = training_arguments(cfg, ckpt_dir, seed, epochs, learning_rate)
     callback = MetricsCallback(on_log)
-    if teacher is not None:  # frozen: eval mode, no gradients, in no optimizer; a full copy on every rank
-        # in the training precision: it needs no fp32 master copy (OKD's online module, added by the method's
-        # setup below, is created in fp32 by peft)
-        teacher.to(args.device, dtype=PRECISION_DTYPES[cfg.precision]).eval().requires_grad_(False)
+    if teachers is not None and cfg.teacher_sharding == "zero3":
+        raise ValueError("training.teacher_sharding: 'zero3' shards one teacher; several teachers: use 'replicate'")
+    for frozen in {id(m): m for m in [teacher, *(teachers.models if teachers else [])] if m is not None}.values():
+        # frozen: eval mode, no gradients, in no optimizer; a full copy on every rank in the training precision:
+        # it needs no fp32 master copy (OKD's online module, added by the method's setup below, is created in
+        # fp32 by peft)
+        frozen.to(args.device, dtype=PRECISION_DTYPES[cfg.precision]).eval().requires_grad_(False)
     teacher = method.setup(model, teacher)
     _place_method_modules(method, teacher, args.device)
     extras_step = ExtraModulesStep(method, args, own_optimizer=bool(cfg.deepspeed))
     callbacks = [callback, ProgressBar()] + ([extras_step] if extras_step.params else [])
     trainer = DistillationTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=CausalCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, method=method, teacher=teacher, teacher_cache=teacher_cache,
+        model=model, args=args, train_dataset=dataset, data_collator=data_collator or CausalCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer, method=method, teacher=teacher, teacher_cache=teacher_cache, teachers=teachers,
         callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # (disable_tqdm's replacement for the bar: a print per log)
     if teacher is not None and cfg.teacher_sharding == "zero3":
@@ -256,6 +292,7 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
     if method.trainable_modules():
         extras = ExtraModulesCheckpoint(method.trainable_modules(), extras_step.optimizer)
         trainer.add_callback(extras)
+    trainer.add_callback(ChecksumCheckpoint())  # after every other file of the checkpoint is written
     stop = StopAtNextStep()  # SIGTERM: a checkpoint at the next step boundary, then `Cancelled`
     for hook in [*test_hooks(out_dir), stop]:  # (the test hooks: none outside the tests)
         trainer.add_callback(hook)
@@ -263,7 +300,12 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
     if resume and extras:
         extras.load(resume)
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except Exception as err:
+        if (failed := _checkpoint_write_failed(err, trainer, ckpt_dir)) is None:
+            raise
+        raise failed from err
     wall = time.perf_counter() - start
     if stop.stopped_at is not None:
         raise Cancelled(f"{out_dir}: cancelled (SIGTERM) at step {stop.stopped_at}; checkpoint saved in "

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from kd_core.interrupts import DIE_AFTER_CHECKPOINT_ENV, SIGTERM_AT_STEP_ENV, cancel_requested, hook_step
+from kd_core.interrupts import (DIE_AFTER_CHECKPOINT_ENV, DISK_FULL_AFTER_CHECKPOINT_ENV,
+                                SIGTERM_AT_STEP_ENV, cancel_requested, hook_step)
+from kd_core.io import write_checksums
 from kd_core.methods.base import Method
 from kd_core.progress import Progress
 
@@ -108,6 +110,19 @@ class ExtraModulesCheckpoint(TrainerCallback):
             self.optimizer.load_state_dict(saved["optimizer"])
 
 
+class ChecksumCheckpoint(TrainerCallback):
+    """The sha256 of every file of a checkpoint, written last into it (kd_core.io.write_checksums): a resume
+    verifies them and falls back to the previous checkpoint when a file was truncated or corrupted since."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank has written its part of the checkpoint
+        if state.is_world_process_zero:
+            write_checksums(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
 def _all_ranks_agree(flag: bool, world_size: int) -> bool:
     """True on every rank when it is True on any (ranks may receive SIGTERM a step apart)."""
     if world_size <= 1:
@@ -162,6 +177,22 @@ class _SigtermAtStep(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class _DiskFullAfterCheckpoint(TrainerCallback):
+    """Once the checkpoint of `step` is complete, every later write of this process that grows a file fails with
+    EFBIG (as on a full disk): RLIMIT_FSIZE 0, with SIGXFSZ ignored so that the write raises instead of killing
+    the process. Added after the checksums' callback: the checkpoint is complete."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            import resource
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
 def test_hooks(out_dir: Path) -> list[TrainerCallback]:
     """The fault hooks the environment asks for on this model folder (none outside the tests)."""
     hooks: list[TrainerCallback] = []
@@ -169,4 +200,6 @@ def test_hooks(out_dir: Path) -> list[TrainerCallback]:
         hooks.append(_SigtermAtStep(step))
     if (step := hook_step(out_dir, DIE_AFTER_CHECKPOINT_ENV)) is not None:
         hooks.append(_DieAfterCheckpoint(step))
+    if (step := hook_step(out_dir, DISK_FULL_AFTER_CHECKPOINT_ENV)) is not None:
+        hooks.append(_DiskFullAfterCheckpoint(step))
     return hooks

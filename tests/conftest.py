@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,83 @@ def registered_versions(name: str) -> list:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient().search_model_versions(f"name='{name}'")
+
+
+# ------------------------------------------------------------------------------- a prepared project, once a session
+PREPARED_STAGES = ("prepare", "train_teacher")
+# what a copy leaves behind: the session's own stores and DVC's temporary state (locks, the hash db of its inodes)
+_NOT_COPIED = shutil.ignore_patterns("mlflow.db", "mlruns", ".prefect", ".dvc-site-cache", "tmp")
+
+
+@pytest.fixture(scope="session")
+def prepared_project(tmp_path_factory) -> Path:
+    """A git + DVC project of the tiny params (`dvc_project`) whose data, tokenizer and teacher are made once a
+    session: `prepare` and `train_teacher` run in process and recorded in DVC (dvc.lock, .dvc/cache). A test
+    copies it into its own folder with `copy_prepared`; with the same `data`, `tokenizer` and `teacher` params
+    DVC finds those two stages up to date there (`dvc repro` and the flow skip them), whatever the students."""
+    import mlflow
+
+    from kd_core.config import parse_config
+    from kd_core.lineage import DvcBook
+    from kd_core.stages import run_stage
+
+    root = tmp_path_factory.mktemp("prepared")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("DVC_SITE_CACHE_DIR", str(root / ".dvc-site-cache"))
+        mp.setenv("PREFECT_HOME", str(root / ".prefect"))
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        try:
+            dvc_project(root, TINY_PARAMS)
+            cfg = parse_config(TINY_PARAMS)
+            book = DvcBook(root)
+            for stage in PREPARED_STAGES:
+                run_stage(stage, cfg)
+                book.record(stage)
+        finally:
+            mlflow.set_tracking_uri(None)
+    return root
+
+
+def copy_prepared(prepared: Path, folder: Path, params: dict | None = None) -> None:
+    """The prepared project (`prepared_project`) copied into `folder` (git and DVC repository, dvc.yaml, code, DVC
+    cache, the run folder's data, tokenizer and teacher), without the session's MLflow store, Prefect home or
+    DVC state; then `params` (default: the tiny params) as its params.yaml."""
+    shutil.copytree(prepared, folder, ignore=_NOT_COPIED, dirs_exist_ok=True, symlinks=True)
+    write_params(folder, TINY_PARAMS if params is None else params)
+
+
+def reproduced_params() -> dict:
+    """The tiny params with one student (fkl: one `kd stage` process per stage), champion on val/ppl."""
+    params = tiny_params()
+    del params["students"]["sft"]
+    params["tracking"]["champion"].update(metric="val/ppl", mode="min")
+    return params
+
+
+@pytest.fixture(scope="session")
+def reproduced_project(prepared_project, tmp_path_factory) -> tuple[Path, str]:
+    """A copy of the prepared project with `reproduced_params`, reproduced once a session by `dvc repro` (prepare
+    and train_teacher up to date, every other stage a `kd stage` process), its own MLflow store, Prefect home and
+    DVC site cache inside: (the folder, the output of that `dvc repro`). Tests copy it (`copy_reproduced`)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("reproduced")
+    copy_prepared(prepared_project, root, reproduced_params())
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PREFECT_HOME=str(root / ".prefect"), DVC_SITE_CACHE_DIR=str(root / ".dvc-site-cache"),
+               MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
+    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=root, env=env, check=True, capture_output=True)
+    out = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"dvc repro:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    return root, out.stdout
+
+
+def copy_reproduced(reproduced: Path, folder: Path, stores: bool) -> None:
+    """The reproduced project copied into `folder`, with its MLflow store (`stores`; the registered versions'
+    artifacts stay where the session's store wrote them: read, not written) or without it."""
+    ignore = shutil.ignore_patterns(".prefect", ".dvc-site-cache", "tmp") if stores else _NOT_COPIED
+    shutil.copytree(reproduced, folder, ignore=ignore, dirs_exist_ok=True, symlinks=True)

@@ -14,19 +14,19 @@ from kd_core.run import RunPaths
 from kd_core.stages.distill import distill
 from kd_core.stages.evaluate import evaluate
 from kd_core.stages.finetune import finetune
-from kd_core.stages.prepare import prepare
-from kd_core.stages.train_teacher import train_teacher
 from kd_core.stages.transfer import transfer
-from tests.conftest import TINY_MODEL, TINY_TRAINING, tiny_params, write_params
+from tests.conftest import TINY_MODEL, TINY_TRAINING, copy_prepared, tiny_params
 
 ARGS = {  # keep generation short on the tiny setup
     "imitkd": {"max_new_tokens": 6}, "gkd": {"max_new_tokens": 6, "lmbda": 1.0}, "minillm": {"max_new_tokens": 6},
     "distillm": {"max_new_tokens": 6, "init_threshold": 0.5},
+    "sampled_rkl": {"max_new_tokens": 6}, "entropy_aware_opd": {"max_new_tokens": 6},
+    "speculative_kd": {"max_new_tokens": 6, "top_k": 5},
 }
 
 
 @pytest.mark.slow
-def test_every_registered_method_runs_through_the_stages(project):
+def test_every_registered_method_runs_through_the_stages(project, prepared_project):
     params = tiny_params()
     params["evaluation"].update(sample_seeds=[0], exaccerr_prompts=4, exaccerr_lengths=[2])
     params["transfer_sets"] = {"gen": {"source": "teacher", "max_new_tokens": 6}}
@@ -35,10 +35,9 @@ def test_every_registered_method_runs_through_the_stages(project):
                "model": TINY_MODEL, "training": dict(TINY_TRAINING, max_steps=3), "method_args": ARGS.get(name, {})}
         for name in sorted(METHODS)
     }
-    cfg = load_config(write_params(project, params))
+    copy_prepared(prepared_project, project, params)  # data, tokenizer, teacher: made once a session (conftest)
+    cfg = load_config(project / "params.yaml")
     paths = RunPaths.of(cfg)
-    prepare(cfg, paths)
-    train_teacher(cfg, paths)
     transfer(cfg, paths, "gen")
     for name in cfg.chain_order():
         info = distill(cfg, paths, name)

@@ -10,11 +10,12 @@ import os
 import pytest
 import torch
 
-from kd_core.losses.divergences import DIVERGENCES, Divergence, ParamSpec, akl, fkl, get_divergence, jsd, register_divergence, rkl, skl, srkl, tvd
+from kd_core.losses.divergences import (DIVERGENCES, Divergence, ParamSpec, abkd, akl, fkl, get_divergence, jsd,
+                                        register_divergence, rkl, skl, srkl, tvd)
 from kd_core.losses.tokens import logprobs, masked_token_sum_and_count, reduce_tokens, shared_vocab, token_divergence
 
 SHAPES = [(5,), (3, 6), (2, 3, 7), (2, 2, 3, 4)]
-NAMES = ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl"]
+NAMES = ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "abkd"]
 
 
 # ----------------------------------------------------------------------------- brute-force references
@@ -73,7 +74,33 @@ def ref_akl(p, q, mu=0.5):
     return wh * _kl(p, q) + wt * _kl(q, p)
 
 
+def ref_abkd(p, q, alpha=0.2, beta=0.7):
+    """The alpha-beta divergence as ABKD's eq. / Cichocki et al. 2011 eq. 4 write it, one token at a time."""
+    a, b = alpha, beta
+    s = a + b
+    total = 0.0
+    for pi, qi in zip(p, q):
+        if pi == 0 and qi == 0:
+            continue  # a token neither distribution supports
+        if pi == 0:  # the formula's limit p -> 0: p^a, p^s -> 0 when a, s > 0, else the term blows up
+            total += qi ** s / (a * s) if a > 0 and s > 0 else math.inf
+        elif qi == 0:
+            total += pi ** s / (b * s) if b > 0 and s > 0 else math.inf
+        elif a == 0 and b == 0:
+            total += 0.5 * (math.log(pi) - math.log(qi)) ** 2
+        elif b == 0:
+            total += (pi ** a * math.log(pi ** a / qi ** a) - pi ** a + qi ** a) / a ** 2
+        elif a == 0:
+            total += (qi ** b * math.log(qi ** b / pi ** b) - qi ** b + pi ** b) / b ** 2
+        elif s == 0:
+            total += ((pi / qi) ** a - math.log((pi / qi) ** a) - 1) / a ** 2
+        else:
+            total += -(pi ** a * qi ** b - a / s * pi ** s - b / s * qi ** s) / (a * b)
+    return total
+
+
 REFS = {
+    "abkd": ref_abkd,
     "fkl": ref_fkl,
     "rkl": ref_rkl,
     "jsd": ref_jsd,
@@ -118,6 +145,14 @@ PARAM_CASES = [
     ("akl", {}),
     ("akl", {"mu": 0.2}),
     ("akl", {"mu": 0.9}),
+    ("abkd", {}),
+    ("abkd", {"alpha": 1.0, "beta": 0.0}),
+    ("abkd", {"alpha": 0.0, "beta": 1.0}),
+    ("abkd", {"alpha": 0.5, "beta": 0.5}),
+    ("abkd", {"alpha": 0.0, "beta": 0.0}),
+    ("abkd", {"alpha": 0.8, "beta": -0.8}),
+    ("abkd", {"alpha": -0.5, "beta": 1.5}),
+    ("abkd", {"alpha": 1.5, "beta": -0.4}),
 ]
 
 
@@ -274,6 +309,99 @@ def test_akl_equal_distributions_safe():
     assert torch.isfinite(s.grad).all()
 
 
+# ----------------------------------------------------------------------------- ABKD (alpha-beta divergence)
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.2, 0.7), (0.5, 0.5), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0), (0.9, -0.9),
+                                        (-0.3, 1.2), (2.0, -0.5), (0.3, 0.0), (0.0, 0.4), (1.3, 0.6)])
+def test_abkd_matches_the_formula_in_float64(alpha, beta):
+    s, t = rand_pair((4, 3, 9), seed=int(100 * (alpha + 3 * beta)) % 97)
+    torch.testing.assert_close(abkd(s, t, alpha=alpha, beta=beta), apply_ref(ref_abkd, s, t, alpha=alpha, beta=beta),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_abkd_special_cases_orientation():
+    """(1, 0) is KL(p || q) with p = teacher, (0, 1) is KL(q || p): the formula's beta = 0 limit
+    1/a^2 sum p^a log(p^a/q^a) - p^a + q^a at a = 1 is sum p log(p/q) (the -p + q sum to 0), the alpha = 0 one
+    sum q log(q/p). (0.5, 0.5) is 4 x the squared Hellinger distance, alpha + beta = 1 Amari's alpha-divergence."""
+    s, t = rand_pair((5, 11), seed=31)
+    p, q = t.exp(), s.exp()
+    forward = (p * (t - s)).sum(-1)
+    reverse = (q * (s - t)).sum(-1)
+    assert not torch.allclose(forward, reverse)
+    torch.testing.assert_close(abkd(s, t, alpha=1.0, beta=0.0), forward, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(abkd(s, t, alpha=0.0, beta=1.0), reverse, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(get_divergence("abkd")(s, t, alpha=1.0, beta=0.0), fkl(s, t))
+    torch.testing.assert_close(get_divergence("abkd")(s, t, alpha=0.0, beta=1.0), rkl(s, t))
+    torch.testing.assert_close(abkd(s, t, alpha=0.5, beta=0.5), 2 * ((p.sqrt() - q.sqrt()) ** 2).sum(-1))
+    a = 0.3
+    torch.testing.assert_close(abkd(s, t, alpha=a, beta=1 - a), (1 - (p ** a * q ** (1 - a)).sum(-1)) / (a * (1 - a)))
+    # swapping the roles is swapping the parameters: D^(a,b)(p || q) = D^(b,a)(q || p)
+    torch.testing.assert_close(abkd(t, s, alpha=0.7, beta=0.2), abkd(s, t, alpha=0.2, beta=0.7))
+
+
+@pytest.mark.parametrize("alpha,beta,direction", [
+    (0.6, 0.0, (0.0, 1.0)),    # beta -> 0
+    (0.0, 0.45, (1.0, 0.0)),   # alpha -> 0
+    (0.7, -0.7, (0.0, 1.0)),   # alpha + beta -> 0
+    (0.0, 0.0, (1.0, 1.0)),    # both -> 0 (along alpha = beta)
+    (0.0, 0.0, (1.0, -2.0)),   # both -> 0 (along another ray)
+    (1.0, 0.0, (0.0, -1.0)),   # the forward KL from below
+])
+def test_abkd_limits_are_continuous(alpha, beta, direction):
+    """The value at a limit (computed from its own formula) is the limit of the general formula: at a distance
+    h = 1e-6 along a ray it differs by O(h), and by 10x less at h = 1e-7."""
+    s, t = rand_pair((3, 4, 10), seed=8)
+    at = abkd(s, t, alpha=alpha, beta=beta)
+    gaps = []
+    for h in (1e-6, 1e-7):
+        near = abkd(s, t, alpha=alpha + h * direction[0], beta=beta + h * direction[1])
+        gaps.append(float((near - at).abs().max()))
+        torch.testing.assert_close(near, at, rtol=1e-4, atol=0)
+    assert gaps[1] < gaps[0] / 5 or gaps[0] < 1e-12
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.2, 0.7), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0), (0.6, -0.6), (-0.4, 1.1)])
+def test_abkd_gradcheck(alpha, beta):
+    ls = rand_logits((3, 6), seed=3).requires_grad_(True)
+    lt = rand_logits((3, 6), seed=4).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: abkd(logprobs(a), logprobs(b), alpha=alpha, beta=beta), (ls, lt))
+    # with vocabulary entries masked in both (zero probability): finite, zero gradient there
+    masked = ls.detach().clone()
+    masked[:, -2:] = float("-inf")
+    masked_t = lt.detach().clone()
+    masked_t[:, -2:] = float("-inf")
+    x = masked.requires_grad_(True)
+    abkd(logprobs(x), logprobs(masked_t), alpha=alpha, beta=beta).sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[:, -2:] == 0).all()
+
+
+def test_abkd_one_sided_zero_is_the_limit_of_small_probabilities():
+    """A token the teacher gives 0 adds q^s / (alpha s) (alpha, s > 0): what the formula tends to as p_v -> 0;
+    for alpha <= 0 the divergence is +inf (and so for the student's side with beta)."""
+    q = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    p_zero = torch.tensor([0.6, 0.4, 0.0], dtype=torch.float64)
+    p_tiny = torch.tensor([0.6, 0.4 - 1e-60, 1e-60], dtype=torch.float64)
+    for a, b in [(0.2, 0.7), (1.0, 0.0), (0.5, -0.2)]:
+        torch.testing.assert_close(abkd(q.log(), p_zero.log(), alpha=a, beta=b),
+                                   abkd(q.log(), p_tiny.log(), alpha=a, beta=b), rtol=1e-9, atol=0)
+        torch.testing.assert_close(abkd(p_zero.log(), q.log(), alpha=b, beta=a),  # the student's zero
+                                   abkd(p_tiny.log(), q.log(), alpha=b, beta=a), rtol=1e-9, atol=0)
+    assert torch.isinf(abkd(q.log(), p_zero.log(), alpha=0.0, beta=1.0))  # KL(q || p) with p_v = 0 < q_v
+    assert torch.isinf(abkd(q.log(), p_zero.log(), alpha=-0.3, beta=1.0))
+
+
+def test_abkd_float32_is_accurate_near_the_limits_and_for_close_distributions():
+    """The divided-difference form keeps float32 accurate where the formula as written cancels: close
+    distributions and parameters near a limit (the formula in float32 is off by > 100 % there)."""
+    s, _ = rand_pair((16, 200), seed=5, scale=3.0)
+    near = logprobs(s + 0.01 * rand_logits((16, 200), seed=6))
+    for a, b in [(0.2, 0.7), (0.5, 1e-4), (1e-4, 0.5), (0.7, -0.7 + 1e-4)]:
+        want = abkd(s, near, alpha=a, beta=b)
+        got = abkd(s.float(), near.float(), alpha=a, beta=b).double()
+        assert float(((got - want).abs() / want).max()) < 1e-3
+
+
 # ----------------------------------------------------------------------------- numerics: zeros / -inf / dtypes
 
 
@@ -302,7 +430,8 @@ def test_masked_vocab_neg_inf_finite_values_and_grads(name, params):
 
 @pytest.mark.parametrize(
     "name,params",
-    [("fkl", {}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.9}), ("tvd", {}), ("skl", {}), ("srkl", {})],
+    [("fkl", {}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.9}), ("tvd", {}), ("skl", {}), ("srkl", {}), ("abkd", {}),
+     ("abkd", {"alpha": 1.0, "beta": 0.0}), ("abkd", {"alpha": 1.5, "beta": -0.4})],
     ids=lambda x: str(x),
 )
 def test_teacher_only_zero_probability_is_finite(name, params):
@@ -318,7 +447,8 @@ def test_teacher_only_zero_probability_is_finite(name, params):
 
 @pytest.mark.parametrize(
     "name,params",
-    [("rkl", {}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.1}), ("tvd", {}), ("skl", {}), ("srkl", {})],
+    [("rkl", {}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.1}), ("tvd", {}), ("skl", {}), ("srkl", {}), ("abkd", {}),
+     ("abkd", {"alpha": 0.0, "beta": 1.0}), ("abkd", {"alpha": -0.5, "beta": 1.5})],
     ids=lambda x: str(x),
 )
 def test_student_only_zero_probability_is_finite(name, params):
@@ -364,6 +494,7 @@ def test_registry_contents_and_docs():
     assert DIVERGENCES["skl"].params == {"alpha": ParamSpec(0.1, 0.0, 1.0)}
     assert DIVERGENCES["srkl"].params == {"alpha": ParamSpec(0.1, 0.0, 1.0)}
     assert DIVERGENCES["akl"].params == {"mu": ParamSpec(0.5, 0.0, 1.0)}
+    assert DIVERGENCES["abkd"].params == {"alpha": ParamSpec(0.2, -5.0, 5.0), "beta": ParamSpec(0.7, -5.0, 5.0)}
     assert DIVERGENCES["fkl"].params == {}
     assert "KL(p || q)" in DIVERGENCES["fkl"].doc and "KL(q || p)" in DIVERGENCES["rkl"].doc
     with pytest.raises(dataclasses.FrozenInstanceError):

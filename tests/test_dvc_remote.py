@@ -1,6 +1,6 @@
 """Data and model versions travel: `dvc repro` in a git repo, `dvc push` to the project's default remote (a
 local folder, `.dvc/config`), `git clone` of that repo, `dvc pull`: every output DVC tracks (splits,
-tokenizer, models) and the metrics files come back byte-identical."""
+tokenizer, the teacher and the student, reports) and the metrics files come back byte-identical."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, copy_pipeline, tiny_params, write_params
+from tests.conftest import REPO, copy_reproduced
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +26,11 @@ def _files(root: Path, rel: str) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
 
 
-def test_push_then_pull_into_a_fresh_clone_restores_outputs(project):
+def test_push_then_pull_into_a_fresh_clone_restores_outputs(project, reproduced_project):
+    """On a copy of the session's reproduced project (`tests/conftest.py`: the tiny params with one student, every
+    stage run by `dvc repro` once a session), without its MLflow store: every output DVC tracks travels."""
     src, clone = project / "src", project / "clone"
-    src.mkdir()
-    params = tiny_params()
-    del params["students"]["sft"]
-    params["students"]["fkl"].pop("finetune")
-    params["evaluation"].update(limit=3, sample_seeds=[0], exaccerr_prompts=0)
-    write_params(src, params)
-    copy_pipeline(src)
+    copy_reproduced(reproduced_project[0], src, stores=False)
     (src / ".gitignore").write_text("__pycache__/\n/.prefect/\n/.torch_extensions/\n")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
@@ -44,14 +40,9 @@ def test_push_then_pull_into_a_fresh_clone_restores_outputs(project):
         return out
 
     git = ("git", "-c", "user.email=t@t", "-c", "user.name=t")
-    sh(src, "git", "init", "-q")
-    sh(src, "dvc", "init", "-q")
     shutil.copy(REPO / ".dvc" / "config", src / ".dvc" / "config")  # the project's remote settings, as committed
     remote = project / "kd-dvc-remote"  # the default remote: ../../kd-dvc-remote from .dvc/, beside the checkout
     assert sh(src, "dvc", "remote", "default").stdout.strip() == "local"
-    # data, tokenizer, teacher model and its metrics: three stage processes (the students' stages add
-    # nothing new to what DVC moves, and a minute of test time)
-    sh(src, "dvc", "repro", "evaluate_teacher")
     sh(src, "git", "add", "-A")
     sh(src, *git, "commit", "-q", "-m", "tiny run")
     pushed = sh(src, "dvc", "push")
@@ -68,8 +59,8 @@ def test_push_then_pull_into_a_fresh_clone_restores_outputs(project):
 
     sh(project, "git", "clone", "-q", str(src), str(clone))
     assert not (clone / run / "models" / "teacher").exists(), "weights are not in git"
-    sh(clone, "dvc", "pull", "--with-deps", "evaluate_teacher")
+    sh(clone, "dvc", "pull")
     after = {k: v for rel in tracked for k, v in _files(clone, rel).items()}
     assert after == before
-    status = sh(clone, "dvc", "status", "evaluate_teacher")
+    status = sh(clone, "dvc", "status")
     assert "changed" not in status.stdout, status.stdout

@@ -22,7 +22,8 @@ from kd_core.teacher import TopKTeacherSignal
 from tests.method_harness import padded_batch, student_config
 
 B, T, H, H_T, V = 3, 9, 6, 8, 23
-PARAMS = {"jsd": {"beta": 0.3}, "skl": {"alpha": 0.2}, "srkl": {"alpha": 0.2}, "akl": {"mu": 0.4}}
+PARAMS = {"jsd": {"beta": 0.3}, "skl": {"alpha": 0.2}, "srkl": {"alpha": 0.2}, "akl": {"mu": 0.4},
+          "abkd": {"alpha": 0.4, "beta": -0.1}}
 
 
 def _inputs(dtype=torch.float64):

@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from kd_core.config import parse_config
 from kd_core.run import RunPaths
-from tests.conftest import copy_pipeline, dvc_project, dvc_status, registered_versions, tiny_params, write_params
+from tests.conftest import (copy_reproduced, dvc_project, dvc_status, registered_versions, reproduced_params, tiny_params,
+                            write_params)
 
 KD = str(Path(sys.executable).with_name("kd"))
 
@@ -70,25 +71,19 @@ def test_prefect_flow_end_to_end(project):
 
 
 @pytest.mark.slow
-def test_dvc_repro_end_to_end_and_noop(project):
-    params = tiny_params()
-    del params["students"]["sft"]  # one student keeps the stage count (one process each) down
-    params["tracking"]["champion"]["metric"] = "val/ppl"
-    params["tracking"]["champion"]["mode"] = "min"
-    write_params(project, params)
-    copy_pipeline(project)
+def test_dvc_repro_end_to_end_and_noop(project, reproduced_project):
+    """`dvc repro` of the tiny params with one student (one process per stage: `reproduced_project`, made once a
+    session on the prepared project, whose data, tokenizer and teacher DVC finds up to date), checked in a copy."""
+    params = reproduced_params()
+    reproduced, first_stdout = reproduced_project
+    copy_reproduced(reproduced, project, stores=True)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
     def sh(*cmd):
         return subprocess.run(cmd, cwd=project, env=env, check=True, capture_output=True, text=True)
 
-    sh("git", "init", "-q")
-    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init")
-    sh("dvc", "init", "-q")
-    sh("dvc", "config", "core.analytics", "false")
-    first = sh("dvc", "repro")
-    assert "Running stage 'distill@fkl'" in first.stdout
-    assert "Running stage 'compare'" in first.stdout
+    assert "Running stage 'distill@fkl'" in first_stdout
+    assert "Running stage 'compare'" in first_stdout
     second = sh("dvc", "repro")
     assert "Running stage" not in second.stdout  # nothing to do
     lock = (project / "dvc.lock").read_text()

@@ -24,7 +24,7 @@ from tests.method_harness import padded_batch, student_config, tiny_setup
 
 B, T, V, PAD = 3, 8, 11, 2
 DIVS = [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.3}), ("tvd", {}), ("skl", {"alpha": 0.2}),
-        ("srkl", {"alpha": 0.2}), ("akl", {"mu": 0.4})]
+        ("srkl", {"alpha": 0.2}), ("akl", {"mu": 0.4}), ("abkd", {"alpha": 0.4, "beta": 0.3})]
 
 
 def _inputs():

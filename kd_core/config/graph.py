@@ -40,6 +40,10 @@ def check_references(cfg: PipelineConfig) -> None:
         if st.teacher not in models or st.teacher == name:
             allowed = ", ".join(m for m in models if m != name)
             raise ValueError(f"students.{name}.teacher: unknown model {st.teacher!r} (allowed: {allowed})")
+        for other in st.teachers or {}:
+            if other not in models or other == name:
+                allowed = ", ".join(m for m in models if m != name)
+                raise ValueError(f"students.{name}.teachers.{other}: unknown model (allowed: {allowed})")
         if METHOD_SPECS[st.method].needs_transfer_set and st.train_data == "train":
             allowed = ", ".join(cfg.transfer_sets) or "none defined under transfer_sets"
             raise ValueError(f"students.{name}.train_data: method {st.method!r} trains on a transfer set "
@@ -50,12 +54,46 @@ def check_references(cfg: PipelineConfig) -> None:
 
 
 def dependencies(cfg: PipelineConfig, student: str) -> list[str]:
-    """The models a student needs finished first: its teacher and the source of its transfer set."""
+    """The models a student needs finished first: its teacher(s) and the source of its transfer set."""
     st = cfg.students[student]
-    deps = [st.teacher]
+    deps = [st.teacher, *(t for t in st.teachers or {} if t != st.teacher)]
     if st.train_data in cfg.transfer_sets:
         deps.append(cfg.transfer_sets[st.train_data].source)
     return deps
+
+
+def ancestors(cfg: PipelineConfig, model: str) -> set[str]:
+    """Every model `model` needs finished first, directly or through others (none for the teacher)."""
+    found: set[str] = set()
+    todo = [model]
+    while todo:
+        name = todo.pop()
+        for dep in dependencies(cfg, name) if name in cfg.students else ():
+            if dep not in found:
+                found.add(dep)
+                todo.append(dep)
+    return found
+
+
+def check_teachers(cfg: PipelineConfig) -> None:
+    """A student's `teachers` (several teachers, kd_core/multi_teacher.py) name its `teacher` and models that come
+    before it in its chain: dvc.yaml's stages depend on `teacher` alone (a foreach over the students has one
+    path per student), so the other teachers reach the student through it. Call after `chain_order` (no cycles)."""
+    from kd_core.config.endpoint import check_served_teacher
+
+    check_served_teacher(cfg)  # a teacher served by another process: who may be taught by it, and how
+    for name, st in cfg.students.items():
+        if not st.teachers:
+            continue
+        nearest = [t for t in st.teachers if set(st.teachers) - {t} <= ancestors(cfg, t)]
+        if not nearest:
+            raise ValueError(f"students.{name}.teachers: {', '.join(map(repr, st.teachers))} are not in one chain "
+                             f"(dvc.yaml's stages depend on one teacher per student, students.{name}.teacher: each "
+                             f"other teacher must be a model it is taught by, directly or through others)")
+        if st.teacher != nearest[0]:
+            raise ValueError(f"students.{name}.teacher: must be {nearest[0]!r}, the nearest of students.{name}."
+                             f"teachers (dvc.yaml's stages depend on `teacher`; the others come before it; "
+                             f"got {st.teacher!r})")
 
 
 def chain_order(cfg: PipelineConfig) -> list[str]:

@@ -77,6 +77,31 @@ class DistiLLMArgs(MethodArgs):
     replay_ratio: Literal["decreasing", "constant", "increasing"] = "decreasing"
 
 
+class SampledRKLArgs(MethodArgs):
+    estimator: Literal["k1", "k3"] = Field(
+        "k3", description="per-token estimate of KL(q || p) reported as the loss value: k1 = -r, k3 = (e^r - 1) - r "
+                          "(r = log p(y) - log q(y)); the gradient is the same for both")
+    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of the student (unbiased for "
+                                                          "KL(q_τ || p_τ) when equal to `temperature`)")
+    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
+
+
+class EntropyAwareOPDArgs(MethodArgs):
+    entropy_threshold: float = Field(
+        0.6931471805599453, ge=0, description="h (nats): the forward KL is added where the teacher's entropy exceeds "
+                                             "it (default ln 2)")
+    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of the student")
+    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
+
+
+class SpeculativeKDArgs(MethodArgs):
+    top_k: int = Field(25, ge=1, description="a student token is kept when among the teacher's top_k, else replaced "
+                                             "by a teacher sample")
+    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of student proposals and teacher "
+                                                          "replacements")
+    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
+
+
 _LORA_KEYS = {"lora_r", "lora_alpha", "target_modules", "fused_qkv"}
 _PROMPT_KEYS = {"num_virtual_tokens"}
 _PREFIX_KEYS = {"prefix_projection"}
@@ -152,13 +177,42 @@ class ProgressiveArgs(IntermediateArgs):
                               "source's layer-by-layer variant); all: the whole student trains from step 0")
 
 
+class ULDArgs(MethodArgs):
+    uld_weight: float = Field(1.0, ge=0, description="λ: weight of the ULD term (Wasserstein-1 between the sorted "
+                                                     "teacher and student probabilities)")
+    ce_weight: float = Field(1.0, ge=0, description="weight of the student's CE on the references (the paper: 1)")
+    skip_eos: bool = Field(False, description="leave each side's final EOS out of the alignment (ULD code: "
+                                              "skip_student_eos / skip_teacher_eos)")
+
+
+class GOLDArgs(MethodArgs):
+    distill_weight: float = Field(1.0, ge=0, description="weight of the aligned-span term (GOLD: "
+                                                         "uld_distillation_weight)")
+    ce_weight: float = Field(0.0, ge=0, description="weight of the student's CE on the references (GOLD: "
+                                                    "uld_crossentropy_weight)")
+    matched_weight: float | None = Field(None, ge=0, description="weight of the divergence over the tokens both "
+                                         "vocabularies share; null (with unmatched_weight null): GOLD's adaptive "
+                                         "|shared| / |teacher vocabulary|")
+    unmatched_weight: float | None = Field(None, ge=0, validate_default=True, description="weight of the sorted "
+                                           "L1 (ULD) over the other tokens; null: 1 − the adaptive matched weight")
+    skip_eos: bool = Field(True, description="leave each side's final EOS out (GOLD's uld_skip_*_eos default)")
+
+    @field_validator("unmatched_weight")
+    @classmethod
+    def _both_or_neither(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if (v is None) != (info.data.get("matched_weight") is None):
+            raise ValueError("give matched_weight and unmatched_weight both (fixed weights) or neither (adaptive)")
+        return v
+
+
 # ----------------------------------------------------------------------------------------------- specs
 @dataclass(frozen=True)
 class MethodSpec:
     """What a method needs: the teacher at all (`needs_teacher`), model-generated data (`needs_transfer_set`:
     `train_data` must name a transfer set), the divergence used when params name none and (if not None) the only
     ones it accepts, whether it reads the teacher only through `ctx.teacher_signal` (so it can train on the
-    teacher-logit cache, `teacher_cache` in params), and its `method_args` model."""
+    teacher-logit cache, `teacher_cache` in params), whether it reads the teacher only through teacher signals on the
+    reference batch or rebuilt ones (`multi_teacher`: `teachers`, several, allowed), and its `method_args` model."""
 
     name: str
     needs_teacher: bool = True
@@ -166,6 +220,9 @@ class MethodSpec:
     default_divergence: tuple[str, dict] = ("fkl", {})
     allowed_divergences: frozenset[str] | None = None
     reads_teacher_cache: bool = False
+    multi_teacher: bool = False
+    cross_tokenizer: bool = False  # distils across tokenizers: reads the teacher's own tokenization of the text
+    uses_alpha: bool = True  # False: its CE weight is a method_args key, `alpha` must stay 0
     Args: type[BaseModel] = MethodArgs
 
     def validate_args(self, method_args: dict[str, Any]) -> None:
@@ -182,16 +239,28 @@ class MethodSpec:
 METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("sft", needs_teacher=False),
     MethodSpec("seqkd", needs_teacher=False, needs_transfer_set=True),  # the teacher's knowledge is in the data
-    MethodSpec("kd", reads_teacher_cache=True, Args=KDArgs),
-    MethodSpec("atkd", reads_teacher_cache=True, Args=ATKDArgs),
-    MethodSpec("gkd", default_divergence=("jsd", {"beta": 0.5}), Args=GKDArgs),
-    MethodSpec("imitkd", Args=ImitKDArgs),
+    MethodSpec("kd", reads_teacher_cache=True, multi_teacher=True, Args=KDArgs),
+    MethodSpec("atkd", reads_teacher_cache=True, multi_teacher=True, Args=ATKDArgs),
+    MethodSpec("gkd", default_divergence=("jsd", {"beta": 0.5}), multi_teacher=True, Args=GKDArgs),
+    MethodSpec("imitkd", multi_teacher=True, Args=ImitKDArgs),
     # minillm's objective is the sequence-level reverse KL
     MethodSpec("minillm", default_divergence=("rkl", {}), allowed_divergences=frozenset({"rkl"}), Args=MiniLLMArgs),
-    MethodSpec("distillm", default_divergence=("skl", {"alpha": 0.1}), Args=DistiLLMArgs),
+    MethodSpec("distillm", default_divergence=("skl", {"alpha": 0.1}), multi_teacher=True, Args=DistiLLMArgs),
+    # on the student's own samples: the sampled-token reverse KL; the reverse KL plus the forward KL where the
+    # teacher's entropy is high (their objectives fix the divergences); speculative KD (any divergence, default fkl)
+    MethodSpec("sampled_rkl", default_divergence=("rkl", {}), allowed_divergences=frozenset({"rkl"}),
+               Args=SampledRKLArgs),
+    MethodSpec("entropy_aware_opd", default_divergence=("rkl", {}), allowed_divergences=frozenset({"rkl"}),
+               Args=EntropyAwareOPDArgs),
+    MethodSpec("speculative_kd", Args=SpeculativeKDArgs),
     MethodSpec("okd", Args=OKDArgs),
     MethodSpec("intermediate", Args=IntermediateArgs),
     MethodSpec("progressive", Args=ProgressiveArgs),
+    # across tokenizers: uld's term is not a registered divergence (`divergence` is not read), gold's shared-vocabulary
+    # part is `divergence` (GOLD: the generalized JSD, β = 0.5)
+    MethodSpec("uld", cross_tokenizer=True, uses_alpha=False, Args=ULDArgs),
+    MethodSpec("gold", default_divergence=("jsd", {"beta": 0.5}), cross_tokenizer=True, uses_alpha=False,
+               Args=GOLDArgs),
 )}
 
 
@@ -230,6 +299,13 @@ def check_student(st: StudentConfig) -> None:
         readers = ", ".join(sorted(n for n, m in METHOD_SPECS.items() if m.reads_teacher_cache))
         raise ValueError(f"teacher_cache.enabled: method {st.method!r} needs the live teacher (on-policy, full "
                          f"logits or no teacher at all); the cache is read by: {readers}")
+    if st.alpha and not method.uses_alpha:
+        raise ValueError(f"alpha: method {st.method!r} weighs its cross-entropy with method_args.ce_weight (alpha "
+                         f"must stay 0)")
+    if st.teachers and not method.multi_teacher:
+        allowed = ", ".join(sorted(n for n, m in METHOD_SPECS.items() if m.multi_teacher))
+        raise ValueError(f"teachers: method {st.method!r} reads one teacher model (or none); several teachers "
+                         f"are for: {allowed}")
 
 
 def get_spec(name: str) -> MethodSpec:

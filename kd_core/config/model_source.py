@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kd_core.config.base import StrictModel
+from kd_core.config.endpoint import EndpointConfig
 
 
 class ArchConfig(StrictModel):
@@ -48,26 +49,43 @@ def _divisors(n: int) -> list[int]:
 
 class ModelSource(StrictModel):
     """Exactly one of: `config` (build from an architecture), `checkpoint` (path or hub name),
-    `from_teacher_layers` (student only: copy the teacher and keep these layer indices)."""
+    `from_teacher_layers` (student only: copy the teacher and keep these layer indices).
+
+    `tokenizer`: the model's own tokenizer (a tokenizer folder or hub name, loaded with `AutoTokenizer`, from the
+    local files / hub cache only). Without it a model built from `config` uses the run's shared tokenizer (the one
+    `prepare` writes) and a checkpoint its own; with it a `config` model gets that vocabulary, a checkpoint the given
+    tokenizer instead of its files. A model cut `from_teacher_layers` has its teacher's. Teacher and student with
+    different tokenizers need a method that distils across tokenizers (`uld`, `gold`): `kd validate` refuses the
+    others (`kd_core.config.tokenizers`)."""
 
     config: ArchConfig | None = None
     checkpoint: str | None = None
     gguf_file: str | None = None
     from_teacher_layers: list[int] | None = None
+    tokenizer: str | None = Field(None, min_length=1, description="the model's own tokenizer (folder or hub name); "
+                                  "default: a config model the run's shared one, a checkpoint its own")
     trust_remote_code: bool = False
+    endpoint: EndpointConfig | None = Field(None, description="teacher only: served by another process (an "
+                                            "OpenAI-compatible /v1/completions, as vLLM serves it)")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
         """A validator, not a pydantic discriminated union: the YAML has no tag key (the variant is told by
         which key is present), a callable discriminator would add the tag to every error path
         (`model.config.config.n_layer`), and `kd_core.models` reads all three fields of one type."""
-        given = [k for k in ("config", "checkpoint", "from_teacher_layers") if getattr(self, k) is not None]
+        given = [k for k in ("config", "checkpoint", "from_teacher_layers", "endpoint") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one of config, checkpoint, from_teacher_layers (got {given or 'none'})")
+                f"give exactly one of config, checkpoint, from_teacher_layers, endpoint (got {given or 'none'})")
+        if self.endpoint is not None and self.tokenizer is None:
+            raise ValueError("endpoint: give tokenizer too (the served model's tokenizer, folder or hub name: the "
+                             "endpoint scores the token ids it makes)")
         if self.gguf_file is not None and self.checkpoint is None:
             raise ValueError("gguf_file: a file inside `checkpoint` (give checkpoint too, or drop gguf_file)")
         layers = self.from_teacher_layers
+        if layers is not None and self.tokenizer is not None:
+            raise ValueError("tokenizer: a model cut from_teacher_layers keeps its teacher's tokenizer (drop tokenizer, "
+                             "or build the model from config / a checkpoint)")
         if layers is not None:
             if not layers:
                 raise ValueError("from_teacher_layers: empty (give the teacher layer indices to keep, e.g. [0, 2])")

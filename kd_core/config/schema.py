@@ -13,12 +13,13 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StrictFloat, field_validator, model_validator
 
-from kd_core.config import graph, methods, metrics
+from kd_core.config import graph, methods, metrics, transfer_rules
 from kd_core.config.base import StrictModel
 from kd_core.config.data_source import UnlabeledConfig, check_fields
 from kd_core.config.model_source import ArchConfig, ModelSource
+from kd_core.config.tokenizers import check_shared_vocabulary
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -200,20 +201,28 @@ class TransferSetConfig(StrictModel):
     prompts: what the model answers, `n_samples` generations each: `train` (the labeled train split's prompts),
     `unlabeled` (the unlabeled pool, `data/unlabeled.jsonl`: needs data.builtin_unlabeled or data.unlabeled) or
     `both`. strategy: `generated` (the generations only: the model's responses replace the references),
-    `confidence` (keep the `keep_fraction` of generations with the highest mean token log-probability under
-    the model), `augment` (the labeled train rows with their references, plus the generations: with
-    `prompts: unlabeled`, labeled rows + the teacher's answers to the unlabeled prompts)."""
+    `confidence`, `augment` (the labeled train rows with their references, plus the generations),
+    `hard_examples`, `paraphrase`: docs/methods.md (`seqkd`); which keys go with which: `transfer_rules`."""
 
     source: str = Field("teacher", description="the model that generates: the teacher or a student name")
     prompts: Literal["train", "unlabeled", "both"] = "train"
-    strategy: Literal["generated", "confidence", "augment"] = "generated"
+    strategy: Literal["generated", "confidence", "augment", "hard_examples", "paraphrase"] = "generated"
     n_samples: int = Field(1, ge=1)
     greedy: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
-    keep_fraction: float = Field(1.0, gt=0, le=1)
+    keep_fraction: float = Field(1.0, gt=0, le=1, strict=True)
     seed: int = 0
+    rank: Literal["generated", "original", "both"] = "generated"
+    answers: Literal["reference", "generated", "both"] = "reference"
+    n_paraphrases: int = Field(1, ge=1, strict=True)
+    paraphrase_instruction: str = Field(transfer_rules.PARAPHRASE_INSTRUCTION, strict=True, min_length=1)
+
+    @model_validator(mode="after")
+    def _strategy_keys(self) -> TransferSetConfig:
+        transfer_rules.check_transfer_set(self)
+        return self
 
 
 class TeacherCacheConfig(StrictModel):
@@ -242,6 +251,19 @@ class StudentConfig(StrictModel):
     training: TrainingConfig = TrainingConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
+    teachers: dict[str, Annotated[StrictFloat, Field(gt=0)]] | None = Field(
+        None, description="several teachers: model -> weight (> 0, normalised to sum 1); names `teacher` (the "
+                          "nearest, which dvc.yaml's stages depend on and which samples for on-policy methods) and "
+                          "models before it in its chain (kd_core/multi_teacher.py)")
+    teacher_combine: Literal["sum", "mixture"] = Field(
+        "sum", description="with `teachers`: sum = Σ_k w_k D(p_k || q), mixture = D(Σ_k w_k p_k || q)")
+
+    def teacher_weights(self) -> dict[str, float]:
+        """Every teacher of the student with its normalised weight (one teacher: {teacher: 1.0})."""
+        if not self.teachers:
+            return {self.teacher: 1.0}
+        total = sum(self.teachers.values())
+        return {name: w / total for name, w in self.teachers.items()}
 
     @model_validator(mode="before")
     @classmethod
@@ -352,7 +374,9 @@ class PipelineConfig(StrictModel):
         cycle), layer indices of students cut from their teacher, then evaluation (eval sets, champion)."""
         graph.check_references(self)
         graph.chain_order(self)
+        graph.check_teachers(self)
         graph.check_layer_indices(self)
+        check_shared_vocabulary(self)  # token-level methods: one tokenizer for teacher and student
         metrics.check_evaluation(self)
         return self
 

@@ -229,7 +229,7 @@ def build_report(cfg, paths) -> dict:
     version and the paired comparison with the SFT student on its prompts)."""
     out_dir: Path = paths.reports
     rows = collect_rows(cfg)
-    if not rows:
+    if not any(r["name"] == cfg.tracking.registered_model for r in rows):  # (the teacher's alone: no comparison)
         raise LookupError(f"no registered versions of {cfg.tracking.registered_model!r} at {tracking.tracking_uri(cfg)}")
     key = cfg.tracking.champion.metric
     vs_sft = _vs_sft(rows, cfg.fingerprint(), key)

@@ -5,18 +5,21 @@ DVC metrics file); per-prompt generations and scores go to `generations/<model>/
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 import torch
 
-from kd_core.data.tokenize import batches, encode_prompt, encode_rows, load_tokenizer
+from kd_core.data.tokenize import batches, encode_prompt, encode_rows
 from kd_core.evaluation.stats import bootstrap_mean, summarize
 from kd_core.evaluation.text_metrics import distinct_n, exact_match, references, rouge_l, self_bleu
 from kd_core.generation import generate
 from kd_core.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from kd_core.lm import response_logprobs
 from kd_core.models import count_parameters, load_checkpoint
+
+log = logging.getLogger("kd")
 
 
 @torch.inference_mode()
@@ -107,7 +110,12 @@ def _generation_metrics(cfg, model, tokenizer, set_name: str, rows: list[dict], 
 
 
 def evaluate_model(cfg, paths, model_name: str, model_dir) -> dict:
-    tokenizer = load_tokenizer(paths.tokenizer)
+    """The model reads its own tokenizer (saved with it: the run's, or its own across tokenizers); the
+    teacher-relative metrics need the teacher's tokenizer (they compare token by token) and are left out for a
+    student with another one."""
+    from kd_core.run import load_model_tokenizer
+
+    tokenizer = load_model_tokenizer(paths, model_name, model_dir)
     model = load_checkpoint(model_dir)
     metrics: dict[str, float] = {"parameters": count_parameters(model)}
     for split in ("val", "test"):
@@ -122,8 +130,16 @@ def evaluate_model(cfg, paths, model_name: str, model_dir) -> dict:
             metrics |= _generation_metrics(cfg, model, tokenizer, set_name, rows,
                                            paths.generations(model_name) / f"{set_name}.jsonl")
     if model_name != cfg.teacher.name:
-        metrics |= _agreement_with_teacher(cfg, paths, model, tokenizer, model_name)
+        if same_vocabulary(tokenizer, load_model_tokenizer(paths, cfg.teacher.name)):
+            metrics |= _agreement_with_teacher(cfg, paths, model, tokenizer, model_name)
+        else:
+            log.info("%s: another tokenizer than the teacher's: no teacher-forced agreement metrics", model_name)
     return metrics
+
+
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map every token to the same id (`get_vocab()` equal)."""
+    return a is b or a.get_vocab() == b.get_vocab()
 
 
 def _encoded_split(cfg, paths, tokenizer, split: str):

@@ -35,4 +35,6 @@ DIVERGENCE_PARAMS: dict[str, dict[str, ParamSpec]] = {
     "skl": {"alpha": ParamSpec(default=0.1, low=0.0, high=1.0)},
     "srkl": {"alpha": ParamSpec(default=0.1, low=0.0, high=1.0)},
     "akl": {"mu": ParamSpec(default=0.5, low=0.0, high=1.0)},
+    # ABKD (Wang et al. 2025): any real alpha, beta in principle; defaults 0.2 / 0.7 (see divergences.abkd)
+    "abkd": {"alpha": ParamSpec(default=0.2, low=-5.0, high=5.0), "beta": ParamSpec(default=0.7, low=-5.0, high=5.0)},
 }

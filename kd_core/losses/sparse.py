@@ -24,7 +24,10 @@ Exactness and error at k < V (p_bar, q_bar: p and q renormalised on the tail, P 
   (JSD: JSD_beta = sum_v g(p_v, q_v) with g(a, b) = beta a log(a/m) + (1 - beta) b log(b/m), m = beta a +
   (1 - beta) b; g >= 0 is jointly convex and 1-homogeneous, so g(P, Q) <= sum_tail g(p_v, q_v), and
   a/m <= 1/beta, b/m <= 1/(1 - beta) bound each tail term.) ``akl`` ranks the k + 1 categories; at k < V it
-  is an approximation without such a bound.
+  is an approximation without such a bound. ``abkd`` is an f-divergence (Amari's alpha-divergence) only when
+  alpha + beta = 1, where the data-processing bound 0 <= D - D~ holds; otherwise its terms are homogeneous of
+  degree alpha + beta, not 1, and at k < V it is an approximation without a bound (with alpha + beta > 1 the
+  coarsened value can exceed the dense one; exact at k = V, like all).
 
 The gradient reaches the student through q_v (v in K) and Q_tail, i.e. through every logit.
 
@@ -42,8 +45,8 @@ from torch import Tensor
 from kd_core.losses.divergences import upcast, get_divergence
 from kd_core.losses.tokens import logprobs
 
-__all__ = ["tail_logmass", "top_k_with_tail", "coarsen_student", "coarsen_with_target", "sparse_divergence",
-           "sparse_token_divergence"]
+__all__ = ["tail_logmass", "logmass_outside", "spread_tail", "coarsen_to", "top_k_with_tail", "coarsen_student",
+           "coarsen_with_target", "sparse_divergence", "sparse_token_divergence"]
 
 _NEG_INF = float("-inf")
 
@@ -54,10 +57,39 @@ def tail_logmass(logprobs_: Tensor, top_ids: Tensor) -> Tensor:
     Computed as a log-sum-exp over the entries *outside* ``top_ids`` (never as log(1 - sum), which cancels
     catastrophically when the tail is small). An empty tail (k = V) gives -inf with zero, finite gradient.
     """
-    rest = logprobs_.scatter(-1, top_ids, _NEG_INF)
+    return _logsumexp_or_neginf(logprobs_.scatter(-1, top_ids, _NEG_INF))
+
+
+def logmass_outside(logprobs_: Tensor, inside: Tensor) -> Tensor:
+    """:func:`tail_logmass` with the kept tokens given as a mask: ``[..., V]``, bool ``[..., V]`` -> ``[...]``."""
+    return _logsumexp_or_neginf(logprobs_.masked_fill(inside, _NEG_INF))
+
+
+def _logsumexp_or_neginf(rest: Tensor) -> Tensor:
     all_out = torch.isneginf(rest).all(-1, keepdim=True)  # k = V, or logits masked with -inf outside the top-k
     lse = rest.masked_fill(all_out, 0.0).logsumexp(-1)
     return lse.masked_fill(all_out.squeeze(-1), _NEG_INF)
+
+
+def spread_tail(top_logprobs: Tensor, top_ids: Tensor, tail: Tensor, vocab_size: int) -> Tensor:
+    """A cached teacher as a full distribution: its k cached log-probs, and the tail mass spread evenly over the
+    other V - k tokens (log P_tail - log(V - k) each: the maximum-entropy completion, the estimate
+    :func:`coarsen_with_target` takes for a target outside the top-k). ``[n, k]``, ``[n, k]``, ``[n]`` ->
+    ``[n, V]``; exactly the teacher when k = V."""
+    fill = upcast(tail) - math.log(max(vocab_size - top_ids.shape[-1], 1))
+    full = fill.unsqueeze(-1).expand(*fill.shape, vocab_size)
+    return full.scatter(-1, top_ids.long(), upcast(top_logprobs))
+
+
+def coarsen_to(logprobs_: Tensor, inside: Tensor | None) -> Tensor:
+    """A distribution coarsened to the tokens ``inside`` (each its own category) + one bucket for the rest:
+    ``[n, V]``, bool ``[n, V]`` -> ``[n, V + 1]`` (log-probs, -inf off ``inside``, then the rest's log-mass);
+    ``inside`` None: every token is a category, ``[n, V]`` as is. Categories empty for both distributions
+    (-inf) add nothing to any divergence, so this equals the divergence on the k + 1 kept categories."""
+    if inside is None:
+        return logprobs_
+    lp = upcast(logprobs_)
+    return torch.cat([lp.masked_fill(~inside, _NEG_INF), logmass_outside(lp, inside).unsqueeze(-1)], dim=-1)
 
 
 @torch.no_grad()

@@ -36,6 +36,8 @@ class StepContext:
         itself (OKD, hidden states, generation); None when the teacher's signal comes from the cache.
     teacher_signal: the teacher's logits on this batch (:mod:`kd_core.teacher`): the cached top-k when the
         trainer has a teacher cache, else (default) the live teacher's dense logits, computed on first use.
+    teachers: a student's several teachers (`kd_core.multi_teacher.TeacherEnsemble`), whose combined signal is
+        `teacher_signal` (`teacher` is then the one that samples for on-policy methods: `students.<name>.teacher`).
     progress: fraction of training done, in [0, 1] (for schedules).
     """
 
@@ -48,12 +50,22 @@ class StepContext:
     progress: float = 0.0
     state: dict[str, Any] = field(default_factory=dict)  # per-run scratch space owned by the method
     trainer: Any = None  # the DistillationTrainer (cost counters: teacher_forward_passes, generated_tokens)
+    teachers: Any = None
 
     def __post_init__(self) -> None:
-        if self.teacher_signal is None and self.teacher is not None:
-            teacher, batch = self.teacher, self.batch
-            self.teacher_signal = DenseTeacherSignal(lambda: teacher_logits(teacher, batch),
-                                                     head_inputs=lambda: teacher_head_inputs(teacher, batch))
+        if self.teacher_signal is None and (self.teacher is not None or self.teachers is not None):
+            self.teacher_signal = self.signal_for(self.batch)
+
+    def signal_for(self, batch: dict[str, torch.Tensor]) -> TeacherSignal:
+        """The teacher's signal on `batch`: this micro-batch's own (`teacher_signal`), or a batch an on-policy method
+        rebuilt from generations (every teacher of the student, combined; the live teacher's logits)."""
+        if batch is self.batch and self.teacher_signal is not None:
+            return self.teacher_signal
+        if self.teachers is not None:
+            return self.teachers.signal(batch)
+        teacher = self.teacher
+        return DenseTeacherSignal(lambda: teacher_logits(teacher, batch),
+                                  head_inputs=lambda: teacher_head_inputs(teacher, batch))
 
 
 @dataclass
@@ -70,6 +82,7 @@ class Method:
     default_divergence: ClassVar[tuple[str, dict]]
     allowed_divergences: ClassVar[frozenset[str] | None]
     reads_teacher_cache: ClassVar[bool]
+    cross_tokenizer: ClassVar[bool]
     Args: ClassVar[type[MethodArgs]]
 
     def __init__(self, student_cfg, method_args: dict[str, Any] | None = None):
@@ -120,7 +133,7 @@ def register_method(name: str):
             raise ValueError(f"method {name!r} registered twice")
         cls.name = name
         for attr in ("needs_teacher", "needs_transfer_set", "default_divergence", "allowed_divergences",
-                     "reads_teacher_cache", "Args"):
+                     "reads_teacher_cache", "cross_tokenizer", "Args"):
             setattr(cls, attr, getattr(spec, attr))
         METHODS[name] = cls
         return cls

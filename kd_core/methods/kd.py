@@ -3,7 +3,7 @@
 loss = α · CE(y) + (1 − α) · c_τ · Σ_response D(p_T(·|y_<t,x) || q_S(·|y_<t,x)) / N
 
 with p_T, q_S the teacher's and student's next-token distributions at temperature τ (both scaled), D the
-divergence named by `divergence` (fkl = KL(p_T || q_S), rkl = KL(q_S || p_T), jsd, tvd, skl, srkl, akl),
+divergence named by `divergence` (fkl = KL(p_T || q_S), rkl = KL(q_S || p_T), jsd, tvd, skl, srkl, akl, abkd),
 α = `alpha`, and N the response tokens of the accumulated batch. c_τ = `method_args.temperature_scale`:
 `none` (default) c_τ = 1; `tau_squared` c_τ = τ², Hinton et al.'s factor and the OKD paper's eq. 2
 (forward KD = τ² Σ p_T log(p_T / q_S) with fkl); the logged `kd` is D without the factor.

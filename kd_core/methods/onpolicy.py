@@ -9,13 +9,11 @@ from dataclasses import dataclass
 import torch
 
 from kd_core.lm import length_limit, shared_vocab_size
-from kd_core.losses.chunked import chunked_token_divergence
 from kd_core.losses.tokens import masked_token_sum_and_count, reduce_tokens
 from kd_core.methods.base import (LossOutput, Method, StepContext, fused_head_inputs, fused_reference_ce, mix_with_ce,
                                   mix_with_fused_ce, model_logits, prediction_positions, response_positions, shifted,
-                                  teacher_head_inputs, teacher_logits, token_ce)
+                                  token_ce)
 from kd_core.methods.batches import reference_token_count
-from kd_core.teacher import DenseTeacherSignal
 
 Batch = dict[str, torch.Tensor]
 
@@ -69,8 +67,8 @@ def distill_on_batch(ctx: StepContext, student_cfg, new_batch: Batch, *, replace
     logits = model_logits(ctx.student, new_batch)
     s_logits, targets, mask = shifted(logits, new_batch["labels"])
     positions = prediction_positions(mask)  # per supervised position, in chunks, as the `kd` method
-    div = chunked_token_divergence(logits, teacher_logits(ctx.teacher, new_batch), positions, divergence,
-                                   temperature=student_cfg.temperature, **divergence_args)
+    div = ctx.signal_for(new_batch).divergence(logits, positions, divergence, temperature=student_cfg.temperature,
+                                               **divergence_args)
     n_ref = reference_token_count(ctx.batch)
     kd = token_mean_scaled(div, positions, n_ref, ctx.num_items)
     logs = {"kd": float(reduce_tokens(div.detach(), positions)), "supervised_tokens": float(mask.sum())}
@@ -92,10 +90,8 @@ def _fused_distill(ctx: StepContext, student_cfg, new_batch: Batch, student, *, 
                    divergence_args: dict, want_reference_ce: bool) -> DistillResult:
     """`distill_on_batch` from the student's hidden states and head (`kd_core.losses.fused`): the same loss."""
     positions = response_positions(new_batch["labels"])
-    signal = DenseTeacherSignal(lambda: teacher_logits(ctx.teacher, new_batch),
-                                head_inputs=lambda: teacher_head_inputs(ctx.teacher, new_batch))
-    div = signal.fused_divergence(student, positions, divergence, temperature=student_cfg.temperature,
-                                  **divergence_args)
+    div = ctx.signal_for(new_batch).fused_divergence(student, positions, divergence,
+                                                     temperature=student_cfg.temperature, **divergence_args)
     kd = token_mean_scaled(div, positions, reference_token_count(ctx.batch), ctx.num_items)
     logs = {"kd": float(reduce_tokens(div.detach(), positions)), "supervised_tokens": float(positions.sum())}
     if student_cfg.alpha > 0:  # (the reference batch's head inputs exist: the same model gave them above)

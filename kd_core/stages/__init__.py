@@ -141,10 +141,12 @@ def check_key(stage: Stage, cfg, key: str | None) -> None:
 
 def run_stage(name: str, cfg, key: str | None = None) -> dict:
     """Run one stage (for one key) on the run folder of `cfg`, holding the folder's lock (`run.run_lock`)."""
+    from kd_core.preflight import server_lost
     from kd_core.run import RunPaths, run_lock
 
     stage = get_stage(name)
     check_key(stage, cfg, key)
     paths = RunPaths.of(cfg)
-    with run_lock(paths):  # one pipeline at a time per run folder
+    # one pipeline at a time per run folder; an MLflow server gone mid-stage: one retryable line
+    with run_lock(paths), server_lost(cfg, f"{name} {key}" if key else name):
         return stage.function(cfg, paths, key) if stage.per else stage.function(cfg, paths)

@@ -9,7 +9,7 @@ from kd_core.config import PipelineConfig
 from kd_core.io import atomic_dir, link_tree, write_json_atomic, write_text_atomic
 from kd_core.model_card import card_tags, model_card
 from kd_core.preflight import preflight
-from kd_core.run import RunPaths, is_main_process, load_run_tokenizer, load_train_set, require, training_seed
+from kd_core.run import RunPaths, is_main_process, load_model_tokenizer, load_train_set, require, training_seed
 
 
 def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
@@ -30,7 +30,7 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
         from kd_core.models import load_checkpoint
         from kd_core.training import train
 
-        tokenizer = load_run_tokenizer(paths)
+        tokenizer = load_model_tokenizer(paths, student_cfg.name, src)  # the student's own (saved with it)
         model = load_checkpoint(src)
         preflight(cfg, f"finetune {student_cfg.name}", model=model, tokenizer=tokenizer, training=student_cfg.training,
                   out_dir=paths.model(student_cfg.name))

@@ -106,14 +106,20 @@ def load_unlabeled_rows(cfg: PipelineConfig, exclude: set[tuple[str, str]]) -> t
 
 
 def _tokenizer(cfg: PipelineConfig, train_rows: list[dict]):
-    """The teacher checkpoint's own tokenizer, else a byte-level BPE trained on the train split."""
+    """The teacher checkpoint's tokenizer (its `model.tokenizer` if given, else its own), else a byte-level BPE trained
+    on the train split (a teacher built from config with a `model.tokenizer` keeps that to itself)."""
     teacher_src = cfg.teacher.model
-    if not teacher_src.checkpoint:
+    if not teacher_src.checkpoint and teacher_src.endpoint is None:  # (a served teacher's `tokenizer` is required)
         texts = (format_prompt(r, cfg.data.template) + r["response"] for r in train_rows)
         return train_bpe_tokenizer(texts, cfg.tokenizer.vocab_size)
     try:
+        if teacher_src.tokenizer:
+            return load_tokenizer(teacher_src.tokenizer, teacher_src.trust_remote_code)
         return load_tokenizer(teacher_src.checkpoint, teacher_src.trust_remote_code, gguf_file=teacher_src.gguf_file)
     except (OSError, ValueError) as err:
+        if teacher_src.tokenizer:
+            raise ModelError(f"teacher.model.tokenizer: {teacher_src.tokenizer!r} does not load as a tokenizer "
+                             f"({err})") from None
         path = teacher_src.checkpoint
         missing = path.startswith((".", "/", "~")) and not Path(path).expanduser().exists()
         raise ModelError(f"teacher.model.checkpoint: {path!r} " + ("does not exist" if missing else

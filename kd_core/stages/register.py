@@ -1,7 +1,8 @@
 """Stage `register`: log every model of the run to MLflow as a transformers model, register a version of each
 (tags: role, method, divergence, teacher chain, sizes, params hash, data version, weights hash), then apply the
 champion rule. A model whose weights are already registered (same `kd.model_hash`) is not registered again: its
-version is tagged with this run instead."""
+version is tagged with this run instead. Idempotent under failures: a version cut off after its creation (the
+MLflow server gone) keeps the tag `kd.pending` and is completed by the rerun, never registered twice."""
 
 from __future__ import annotations
 
@@ -98,9 +99,12 @@ def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
         tags |= lineage_tags(cfg, name, lock_text) | eval_prompt_tags(cfg, paths, name)
         existing = tracking.version_with_tag(reg_name, "kd.model_hash", tags["kd.model_hash"])
         if existing is not None:  # the same weights: no duplicate version
+            pending = tracking.is_pending(reg_name, existing)
+            if pending:  # cut off by a failure (a server gone) after it was created: completed now
+                tracking.complete_version(reg_name, existing, model_card(cfg, name, tags, metrics))
             tracking.tag_version(reg_name, existing, {"kd.last_seen_params_hash": tags["kd.params_hash"],
                                                       "kd.last_seen_run_dir": tags["kd.run_dir"]})
-            registered["versions"][name] = {"registered_model": reg_name, "version": existing, "new": False}
+            registered["versions"][name] = {"registered_model": reg_name, "version": existing, "new": pending}
             continue
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         numeric |= {"train_time_s": info.get("train_time_s", 0.0), "parameters": info["parameters"]}

@@ -10,7 +10,8 @@ from kd_core.methods import get_method
 from kd_core.model_card import card_tags, model_card
 from kd_core.models import count_parameters, make_model, set_generation_defaults
 from kd_core.preflight import preflight
-from kd_core.run import RunPaths, is_main_process, load_run_tokenizer, load_train_set, n_positions, training_seed
+from kd_core.run import (RunPaths, is_main_process, load_run_tokenizer, load_source_tokenizer, load_train_set,
+                         n_positions, training_seed)
 from kd_core.training import train
 
 
@@ -31,7 +32,10 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
     """Supervised fine-tuning of the teacher (full or LoRA), or materialise a given checkpoint as is."""
     teacher_cfg = cfg.teacher
     out_dir = paths.model(teacher_cfg.name)
-    tokenizer = load_run_tokenizer(paths)
+    # a teacher built from config with its own `model.tokenizer` trains with it (a checkpoint's is the run's already)
+    own = load_source_tokenizer(cfg, teacher_cfg.model, "teacher.model.tokenizer") \
+        if teacher_cfg.model.config is not None else None
+    tokenizer = own if own is not None else load_run_tokenizer(paths)
     seed = training_seed(cfg, teacher_cfg.training.seed)
     model = make_model(teacher_cfg.model, tokenizer, n_positions(cfg), seed)
     set_generation_defaults(model, tokenizer, cfg.evaluation.generation.max_new_tokens)
