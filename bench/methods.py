@@ -138,6 +138,10 @@ def main() -> None:
     ap.add_argument("--no-chain", dest="chain", action="store_false", help="skip the teacher-assistant chain")
     ap.add_argument("--run-dir", default="runs/bench-methods")
     ap.add_argument("--out", default="docs/benchmarks_methods.md")
+    ap.add_argument("--table-only", action="store_true", help="write the table of the finished students, train nothing")
+    ap.add_argument("--merge-from", type=Path, nargs="*", default=[],
+                    help="run folders of other processes of this bench (another checkout, same params and "
+                         "teacher): their finished students are copied in first")
     args = ap.parse_args()
     if args.converge:
         converge(args)
@@ -153,11 +157,34 @@ def main() -> None:
     cfg = config(args, students)
     paths = RunPaths.of(cfg)
     start = time.perf_counter()
+    for other in args.merge_from:
+        merge(RunPaths(other), paths, list(students))
+    if args.table_only:
+        done = [g for g in labels + (list(CHAIN) if chain else [])
+                if all(paths.metrics(f"{g}-s{s}").is_file() for s in args.seeds)]
+        write_table(args, cfg, paths, done, 0.0)
+        return
     first = labels.index("okd") + 1 if "okd" in labels else len(labels)  # the chain after the claims' methods
     groups = labels[:first] + (list(CHAIN) if chain else []) + labels[first:]
     for k, label in enumerate(groups):  # one method (all seeds) at a time, the table rewritten after each
         train_and_evaluate(cfg, paths, [f"{label}-s{seed}" for seed in args.seeds])
         write_table(args, cfg, paths, groups[:k + 1], time.perf_counter() - start)
+
+
+def merge(other: RunPaths, paths: RunPaths, names: list[str]) -> None:
+    """Copy the students of `names` that `other` finished (model, training info, metrics, generations) and this
+    run folder lacks: several processes of the bench, each in its own checkout, make one table."""
+    import shutil
+
+    for name in names:
+        if paths.metrics(name).is_file() or not other.metrics(name).is_file():
+            continue
+        for src, dst in ((other.model(name), paths.model(name)), (other.generations(name), paths.generations(name))):
+            if src.is_dir():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+        for src, dst in ((other.train_info(name), paths.train_info(name)), (other.metrics(name), paths.metrics(name))):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)  # metrics last: its presence marks the student finished
 
 
 def _ms(values: list[float], fmt: str = "{:.2f}") -> str:
