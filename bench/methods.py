@@ -10,9 +10,9 @@ are its method). Runs the real stage functions in one process under `runs/bench-
 once; finished students are reused, so the script resumes where it stopped) and evaluates on the pinned set (500
 fixed prompts, 5 sampling seeds at T = 1, and greedy).
 
-Convergence (`--converge B1 B2 ...`): SFT (seed 0) is trained for each budget with its own cosine schedule; the
-criterion is the smallest budget whose validation loss is within 1 % of the lowest of the sweep (further steps
-buy < 1 % of loss, or overfit). The method table then uses that budget for every method.
+Convergence (`--converge B1 B2 ...`, budgets doubling): SFT (seed 0) is trained for each budget with its own cosine
+schedule; the criterion is the smallest budget whose doubling lowers the validation loss by less than 5 %
+(`converged_budget`). The method table then uses that budget for every method.
 
 Paired test against SFT: per prompt, each model's ROUGE-L averaged over its 5 sampling seeds and its training
 seeds, SFT's likewise; a paired bootstrap over the prompts (`kd_core.evaluation.stats.paired_bootstrap`) gives
@@ -109,6 +109,19 @@ def train_and_evaluate(cfg, paths: RunPaths, names: list[str]) -> None:
             run_stage("evaluate", cfg, name)
 
 
+GAIN = 0.05  # convergence: the next (larger) budget lowers the validation loss by less than this share
+
+
+def converged_budget(val_loss: dict[int, float]) -> int:
+    """The smallest budget b whose next budget in the sweep lowers the validation loss by less than `GAIN`
+    (relative); the largest budget when every step still gains more (then the sweep should be extended)."""
+    budgets = sorted(val_loss)
+    for b, nxt in zip(budgets, budgets[1:]):
+        if val_loss[b] - val_loss[nxt] < GAIN * val_loss[b]:
+            return b
+    return budgets[-1]
+
+
 def converge(args) -> None:
     base = load_config(args.params)
     students = {f"sft-steps{b}": student(base, "sft", 0, b) for b in args.converge}
@@ -118,11 +131,10 @@ def converge(args) -> None:
     losses = {b: json.loads(paths.metrics(f"sft-steps{b}").read_text())["val/loss"] for b in args.converge}
     rouge = {b: json.loads(paths.metrics(f"sft-steps{b}").read_text())[f"{EVAL_SET}/rougeL_sampled_mean"]
              for b in args.converge}
-    best = min(losses.values())
-    chosen = min(b for b, v in losses.items() if v <= 1.01 * best)
+    chosen = converged_budget(losses)
     for b in args.converge:
         print(f"SFT {b:>5} steps: val loss {losses[b]:.4f}  {EVAL_SET} ROUGE-L (T=1) {rouge[b]:.2f}"
-              f"{'  <- converged (within 1 % of the lowest val loss)' if b == chosen else ''}")
+              f"{'  <- converged' if b == chosen else ''}")
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.run_dir) / "convergence.json").write_text(json.dumps(
         {"budgets": args.converge, "val_loss": losses, "rougeL": rouge, "chosen": chosen}, indent=1))
@@ -138,6 +150,7 @@ def main() -> None:
     ap.add_argument("--no-chain", dest="chain", action="store_false", help="skip the teacher-assistant chain")
     ap.add_argument("--run-dir", default="runs/bench-methods")
     ap.add_argument("--out", default="docs/benchmarks_methods.md")
+    ap.add_argument("--no-sft", action="store_true", help="train no SFT student (another bench process does)")
     ap.add_argument("--table-only", action="store_true", help="write the table of the finished students, train nothing")
     ap.add_argument("--merge-from", type=Path, nargs="*", default=[],
                     help="run folders of other processes of this bench (another checkout, same params and "
@@ -148,7 +161,8 @@ def main() -> None:
         return
     if args.steps is None:
         ap.error("--steps N (run --converge first to find N)")
-    labels = ["sft"] + [m for m in args.methods if m != "sft"]  # SFT first: every paired test needs it
+    # SFT first (every paired test needs it), unless --no-sft: another process of the bench trains it (--merge-from)
+    labels = ([] if args.no_sft else ["sft"]) + [m for m in args.methods if m != "sft"]
     base = load_config(args.params)
     students = {f"{label}-s{seed}": student(base, label, seed, args.steps) for label in labels for seed in args.seeds}
     chain = args.chain and "kd-fkl" in labels
@@ -168,7 +182,8 @@ def main() -> None:
     groups = labels[:first] + (list(CHAIN) if chain else []) + labels[first:]
     for k, label in enumerate(groups):  # one method (all seeds) at a time, the table rewritten after each
         train_and_evaluate(cfg, paths, [f"{label}-s{seed}" for seed in args.seeds])
-        write_table(args, cfg, paths, groups[:k + 1], time.perf_counter() - start)
+        if all(paths.metrics(f"sft-s{s}").is_file() for s in args.seeds):  # every paired test needs SFT
+            write_table(args, cfg, paths, groups[:k + 1], time.perf_counter() - start)
 
 
 def merge(other: RunPaths, paths: RunPaths, names: list[str]) -> None:
@@ -290,9 +305,10 @@ def write_table(args, cfg, paths: RunPaths, done: list[str], wall: float) -> Non
     conv_line = ""
     if conv.is_file():
         c = json.loads(conv.read_text())
-        conv_line = ("Convergence budget (`--converge`): SFT validation loss " + ", ".join(
-            f"{v:.4f} at {b} steps" for b, v in c["val_loss"].items()) + f"; the criterion (smallest budget within 1 % "
-            f"of the lowest validation loss) gives {c['chosen']} steps.")
+        conv_line = ("Convergence budget (`--converge`): SFT (seed 0) validation loss " + ", ".join(
+            f"{v:.4f} at {b} steps" for b, v in c["val_loss"].items()) + "; ROUGE-L (T=1) " + ", ".join(
+            f"{v:.2f}" for v in c["rougeL"].values()) + f"; the criterion (the smallest budget whose doubling lowers the "
+            f"validation loss by less than {GAIN:.0%}) gives {c['chosen']} steps.")
     load = os.getloadavg()
     lines = [
         "# Every method at the SFT baseline's convergence budget, 3 training seeds, paired against SFT", "",
