@@ -36,12 +36,18 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from kd_core import console, tracking
 from kd_core.config import load_config
 from kd_core.errors import is_retryable
-from kd_core.launcher import launched_result, launcher_for, run_launched
+from kd_core.launcher import launched_result, launcher_for, run_as_process, run_launched
 from kd_core.lineage import DvcBook, git_revision, settle_commits, untracked_inputs
 from kd_core.run import RunPaths, run_lock
 from kd_core.stages import run_stage
 from kd_core.stages.compare import saved_report
 from kd_core.stages.graph import Node, expand, producers
+
+
+# the stages that may run alongside others (every stage between `train_teacher` and `register`, `train_teacher`
+# alongside a transfer set's or another teacher's): with `orchestration.max_parallel_students` > 1 each runs as a
+# `kd stage` process of its own (`kd_core.launcher.run_as_process`)
+SIDE_BY_SIDE = {"train_teacher", "transfer", "cache_teacher", "distill", "finetune", "evaluate"}
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -74,6 +80,9 @@ def stage_task(stage: str, node: str, params_path: str, overrides: dict | None =
         launcher = launcher_for(stage, cfg, key)  # training.launcher set: torchrun / deepspeed (kd_core.launcher)
         if launcher:
             run_launched(stage, key, params_path, overrides, launcher, log)
+            result = launched_result(stage, cfg, key)
+        elif cfg.orchestration.max_parallel_students > 1 and stage in SIDE_BY_SIDE:
+            run_as_process(stage, key, params_path, overrides, log)  # not a thread: torch's RNG is per process
             result = launched_result(stage, cfg, key)
         else:
             result = run_stage(stage, cfg, key)
@@ -150,7 +159,7 @@ def kd_pipeline(params_path: str = "params.yaml", overrides: dict | None = None)
             results = _run_nodes(cfg, nodes, params_path, overrides, dvc)
         except BaseException:
             settle_commits_quietly(log)  # the stages that finished stay recorded: the rerun skips them
-            tracking.end_pipeline_run(parent, status="FAILED")
+            end_failed_run_quietly(parent, log)
             raise
         skipped = [name for name, r in results.items() if isinstance(r, dict) and r.get("skipped")]
         registered = results["register"] if "register" not in skipped else json.loads(paths.registry.read_text())
@@ -174,6 +183,16 @@ def kd_pipeline(params_path: str = "params.yaml", overrides: dict | None = None)
                 "dvc": pushed or dvc.reason or "recorded", "tracking_uri": tracking.tracking_uri(cfg),
                 "mlflow_run": {"run_id": parent, "experiment_id": experiment_id} | mlflow_page,
                 "flow_run": {"id": str(flow_run.id), "name": flow_run.name}}
+
+
+def end_failed_run_quietly(parent: str, log) -> None:
+    """Close the pipeline's MLflow run as FAILED; when that fails too (the server gone, a full disk under MLflow's
+    printed link) it is logged, not raised: the run's own error is the one to report (the next run closes a
+    parent left RUNNING as KILLED)."""
+    try:
+        tracking.end_pipeline_run(parent, status="FAILED")
+    except Exception as err:  # noqa: BLE001 (logged; the run's failure propagates)
+        log.warning("MLflow pipeline run %s not closed: %s", parent, err)
 
 
 def settle_commits_quietly(log) -> None:

@@ -46,8 +46,11 @@ def say(line: str, log=None) -> None:
     from tqdm import tqdm
 
     with _WRITE:
-        tqdm.write(line, file=sys.stderr)
-        sys.stderr.flush()
+        try:
+            tqdm.write(line, file=sys.stderr)
+            sys.stderr.flush()
+        except OSError:  # stderr into a file on a full disk: the line is not worth the error being reported
+            pass
     if log is not None:
         log.info(line)
 
@@ -81,11 +84,15 @@ def note(stage_name: str, result, champion_metric: str) -> str:
         return ""
     if stage_name in ("train_teacher", "distill") and isinstance(result.get("final_loss"), (int, float)):
         return f"loss {result['final_loss']:.3f}"
+    if stage_name == "evaluate" and result.get("served"):
+        return "served by another process: not evaluated here"
     if stage_name == "evaluate" and isinstance(result.get(champion_metric), (int, float)):
         return f"{champion_metric} {result[champion_metric]:.2f}"
     if stage_name == "register" and isinstance(result.get("versions"), dict):
         new = sum(1 for v in result["versions"].values() if v.get("new"))
-        return f"{new} new version(s) of {len(result['versions'])}"
+        served = "".join(f"; {name} not registered (served by another process)" for name in
+                         result.get("not_registered") or {})
+        return f"{new} new version(s) of {len(result['versions'])}{served}"
     if stage_name == "transfer" and "rows" in result:
         return f"{result['rows']} rows"
     return ""

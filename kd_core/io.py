@@ -140,12 +140,10 @@ def file_hash(*paths: str | Path) -> str:
     return h.hexdigest()[:12]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in blocks (`hashlib.file_digest`): checksums, DVC's md5 content hash."""
+    with Path(path).open("rb") as fh:
+        return hashlib.file_digest(fh, algorithm).hexdigest()
 
 
 def write_checksums(folder: str | Path) -> Path:
@@ -153,7 +151,7 @@ def write_checksums(folder: str | Path) -> Path:
     presence says the files before it were complete)."""
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS and not p.name.startswith("."))
-    sums = {str(p.relative_to(folder)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+    sums = {str(p.relative_to(folder)): {"sha256": file_digest(p), "bytes": p.stat().st_size} for p in files}
     return write_json_atomic(folder / CHECKSUMS, sums)
 
 
@@ -174,6 +172,6 @@ def checksum_problem(folder: str | Path) -> str | None:
         size = path.stat().st_size
         if size != want["bytes"]:
             return f"{path}: truncated or extended ({size} bytes, {want['bytes']} when written)"
-        if _sha256(path) != want["sha256"]:
+        if file_digest(path) != want["sha256"]:
             return f"{path}: corrupted (sha256 differs from the one recorded when it was written)"
     return None

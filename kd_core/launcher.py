@@ -54,10 +54,15 @@ def launcher_for(stage_name: str, cfg, key: str | None):
 
 
 def launched_result(stage_name: str, cfg, key: str | None) -> dict:
-    """What a launched training stage returns (rank 0 wrote it): the stage's `train_info` JSON."""
+    """What a launched training stage returns (rank 0 wrote it): the stage's `train_info` JSON; for a stage run
+    in a process of its own (`run_as_process`): an evaluation's metrics, else {} (what the flow reads of it)."""
     from kd_core.run import RunPaths
 
     paths = RunPaths.of(cfg)
+    if stage_name == "evaluate":
+        return json.loads(paths.metrics(key).read_text(encoding="utf-8"))
+    if stage_name not in ("train_teacher", "distill", "finetune"):
+        return {}
     name = {"train_teacher": cfg.teacher.name, "distill": f"{key}.distill", "finetune": key}[stage_name]
     path = paths.train_info(name)
     if not path.is_file():
@@ -97,8 +102,12 @@ def launch_command(stage: str, key: str | None, params_path: str | os.PathLike, 
             cmd += ["--num_nodes", str(lc.nnodes), "--node_rank", str(lc.node_rank), "--no_ssh"]
     else:
         raise ValueError(f"launcher.kind: unknown launcher {lc.kind!r} (allowed: torchrun, deepspeed)")
-    cmd += list(lc.extra_args)
-    cmd += [_bin("kd"), "stage", stage]
+    return cmd + list(lc.extra_args) + stage_command(stage, key, params_path, overrides)
+
+
+def stage_command(stage: str, key: str | None, params_path: str | os.PathLike, overrides: dict | None) -> list[str]:
+    """`kd stage STAGE [--model KEY] --params PARAMS [-S k=v ...]`: one stage in a process of its own."""
+    cmd = [_bin("kd"), "stage", stage]
     if key is not None:
         cmd += ["--model", key]
     return cmd + ["--params", str(params_path)] + _override_args(overrides)
@@ -162,7 +171,21 @@ def run_launched(stage: str, key: str | None, params_path: str | os.PathLike, ov
     """Run the stage under its launcher in the current folder; every output line goes to `log.info` as it
     comes. A non-zero exit raises the stage's own error (see `launch_error`)."""
     cmd = launch_command(stage, key, params_path, overrides, launcher_cfg)
-    what = f"{stage}" + (f" --model {key}" if key else "") + f" under {launcher_cfg.kind}"
+    run_command(cmd, f"{stage}" + (f" --model {key}" if key else "") + f" under {launcher_cfg.kind}", log)
+
+
+def run_as_process(stage: str, key: str | None, params_path: str | os.PathLike, overrides: dict | None, log) -> None:
+    """Run the stage as `kd stage` in a process of its own (`stage_command`), as `run_launched` runs a launch: the
+    flow does this for the stages it runs side by side (`orchestration.max_parallel_students` > 1): threads of
+    one process share torch's global RNG (sampling, data order, initialisation) and transformers' global loading
+    state, so stages running together in threads do not give what they give one after another."""
+    run_command(stage_command(stage, key, params_path, overrides), f"{stage}" + (f" --model {key}" if key else ""),
+                log)
+
+
+def run_command(cmd: list[str], what: str, log) -> None:
+    """Run a `kd stage` command line (under a launcher or not) in the current folder; every output line goes to
+    `log.info` as it comes. A non-zero exit raises the stage's own error (see `launch_error`)."""
     log.info("launching: %s", shlex.join(cmd))
     env = dict(os.environ, **{LAUNCHED_ENV: "1", "PYTHONUNBUFFERED": "1"})
     tail: deque[str] = deque(maxlen=TAIL_LINES)

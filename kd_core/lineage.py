@@ -169,13 +169,9 @@ def lock_outputs(lock_text: str) -> dict[str, dict[str, str]]:
 
 
 def _md5(path: Path) -> str:
-    import hashlib
+    from kd_core.io import file_digest
 
-    h = hashlib.md5()  # noqa: S324 (DVC's content hash, not a security use)
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "md5")  # DVC's content hash, not a security use
 
 
 def matches_workspace(root: Path, path: str, dvc_hash: str) -> bool:

@@ -47,7 +47,8 @@ def cache_key(cfg: PipelineConfig, paths: RunPaths, student_name: str, teacher: 
     teacher_dir = require(paths.model(teacher), f"model {teacher!r}", "training stages of that model")
     data = require(paths.split(sc.train_data), f"data {sc.train_data!r}", "prepare (or transfer)")
     tokenizer_size = len(load_run_tokenizer(paths))
-    teacher_vocab = _vocab_of_checkpoint(teacher_dir)
+    served = teacher == cfg.teacher.name and cfg.teacher.model.endpoint is not None  # (its tokenizer's vocabulary)
+    teacher_vocab = tokenizer_size if served else _vocab_of_checkpoint(teacher_dir)
     return {
         "format": FORMAT,
         "teacher": teacher, "teacher_hash": tree_hash(teacher_dir), "teacher_vocab": teacher_vocab,

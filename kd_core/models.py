@@ -105,7 +105,8 @@ def check_vocab_compatible(teacher: PreTrainedModel | None, student: PreTrainedM
             raise ModelError(f"{role} vocabulary ({size}) is smaller than the tokenizer's ({len(tok)}): "
                              + ("it was built for another tokenizer" if teacher_tokenizer is not None
                                 else "teacher and student must share a tokenizer"))
-    if student_source is not None and student_source.checkpoint is not None and teacher_tokenizer is None:
+    if student_source is not None and student_source.checkpoint is not None and teacher_tokenizer is None \
+            and student_source.tokenizer is None:  # (a `tokenizer` key replaces the checkpoint's files)
         _check_same_tokenizer(tokenizer, student_source)
 
 

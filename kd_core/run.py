@@ -194,8 +194,12 @@ def load_paired_train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, teach
 
 def load_model(paths: RunPaths, name: str):
     """A finished model of this run (the teacher or a student acting as teacher assistant)."""
+    from kd_core.errors import ModelError
     from kd_core.models import load_checkpoint
 
+    if (paths.model(name) / "endpoint.json").is_file():  # kd_core.served_teacher.ENDPOINT_FILE
+        raise ModelError(f"{paths.model(name)}: model {name!r} is served by another process (teacher.model.endpoint): "
+                         f"it gives its top-k log-probs only (kd / atkd students, the teacher cache), not the model")
     return load_checkpoint(require(paths.model(name), f"model {name!r}", "training stages of that model (train_teacher "
                                                                             "or distill + finetune)"))
 

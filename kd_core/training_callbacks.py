@@ -189,7 +189,10 @@ class _DiskFullAfterCheckpoint(TrainerCallback):
         if state.global_step == self.step:
             import resource
 
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            # Python ignores SIGXFSZ from the start; set only where something changed that (signal.signal works in
+            # the main thread only, and in a flow the stage trains in a task's thread)
+            if signal.getsignal(signal.SIGXFSZ) != signal.SIG_IGN:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 

@@ -226,6 +226,19 @@ def test_gold_equals_a_brute_force_loop_in_float64_value_and_gradient(weights):
     assert g_got[0, 1].abs().sum() > 0  # the prefix token of row 0's first span gets a gradient too
 
 
+def test_gold_without_the_hybrid_split_is_uld_on_span_vectors():
+    s_labels, t_labels, s_ends, t_ends, spans, s_logits, t_logits = _hand_batch()
+    al = text_alignment(s_labels, s_ends, t_labels, t_ends, skip_eos=False)
+    match = match_vocabularies(S_VOCAB, T_VOCAB, len(S_VOCAB), len(T_VOCAB))
+    got = gold_divergence(s_logits, t_logits, al, match, "jsd", 1.2, hybrid=False)
+    want = []
+    for b, s_run, t_run in spans:
+        q = _chain(s_logits, b, s_run, s_labels, 1.2).exp().sort(descending=True).values
+        p = _chain(t_logits, b, t_run, t_labels, 1.2).exp().sort(descending=True).values
+        want.append((torch.nn.functional.pad(q, (0, len(p) - len(q))) - p).abs().sum())
+    assert torch.allclose(got, torch.stack(want), atol=1e-12)
+
+
 def test_gradcheck():
     s_labels, t_labels, s_ends, t_ends, _, s_logits, t_logits = _hand_batch()
     p = torch.softmax(torch.randn(3, 9, dtype=torch.float64), -1).requires_grad_()

@@ -25,7 +25,7 @@ class EndpointConfig(StrictModel):
     top_k: StrictInt = Field(20, ge=1, description="teacher log-probs per token in live training (vLLM caps it at "
                              "its --max-logprobs, default 20); the cache asks for teacher_cache.top_k")
     timeout_s: StrictFloat | StrictInt = Field(60.0, gt=0, description="seconds one request may take")
-    api_key_env: StrictStr | None = Field(None, min_length=1, description="environment variable holding the API "
+    auth_env: StrictStr | None = Field(None, min_length=1, description="environment variable holding the API "
                                           "key (sent as a bearer token; never written or logged)")
     batch_size: StrictInt = Field(8, ge=1, description="prompts per request")
     api: Literal["prompt_logprobs", "echo"] = "prompt_logprobs"
@@ -33,8 +33,9 @@ class EndpointConfig(StrictModel):
 
 # methods that read the teacher only through its top-k log-probs (the methods the teacher-logit cache serves)
 def check_served_teacher(cfg: PipelineConfig) -> None:
-    """A served teacher is the teacher only, is not trained, and teaches at temperature 1 (the endpoint's log-probs
-    are the model's own) with a method that reads its top-k log-probs; ValueError naming the key otherwise."""
+    """A served teacher is the teacher only, is not trained, generates no transfer set, and teaches at temperature 1
+    (the endpoint's log-probs are the model's own) with a method that reads its top-k log-probs; ValueError naming
+    the key otherwise."""
     from kd_core.config.methods import METHOD_SPECS
 
     for name, st in cfg.students.items():
@@ -46,6 +47,11 @@ def check_served_teacher(cfg: PipelineConfig) -> None:
     if cfg.teacher.train:
         raise ValueError("teacher.train: a teacher served by another process (teacher.model.endpoint) is not "
                          "trained here (allowed: false)")
+    for name, ts in cfg.transfer_sets.items():
+        if ts.source == cfg.teacher.name:
+            raise ValueError(f"transfer_sets.{name}.source: {ts.source!r} is served by another process "
+                             f"(teacher.model.endpoint): it gives top-k log-probs, not generations (allowed: a "
+                             f"student name)")
     readers = ", ".join(sorted(n for n, m in METHOD_SPECS.items() if m.reads_teacher_cache))
     for name, st in cfg.students.items():
         if cfg.teacher.name not in st.teacher_weights() or not METHOD_SPECS[st.method].needs_teacher:

@@ -196,6 +196,8 @@ class GOLDArgs(MethodArgs):
     unmatched_weight: float | None = Field(None, ge=0, validate_default=True, description="weight of the sorted "
                                            "L1 (ULD) over the other tokens; null: 1 − the adaptive matched weight")
     skip_eos: bool = Field(True, description="leave each side's final EOS out (GOLD's uld_skip_*_eos default)")
+    hybrid: bool = Field(True, description="divergence on the shared tokens + sorted L1 on the rest (GOLD's "
+                                           "uld_use_hybrid_loss); false: sorted L1 on whole span vectors")
 
     @field_validator("unmatched_weight")
     @classmethod

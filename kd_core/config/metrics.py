@@ -19,13 +19,15 @@ SPLIT_METRIC = re.compile(r"loss|ppl")  # val/ and test/: teacher-forced on the 
 GREEDY_METRIC = re.compile(r"(rougeL|exact_match)_greedy(_ci_low|_ci_high)?|gen_tokens_per_s")
 SAMPLED_METRIC = re.compile(r"(rougeL|exact_match)_sampled_(mean|std|ci_low|ci_high)|distinct_[12]|self_bleu")
 SET_METRIC = re.compile(r"n_prompts|max_new_tokens|ref_tokens_(p50|p90|p95|max)")  # every evaluated set
-AGREEMENT_METRIC = re.compile(r"top1_agreement(_tokens)?|kl_teacher_student")  # test/, students only
+AGREEMENT_METRIC = re.compile(r"top1_agreement(_tokens)?|kl_teacher_student(_topk)?")  # test/, students only
+SERVED_METRIC = re.compile(r"top1_agreement(_tokens)?|kl_teacher_student_topk")  # those of a served teacher's students
 UNC_METRIC = re.compile(r"unc_bucket(\d+)_(top1_agreement|kl|logit_std)")  # test/, students only
 EXACCERR_METRIC = re.compile(r"exaccerr_l(\d+)(_ci_low|_ci_high)?")  # test/, students only
 ALLOWED = ("parameters, train_time_s, {val,test}/{loss,ppl}, <eval set>/{rougeL,exact_match}_greedy[_ci_low|"
            "_ci_high], <eval set>/gen_tokens_per_s, <eval set>/{rougeL,exact_match}_sampled_{mean,std,ci_low,ci_high}, "
            "<eval set>/{distinct_1,distinct_2,self_bleu,n_prompts,max_new_tokens,ref_tokens_{p50,p90,p95,max}}, "
-           "test/{top1_agreement,top1_agreement_tokens,kl_teacher_student}, "
+           "test/{top1_agreement,top1_agreement_tokens,kl_teacher_student}, test/kl_teacher_student_topk (a served "
+           "teacher), "
            "test/unc_bucket<i>_{top1_agreement,kl,logit_std}, test/exaccerr_l<l>[_ci_low|_ci_high]")
 
 
@@ -55,7 +57,8 @@ def metric_problem(cfg: PipelineConfig, metric: str) -> str | None:
       `n_prompts`, `max_new_tokens`, `ref_tokens_*` need the set only.
     - `test/top1_agreement[_tokens]`, `test/kl_teacher_student`, `test/unc_bucket<i>_*` (i < evaluation.unc_buckets),
       `test/exaccerr_l<l>[_ci_low|_ci_high]` (l in evaluation.exaccerr_lengths, exaccerr_prompts > 0):
-      agreement with the teacher on the test split.
+      agreement with the teacher on the test split; with a teacher served by another process (teacher.model.endpoint)
+      `test/top1_agreement[_tokens]` and `test/kl_teacher_student_topk` only (from its top-k log-probs).
     """
     ev = cfg.evaluation
     if metric in REGISTER_METRICS:
@@ -88,6 +91,12 @@ def _split_problem(cfg: PipelineConfig, split: str, metric: str) -> str | None:
 
 def _agreement_problem(cfg: PipelineConfig, name: str, metric: str) -> str | None:
     ev = cfg.evaluation
+    served = cfg.teacher.model.endpoint is not None
+    if served != bool(SERVED_METRIC.fullmatch(name)) and not name.startswith("top1_agreement"):
+        return (f"{metric!r}: the teacher is served by another process (teacher.model.endpoint): its students get "
+                f"test/top1_agreement[_tokens] and test/kl_teacher_student_topk only" if served else
+                f"{metric!r}: only with a teacher served by another process (teacher.model.endpoint; allowed: "
+                f"test/kl_teacher_student)")
     if bucket := UNC_METRIC.fullmatch(name):
         if int(bucket.group(1)) >= ev.unc_buckets:
             return (f"{metric!r}: evaluation.unc_buckets is {ev.unc_buckets} "

@@ -18,7 +18,7 @@ from kd_core.data.template import format_prompt
 from kd_core.data.tokenize import CausalCollator, encode_example
 from kd_core.errors import DataError
 
-NOT_TEXT = -1  # (= kd_core.losses.cross_tokenizer.NOT_TEXT)
+NOT_TEXT = -1  # (= kd_core.losses.alignment.NOT_TEXT)
 TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "teacher_text_ends")
 
 

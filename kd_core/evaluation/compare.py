@@ -199,9 +199,10 @@ def _paired_section(set_name: str, paired: list[dict], mde: float | None) -> lis
 
 
 def _n_prompts(cfg, paths, set_name: str) -> int | None:
-    """How many prompts of the eval set the run's models were evaluated on (the teacher's per-prompt file)."""
-    f = paths.generations(cfg.teacher.name) / f"{set_name}.jsonl"
-    return len(read_jsonl(f)) if f.is_file() else None
+    """How many prompts of the eval set the run's models were evaluated on (the teacher's per-prompt file; a served
+    teacher's first student's)."""
+    files = [paths.generations(name) / f"{set_name}.jsonl" for name in [cfg.teacher.name, *cfg.students]]
+    return next((len(read_jsonl(f)) for f in files if f.is_file()), None)
 
 
 REFERENCE_KEYS = ("ref_tokens_p50", "ref_tokens_p90", "ref_tokens_p95", "ref_tokens_max", "max_new_tokens")
@@ -209,10 +210,14 @@ REFERENCE_KEYS = ("ref_tokens_p50", "ref_tokens_p90", "ref_tokens_p95", "ref_tok
 
 def reference_lengths(cfg, paths, set_name: str) -> dict:
     """The references' token-length percentiles of an eval set and the new-token budget it was generated with
-    ({key: value} of `REFERENCE_KEYS`, from the teacher's metrics: the same for every model of the run)."""
-    f = paths.metrics(cfg.teacher.name)
-    metrics = json.loads(f.read_text()) if f.is_file() else {}
-    return {k: metrics[f"{set_name}/{k}"] for k in REFERENCE_KEYS if f"{set_name}/{k}" in metrics}
+    ({key: value} of `REFERENCE_KEYS`, from the teacher's metrics, a served teacher's first student's: the same for
+    every model of the run)."""
+    for name in [cfg.teacher.name, *cfg.students]:
+        f = paths.metrics(name)
+        metrics = json.loads(f.read_text()) if f.is_file() else {}
+        if found := {k: metrics[f"{set_name}/{k}"] for k in REFERENCE_KEYS if f"{set_name}/{k}" in metrics}:
+            return found
+    return {}
 
 
 def _reference_line(refs: dict) -> list[str]:

@@ -7,9 +7,10 @@ are sliced to the shared vocabulary when the models differ by padded rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +18,14 @@ import torch.nn.functional as F
 from kd_core.data.tokenize import IGNORE_INDEX
 from kd_core.lm import causal_lm_logits, eval_mode, model_device, target_logprobs
 from kd_core.losses.divergences import fkl
+from kd_core.losses.sparse import sparse_token_divergence
 from kd_core.losses.tokens import shared_vocab
 
-__all__ = ["TokenStats", "collect_token_stats", "top1_agreement", "top1_agreement_tokens", "unc_buckets",
-           "plot_unc_buckets"]
+if TYPE_CHECKING:
+    from kd_core.teacher import TopKTeacherSignal
+
+__all__ = ["TokenStats", "collect_token_stats", "collect_topk_token_stats", "top1_agreement", "top1_agreement_tokens",
+           "unc_buckets", "plot_unc_buckets"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -42,6 +47,9 @@ class TokenStats:
         student_nll: ``-log q(g_t)`` at temperature 1.
         sentence: int64, the index of the sentence (batch row) the token belongs to, 0-based in collection
             order (``cat`` renumbers its parts consecutively); rows without response tokens have no tokens.
+
+    Against a teacher known by its top-k log-probs only (``collect_topk_token_stats``): ``kl`` is the top-k + tail
+    approximation, ``unc`` and ``teacher_logit_std`` are NaN (not known).
     """
 
     unc: torch.Tensor
@@ -151,6 +159,42 @@ def collect_token_stats(
             rows = sel.nonzero()[:, 0]  # each response token's row, in the row-major order of `sel`
             parts.append(_batch_token_stats(s_logits, t_logits, targets[sel].to(dev_s), float(temperature),
                                             torch.unique(rows, return_inverse=True)[1]))
+    return TokenStats.cat(parts)
+
+
+def collect_topk_token_stats(
+    student: torch.nn.Module,
+    teacher_signal: Callable[[Mapping[str, torch.Tensor]], TopKTeacherSignal],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+) -> TokenStats:
+    """``collect_token_stats`` against a teacher known by its top-k log-probs at temperature 1 (a teacher served by
+    another process: ``teacher_signal(batch)``, e.g. :meth:`kd_core.served_teacher.ServedTeacher.signal`, gives the
+    batch's response positions in the same order). Agreement compares the student's argmax (over the teacher's
+    vocabulary) with the teacher's top-1 id, exact for any k >= 1; ``kl`` is KL(p~ || q~) over the teacher's k
+    tokens + one tail bucket (:mod:`kd_core.losses.sparse`: <= the full KL, equal at k = V); ``unc`` and
+    ``teacher_logit_std`` are NaN (the teacher's full distribution is not known)."""
+    dev = model_device(student)
+    parts: list[TokenStats] = []
+    with eval_mode(student), torch.inference_mode():
+        for batch in batches:
+            targets = batch["labels"][:, 1:]
+            sel = targets != IGNORE_INDEX  # [B, T-1]
+            if not bool(sel.any()):
+                continue
+            teacher = teacher_signal(batch)
+            vocab = teacher.vocab_size
+            s = causal_lm_logits(student, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))[:, :-1]
+            s = s[sel.to(dev)][:, :vocab].float()  # [N, V]
+            top_lp, top_ids, tail = (x.to(dev) for x in (teacher.top_logprobs, teacher.top_ids, teacher.tail_logmass))
+            if top_ids.shape[0] != s.shape[0]:
+                raise ValueError(f"{top_ids.shape[0]} teacher rows for {s.shape[0]} response tokens")
+            kl = sparse_token_divergence(s, top_lp, top_ids, tail, "fkl")
+            nan = torch.full((s.shape[0],), float("nan"))
+            parts.append(TokenStats(
+                unc=nan, kl=kl.float().cpu(), agree=(top_ids[:, 0] == s.argmax(-1)).float().cpu(),
+                student_logit_std=s.std(-1, correction=0).cpu(), teacher_logit_std=nan.clone(),
+                student_nll=-target_logprobs(s, targets[sel].to(dev).long()).float().cpu(),
+                sentence=torch.unique(sel.nonzero()[:, 0], return_inverse=True)[1].cpu()))
     return TokenStats.cat(parts)
 
 

@@ -15,6 +15,7 @@ TRL 1.16: `GOLDTrainer` with `use_uld_loss`, `use_extended_uld`, `uld_use_hybrid
    with the divergence `divergence` (default GOLD's generalized JSD, β = 0.5) on m restricted to them (not
    renormalised, as GOLD); the other tokens of each side (`rest_s`, `rest_t`) with ULD's sorted L1.
    w_m = `matched_weight`, w_u = `unmatched_weight`, or both null: GOLD's adaptive w_m = |shared| / V_t, w_u = 1 − w_m.
+   `hybrid: false` (GOLD without `uld_use_hybrid_loss`): W1(m_q, m_p) on the whole span vectors instead.
 
 With one tokenizer every span is one token, every token is shared (w_m = 1, no L1 part), and the loss is `kd`'s
 with the same divergence (tests/test_cross_tokenizer.py checks value and gradient). `skip_eos` (default true, as
@@ -65,7 +66,7 @@ class GOLD(CrossTokenizerMethod):
             raise ValueError("gold: a paired batch without text_ends (encode it with with_offsets=True)")
         vs, vt = self.vocab_sizes(ctx, s_logits, t_logits)
         values = gold_divergence(s_logits, t_logits, alignment, self.vocab_match(ctx, vs, vt), cfg.divergence,
-                                 cfg.temperature, a.matched_weight, a.unmatched_weight, vs, vt,
+                                 cfg.temperature, a.matched_weight, a.unmatched_weight, vs, vt, hybrid=a.hybrid,
                                  **cfg.divergence_args)
         shape = s_logits.shape[:2]
         per, mask = alignment.per_position(values, shape), alignment.student_mask(shape)

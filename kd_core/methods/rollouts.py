@@ -145,19 +145,27 @@ def sample(mixture: Sequence[tuple[torch.nn.Module, float]], prompts: list[list[
                 nxt = mix.argmax(-1)
             else:
                 nxt = torch.multinomial(mix.exp(), 1, generator=generator).squeeze(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            was_done = done.tolist()
-            for i, tok in enumerate(nxt.tolist()):
-                if was_done[i]:
-                    continue
-                if tok == eos_token_id:
-                    ended[i] = True
-                else:
-                    tokens[i].append(tok)
-            done = done | (nxt.eq(eos_token_id) & ~done)
+            nxt, done = record_step(nxt, done, tokens, ended, eos_token_id, pad_token_id)
             if bool(done.all()):
                 break
             step_ids = nxt.unsqueeze(-1)
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
     return Generation([list(p) for p in prompts], tokens, ended)
+
+
+def record_step(nxt: torch.Tensor, done: torch.Tensor, tokens: list[list[int]], ended: list[bool],
+                eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step's tokens ``nxt`` ``[n]`` appended to the rows still generating (``done`` ``[n]`` bool):
+    EOS ends a row (``ended[i]``, not appended), a finished row gets ``pad_token_id``. Returns the step's tokens
+    as fed back to the models and the updated ``done``."""
+    nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+    was_done = done.tolist()
+    for i, tok in enumerate(nxt.tolist()):
+        if was_done[i]:
+            continue
+        if tok == eos_token_id:
+            ended[i] = True
+        else:
+            tokens[i].append(tok)
+    return nxt, done | (nxt.eq(eos_token_id) & ~done)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from kd_core.data.tokenize import left_pad
 from kd_core.lm import eval_mode, model_device, position_ids_from_mask
-from kd_core.methods.rollouts import Generation
+from kd_core.methods.rollouts import Generation, record_step
 
 
 @dataclass
@@ -72,16 +72,7 @@ def interleaved_sample(student: torch.nn.Module, teacher: torch.nn.Module, promp
             nxt, swapped = interleave_step(logits[0], logits[1], top_k, temperature, generator)
             proposed += int((~done).sum())
             replaced += int((swapped & ~done).sum())
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            was_done = done.tolist()
-            for i, tok in enumerate(nxt.tolist()):
-                if was_done[i]:
-                    continue
-                if tok == eos_token_id:
-                    ended[i] = True
-                else:
-                    tokens[i].append(tok)
-            done = done | (nxt.eq(eos_token_id) & ~done)
+            nxt, done = record_step(nxt, done, tokens, ended, eos_token_id, pad_token_id)
             if bool(done.all()):
                 break
             step_ids, step_pos = nxt.unsqueeze(-1), step_pos[:, -1:] + 1

@@ -58,11 +58,16 @@ def cache_teacher(cfg: PipelineConfig, paths: RunPaths, student_name: str, teach
     if current is not None:
         log.info("teacher cache of %s is stale (%s changed): rebuilding", student_cfg.name, ", ".join(changed))
     import torch
-    from safetensors.torch import save_file
 
     from kd_core.logit_cache import build_cache
+    from kd_core.served_teacher import served_teacher
 
     tokenizer = load_run_tokenizer(paths)
+    if (served := served_teacher(cfg, teacher, key["vocab_size"])) is not None:  # another process serves it
+        ds, _ = load_train_set(cfg, paths, tokenizer, student_cfg.train_data,
+                               loss_on_prompt=student_cfg.training.loss_on_prompt)
+        start = time.perf_counter()
+        return _save(out, key, info, student_cfg.name, served.build_cache(ds, key["top_k"]), len(ds), start)
     teacher_name, teacher = teacher, load_model(paths, teacher).eval()
     if torch.cuda.is_available():
         teacher.cuda()
@@ -75,14 +80,21 @@ def cache_teacher(cfg: PipelineConfig, paths: RunPaths, student_name: str, teach
     start = time.perf_counter()
     tensors = build_cache(teacher, ds, tokenizer.pad_token_id, key["vocab_size"], student_cfg.temperature,
                           key["top_k"], student_cfg.teacher_cache.batch_size)
+    return _save(out, key, info, student_cfg.name, tensors, len(ds), start)
+
+
+def _save(out, key: dict, info: dict, student: str, tensors: dict, examples: int, start: float) -> dict:
+    """Write a built cache (tensors, manifest, checksums) into `out`, atomically; the stage's result."""
+    from safetensors.torch import save_file
+
     seconds = time.perf_counter() - start
-    stats = {"examples": len(ds), "tokens": int(tensors["offsets"][-1]), "seconds": round(seconds, 3)}
+    stats = {"examples": examples, "tokens": int(tensors["offsets"][-1]), "seconds": round(seconds, 3)}
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / TENSORS))
         write_json_atomic(tmp / MANIFEST, {"enabled": True, "key": key, "stats": stats})
         write_checksums(tmp)  # verified whenever the cache is used again
     stats["bytes"] = (out / TENSORS).stat().st_size
-    log.info("teacher cache of %s: %d tokens, k=%d, %.1f s", student_cfg.name, stats["tokens"], key["top_k"], seconds)
+    log.info("teacher cache of %s: %d tokens, k=%d, %.1f s", student, stats["tokens"], key["top_k"], seconds)
     return info | {"source": "built"} | stats
 
 

@@ -11,6 +11,7 @@ from kd_core.multi_teacher import TeacherEnsemble
 from kd_core.preflight import preflight
 from kd_core.run import (RunPaths, is_main_process, load_model, load_model_tokenizer, load_paired_train_set,
                          load_student_tokenizer, load_train_set, n_positions, training_seed)
+from kd_core.served_teacher import served_teacher
 from kd_core.stages.cache_teacher import load_for_training
 from kd_core.training import train
 
@@ -26,7 +27,8 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
         method.set_tokenizers(tokenizer, teacher_tokenizer)
     cached = student_cfg.teacher_cache.enabled  # the teacher's top-k log-probs come from teacher_cache/<student>
     live_teacher = method.needs_teacher and not cached
-    needs_teacher_model = live_teacher or student_cfg.model.from_teacher_layers is not None
+    served = cfg.teacher.model.endpoint is not None and student_cfg.teacher == cfg.teacher.name  # another process's
+    needs_teacher_model = (live_teacher and not served) or student_cfg.model.from_teacher_layers is not None
     teacher = load_model(paths, student_cfg.teacher) if needs_teacher_model else None
     seed = training_seed(cfg, student_cfg.training.seed)
     student = make_model(student_cfg.model, tokenizer, n_positions(cfg), seed, teacher=teacher)
@@ -42,14 +44,17 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
                                             loss_on_prompt=student_cfg.training.loss_on_prompt,
                                             with_offsets=method.needs_text_offsets)
     teacher_cache, teachers = None, None
+    shared_vocab = min(len(tokenizer), student.get_output_embeddings().weight.shape[0])  # (a served teacher's)
     if student_cfg.teachers:  # several: each one's cache (teacher_cache/<student>/<name>) or live model
         weights = student_cfg.teacher_weights()
         members = [load_for_training(cfg, paths, student_cfg.name, ds, student, name) if cached
-                   else teacher if name == student_cfg.teacher and teacher is not None else load_model(paths, name)
-                   for name in weights]
+                   else teacher if name == student_cfg.teacher and teacher is not None
+                   else served_teacher(cfg, name, shared_vocab) or load_model(paths, name) for name in weights]
         teachers = TeacherEnsemble(members, list(weights.values()), student_cfg.teacher_combine)
     elif cached:
         teacher_cache = load_for_training(cfg, paths, student_cfg.name, ds, student)
+    elif live_teacher and served:  # its top-k log-probs per batch, asked of the endpoint (kd_core/served_teacher.py)
+        teachers = TeacherEnsemble([served_teacher(cfg, student_cfg.teacher, shared_vocab)], [1.0])
     first_cache = teacher_cache or (teachers.members[0] if teachers and cached else None)
     info: dict = {"name": student_cfg.name, "method": student_cfg.method,
                   "divergence": student_cfg.divergence if method.needs_teacher else "",

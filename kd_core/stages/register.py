@@ -7,6 +7,7 @@ MLflow server gone) keeps the tag `kd.pending` and is completed by the rerun, ne
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from kd_core.errors import MissingInput
 from kd_core.io import read_jsonl, tree_hash, write_json_atomic
 from kd_core.model_card import model_card
 from kd_core.run import RunPaths, data_version
+
+log = logging.getLogger("kd")
 
 
 def version_tags(cfg: PipelineConfig, paths: RunPaths, name: str, info: dict, teacher_info: dict, version: str) -> dict:
@@ -31,7 +34,7 @@ def version_tags(cfg: PipelineConfig, paths: RunPaths, name: str, info: dict, te
             "kd.divergence": "" if is_teacher else info.get("divergence", ""),
             "kd.teacher": "" if is_teacher else student_cfg.teacher, "kd.root_teacher": cfg.teacher.name,
             "kd.train_data": "train" if is_teacher else student_cfg.train_data,
-            "kd.teacher_parameters": str(teacher_info["parameters"]),
+            "kd.teacher_parameters": str(teacher_info.get("parameters") or ""),  # (none: a served teacher)
             "kd.parameters": str(info["parameters"]), "kd.params_hash": cfg.fingerprint(),
             "kd.data_version": version, "kd.run_dir": str(paths.root),
             "kd.finetuned": str(info.get("finetuned", False)).lower()}
@@ -80,7 +83,8 @@ def eval_prompt_tags(cfg: PipelineConfig, paths: RunPaths, name: str) -> dict[st
 
 
 def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
-    """Log every model of the run to MLflow as a transformers model, register it, move `champion`."""
+    """Log every model of the run to MLflow as a transformers model, register it, move `champion`. A teacher served
+    by another process (teacher.model.endpoint) is not registered (its weights are not here): `not_registered`."""
     names = [cfg.teacher.name] + list(cfg.students)
     missing = [n for n in names if not paths.metrics(n).is_file()]
     if missing:
@@ -88,6 +92,11 @@ def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
     version = data_version(paths)
     teacher_info = json.loads(paths.train_info(cfg.teacher.name).read_text())
     registered: dict = {"versions": {}}
+    if cfg.teacher.model.endpoint is not None:
+        why = f"served by another process ({teacher_info['served']['url']}): no weights here, not registered"
+        registered["not_registered"] = {cfg.teacher.name: why}
+        log.info("%s: %s", cfg.teacher.name, why)
+        names.remove(cfg.teacher.name)
     lock = Path("dvc.lock")
     lock_text = lineage.read_lock()  # the stages before this one are recorded (the flow commits in the background)
     for name in names:
@@ -124,7 +133,11 @@ def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
                             "top_p": cfg.evaluation.generation.top_p},
                 example=_example_instruction(cfg, paths, name))
         registered["versions"][name] = {"registered_model": reg_name, "version": number, "new": True}
-    pinned = paths.generations(cfg.teacher.name) / f"{pinned_set(cfg.tracking.champion)}.jsonl"
-    registered["champion"] = update_champion(cfg, prompts_hash(read_jsonl(pinned)) if pinned.is_file() else None)
+    # the prompts of the champion metric's set, as this run's models were evaluated on them (the teacher's; a
+    # served teacher's students')
+    set_name = pinned_set(cfg.tracking.champion)
+    files = [paths.generations(n) / f"{set_name}.jsonl" for n in [cfg.teacher.name, *cfg.students]]
+    pinned = next((f for f in files if f.is_file()), None)
+    registered["champion"] = update_champion(cfg, prompts_hash(read_jsonl(pinned)) if pinned else None)
     write_json_atomic(paths.registry, registered)
     return registered

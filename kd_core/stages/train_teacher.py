@@ -31,6 +31,10 @@ def _save(model, tokenizer, out_dir) -> None:
 def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
     """Supervised fine-tuning of the teacher (full or LoRA), or materialise a given checkpoint as is."""
     teacher_cfg = cfg.teacher
+    if teacher_cfg.model.endpoint is not None:  # served by another process: what it is, and the run's tokenizer
+        from kd_core.served_teacher import save_served_teacher
+
+        return save_served_teacher(cfg, paths)
     out_dir = paths.model(teacher_cfg.name)
     # a teacher built from config with its own `model.tokenizer` trains with it (a checkpoint's is the run's already)
     own = load_source_tokenizer(cfg, teacher_cfg.model, "teacher.model.tokenizer") \

@@ -1,0 +1,214 @@
+"""A teacher served by another process (`teacher.model.endpoint`, kd_core/config/endpoint.py): its top-k log-probs
+per response token, asked of an OpenAI-compatible `POST /v1/completions` as vLLM serves it, in the representation of
+the teacher-logit cache (:mod:`kd_core.logit_cache`): top-k log-probs in descending order, their token ids, and the
+log of the tail mass, log(1 − Σ_topk p). The cache (`cache_teacher`) and the live `kd` / `atkd` students
+(:meth:`ServedTeacher.signal`, a :class:`~kd_core.teacher.TopKTeacherSignal`) read it the same way.
+
+What is sent: the student's token ids as token-id prompts (`prompt: [[ids], ...]`, `endpoint.batch_size` prompts a
+request), `max_tokens: 1`, and `prompt_logprobs: k` (vLLM's extension; the answer `choices[i].prompt_logprobs` has one
+entry per prompt token, the first None, each a map token id -> {logprob, rank, decoded_token} holding the top-k and
+the token itself) or, with `api: echo`, `echo: true, logprobs: k, return_tokens_as_token_ids: true` (the answer's
+`choices[i].logprobs.top_logprobs`, keys `token_id:<id>`). Entry j (j >= 1) is the teacher's distribution of token j
+given tokens < j: the cache's row of position j − 1. The log-probs are the served model's own, at temperature 1, over
+its whole vocabulary; the endpoint must use the run's tokenizer (token ids mean the same on both sides).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+import torch
+
+from kd_core.data.tokenize import IGNORE_INDEX
+from kd_core.errors import EndpointError, EndpointUnreachable, UserError
+from kd_core.teacher import TopKTeacherSignal
+
+if TYPE_CHECKING:
+    from kd_core.config import PipelineConfig
+    from kd_core.config.endpoint import EndpointConfig
+    from kd_core.data.tokenize import EncodedDataset
+    from kd_core.run import RunPaths
+
+__all__ = ["ENDPOINT_FILE", "ServedTeacher", "completions_url", "save_served_teacher", "served_metrics",
+           "served_teacher"]
+
+ENDPOINT_FILE = "endpoint.json"  # in models/<teacher>: what the train_teacher stage records of a served teacher
+Example = tuple[list[int], list[int]]  # (input_ids, labels), unpadded
+
+
+def completions_url(base: str) -> str:
+    """`<base>/v1/completions` (a base already ending in /v1 gets `/completions`)."""
+    base = base.rstrip("/")
+    return base + ("/completions" if base.endswith("/v1") else "/v1/completions")
+
+
+def _shown(url: str) -> str:
+    """The URL as messages show it: no user:password, no query."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), parts.path, "", ""))
+
+
+class ServedTeacher:
+    """The client of one endpoint. ``vocab_size``: the vocabulary shared with the student (the rows' normalisation,
+    as the cache's); a returned token id outside it is an error."""
+
+    def __init__(self, endpoint: EndpointConfig, vocab_size: int):
+        self.endpoint, self.vocab_size = endpoint, int(vocab_size)
+        self.url = completions_url(endpoint.url)
+        self.shown = _shown(self.url)
+
+    # ---- HTTP
+    def _api_key(self) -> str | None:
+        env = self.endpoint.auth_env
+        if env is None:
+            return None
+        if not os.environ.get(env):
+            raise UserError(f"teacher.model.endpoint.auth_env: environment variable {env} is not set (it holds "
+                            f"the API key of {self.shown})")
+        return os.environ[env]
+
+    def _fail(self, cls: type[Exception], what: str, key: str | None) -> Exception:
+        text = " ".join(str(what).split())  # one line
+        return cls(f"teacher endpoint {self.shown}: {text.replace(key, '***') if key else text}")
+
+    def _post(self, body: dict) -> dict:
+        key = self._api_key()
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.endpoint.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:  # (before URLError: its subclass)
+            detail = err.read()[:300].decode("utf-8", "replace")
+            cls = EndpointUnreachable if err.code >= 500 or err.code == 429 else EndpointError
+            raise self._fail(cls, f"HTTP {err.code} {err.reason}: {detail}", key) from None
+        except (urllib.error.URLError, OSError) as err:  # refused, reset, unknown host, timed out
+            raise self._fail(EndpointUnreachable, f"not reachable ({getattr(err, 'reason', err)})", key) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise self._fail(EndpointError, "the response is not JSON", key) from None
+
+    # ---- scoring
+    def _request(self, prompts: list[list[int]], k: int) -> dict:
+        body = {"model": self.endpoint.model, "prompt": prompts, "max_tokens": 1}
+        if self.endpoint.api == "echo":
+            return body | {"echo": True, "logprobs": k, "return_tokens_as_token_ids": True}
+        return body | {"prompt_logprobs": k}
+
+    def _entries(self, choice, n: int, i: int) -> list:
+        """The n per-token log-prob maps of prompt i's choice (entry 0, the first token's, is None)."""
+        where = "prompt_logprobs" if self.endpoint.api == "prompt_logprobs" else "logprobs.top_logprobs"
+        entries = choice.get("prompt_logprobs") if self.endpoint.api == "prompt_logprobs" \
+            else (choice.get("logprobs") or {}).get("top_logprobs")
+        if not isinstance(entries, list):
+            raise self._fail(EndpointError, f"choice {i} has no {where} (is it a vLLM server? api: "
+                             f"{self.endpoint.api})", None)
+        if len(entries) != n and not (self.endpoint.api == "echo" and len(entries) > n):  # echo: + generated
+            raise self._fail(EndpointError, f"choice {i} has {len(entries)} {where} entries for a prompt of {n} "
+                             f"tokens (the same tokenizer and no prompt truncation are needed)", None)
+        return entries[:n]
+
+    def _top(self, entry, k: int, where: str) -> tuple[list[int], list[float], float]:
+        """One position's top-k (ids, log-probs descending) and tail log-mass log(1 − Σ p)."""
+        if not isinstance(entry, dict) or len(entry) < k:
+            raise self._fail(EndpointError, f"{where}: {len(entry) if isinstance(entry, dict) else 'no'} log-probs, "
+                             f"asked for {k}", None)
+        pairs = []
+        for token, value in entry.items():
+            value = value.get("logprob") if isinstance(value, dict) else value
+            token = token.removeprefix("token_id:")
+            if not token.lstrip("-").isdigit() or not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise self._fail(EndpointError, f"{where}: entry {token!r}: {value!r} is not a token id and a "
+                                 "log-prob (api echo needs vLLM's return_tokens_as_token_ids)", None)
+            pairs.append((int(token), float(value)))
+        pairs.sort(key=lambda p: -p[1])
+        ids, lps = [p[0] for p in pairs[:k]], [p[1] for p in pairs[:k]]
+        if bad := [t for t in ids if not 0 <= t < self.vocab_size]:
+            raise self._fail(EndpointError, f"{where}: token id {bad[0]} outside the shared vocabulary of "
+                             f"{self.vocab_size} (the endpoint must use the run's tokenizer)", None)
+        top = max(lps)
+        lse = top + math.log(math.fsum(math.exp(x - top) for x in lps))
+        tail = math.log(-math.expm1(lse)) if lse < 0 and k < self.vocab_size else -math.inf
+        return ids, lps, tail
+
+    def rows(self, examples: list[Example], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """The teacher's top-k for the response positions of ``examples`` (position t counts when labels[t + 1] !=
+        IGNORE_INDEX), example by example: top_logprobs [N, k] float32, top_ids [N, k] int64, tail_logmass [N]
+        float32, and each example's row count. k is capped at the vocabulary."""
+        k = min(int(k), self.vocab_size)
+        lps, ids, tails, counts = [], [], [], []
+        step = self.endpoint.batch_size
+        for start in range(0, len(examples), step):
+            chunk = examples[start:start + step]
+            data = self._post(self._request([list(map(int, x)) for x, _ in chunk], k))
+            choices = data.get("choices") if isinstance(data, dict) else None
+            if not isinstance(choices, list) or len(choices) != len(chunk) \
+                    or any(not isinstance(c, dict) for c in choices):
+                got = len(choices) if isinstance(choices, list) else "no"
+                raise self._fail(EndpointError, f"{got} choices for {len(chunk)} prompts", None)
+            choices = sorted(choices, key=lambda c: c.get("index", 0))
+            for i, ((input_ids, labels), choice) in enumerate(zip(chunk, choices)):
+                entries = self._entries(choice, len(input_ids), start + i)
+                rows = [j for j in range(1, len(input_ids)) if labels[j] != IGNORE_INDEX]
+                for j in rows:
+                    top_ids, top_lps, tail = self._top(entries[j], k, f"prompt {start + i}, token {j}")
+                    ids.append(top_ids)
+                    lps.append(top_lps)
+                    tails.append(tail)
+                counts.append(len(rows))
+        return (torch.tensor(lps, dtype=torch.float32).reshape(-1, k), torch.tensor(ids, dtype=torch.int64).reshape(-1, k),
+                torch.tensor(tails, dtype=torch.float32), counts)
+
+    def build_cache(self, dataset: EncodedDataset, top_k: int) -> dict[str, torch.Tensor]:
+        """:func:`kd_core.logit_cache.build_cache`'s tensors, from the endpoint."""
+        lps, ids, tails, counts = self.rows([(ex.input_ids, ex.labels) for ex in dataset.examples], top_k)
+        return {"top_logprobs": lps, "top_ids": ids.to(torch.int32), "tail_logmass": tails,
+                "offsets": torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)}
+
+    def signal(self, batch: dict[str, torch.Tensor]) -> TopKTeacherSignal:
+        """The live teacher's signal on a right-padded batch (a :class:`~kd_core.multi_teacher.TeacherEnsemble`
+        member): its top-``endpoint.top_k`` at temperature 1, on the batch's device."""
+        lengths = batch["attention_mask"].sum(1).tolist()
+        ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
+        lps, top_ids, tails, _ = self.rows([(ids[i, :n].tolist(), labels[i, :n].tolist())
+                                            for i, n in enumerate(lengths)], self.endpoint.top_k)
+        device = batch["input_ids"].device
+        return TopKTeacherSignal(lps.to(device), top_ids.to(device), tails.to(device), self.vocab_size, 1.0)
+
+
+def served_teacher(cfg: PipelineConfig, name: str, vocab_size: int) -> ServedTeacher | None:
+    """The client of model `name` when it is the teacher served by another process, else None."""
+    endpoint = cfg.teacher.model.endpoint
+    return ServedTeacher(endpoint, vocab_size) if endpoint is not None and name == cfg.teacher.name else None
+
+
+def served_metrics(cfg: PipelineConfig) -> dict:
+    """The evaluate stage's metrics of a served teacher: what is known of it, no generation metrics (generating
+    through the endpoint is not done here) and no parameter count (its weights are not here)."""
+    endpoint = cfg.teacher.model.endpoint
+    return {"served": True, "endpoint": _shown(endpoint.url), "model": endpoint.model, "parameters": None}
+
+
+def save_served_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
+    """The train_teacher stage of a served teacher: `models/<teacher>` holds what it is (`endpoint.json`: URL, model
+    name, api; no key) and the run's tokenizer, so that the stages after it (and DVC) see the teacher change."""
+    from kd_core.io import atomic_dir, write_json_atomic
+    from kd_core.run import load_run_tokenizer
+
+    endpoint = cfg.teacher.model.endpoint
+    tokenizer = load_run_tokenizer(paths)
+    described = {"url": _shown(endpoint.url), "model": endpoint.model, "api": endpoint.api}
+    with atomic_dir(paths.model(cfg.teacher.name)) as tmp:
+        write_json_atomic(Path(tmp) / ENDPOINT_FILE, described)
+        tokenizer.save_pretrained(str(tmp))
+    info = {"name": cfg.teacher.name, "trained": False, "served": described, "train_time_s": 0.0, "steps": 0}
+    write_json_atomic(paths.train_info(cfg.teacher.name), info)
+    return info
