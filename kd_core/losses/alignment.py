@@ -64,7 +64,7 @@ class SpanAlignment(NamedTuple):
 def _response_positions(labels: Tensor) -> list[list[int]]:
     """Per row, the sequence indices j ≥ 1 of the response tokens (labels[j] != -100), in order."""
     rows = labels.detach().cpu()
-    return [[j for j in torch.nonzero(row[1:] != IGNORE_INDEX).flatten().add(1).tolist()] for row in rows]
+    return [torch.nonzero(row[1:] != IGNORE_INDEX).flatten().add(1).tolist() for row in rows]
 
 
 def _build(pairs: list[tuple[int, list[int], list[int]]], student_labels: Tensor, teacher_labels: Tensor
