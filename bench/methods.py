@@ -57,6 +57,12 @@ METHODS: dict[str, dict] = {  # in the order they run (the table fills as they f
     "kd-akl": {"method": "kd", "divergence": "akl"},
     "intermediate": {"method": "intermediate"},
     "progressive": {"method": "progressive"},
+    "kd-abkd": {"method": "kd", "divergence": "abkd"},
+    "sampled_rkl": {"method": "sampled_rkl", "method_args": {"max_new_tokens": 8}},
+    "entropy_aware_opd": {"method": "entropy_aware_opd", "method_args": {"max_new_tokens": 8}},
+    "speculative_kd": {"method": "speculative_kd", "method_args": {"max_new_tokens": 8}},
+    "uld": {"method": "uld"},  # cross-tokenizer methods, here with the shared tokenizer
+    "gold": {"method": "gold"},
 }
 
 
