@@ -108,7 +108,7 @@ def registered_versions(name: str) -> list:
 # ------------------------------------------------------------------------------- a prepared project, once a session
 PREPARED_STAGES = ("prepare", "train_teacher")
 # what a copy leaves behind: the session's own stores and DVC's temporary state (locks, the hash db of its inodes)
-_NOT_COPIED = shutil.ignore_patterns("mlflow.db", "mlruns", ".prefect", ".dvc-site-cache", "tmp")
+_NOT_COPIED = shutil.ignore_patterns("mlflow.db", "mlartifacts", "mlruns", ".prefect", ".dvc-site-cache", "tmp")
 
 
 @pytest.fixture(scope="session")
@@ -179,7 +179,8 @@ def reproduced_project(prepared_project, tmp_path_factory) -> tuple[Path, str]:
 
 
 def copy_reproduced(reproduced: Path, folder: Path, stores: bool) -> None:
-    """The reproduced project copied into `folder`, with its MLflow store (`stores`; the registered versions'
-    artifacts stay where the session's store wrote them: read, not written) or without it."""
-    ignore = shutil.ignore_patterns(".prefect", ".dvc-site-cache", "tmp") if stores else _NOT_COPIED
+    """The reproduced project copied into `folder`, with a copy of its MLflow store (`stores`) or without it. The
+    copy's experiment keeps its artifact folder: the session folder's `mlartifacts` (where the registered
+    versions' weights are, read by the copy; a version the copy registers would be written there too)."""
+    ignore = shutil.ignore_patterns("mlartifacts", ".prefect", ".dvc-site-cache", "tmp") if stores else _NOT_COPIED
     shutil.copytree(reproduced, folder, ignore=ignore, dirs_exist_ok=True, symlinks=True)
