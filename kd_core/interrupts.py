@@ -7,6 +7,8 @@ and the stage raises `Cancelled` (exit status 143 = 128 + SIGTERM, never retried
 the stage resumes from that checkpoint. A second SIGTERM while the first is being honoured ends the process at
 once, also with 143 (`SystemExit`), as a user pressing Ctrl-C twice expects. In a flow (`kd run`), Prefect's
 own handler ends the flow run and sends SIGTERM again once the task threads are done: that second one exits.
+A stage the flow runs as a process of its own (side by side with others, or under torchrun / deepspeed:
+`kd_core.launcher.run_command`) gets every SIGTERM passed on (`forwarding_sigterm`), so it stops the same way.
 
 The callbacks that act on these are in kd_core/training_callbacks.py (this module imports no torch: the CLI
 installs the handler before anything heavy is loaded).
@@ -24,8 +26,10 @@ Test hooks (environment variables read when training starts, naming the model fo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -37,6 +41,29 @@ DISK_FULL_AFTER_CHECKPOINT_ENV = "KD_TEST_DISK_FULL_AFTER_CHECKPOINT"
 KILL_TRACKING_ENV = "KD_TEST_KILL_TRACKING_SERVER"
 
 _requested = threading.Event()
+_children: set[subprocess.Popen] = set()  # stage processes started by this one: SIGTERM is passed on to them
+_children_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def forwarding_sigterm(proc: subprocess.Popen):
+    """While the block runs, a SIGTERM to this process is passed on to `proc` (a stage in a process of its own),
+    which then checkpoints and stops as a stage in this process would."""
+    with _children_lock:
+        _children.add(proc)
+    try:
+        yield proc
+    finally:
+        with _children_lock:
+            _children.discard(proc)
+
+
+def _pass_on_sigterm() -> None:
+    with _children_lock:
+        children = [p for p in _children if p.poll() is None]
+    for proc in children:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
 
 
 def on_sigterm(chain: bool = False) -> None:
@@ -51,6 +78,7 @@ def on_sigterm(chain: bool = False) -> None:
     _requested.clear()  # a new run (a served deployment runs flow after flow in one process)
 
     def handler(signum, frame):
+        _pass_on_sigterm()
         if callable(previous):
             _requested.set()
             previous(signum, frame)

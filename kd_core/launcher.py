@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_core import errors
+from kd_core.interrupts import forwarding_sigterm
 
 LAUNCHED_ENV = "KD_LAUNCHED"
 ERROR_PREFIX = "kd-error: "
@@ -192,26 +193,27 @@ def run_command(cmd: list[str], what: str, log) -> None:
     records: list[dict] = []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=env, text=True, errors="replace", bufsize=1)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            if not line.strip():  # (progress bars redraw with a bare carriage return: no blank log records)
-                continue
-            record = parse_error_line(line)
-            if record is not None:
-                records.append(record)
-            tail.append(line)
-            log.info("%s", line)
-        returncode = proc.wait()
-    finally:
-        if proc.poll() is None:  # the task was interrupted: stop the launcher (it stops its workers)
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with forwarding_sigterm(proc):  # a cancel (SIGTERM to the flow) reaches the stage process too
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if not line.strip():  # (progress bars redraw with a bare carriage return: no blank log records)
+                    continue
+                record = parse_error_line(line)
+                if record is not None:
+                    records.append(record)
+                tail.append(line)
+                log.info("%s", line)
+            returncode = proc.wait()
+        finally:
+            if proc.poll() is None:  # the task was interrupted: stop the launcher (it stops its workers)
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     if returncode != 0:
         raise launch_error(returncode, records, list(tail), what)
     log.info("%s: finished", what)

@@ -332,7 +332,7 @@ class TrackingConfig(StrictModel):
 
 
 class OrchestrationConfig(StrictModel):
-    max_parallel_students: int = Field(1, ge=1)
+    max_parallel_students: int = Field(1, ge=1, description="stages run side by side (> 1: each in its own process)")
     retries: int = Field(1, ge=0, description="Prefect retries for transient failures")
 
 
