@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# DVC keeps per-repository state (hash and link databases) under a site cache, /var/tmp/dvc by default: every
+# test's DVC, in this process or a child, uses a folder of the session's instead (the `project` fixture gives
+# each test its own), removed at the end, so the suite leaves nothing outside temporary folders
+os.environ["DVC_SITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="kd-tests-dvc-site-")
+atexit.register(shutil.rmtree, os.environ["DVC_SITE_CACHE_DIR"], True)
 import kd_core  # noqa: E402,F401  (offline defaults)
 
 REPO = Path(__file__).resolve().parents[1]
