@@ -15,7 +15,7 @@ from kd_core.config import ArchConfig, TrainingConfig
 from kd_core.data.tokenize import IGNORE_INDEX
 from kd_core.losses.atkd import decompose
 from kd_core.losses.chunked import chunked_sparse_divergence, chunked_token_divergence
-from kd_core.losses.divergences import akl, fkl, rkl
+from kd_core.losses.divergences import akl, rkl
 from kd_core.losses.tokens import logprobs, token_divergence
 from kd_core.losses.intermediate import attention_divergence
 from kd_core.losses.sparse import sparse_token_divergence, top_k_with_tail

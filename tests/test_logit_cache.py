@@ -16,7 +16,6 @@ import torch
 from kd_core import logit_cache
 from kd_core.config import ConfigError, TrainingConfig, parse_config
 from kd_core.data.tokenize import load_tokenizer, train_bpe_tokenizer
-from kd_core.io import write_jsonl_atomic
 from kd_core.errors import CacheError
 from kd_core.logit_cache import TeacherLogitCache
 from kd_core.logit_cache_key import cache_key, read_manifest, stale_fields

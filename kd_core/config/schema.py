@@ -18,7 +18,7 @@ from pydantic import Field, StrictFloat, field_validator, model_validator
 from kd_core.config import graph, methods, metrics, transfer_rules
 from kd_core.config.base import StrictModel
 from kd_core.config.data_source import UnlabeledConfig, check_fields
-from kd_core.config.model_source import ArchConfig, ModelSource
+from kd_core.config.model_source import ModelSource
 from kd_core.config.tokenizers import check_shared_vocabulary
 
 
