@@ -57,12 +57,22 @@ def _die_with_parent() -> None:
         pass
 
 
+START_ATTEMPTS = 3
+
+
+def _launch(cmd: list[str], log: Path) -> subprocess.Popen:
+    """The uvicorn process of the server, its output appended to `log`; it dies with this process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", TEMPORARY_ENV)} | _SERVER_ENV
+    with log.open("ab") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+
+
 class TemporaryServer:
     """A Prefect API server process for this command; `PREFECT_API_URL` points at it from `start` on, and it
     is stopped at exit."""
 
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
-        self.proc, self.url, self.log = proc, url, log
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path, cmd: list[str]):
+        self.proc, self.url, self.log, self.cmd = proc, url, log, cmd
 
     @classmethod
     def start(cls) -> TemporaryServer | None:
@@ -73,25 +83,32 @@ class TemporaryServer:
         package = Path(importlib.util.find_spec("prefect").origin).parent
         port = free_port()
         log = Path(tempfile.mkstemp(prefix="kd-prefect-server-", suffix=".log")[1])
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", str(package.parent), "--factory",
-                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-                 "--log-level", "error", "--lifespan", "on"],
-                env=dict(os.environ, **_SERVER_ENV), stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(package.parent), "--factory",
+               "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+               "--log-level", "error", "--lifespan", "on"]
         os.environ["PREFECT_API_URL"] = os.environ[TEMPORARY_ENV] = url = f"http://127.0.0.1:{port}/api"
-        server = cls(proc, url, log)
+        server = cls(_launch(cmd, log), url, log, cmd)
         atexit.register(server.stop)  # after Prefect's own exit handlers (LIFO): its run logs are sent by then
         return server
 
     def wait_healthy(self, timeout: float | None = None) -> None:
-        """Block until `/health` answers (timeout: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, as Prefect)."""
+        """Block until `/health` answers (timeout: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, as Prefect).
+        A start that fails with uvicorn's status 3 (its application did not start: e.g. another `kd run` of the
+        same Prefect home migrating the database at that moment) is tried again, on the same port (the URL is
+        already in the environment), up to `START_ATTEMPTS` times."""
         import httpx
 
         timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
         deadline = time.monotonic() + timeout
+        attempts = 1
         with httpx.Client() as client:
-            while time.monotonic() < deadline and self.proc.poll() is None:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    if self.proc.returncode != 3 or attempts >= START_ATTEMPTS:
+                        break
+                    attempts += 1
+                    time.sleep(0.5 * attempts)
+                    self.proc = _launch(self.cmd, self.log)
                 try:
                     if client.get(f"{self.url}/health", timeout=2).status_code == 200:
                         return
