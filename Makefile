@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/kd run
 
+# a pytest worker per core, at most 4 (the end-to-end tests wait on subprocesses and servers); `pytest -n 0`: one process
 test: setup
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n auto --maxprocesses 4 --dist worksteal
 
 dvc-repro: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro

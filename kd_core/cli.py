@@ -107,7 +107,18 @@ def stage(name: str = typer.Argument(..., help=" | ".join(STAGES)),
         print_table(result)
     else:
         typer.echo(json.dumps(result, indent=2, default=str)[:4000])
+    _leave_process_group()
     _exit_now()
+
+
+def _leave_process_group() -> None:
+    """In a distributed launch, every rank waits for the others and destroys the process group before exiting:
+    left to the interpreter's teardown, gloo's threads could abort a rank ("terminate called without an active
+    exception", SIGABRT) after its work was done, and the launcher then reports the launch as failed."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _exit_now() -> None:

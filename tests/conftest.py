@@ -45,6 +45,14 @@ TINY_PARAMS = {
 }
 
 
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """The modules with slow (end-to-end) tests run first, each kept whole (its module fixtures, e.g. servers, are
+    made once): with several workers (`make test`: pytest-xdist, work stealing) the long tests start early and the
+    short ones fill the gaps, instead of one long test finishing alone at the end."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)  # stable: file order kept within
+
+
 def tiny_params(**top_level) -> dict:
     params = copy.deepcopy(TINY_PARAMS)
     params.update(top_level)

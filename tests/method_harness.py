@@ -127,3 +127,20 @@ def padded_batch(ids: torch.Tensor, prompt_len: int = 4, pad_row: int = 1, pad_f
     labels[:, :prompt_len] = IGNORE_INDEX
     labels[attention == 0] = IGNORE_INDEX
     return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+class Interrupted(Exception):
+    """Stands in for a preempted machine in process (the SIGKILL tests in test_resume.py cover a real kill)."""
+
+
+def interrupt_at(method, step: int):
+    """`method` with its loss replaced by one that raises `Interrupted` when the trainer reaches optimizer step
+    `step` (after the checkpoints of the earlier steps are written); returns `method`."""
+    compute = method.compute_loss
+
+    def interrupted(ctx):
+        if ctx.trainer.state.global_step == step:
+            raise Interrupted
+        return compute(ctx)
+    method.compute_loss = interrupted
+    return method

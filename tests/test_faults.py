@@ -253,14 +253,10 @@ def test_failed_writes_name_the_path_and_leave_the_previous_output(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- 3. damaged files
-class _Interrupted(Exception):
-    """Stands in for a preempted machine (the SIGKILL tests in test_resume.py cover a real kill)."""
-
-
 def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     from kd_core.methods import get_method
     from kd_core.training import train
-    from tests.method_harness import tiny_setup
+    from tests.method_harness import Interrupted, interrupt_at, tiny_setup
 
     setup = tiny_setup()
     cfg = TrainingConfig(max_steps=10, save_steps=3, learning_rate=5e-3, batch_size=16, warmup_ratio=0.0,
@@ -270,16 +266,10 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
         method = get_method("sft")(None)
         student = setup.student(seed=1)
         if stop_at is not None:
-            compute = method.compute_loss
-
-            def interrupted(ctx):
-                if ctx.trainer.state.global_step == stop_at:
-                    raise _Interrupted
-                return compute(ctx)
-            method.compute_loss = interrupted
+            interrupt_at(method, stop_at)
         try:
             train(student, setup.train_set, setup.tokenizer, cfg, out_dir, method=method, seed=0, save=False)
-        except _Interrupted:
+        except Interrupted:
             return None
         return student
 

@@ -93,10 +93,6 @@ def test_partial_checkpoint_is_skipped(tmp_path):
     assert last_complete_checkpoint(tmp_path / "missing") is None
 
 
-class _Interrupted(Exception):
-    """Stands in for a preempted machine (in-process: the SIGKILL test above covers a real kill)."""
-
-
 def test_resume_restores_the_methods_extra_trainable_modules(tmp_path):
     """`intermediate` trains hidden-state projections beside the student: a resumed run continues them from
     the checkpoint (weights and Adam state) and ends where an uninterrupted run ends."""
@@ -105,7 +101,7 @@ def test_resume_restores_the_methods_extra_trainable_modules(tmp_path):
     from kd_core.config import TrainingConfig
     from kd_core.methods import get_method
     from kd_core.training import train
-    from tests.method_harness import student_config, tiny_setup
+    from tests.method_harness import Interrupted, interrupt_at, student_config, tiny_setup
 
     setup = tiny_setup()
     cfg = TrainingConfig(max_steps=10, save_steps=3, learning_rate=5e-3, batch_size=16, warmup_ratio=0.0,
@@ -116,17 +112,11 @@ def test_resume_restores_the_methods_extra_trainable_modules(tmp_path):
         method = get_method("intermediate")(sc, sc.method_args)
         student = setup.student(seed=1)
         if stop_at is not None:
-            compute = method.compute_loss
-
-            def interrupted(ctx):
-                if ctx.trainer.state.global_step == stop_at:
-                    raise _Interrupted
-                return compute(ctx)
-            method.compute_loss = interrupted
+            interrupt_at(method, stop_at)
         try:
             train(student, setup.train_set, setup.tokenizer, cfg, out_dir, method=method, seed=0,
                   teacher=copy.deepcopy(setup.teacher), save=False)
-        except _Interrupted:
+        except Interrupted:
             return None
         return student, method
 

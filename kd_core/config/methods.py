@@ -39,24 +39,25 @@ class ATKDArgs(MethodArgs):
     dkd_weight: float = Field(1.0, ge=0.0, description="weight of the diversity-oriented part (all tokens)")
 
 
-class GKDArgs(MethodArgs):
-    lmbda: float = Field(0.5, ge=0, le=1, description="probability that a micro-batch uses student samples")
+class GenerationArgs(MethodArgs):
+    """Args of a method that samples responses during training (on-policy and mixed methods)."""
+
     gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of the generations")
     max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
+
+
+class GKDArgs(GenerationArgs):
+    lmbda: float = Field(0.5, ge=0, le=1, description="probability that a micro-batch uses student samples")
     seq_kd: bool = Field(False, description="replace the references by teacher samples (before the lmbda draw)")
 
 
-class ImitKDArgs(MethodArgs):
+class ImitKDArgs(GenerationArgs):
     beta_start: float = Field(1.0, ge=0, le=1, description="probability of keeping a reference at the start")
     beta_end: float = Field(0.0, ge=0, le=1, description="probability of keeping a reference at the end")
-    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of the student continuations")
-    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
 
 
-class MiniLLMArgs(MethodArgs):
+class MiniLLMArgs(GenerationArgs):
     teacher_mix: float = Field(0.2, ge=0, lt=1, description="α of the sampling mixture α·p + (1−α)·q")
-    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature")
-    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
     clip_range: float = Field(0.2, gt=0, lt=1, description="PPO clip of the importance ratio")
     gamma: float = Field(1.0, ge=0, le=1, description="discount of the long-term reward")
     length_norm: bool = Field(True, description="divide the long-term reward by the number of future tokens")
@@ -66,9 +67,7 @@ class MiniLLMArgs(MethodArgs):
     lm_coef: float = Field(0.0, ge=0, description="weight of an added CE on the references (L_PT stand-in)")
 
 
-class DistiLLMArgs(MethodArgs):
-    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of the student generations")
-    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
+class DistiLLMArgs(GenerationArgs):
     init_threshold: float = Field(0.0, ge=0, le=1, description="initial probability φ of student generations")
     threshold_step: float = Field(0.1, gt=0, le=1, description="increase of φ when the proxy got worse")
     loss_eps: float = Field(0.1, ge=0, description="proxy increase (nats) that counts as getting worse")
@@ -77,29 +76,25 @@ class DistiLLMArgs(MethodArgs):
     replay_ratio: Literal["decreasing", "constant", "increasing"] = "decreasing"
 
 
-class SampledRKLArgs(MethodArgs):
+class SampledRKLArgs(GenerationArgs):
     estimator: Literal["k1", "k3"] = Field(
         "k3", description="per-token estimate of KL(q || p) reported as the loss value: k1 = -r, k3 = (e^r - 1) - r "
                           "(r = log p(y) - log q(y)); the gradient is the same for both")
     gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of the student (unbiased for "
                                                           "KL(q_τ || p_τ) when equal to `temperature`)")
-    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
 
 
-class EntropyAwareOPDArgs(MethodArgs):
+class EntropyAwareOPDArgs(GenerationArgs):
     entropy_threshold: float = Field(
         0.6931471805599453, ge=0, description="h (nats): the forward KL is added where the teacher's entropy exceeds "
                                              "it (default ln 2)")
-    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of the student")
-    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
 
 
-class SpeculativeKDArgs(MethodArgs):
+class SpeculativeKDArgs(GenerationArgs):
     top_k: int = Field(25, ge=1, description="a student token is kept when among the teacher's top_k, else replaced "
                                              "by a teacher sample")
     gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of student proposals and teacher "
                                                           "replacements")
-    max_new_tokens: int = Field(64, ge=1, description="generated tokens per response, EOS included")
 
 
 _LORA_KEYS = {"lora_r", "lora_alpha", "target_modules", "fused_qkv"}
