@@ -246,6 +246,9 @@ def log_model_and_register(model_dir: Path, registered_name: str, tags: dict[str
 
     # it looks for a hub model card and license for local folders: noise, not information
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+    # top_k 0 below (no top-k cut-off when a request samples) draws "generation flags are not valid: ['top_k']"
+    # whenever the greedy default runs, first here on the input example: noise as well
+    logging.getLogger("transformers.generation.configuration_utils").setLevel(logging.ERROR)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})

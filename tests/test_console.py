@@ -28,9 +28,10 @@ NOISE = ("Loading weights", "Writing model shards", "Successfully registered", "
 
 
 @pytest.mark.slow
-def test_kd_run_console_prefect_logs_artifacts_and_inline_stages(project, capfd):
+def test_kd_run_console_prefect_logs_artifacts_and_inline_stages(project, capfd, monkeypatch):
     """The tiny config through `kd run` (in process, on a test Prefect server) in a git + DVC project: sft has
     no post-distillation fine-tuning and no student has a teacher cache."""
+    monkeypatch.delenv("COLUMNS", raising=False)  # output to a pipe (pytest-xdist workers set COLUMNS=80)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
     from prefect.logging.handlers import APILogHandler
