@@ -28,17 +28,16 @@ NOISE = ("Loading weights", "Writing model shards", "Successfully registered", "
 
 
 @pytest.mark.slow
-def test_kd_run_console_prefect_logs_artifacts_and_inline_stages(project, capfd, monkeypatch):
-    """The tiny config through `kd run` (in process, on a test Prefect server) in a git + DVC project: sft has
-    no post-distillation fine-tuning and no student has a teacher cache."""
-    monkeypatch.delenv("COLUMNS", raising=False)  # output to a pipe (pytest-xdist workers set COLUMNS=80)
+def test_kd_run_console_prefect_logs_artifacts_and_inline_stages(project):
+    """The tiny config through `kd run` (a process, as a user runs it, on a test Prefect server) in a git + DVC
+    project: sft has no post-distillation fine-tuning and no student has a teacher cache."""
+    import os
+    import subprocess
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
-    from prefect.logging.handlers import APILogHandler
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
-    from typer.testing import CliRunner
-
-    from kd_core.cli import app
 
     params = tiny_params()
     dvc_project(project, params)
@@ -48,17 +47,17 @@ def test_kd_run_console_prefect_logs_artifacts_and_inline_stages(project, capfd,
               (n.stage.name == "finetune" and n.key == "fkl")}
     assert inline == {"finetune@sft", "cache_teacher@sft", "cache_teacher@fkl"}
     with prefect_test_harness():
-        out = CliRunner().invoke(app, ["run"])
-        assert out.exit_code == 0, out.output
-        APILogHandler().flush()
+        env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # a pipe (pytest-xdist workers set COLUMNS)
+        out = subprocess.run([str(Path(sys.executable).with_name("kd")), "run"], cwd=project, text=True,
+                             capture_output=True, env=env | {"PREFECT_API_URL": PREFECT_API_URL.value()})
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         with get_client(sync_client=True) as client:
             (flow_run,) = client.read_flow_runs()
             tasks = client.read_task_runs()
             logs = {t.name: [log.message for log in client.read_logs(
                 log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[t.id])))] for t in tasks}
             artifacts = {a.key: a for a in client.read_artifacts()}
-    leaked = capfd.readouterr()
-    shown = out.output + leaked.out + leaked.err  # everything a user sees (kd prints, Prefect's console, libraries)
+    shown = out.stdout + out.stderr  # everything a user sees (kd prints, Prefect's console, libraries)
     lines = [line for line in shown.splitlines() if line.strip()]
 
     # the console: one start and one end line per task, one line per inline stage, nothing else but the summary
@@ -76,7 +75,8 @@ def test_kd_run_console_prefect_logs_artifacts_and_inline_stages(project, capfd,
     champion = next(line for line in lines if line.startswith("champion:"))
     assert re.fullmatch(r"champion: +kd-student v\d+ \((sft|fkl)\), test/rougeL_sampled_mean = \d+\.\d\d", champion)
     mlflow_ui = next(line for line in lines if line.startswith("MLflow UI:"))
-    assert f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri sqlite:///" in mlflow_ui
+    shown_bin = re.search(r"(\S+)/mlflow ui --backend-store-uri sqlite:///", mlflow_ui)
+    assert shown_bin and Path(shown_bin[1]).resolve() == Path(sys.executable).parent.resolve(), mlflow_ui
 
     # Prefect: the run's name, no task for the stages that do not apply, every task run with its start/end lines
     assert re.fullmatch(r"tiny-\d{4}-\d{2}-\d{2}-\d{4}", flow_run.name), flow_run.name
