@@ -325,8 +325,8 @@ def write_table(args, cfg, paths: RunPaths, done: list[str], wall: float | None)
         f"end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other jobs shared the machine: `train s` is an upper bound "
         "and comparable only within this table).", "",
         f"Scenario: params.yaml's default (teacher {teacher['parameters']:,} parameters, {cfg.teacher.training.max_steps} "
-        f"steps); every student is its `sft` student ({cfg.students['sft-s0'].model.config}), batch "
-        f"{cfg.students['sft-s0'].training.batch_size}, **{args.steps} steps**, one method's defaults, untuned, on the "
+        f"steps); every student is its `sft` student ({cfg.students[f'sft-s{args.seeds[0]}'].model.config}), batch "
+        f"{cfg.students[f'sft-s{args.seeds[0]}'].training.batch_size}, **{args.steps} steps**, one method's defaults, untuned, on the "
         "labeled rows (SeqKD: labeled rows + the teacher's answers to the unlabeled prompts). " + conv_line, "",
         f"Evaluation: the pinned set ({cfg.data.eval_sets[EVAL_SET].limit} fixed prompts), ROUGE-L sampled at T = 1, "
         f"top-p 1, seeds {cfg.evaluation.sample_seeds} (mean per prompt), and greedy; ± = std over training seeds "
