@@ -315,6 +315,7 @@ def write_table(args, cfg, paths: RunPaths, done: list[str], wall: float | None)
             f"{v:.4f} at {b} steps" for b, v in c["val_loss"].items()) + "; ROUGE-L (T=1) " + ", ".join(
             f"{v:.2f}" for v in c["rougeL"].values()) + f"; the criterion (the smallest budget whose doubling lowers the "
             f"validation loss by less than {GAIN:.0%}) gives {c['chosen']} steps.")
+    sft = cfg.students[f"sft-s{args.seeds[0]}"]  # the template every student shares (model, batch)
     load = os.getloadavg()
     lines = [
         "# Every method at the SFT baseline's convergence budget, 3 training seeds, paired against SFT", "",
@@ -325,8 +326,8 @@ def write_table(args, cfg, paths: RunPaths, done: list[str], wall: float | None)
         f"end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other jobs shared the machine: `train s` is an upper bound "
         "and comparable only within this table).", "",
         f"Scenario: params.yaml's default (teacher {teacher['parameters']:,} parameters, {cfg.teacher.training.max_steps} "
-        f"steps); every student is its `sft` student ({cfg.students[f'sft-s{args.seeds[0]}'].model.config}), batch "
-        f"{cfg.students[f'sft-s{args.seeds[0]}'].training.batch_size}, **{args.steps} steps**, one method's defaults, untuned, on the "
+        f"steps); every student is its `sft` student ({sft.model.config}), batch "
+        f"{sft.training.batch_size}, **{args.steps} steps**, one method's defaults, untuned, on the "
         "labeled rows (SeqKD: labeled rows + the teacher's answers to the unlabeled prompts). " + conv_line, "",
         f"Evaluation: the pinned set ({cfg.data.eval_sets[EVAL_SET].limit} fixed prompts), ROUGE-L sampled at T = 1, "
         f"top-p 1, seeds {cfg.evaluation.sample_seeds} (mean per prompt), and greedy; ± = std over training seeds "
