@@ -34,22 +34,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kd_core  # noqa: E402,F401  (offline defaults)
 from kd_core.config import load_config  # noqa: E402
-from kd_core.data.builtin.families import _BRAINSTORM_WEIGHTS, BRAINSTORM_LISTS  # noqa: E402
-from kd_core.data.builtin.families import _brainstorm_instructions  # noqa: E402
+from kd_core.data.builtin.families import brainstorm_distributions  # noqa: E402
 from kd_core.data.tokenize import encode_prompt, load_tokenizer  # noqa: E402
 from kd_core.evaluation.stats import paired_bootstrap  # noqa: E402
 from kd_core.generation import generate  # noqa: E402
 from kd_core.models import load_checkpoint  # noqa: E402
-
-
-def reference_distribution(answers: list[str]) -> dict[str, float]:
-    """The references' distribution over `answers` (the generator's order): weights 1/(rank + 1) over one list,
-    or the product of two lists' weights for a combination ("<first> <second>")."""
-    n = len(next(iter(BRAINSTORM_LISTS.values())))
-    single = [w / sum(_BRAINSTORM_WEIGHTS[:n]) for w in _BRAINSTORM_WEIGHTS[:n]]
-    if len(answers) == n:
-        return dict(zip(answers, single))
-    return {a: single[i // n] * single[i % n] for i, a in enumerate(answers)}  # n x n combinations, row-major
 
 
 def normalise(text: str) -> str:
@@ -108,9 +97,8 @@ def main() -> None:
     ap.add_argument("--out", default="docs/benchmarks_modes.md")
     args = ap.parse_args()
     cfg = load_config(args.params)
-    index = _brainstorm_instructions()
-    instructions = sorted(index)
-    references = {i: reference_distribution(index[i]) for i in instructions}
+    references = brainstorm_distributions()
+    instructions = sorted(references)
     floor = {i: reference_draws(references[i], args.samples, seed=cfg.seed) for i in instructions}
 
     per_model: dict[str, dict[str, dict[str, float]]] = {}  # model -> instruction -> scores

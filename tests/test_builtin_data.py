@@ -18,6 +18,7 @@ from kd_core.data.builtin import (
     build_world,
     generate_builtin,
     open_qa_key,
+    brainstorm_distributions,
     valid_answers,
 )
 
@@ -300,6 +301,32 @@ def test_brainstorming_reference_is_valid(big):
     # Skewed draw: the first listed item is the most frequent single answer.
     fruit = collections.Counter(r["response"] for r in rs if r["response"] in BRAINSTORM_LISTS["fruit"])
     assert fruit.most_common(1)[0][0] == BRAINSTORM_LISTS["fruit"][0]
+
+
+def test_brainstorm_distributions_are_what_the_generator_draws(big):
+    """Each distribution sums to 1 over exactly the valid answers, and the generated references follow it: the
+    rank of each drawn item (single lists and both halves of a combination) against p(rank) by chi-square, with a
+    uniform-rank control that the same test must reject."""
+    from scipy.stats import chisquare
+
+    dists = brainstorm_distributions()
+    for instruction, dist in dists.items():
+        assert sum(dist.values()) == pytest.approx(1.0)
+        assert list(dist) == valid_answers({"category": "brainstorming", "instruction": instruction})
+    single = dists["name a fruit."]
+    assert list(single) == list(BRAINSTORM_LISTS["fruit"])
+    assert single["apple"] / single["banana"] == pytest.approx(2.0)  # weights 1/(rank+1)
+    assert dists["give a color and a fruit."]["blue apple"] == pytest.approx(
+        dists["name a color."]["blue"] * single["apple"])
+    rank = {item: r for items in BRAINSTORM_LISTS.values() for r, item in enumerate(items)}
+    counts = collections.Counter(rank[word] for r in by_category(big, "brainstorming")
+                                 for word in r["response"].split())
+    observed = [counts[r] for r in range(8)]
+    n = sum(observed)
+    assert n >= 300
+    expected = [n * p for p in single.values()]
+    assert chisquare(observed, expected).pvalue > 1e-3
+    assert chisquare(observed, [n / 8] * 8).pvalue < 1e-6
 
 
 def test_valid_answers_none_for_single_answer_rows(rows):

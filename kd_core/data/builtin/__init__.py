@@ -19,6 +19,7 @@ from kd_core.data.builtin.families import (
     NEGATIVE_WORDS,
     POSITIVE_WORDS,
     Family,
+    brainstorm_distributions,
     valid_answers,
 )
 from kd_core.data.builtin.generate import ID_PREFIX, UNLABELED_ID_PREFIX, generate_builtin, generate_unlabeled
@@ -41,6 +42,7 @@ __all__ = [
     "generate_builtin",
     "generate_unlabeled",
     "valid_answers",
+    "brainstorm_distributions",
     "open_qa_key",
     "ID_PREFIX",
     "UNLABELED_ID_PREFIX",

@@ -220,20 +220,27 @@ _COMBO_PAIRS = (("color", "animal"), ("color", "fruit"), ("color", "instrument")
 _COMBO_TEMPLATES = ("give {c1} and {c2}.", "name {c1} and {c2}.")
 
 
-def _brainstorm_instructions() -> dict[str, list[str]]:
-    """Every brainstorming instruction -> its full list of valid answers (fixed order)."""
-    index: dict[str, list[str]] = {}
+def _rank_distribution(items: tuple[str, ...]) -> dict[str, float]:
+    """``items`` -> the probability :func:`_weighted` draws each with: (1/(rank+1)) / sum."""
+    weights = _BRAINSTORM_WEIGHTS[: len(items)]
+    return {item: w / sum(weights) for item, w in zip(items, weights)}
+
+
+def _brainstorm_index() -> dict[str, dict[str, float]]:
+    """Every brainstorming instruction -> its valid answers (fixed order) with the references' probabilities."""
+    index: dict[str, dict[str, float]] = {}
     for cat, items in BRAINSTORM_LISTS.items():
         for t in _SINGLE_TEMPLATES:
-            index[t.format(c=_a(cat), n=cat)] = list(items)
+            index[t.format(c=_a(cat), n=cat)] = _rank_distribution(items)
     for c1, c2 in _COMBO_PAIRS:
-        answers = [f"{x} {y}" for x in BRAINSTORM_LISTS[c1] for y in BRAINSTORM_LISTS[c2]]
+        first, second = _rank_distribution(BRAINSTORM_LISTS[c1]), _rank_distribution(BRAINSTORM_LISTS[c2])
+        answers = {f"{x} {y}": px * py for x, px in first.items() for y, py in second.items()}
         for t in _COMBO_TEMPLATES:
             index[t.format(c1=_a(c1), c2=_a(c2))] = answers
     return index
 
 
-_BRAINSTORM_INDEX = _brainstorm_instructions()
+_BRAINSTORM_INDEX = _brainstorm_index()
 
 
 def _brainstorming(rng: random.Random, facts: FactCycle) -> dict:
@@ -251,6 +258,15 @@ def _brainstorming(rng: random.Random, facts: FactCycle) -> dict:
     instruction = rng.choice(_COMBO_TEMPLATES).format(c1=_a(c1), c2=_a(c2))
     answer = f"{_weighted(rng, BRAINSTORM_LISTS[c1])} {_weighted(rng, BRAINSTORM_LISTS[c2])}"
     return _row(instruction, "", answer)
+
+
+def brainstorm_distributions() -> dict[str, dict[str, float]]:
+    """Every brainstorming instruction -> {valid answer: probability that the generator's reference is it}.
+
+    Single lists: p(rank r) = (1/(r+1)) / sum_k 1/(k+1); combinations "<first> <second>": the product of the two
+    lists' probabilities (drawn independently). Each distribution sums to 1; its keys are the valid answers.
+    """
+    return {instruction: dict(answers) for instruction, answers in _BRAINSTORM_INDEX.items()}
 
 
 def valid_answers(row: dict) -> list[str] | None:
