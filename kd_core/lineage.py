@@ -163,7 +163,8 @@ def lock_outputs(lock_text: str) -> dict[str, dict[str, str]]:
     """stage -> {output path: DVC hash} from the text of a dvc.lock."""
     import yaml
 
-    stages = (yaml.safe_load(lock_text) or {}).get("stages", {})
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: a large dvc.lock parses ~10x faster
+    stages = (yaml.load(lock_text, Loader=loader) or {}).get("stages", {})  # noqa: S506 (a safe loader)
     return {name: {o["path"]: o.get("md5") or o.get("hash", "") for o in body.get("outs", [])}
             for name, body in stages.items()}
 

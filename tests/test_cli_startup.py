@@ -81,6 +81,21 @@ def test_a_stage_that_does_no_work_for_its_key_stays_light(project):
     assert (project / "runs/tiny/teacher_cache/fkl/manifest.json").is_file()
 
 
+def test_prepare_and_the_report_modules_need_no_torch(project):
+    """`kd stage prepare` of a config-built teacher trains its BPE tokenizer without torch (transformers' tokenizer
+    class only), and the compare stage's modules (the report, its figures, the paired statistics) import no torch:
+    under `dvc repro` each is a process of its own."""
+    write_params(project, tiny_params())
+    out, imported = _imported_by_kd(["stage", "prepare"], project)
+    assert out.returncode == 0, out.stderr
+    assert (project / "runs/tiny/tokenizer/tokenizer.json").is_file()
+    assert "torch" not in imported and "transformers" in imported
+    code = ("import sys\nimport kd_core.stages.compare, kd_core.evaluation.compare, kd_core.evaluation.plots\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'scipy.stats') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
 # ----------------------------------------------------------------------------------------------- no drift
 def test_method_registry_names_the_same_methods_as_the_specs():
     from kd_core.methods import METHODS

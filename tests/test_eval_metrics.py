@@ -20,11 +20,11 @@ from kd_core.evaluation.exposure_bias import (
     per_step_kl,
     sample_prefixes,
 )
+from kd_core.evaluation.plots import plot_unc_buckets
 from kd_core.evaluation.stats import paired_bootstrap, summarize
 from kd_core.evaluation.teacher_forcing import (
     TokenStats,
     collect_token_stats,
-    plot_unc_buckets,
     top1_agreement,
     top1_agreement_tokens,
     unc_buckets,

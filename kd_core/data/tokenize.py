@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
-
-import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from kd_core.data.template import format_prompt
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 IGNORE_INDEX = -100
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -22,6 +23,7 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     # one token per digit: arithmetic and sorting become learnable per digit instead of per number
@@ -38,6 +40,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     """The run's tokenizer folder, or a checkpoint's (path or hub name, optionally inside a GGUF file)."""
+    from transformers import AutoTokenizer  # (imports torch: not at module level, see EncodedDataset)
+
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     if tok.pad_token is None:  # many causal LMs ship without one; eos is the usual stand-in
         tok.pad_token = tok.eos_token
@@ -74,7 +78,10 @@ def encode_prompt(row: dict, tokenizer: PreTrainedTokenizerBase, template: str, 
     return ids[-max_prompt_length:]
 
 
-class EncodedDataset(torch.utils.data.Dataset):
+class EncodedDataset:
+    """A map-style data set of encoded examples ({input_ids, labels} lists; torch's DataLoader and the Trainer take
+    it as is): no torch needed to build it, so the prepare stage does not import torch."""
+
     def __init__(self, examples: list[EncodedExample]):
         self.examples = examples
 
@@ -106,6 +113,8 @@ class CausalCollator:
     pad_token_id: int
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        import torch
+
         width = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
@@ -129,6 +138,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int,
              width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt batch for generation: (input_ids [B,T], attention_mask [B,T]), int64; T is the
     longest prompt, or `width` (at least that). Padding is `pad_token_id` with attention 0, before the prompt."""
+    import torch
+
     width = max(max(len(p) for p in prompts), width or 0)
     ids = torch.full((len(prompts), width), int(pad_token_id), dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from kd_core import tracking
+from kd_core.evaluation.plots import plot_unc_buckets, size_quality_plot
 from kd_core.evaluation.stats import paired_on_common_ids
 from kd_core.io import atomic_dir, read_jsonl, write_json_atomic, write_text_atomic
 
@@ -105,34 +106,6 @@ def set_table(rows: list[dict], eval_set: str) -> str:
     return _markdown(header, cells) if cells else "(no registered version was evaluated on this set)"
 
 
-def _plot(rows: list[dict], key: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        if key not in r["metrics"] or not r["tags"].get("kd.parameters"):
-            continue
-        x, y = int(r["tags"]["kd.parameters"]), r["metrics"][key]
-        lo, hi = r["metrics"].get(key.replace("_mean", "_ci_low")), r["metrics"].get(key.replace("_mean", "_ci_high"))
-        marker = "s" if r["tags"].get("kd.role") == "teacher" else "o"
-        yerr = [[y - lo], [hi - y]] if lo is not None and hi is not None else None
-        ax.errorbar([x], [y], yerr=yerr, fmt=marker, capsize=3)
-        ax.annotate(f"{r['tags'].get('kd.model')} v{r['version']}", (x, y), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel(key)
-    ax.set_title("size vs quality (registered versions, 95% CI: bootstrap over prompts)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def prompt_scores(path, key: str = "rougeL_sampled_mean") -> dict:
     """{prompt id: score} from an evaluation's per-prompt file (`generations/<model>/<set>.jsonl`); a
     prompt without the score maps to None."""
@@ -160,7 +133,6 @@ def _paired_vs_sft(cfg, paths, set_name: str = "test") -> list[dict]:
 def _unc_plot(cfg, paths, out_dir: Path) -> bool:
     """unc_buckets.png, and unc/<student>.json (one row per bucket) for the DVC plots in dvc.yaml (replaced as a
     whole, so a removed student leaves no stale file behind)."""
-    from kd_core.evaluation.teacher_forcing import plot_unc_buckets
 
     buckets = {}
     for name in cfg.students:
@@ -271,7 +243,7 @@ def build_report(cfg, paths) -> dict:
     write_text_atomic(out_dir / "compare.md", "\n".join(md) + "\n")
     write_json_atomic(out_dir / "compare.json", {"rows": rows, "vs_sft": vs_sft, "paired_vs_sft": paired_champion,
                                                  "metric": key, "paired_set": champion_set, "eval_sets": by_set})
-    _plot(rows, key, out_dir / "size_vs_quality.png")
+    size_quality_plot(rows, key, out_dir / "size_vs_quality.png")
     # one field name whatever the metric, so dvc.yaml's plot definition does not depend on params
     points = [{"model": r["label"], "parameters": int(r["tags"].get("kd.parameters") or 0),
                "champion_metric": r["metrics"][key], "metric": key} for r in rows if key in r["metrics"]]

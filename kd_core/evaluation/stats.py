@@ -118,13 +118,14 @@ def min_detectable_difference(sd_diff: float, n: int, alpha: float = 0.05, power
     (z = standard normal quantiles; at alpha = 0.05 and power = 0.8 the factor is 1.960 + 0.842 = 2.802).
     NaN for n < 2.
     """
-    from scipy import stats as sps
+    from statistics import NormalDist  # (not scipy: a compare stage that needs no other scipy skips its import)
 
     if not 0.0 < alpha < 1.0 or not 0.0 < power < 1.0:
         raise ValueError(f"min_detectable_difference: alpha and power must be in (0, 1), got {alpha}, {power}")
     if n < 2:
         return float("nan")
-    return float((sps.norm.ppf(1.0 - alpha / 2.0) + sps.norm.ppf(power)) * sd_diff / math.sqrt(n))
+    z = NormalDist().inv_cdf
+    return float((z(1.0 - alpha / 2.0) + z(power)) * sd_diff / math.sqrt(n))
 
 
 def paired_bootstrap(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
     from kd_core.teacher import TopKTeacherSignal
 
 __all__ = ["TokenStats", "collect_token_stats", "collect_topk_token_stats", "top1_agreement", "top1_agreement_tokens",
-           "unc_buckets", "plot_unc_buckets"]
+           "unc_buckets"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -258,44 +257,3 @@ def unc_buckets(stats: TokenStats, n_buckets: int = 3) -> list[dict[str, float]]
             }
         )
     return out
-
-
-def _bucket_labels(n: int) -> list[str]:
-    if n == 3:
-        return ["easy", "medium", "hard"]
-    if n == 2:
-        return ["easy", "hard"]
-    return [f"Q{i + 1}" for i in range(n)]
-
-
-def plot_unc_buckets(buckets_by_model: Mapping[str, list[dict[str, float]]], path: str | Path) -> Path:
-    """Three panels (student logit STD, KL(p||q), top-1 agreement) against UNC bucket, one line per model.
-
-    Uses matplotlib's Agg canvas directly (no pyplot, no global backend change). Writes a PNG to ``path``
-    (parent folders created) and returns it as a ``Path``.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not buckets_by_model:
-        raise ValueError("plot_unc_buckets: no models given")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(13, 3.8))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
-    panels = [("logit_std", "STD of student logits"), ("kl", "KL(p || q)"), ("top1_agreement", "Top-1 agreement")]
-    n_max = max(len(b) for b in buckets_by_model.values())
-    for ax, (key, title) in zip(axes, panels):
-        for name, buckets in buckets_by_model.items():
-            xs = list(range(len(buckets)))
-            ax.plot(xs, [b[key] for b in buckets], marker="o", label=name)
-        ax.set_title(title)
-        ax.set_xticks(list(range(n_max)))
-        ax.set_xticklabels(_bucket_labels(n_max))
-        ax.set_xlabel("teacher UNC bucket")
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    return path
