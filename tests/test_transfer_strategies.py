@@ -22,6 +22,7 @@ SETS = {
     "aug": dict(GEN, strategy="augment"),
     "hard": {"strategy": "hard_examples", "keep_fraction": 0.2},
     "hard_both": {"strategy": "hard_examples", "keep_fraction": 0.2, "answers": "both", "max_new_tokens": 6},
+    "hard_gap": {"source": "sft", "strategy": "hard_examples", "hardness": "gap", "keep_fraction": 0.2},
     "para": {"strategy": "paraphrase", "prompts": "both", "n_paraphrases": 2, "max_new_tokens": 6},
     "para_fake": {"strategy": "paraphrase", "prompts": "both", "n_paraphrases": 2,
                   "paraphrase_instruction": "Say differently: {instruction}"},
@@ -30,9 +31,12 @@ SETS = {
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A prepared run with a trained tiny teacher (240 built-in rows, 30 unlabeled prompts) and the sets above."""
+    """A prepared run with a trained tiny teacher and the `sft` student (240 built-in rows, 30 unlabeled prompts) and
+    the sets above."""
     import mlflow
 
+    from kd_core.stages.distill import distill
+    from kd_core.stages.finetune import finetune
     from kd_core.stages.prepare import prepare
     from kd_core.stages.train_teacher import train_teacher
 
@@ -48,6 +52,8 @@ def run(tmp_path_factory):
         paths = RunPaths.of(cfg)
         prepare(cfg, paths)
         train_teacher(cfg, paths)
+        distill(cfg, paths, "sft")
+        finetune(cfg, paths, "sft")
         yield cfg, paths
         mlflow.set_tracking_uri(None)
 
@@ -67,8 +73,13 @@ def _split(run, name: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def hand_score(run):
     """Mean log-probability of a row's response tokens and EOS under the teacher, computed for the row alone."""
+    return _hand_scorer(run, "teacher")
+
+
+def _hand_scorer(run, name: str):
+    """Row -> the mean log-probability of its response tokens and EOS under model `name`, the row alone."""
     cfg, paths = run
-    model, tokenizer = load_model(paths, "teacher").eval(), load_run_tokenizer(paths)
+    model, tokenizer = load_model(paths, name).eval(), load_run_tokenizer(paths)
 
     @torch.no_grad()
     def score(row: dict) -> float | None:
@@ -218,6 +229,32 @@ def test_hard_examples_are_exactly_the_rows_the_teacher_finds_least_likely(run, 
     assert rows == hard + [dict(r, response=f"R0 {r['instruction']}", id=f"{r['id']}~hard_both0", generated_by="teacher")
                            for r in hard]
     assert info["labeled_rows"] == len(hard) and info["answered_prompts"] == len(hard)
+
+
+def test_hard_examples_by_gap_are_the_rows_where_the_student_trails_its_teacher_most(run, hand_score):
+    """`hardness: gap` (the source: the sft student): the rows with the lowest log p_sft(y|x) - log p_teacher(y|x)
+    (mean over the response tokens), i.e. the largest student loss minus teacher loss; not the rows the student
+    alone finds least likely."""
+    train = _split(run, "train")
+    student = _hand_scorer(run, "sft")
+
+    def gap(row: dict) -> float | None:
+        s, t = student(row), hand_score(row)
+        return None if s is None or t is None else s - t
+
+    hard, info = _make(run, "hard_gap")
+    expected = _ranked(train, gap, 0.2, lowest=True)
+    assert [r["id"] for r in hard] == expected and info["answered_prompts"] == 0
+    assert expected != _ranked(train, student, 0.2, lowest=True)  # the teacher's term changes the selection
+
+
+def test_hard_examples_by_gap_need_a_student_source():
+    params = tiny_params(transfer_sets={"t": {"source": "teacher", "strategy": "hard_examples", "hardness": "gap"}})
+    with pytest.raises(ConfigError, match="transfer_sets.t.hardness: 'gap' is the source's loss minus its teacher's"):
+        parse_config(params)
+    params = tiny_params(transfer_sets={"t": {"source": "sft", "strategy": "augment", "hardness": "gap"}})
+    with pytest.raises(ConfigError, match="transfer_sets.t.hardness: only with strategy 'hard_examples'"):
+        parse_config(params)
 
 
 # ----------------------------------------------------------------------------------------------- paraphrase

@@ -52,6 +52,9 @@ def check_served_teacher(cfg: PipelineConfig) -> None:
             raise ValueError(f"transfer_sets.{name}.source: {ts.source!r} is served by another process "
                              f"(teacher.model.endpoint): it gives top-k log-probs, not generations (allowed: a "
                              f"student name)")
+        if ts.hardness == "gap" and cfg.students[ts.source].teacher == cfg.teacher.name:
+            raise ValueError(f"transfer_sets.{name}.hardness: 'gap' scores the references with {ts.source!r}'s teacher, "
+                             f"which is served by another process (top-k log-probs only; allowed: loss)")
     readers = ", ".join(sorted(n for n, m in METHOD_SPECS.items() if m.reads_teacher_cache))
     for name, st in cfg.students.items():
         if cfg.teacher.name not in st.teacher_weights() or not METHOD_SPECS[st.method].needs_teacher:

@@ -33,6 +33,9 @@ def check_references(cfg: PipelineConfig) -> None:
                              f"unlabeled prompts)")
         if ts.source not in models:
             raise ValueError(f"transfer_sets.{name}.source: unknown model {ts.source!r} (allowed: {', '.join(models)})")
+        if ts.hardness == "gap" and ts.source not in cfg.students:
+            raise ValueError(f"transfer_sets.{name}.hardness: 'gap' is the source's loss minus its teacher's, so the "
+                             f"source must be a student (got the teacher {ts.source!r}; allowed with it: loss)")
         if ts.prompts != "train" and not cfg.data.has_unlabeled:
             raise ValueError(f"transfer_sets.{name}.prompts: {ts.prompts!r} needs unlabeled prompts: set "
                              f"data.builtin_unlabeled (source builtin) or data.unlabeled (allowed without: train)")

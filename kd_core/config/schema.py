@@ -216,6 +216,9 @@ class TransferSetConfig(StrictModel):
     seed: int = 0
     rank: Literal["generated", "original", "both"] = "generated"
     answers: Literal["reference", "generated", "both"] = "reference"
+    hardness: Literal["loss", "gap"] = Field(
+        "loss", description="hard_examples: rank by the source's loss on the reference (`loss`), or by how much worse "
+                            "the source (a student) does than its teacher (`gap`: its loss minus the teacher's)")
     n_paraphrases: int = Field(1, ge=1, strict=True)
     paraphrase_instruction: str = Field(transfer_rules.PARAPHRASE_INSTRUCTION, strict=True, min_length=1)
 

@@ -20,6 +20,7 @@ STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
     "keep_fraction": ("confidence", "hard_examples"),
     "rank": ("confidence",),
     "answers": ("hard_examples",),
+    "hardness": ("hard_examples",),
     "n_paraphrases": ("paraphrase",),
     "paraphrase_instruction": ("paraphrase",),
 }

@@ -98,11 +98,21 @@ class _Writer:
         return out
 
 
-def _rows(ts, writer: _Writer, labeled: list[dict], pool: list[dict], scope: list[dict]) -> list[dict]:
-    """The set's rows by its strategy (docs/methods.md)."""
+def hardness_scores(source: dict[int, float], teacher: dict[int, float] | None) -> dict[int, float]:
+    """Row index -> its score for hard-example mining, lowest = hardest: the source's mean log-prob of the reference
+    (`hardness: loss`), or that minus the teacher's (`gap`: log p_source - log p_teacher = teacher loss - source loss,
+    most negative where the source does worst relative to its teacher); rows without both scores are left out."""
+    if teacher is None:
+        return dict(source)
+    return {i: source[i] - teacher[i] for i in source if i in teacher}
+
+
+def _rows(ts, writer: _Writer, labeled: list[dict], pool: list[dict], scope: list[dict], teacher=None) -> list[dict]:
+    """The set's rows by its strategy (docs/methods.md); `teacher`: the `_Writer` of the source's teacher (gap)."""
     score = writer.scores
     if ts.strategy == "hard_examples":  # the labeled rows whose references the model finds least likely
-        hard = select(labeled, score(labeled), ts.keep_fraction, lowest=True)
+        scores = hardness_scores(score(labeled), teacher.scores(labeled) if teacher else None)
+        hard = select(labeled, scores, ts.keep_fraction, lowest=True)
         return (hard if ts.answers != "generated" else []) + (writer.answers(hard) if ts.answers != "reference" else [])
     if ts.strategy == "confidence":
         candidates = ([] if ts.rank == "generated" else labeled) + (writer.answers(scope) if ts.rank != "original" else [])
@@ -134,8 +144,12 @@ def transfer(cfg: PipelineConfig, paths: RunPaths, set_name: str) -> dict:
                         f"transfer_sets.{set_name}.prompts is {ts.prompts!r}: set data.builtin_unlabeled or "
                         f"data.unlabeled and rerun prepare)")
     writer = _Writer(cfg, set_name, model, tokenizer)
+    teacher = None
+    if ts.strategy == "hard_examples" and ts.hardness == "gap":  # (dvc.yaml: the source's model depends on it)
+        name = cfg.students[ts.source].teacher
+        teacher = _Writer(cfg, set_name, load_model(paths, name), load_model_tokenizer(paths, name))
     with tracking.stage_run(cfg, paths.root, "transfer", set_name, params=ts.model_dump()):
-        out_rows = _rows(ts, writer, labeled, pool, scope)
+        out_rows = _rows(ts, writer, labeled, pool, scope, teacher)
         if not out_rows:
             raise DataError(f"transfer set {set_name!r}: {ts.source!r} generated only empty responses")
         write_jsonl_atomic(paths.split(set_name), out_rows)
