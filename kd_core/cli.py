@@ -93,6 +93,13 @@ def stage(name: str = typer.Argument(..., help=" | ".join(STAGES)),
                                               help="the student, model or transfer set of a per-model stage"),
           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Run one stage (this is what dvc.yaml calls)."""
+    from kd_core import stage_worker
+
+    if stage_worker.wanted():  # under DVC: in the warm worker when there is one (kd_core/stage_worker.py)
+        argv = ["stage", name, *(["--model", model] if model else []), "--params", str(params)]
+        code = stage_worker.run_in_worker(argv + [a for s in set_ or [] for a in ("--set", s)])
+        if code is not None:
+            raise typer.Exit(code)
     from kd_core.progress import stage_bar
     from kd_core.stages import run_stage
 
