@@ -8,7 +8,8 @@ file descriptors themselves), forwards SIGINT / SIGTERM / SIGHUP to it and exits
 dies, the child is killed. The child runs the same CLI code a fresh process runs, so a stage behaves the same.
 
 When: only under DVC (it sets `DVC_ROOT` for every stage command), not in a distributed launch (WORLD_SIZE > 1),
-not with `KD_STAGE_WORKER=0`, and not on a platform without Unix sockets with descriptor passing. One worker
+not with `KD_STAGE_WORKER=0`, and on Linux only (Unix sockets with descriptor passing, and a fork after importing
+torch that macOS's runtime does not promise to survive). One worker
 serves one interpreter, one environment (less DVC's per-stage variables) and one version of the code: its socket's
 name hashes those and every `kd_core` source file's size and mtime, so an edit or another environment gets another
 worker. A worker exits after `KD_STAGE_WORKER_IDLE` seconds (default 60) without a stage. Whenever there is no
@@ -40,7 +41,7 @@ def wanted() -> bool:
     """Whether this `kd stage` should go through the warm worker."""
     return ("DVC_ROOT" in os.environ and os.environ.get("KD_STAGE_WORKER", "1") != "0"
             and _IN_WORKER not in os.environ and int(os.environ.get("WORLD_SIZE") or 1) <= 1
-            and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds"))
+            and sys.platform.startswith("linux") and hasattr(socket, "send_fds"))
 
 
 def worker_env(env: dict[str, str] | None = None) -> dict[str, str]:
