@@ -21,7 +21,7 @@ with the same interpreter and packages: before/after within one run, the trees t
 
 `--repro`: the whole tiny pipeline (the suite's tiny params) two ways, each in a fresh scratch project (git + DVC,
 its own MLflow store and Prefect home): `kd run` (one process, a temporary Prefect server, the flow driving DVC)
-and `dvc repro` twice: as it runs by default (each stage in a child of the warm stage worker, kd_core/stage_worker.py,
+and `dvc repro` twice: as it runs by default (each stage in a child of the warm stage worker, kd_core/stage_worker/,
 whose start and imports count in full) and with KD_STAGE_WORKER=0 (one `kd stage` process per stage instance, each
 timed by a `kd` shim on DVC's PATH: the whole process, its start-up and the stage function); `--runs` rounds, the
 order reversed every other round.

@@ -95,7 +95,7 @@ def stage(name: str = typer.Argument(..., help=" | ".join(STAGES)),
     """Run one stage (this is what dvc.yaml calls)."""
     from kd_core import stage_worker
 
-    if stage_worker.wanted():  # under DVC: in the warm worker when there is one (kd_core/stage_worker.py)
+    if stage_worker.wanted():  # under DVC: in the warm worker when there is one (kd_core/stage_worker/)
         argv = ["stage", name, *(["--model", model] if model else []), "--params", str(params)]
         code = stage_worker.run_in_worker(argv + [a for s in set_ or [] for a in ("--set", s)])
         if code is not None:

@@ -1,4 +1,4 @@
-"""The warm stage worker (kd_core/stage_worker.py, issue 16): under DVC a `kd stage` runs in a child forked from a
+"""The warm stage worker (kd_core/stage_worker/, issue 16): under DVC a `kd stage` runs in a child forked from a
 worker that has the stack imported, with the caller's streams, folder, environment and exit status; a signal to the
 `kd` process reaches the stage; a `kd` process that dies takes its stage with it. Speed: bench/cli_startup.py."""
 
@@ -40,7 +40,7 @@ def _worker_pid(path: Path) -> int | None:
                 cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"kd_core.stage_worker" in cmdline and str(path).encode() in cmdline:
+            if b"kd_core.stage_worker.server" in cmdline and str(path).encode() in cmdline:
                 return int(entry.name)
     return None
 
