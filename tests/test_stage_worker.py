@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,16 @@ def test_a_signal_reaches_the_stage_and_a_killed_caller_takes_its_stage_along(un
     caller.kill()
     caller.wait(timeout=60)
     _wait_for(lambda: stage not in _children(worker) and not Path(f"/proc/{stage}").exists(), "the stage to die")
+
+
+def test_a_request_whose_caller_gave_up_is_not_started():
+    """The worker checks, before it forks, that the `kd` process still waits (it closes its end when it stops waiting
+    for a hung worker, and then runs the stage itself)."""
+    from kd_core.stage_worker.server import _closed
+
+    worker_end, caller_end = socket.socketpair()
+    with worker_end:
+        worker_end.settimeout(10)
+        assert not _closed(worker_end)
+        caller_end.close()
+        assert _closed(worker_end)

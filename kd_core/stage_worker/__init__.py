@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+START_TIMEOUT_S = 120.0  # how long a `kd stage` waits for the worker to start its stage
 _VOLATILE_ENV = ("PWD", "OLDPWD", "SHLVL", "_")  # set by the shell that DVC runs each command in
 _IN_WORKER = "KD_IN_STAGE_WORKER"
 
@@ -83,10 +84,13 @@ def run_in_worker(argv: list[str]) -> int | None:
         try:
             for s in (sys.stdout, sys.stderr):
                 s.flush()
-            socket.send_fds(sock, [request], [0, 1, 2])
+            sent = socket.send_fds(sock, [request], [0, 1, 2])
+            sock.sendall(request[sent:])
+            sock.settimeout(START_TIMEOUT_S)  # a new worker may still be importing; a hung one is given up on
             replies = sock.makefile("rb")
-            first = replies.readline()  # waits while a new worker is still importing
-        except OSError:
+            first = replies.readline()
+            sock.settimeout(None)
+        except OSError:  # (a timeout too: the worker then sees this end closed and does not start the stage)
             return None
         if not first.startswith(b"PID "):  # the worker failed before the stage started
             return None

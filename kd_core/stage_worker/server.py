@@ -50,6 +50,17 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(data), fds
 
 
+def _closed(conn: socket.socket) -> bool:
+    """Whether the other end has closed the connection (it sends nothing after its request)."""
+    conn.settimeout(0)  # (non-blocking: with a timeout, Python would wait for data before the peek)
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def _run_child(request: dict, fds: list[int], keep_closed: list[socket.socket]) -> None:
     """In the forked child: become the `kd` process that sent `request`, run it, exit with its status."""
     code = 1
@@ -125,6 +136,11 @@ def serve(path: Path, idle_s: float) -> None:
                     try:
                         request, fds = _receive(conn)
                     except (OSError, ValueError):
+                        conn.close()
+                        continue
+                    if _closed(conn):  # the `kd` process gave up waiting (or died): it runs the stage itself
+                        for fd in fds:
+                            os.close(fd)
                         conn.close()
                         continue
                     pid = os.fork()
