@@ -144,12 +144,17 @@ def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
 
     compare_file = paths.reports / "compare.json"
     compare = json.loads(compare_file.read_text()) if compare_file.is_file() and not missing else {}
-    paired = ["| model | vs | metric | mean diff | 95% CI | p | prompts |", "|---|---|---|---|---|---|---|"]
+    paired = ["| set | model | vs | mean diff (ROUGE-L, T=1) | 95% CI | p | prompts | detectable (80 %) |",
+              "|---|---|---|---|---|---|---|---|"]
     if not compare:
         paired = ["Not run yet: the comparison runs once every model is evaluated."]
-    for p in compare.get("paired_vs_sft", []):
-        paired.append(f"| {p['model']} | {p['vs']} | {compare['metric']} | {p['mean_diff']:+.2f} | "
-                      f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | {p['p_value']:.3f} | {p['n_prompts']} |")
+    by_set = compare.get("eval_sets") or {compare.get("paired_set", sets[0]): {"paired_vs_sft": compare.get("paired_vs_sft", [])}}
+    for set_name, entry in by_set.items():
+        for p in entry.get("paired_vs_sft", []):
+            mde = p.get("mde")
+            paired.append(f"| {set_name} | {p['model']} | {p['vs']} | {p['mean_diff']:+.2f} | "
+                          f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | {p['p_value']:.3f} | {p['n_prompts']} | "
+                          f"{'–' if mde is None else f'{mde:.2f}'} |")
     stage_lines = [f"| {k} | {v / 60:.1f} |" for k, v in timings.items()]
     total = sum(timings.values())
     d, ev = cfg.data, cfg.evaluation
@@ -187,7 +192,7 @@ Python {platform.python_version()}; load average at the end {load[0]:.1f} / {loa
 
 {chr(10).join(lines)}
 
-### Paired bootstrap against the SFT student (same prompts)
+### Paired bootstrap against the SFT student (same prompts, per-prompt ROUGE-L averaged over the sampling seeds)
 
 {chr(10).join(paired)}
 
