@@ -120,8 +120,9 @@ def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
     names = [cfg.teacher.name, *cfg.chain_order()]
     sets = cfg.evaluation.eval_sets
     header = ["model", "method", "params"]
+    ev = cfg.evaluation
     for s in sets:
-        header += [f"{s} ROUGE-L (T=1)", f"{s} ROUGE-L greedy"]
+        header += [f"{s} ROUGE-L (T=1)"] + ([f"{s} ROUGE-L greedy"] if ev.greedy else [])
     header += ["top-1 agree", "KL(t‖s)", "val ppl", "ExAccErr(16) %", "gen tok/s", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     missing = [n for n in names if not paths.metrics(n).is_file()]
@@ -131,11 +132,11 @@ def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
         m = json.loads(paths.metrics(name).read_text())
         info = json.loads(paths.train_info(name).read_text())
         sc = cfg.students.get(name)
-        method = "teacher" if sc is None else sc.method + (f" ({sc.divergence})" if sc.method not in ("sft",) else "")
+        method = "teacher" if sc is None else sc.method + (f" ({sc.divergence})" if sc.method not in ("sft", "seqkd") else "")
         row = [name, method, f"{m['parameters'] / 1e6:.1f}M"]
         for s in sets:
-            row += [format_metric(m, f"{s}/rougeL_sampled_mean", "{:.2f}"),
-                    format_metric(m, f"{s}/rougeL_greedy", "{:.2f}")]
+            row += [format_metric(m, f"{s}/rougeL_sampled_mean", "{:.2f}")]
+            row += [format_metric(m, f"{s}/rougeL_greedy", "{:.2f}")] if ev.greedy else []
         row += [format_metric(m, "test/top1_agreement", "{:.3f}"),
                 format_metric(m, "test/kl_teacher_student", "{:.2f}"),
                 format_metric(m, "val/ppl", "{:.1f}"), format_metric(m, "test/exaccerr_l16", "{:.1f}"),
