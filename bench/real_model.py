@@ -123,7 +123,7 @@ def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
     ev = cfg.evaluation
     for s in sets:
         header += [f"{s} ROUGE-L (T=1)"] + ([f"{s} ROUGE-L greedy"] if ev.greedy else [])
-    header += ["top-1 agree", "KL(t‖s)", "val ppl", "ExAccErr(16) %", "gen tok/s", "train s"]
+    header += ["top-1 agree", "KL(t‖s)", "val ppl", "ExAccErr(16) %", f"{sets[0]} distinct-2", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     missing = [n for n in names if not paths.metrics(n).is_file()]
     for name in names:
@@ -140,7 +140,7 @@ def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
         row += [format_metric(m, "test/top1_agreement", "{:.3f}"),
                 format_metric(m, "test/kl_teacher_student", "{:.2f}"),
                 format_metric(m, "val/ppl", "{:.1f}"), format_metric(m, "test/exaccerr_l16", "{:.1f}"),
-                format_metric(m, f"{sets[0]}/gen_tokens_per_s", "{:.0f}"), f"{info.get('train_time_s', 0):.0f}"]
+                format_metric(m, f"{sets[0]}/distinct_2", "{:.3f}"), f"{info.get('train_time_s', 0):.0f}"]
         lines.append("| " + " | ".join(row) + " |")
 
     compare_file = paths.reports / "compare.json"
@@ -162,6 +162,9 @@ def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
     student = next(iter(cfg.students.values()))  # the profile's students share model and training settings
     report = json.loads((paths.data / "report.json").read_text())
     load = os.getloadavg()
+    first = json.loads(paths.metrics(cfg.teacher.name).read_text()) if paths.metrics(cfg.teacher.name).is_file() else {}
+    ref_lengths = ", ".join(f"{n} {first[f'{n}/ref_tokens_p50']:.0f} / {first[f'{n}/ref_tokens_p90']:.0f}"
+                            for n in sets if f"{n}/ref_tokens_p50" in first) or "–"
     teacher_note = (f"\n  The teacher is evaluated on the first {args.teacher_eval_limit} prompts of each set with seed "
                     f"{ev.sample_seeds[0]} only (a ceiling; the paired tests use the prompts both have)."
                     if getattr(args, "teacher_eval_limit", None) else "")
@@ -185,8 +188,8 @@ Python {platform.python_version()}; load average at the end {load[0]:.1f} / {loa
   Students: {'; '.join(student_line(sc) for sc in cfg.students.values())}.
 - Evaluation: {', '.join(f'{n} (first {min(cfg.data.eval_sets[n].limit or 10**9, ev.limit or 10**9)} prompts' + (f', rows with {cfg.data.eval_sets[n].filter_field}' if cfg.data.eval_sets[n].filter_field else '') + ')' for n in sets)};
   ROUGE-L ×100 sampled at T={ev.generation.temperature:g}, top-p {ev.generation.top_p:g} with sampling seeds
-  {ev.sample_seeds}{' and greedy' if ev.greedy else ''}, at most {ev.generation.max_new_tokens} new tokens (references are often longer:
-  absolute ROUGE-L is lower than the papers'); top-1 agreement, KL and ExAccErr on the test split
+  {ev.sample_seeds}{' and greedy' if ev.greedy else ''}, at most {ev.generation.max_new_tokens} new tokens (reference length in tokens,
+  median / p90: {ref_lengths}; longer references are cut short, so absolute ROUGE-L is lower than the papers'); top-1 agreement, KL and ExAccErr on the test split
   (ExAccErr over {ev.exaccerr_prompts} prompts × {ev.exaccerr_samples} prefix).{teacher_note}
 
 ## Results
