@@ -166,3 +166,33 @@ def test_format_metric_shows_the_interval_of_means_and_of_greedy_metrics():
     assert format_metric(m, "t/rougeL_sampled_mean", "{:.2f}") == "10.00 [9.00, 11.50]"
     assert format_metric(m, "t/rougeL_greedy", "{:.2f}") == "8.00 [7.25, 9.00]"
     assert format_metric(m, "val/ppl", "{:.2f}") == "3.00" and format_metric(m, "x", "{}") == "–"
+
+
+def test_each_student_is_paired_with_the_sft_student_of_its_size(tmp_path):
+    """With SFT students of two sizes, a KD student is compared with the SFT student of the same model settings;
+    the teacher and a student of a size without its own SFT student with the first SFT student."""
+    from kd_core.config import parse_config
+    from kd_core.evaluation import compare
+    from kd_core.io import write_jsonl_atomic
+    from kd_core.run import RunPaths
+    from tests.conftest import TINY_MODEL, TINY_TRAINING, tiny_params
+
+    big = {"config": dict(TINY_MODEL["config"], n_layer=TINY_MODEL["config"]["n_layer"] + 1)}
+    params = tiny_params(run_dir=str(tmp_path / "run"))
+    params["students"].update(
+        sft_big={"method": "sft", "teacher": "teacher", "train_data": "train", "model": big, "training": TINY_TRAINING},
+        fkl_big={"method": "kd", "teacher": "teacher", "train_data": "train", "model": big, "training": TINY_TRAINING},
+        fkl_big2={"method": "kd", "teacher": "fkl", "train_data": "train", "model": big, "training": TINY_TRAINING})
+    cfg = parse_config(params)
+    assert {n: compare.sft_baseline(cfg, n) for n in ["teacher", *cfg.students]} == {
+        "teacher": "sft", "sft": "sft", "fkl": "sft", "sft_big": "sft_big", "fkl_big": "sft_big", "fkl_big2": "sft_big"}
+
+    paths = RunPaths.of(cfg)
+    shift = {"sft": 0.0, "fkl": 1.0, "sft_big": 10.0, "fkl_big": 12.0, "fkl_big2": 9.0, "teacher": 20.0}
+    for name, s in shift.items():
+        write_jsonl_atomic(paths.generations(name) / "test.jsonl",
+                           [{"id": f"p{i}", "rougeL_sampled_mean": float(i % 7 + s)} for i in range(40)])
+    paired = {p["model"]: p for p in compare._paired_vs_sft(cfg, paths, "test")}
+    assert {m: (p["vs"], round(p["mean_diff"], 6)) for m, p in paired.items()} == {
+        "teacher": ("sft", 20.0), "fkl": ("sft", 1.0), "fkl_big": ("sft_big", 2.0), "fkl_big2": ("sft_big", -1.0)}
+    assert compare.sft_baseline(parse_config(tiny_params(students={"fkl": params["students"]["fkl"]})), "fkl") is None

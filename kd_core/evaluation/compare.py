@@ -1,5 +1,5 @@
 """Comparison across the MLflow registry: a table of registered versions (teacher and students), each KD
-student against the SFT student of the same run, a section per evaluated set (its metrics, and the paired
+student against the SFT student of the same run and size (`sft_baseline`), a section per evaluated set (its metrics, and the paired
 comparison with the SFT student on its prompts), a size-versus-quality plot, as markdown, JSON and PNG.
 """
 
@@ -56,15 +56,18 @@ def collect_rows(cfg) -> list[dict]:
 
 
 def _vs_sft(rows: list[dict], params_hash: str, key: str) -> list[dict]:
-    """Each KD student of this params hash against the SFT student of the same run."""
+    """Each KD student of this params hash against the SFT student of the same run and size (the same parameter
+    count; else the run's last SFT student)."""
     same = [r for r in rows if r["tags"].get("kd.params_hash") == params_hash and r["tags"].get("kd.role") != "teacher"]
-    sft = next((r for r in reversed(same) if r["tags"].get("kd.method") == "sft" and key in r["metrics"]), None)
-    if sft is None:
+    sfts = [r for r in same if r["tags"].get("kd.method") == "sft" and key in r["metrics"]]
+    if not sfts:
         return []
     out = []
     for r in same:
-        if r is sft or key not in r["metrics"]:
+        if r in sfts or key not in r["metrics"]:
             continue
+        sft = next((b for b in reversed(sfts) if b["tags"].get("kd.parameters") == r["tags"].get("kd.parameters")),
+                   sfts[-1])
         out.append({"model": r["tags"].get("kd.model"), "method": r["tags"].get("kd.method"),
                     "divergence": r["tags"].get("kd.divergence"), "value": r["metrics"][key],
                     "sft": sft["metrics"][key], "delta": r["metrics"][key] - sft["metrics"][key]})
@@ -112,19 +115,26 @@ def prompt_scores(path, key: str = "rougeL_sampled_mean") -> dict:
     return {r["id"]: r.get(key) for r in read_jsonl(path)}
 
 
+def sft_baseline(cfg, name: str) -> str | None:
+    """The SFT student that model `name` is compared with: the SFT student of the same model settings (the same
+    architecture and size, e.g. the same `from_teacher_layers`) when there is one, else the first SFT student; None
+    when the run has no SFT student."""
+    sfts = [s for s in cfg.students.values() if s.method == "sft"]
+    student = cfg.students.get(name)
+    candidates = [s for s in sfts if student is not None and s.model == student.model] or sfts
+    return candidates[0].name if candidates else None
+
+
 def _paired_vs_sft(cfg, paths, set_name: str = "test") -> list[dict]:
-    """Each model of this run against the SFT student on the same prompts (paired bootstrap over prompts
-    of the per-prompt ROUGE-L averaged over sampling seeds): mean difference, 95% CI, p-value."""
-    sft = next((s.name for s in cfg.students.values() if s.method == "sft"), None)
-    if sft is None or not (paths.generations(sft) / f"{set_name}.jsonl").is_file():
-        return []
-    base = prompt_scores(paths.generations(sft) / f"{set_name}.jsonl")
+    """Each model of this run against its SFT baseline (`sft_baseline`) on the same prompts (paired bootstrap over
+    prompts of the per-prompt ROUGE-L averaged over sampling seeds): mean difference, 95% CI, p-value."""
     out = []
     for name in [cfg.teacher.name, *cfg.students]:
-        f = paths.generations(name) / f"{set_name}.jsonl"
-        if name == sft or not f.is_file():
+        sft = sft_baseline(cfg, name)
+        f, base = paths.generations(name) / f"{set_name}.jsonl", paths.generations(sft or "") / f"{set_name}.jsonl"
+        if sft is None or name == sft or not f.is_file() or not base.is_file():
             continue
-        res = paired_on_common_ids(base, prompt_scores(f), seed=cfg.seed)
+        res = paired_on_common_ids(prompt_scores(base), prompt_scores(f), seed=cfg.seed)
         if res is not None:
             out.append({"model": name, "vs": sft, "n_prompts": res["n"], **res})
     return out
