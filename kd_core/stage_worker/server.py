@@ -22,7 +22,9 @@ from kd_core.stage_worker import _IN_WORKER, FORWARDED_SIGNALS
 
 def _warm_up() -> None:
     """Import what the stages import (the stage modules and, inside their functions, the training, evaluation and
-    registration stack). Nothing runs: no thread is started and no accelerator initialised before a fork."""
+    registration stack). Nothing runs: no Python thread, no torch computation (its OpenMP pool not started) and no
+    accelerator initialised before a fork; the native helper threads that importing torch and pyarrow starts are
+    there, as in the parent of a DataLoader's forked workers."""
     import importlib
 
     import kd_core.cli  # noqa: F401
@@ -46,6 +48,8 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
             raise ConnectionError("request cut short")
         data += more
     if len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
         raise ConnectionError("request without the three standard streams")
     return json.loads(data), fds
 
