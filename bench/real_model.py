@@ -156,6 +156,11 @@ def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
             paired.append(f"| {set_name} | {p['model']} | {p['vs']} | {p['mean_diff']:+.2f} | "
                           f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | {p['p_value']:.3f} | {p['n_prompts']} | "
                           f"{'–' if mde is None else f'{mde:.2f}'} |")
+    unc = ["| model | " + " | ".join(f"{b} agree / KL" for b in ("easy", "medium", "hard")) + " |", "|---|---|---|---|"]
+    for name in cfg.students:
+        f = paths.generations(name) / "unc_buckets.json"
+        if f.is_file() and len(buckets := json.loads(f.read_text())) == 3:
+            unc.append(f"| {name} | " + " | ".join(f"{b['top1_agreement']:.3f} / {b['kl']:.2f}" for b in buckets) + " |")
     stage_lines = [f"| {k} | {v / 60:.1f} |" for k, v in timings.items()]
     total = sum(timings.values())
     d, ev = cfg.data, cfg.evaluation
@@ -199,6 +204,13 @@ Python {platform.python_version()}; load average at the end {load[0]:.1f} / {loa
 ### Paired bootstrap against the SFT student (same prompts, per-prompt ROUGE-L averaged over the sampling seeds)
 
 {chr(10).join(paired)}
+
+### Teacher-uncertainty buckets (the OKD paper's Fig. 2 and 5)
+
+Response tokens of the test split split into three equal buckets by the teacher's uncertainty UNC (easy: the
+teacher is sure); per bucket the student's top-1 agreement with the teacher and KL(teacher ‖ student).
+
+{chr(10).join(unc) if len(unc) > 2 else "(no student has three buckets)"}
 
 ## Wall time per stage (minutes)
 
