@@ -207,7 +207,7 @@ Python {platform.python_version()}; load average at the end {load[0]:.1f} / {loa
 
 ### Teacher-uncertainty buckets (the OKD paper's Fig. 2 and 5)
 
-Response tokens of the test split split into three equal buckets by the teacher's uncertainty UNC (easy: the
+The test split's response tokens in three equal buckets by the teacher's uncertainty UNC (easy: the
 teacher is sure); per bucket the student's top-1 agreement with the teacher and KL(teacher ‖ student).
 
 {chr(10).join(unc) if len(unc) > 2 else "(no student has three buckets)"}
