@@ -196,3 +196,10 @@ def test_each_student_is_paired_with_the_sft_student_of_its_size(tmp_path):
     assert {m: (p["vs"], round(p["mean_diff"], 6)) for m, p in paired.items()} == {
         "teacher": ("sft", 20.0), "fkl": ("sft", 1.0), "fkl_big": ("sft_big", 2.0), "fkl_big2": ("sft_big", -1.0)}
     assert compare.sft_baseline(parse_config(tiny_params(students={"fkl": params["students"]["fkl"]})), "fkl") is None
+
+    # the registry rows of the run (the table's "vs SFT" column) follow the same rule
+    key, fp = "pinned/rougeL_sampled_mean", cfg.fingerprint()
+    rows = [{"tags": {"kd.params_hash": fp, "kd.role": "student", "kd.model": name, "kd.method": cfg.students[name].method},
+             "metrics": {key: shift[name]}} for name in cfg.students]
+    assert {v["model"]: v["delta"] for v in compare._vs_sft(cfg, rows, key)} == {
+        "fkl": 1.0, "fkl_big": 2.0, "fkl_big2": -1.0}

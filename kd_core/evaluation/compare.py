@@ -1,6 +1,7 @@
 """Comparison across the MLflow registry: a table of registered versions (teacher and students), each KD
-student against the SFT student of the same run and size (`sft_baseline`), a section per evaluated set (its metrics, and the paired
-comparison with the SFT student on its prompts), a size-versus-quality plot, as markdown, JSON and PNG.
+student against the SFT student of the same run and size (`sft_baseline`), a section per evaluated set (its
+metrics, and the paired comparison with the SFT student on its prompts), a size-versus-quality plot, as markdown,
+JSON and PNG.
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ def collect_rows(cfg) -> list[dict]:
     return rows
 
 
-def _vs_sft(rows: list[dict], params_hash: str, key: str) -> list[dict]:
-    """Each KD student of this params hash against the SFT student of the same run and size (the same parameter
-    count; else the run's last SFT student)."""
+def _vs_sft(cfg, rows: list[dict], key: str) -> list[dict]:
+    """Each KD student of this run (its params hash) against its SFT baseline (`sft_baseline`; the run's last SFT
+    version when the baseline has none with `key`)."""
+    params_hash = cfg.fingerprint()
     same = [r for r in rows if r["tags"].get("kd.params_hash") == params_hash and r["tags"].get("kd.role") != "teacher"]
     sfts = [r for r in same if r["tags"].get("kd.method") == "sft" and key in r["metrics"]]
     if not sfts:
@@ -66,8 +68,8 @@ def _vs_sft(rows: list[dict], params_hash: str, key: str) -> list[dict]:
     for r in same:
         if r in sfts or key not in r["metrics"]:
             continue
-        sft = next((b for b in reversed(sfts) if b["tags"].get("kd.parameters") == r["tags"].get("kd.parameters")),
-                   sfts[-1])
+        baseline = sft_baseline(cfg, r["tags"].get("kd.model", ""))
+        sft = next((b for b in reversed(sfts) if b["tags"].get("kd.model") == baseline), sfts[-1])
         out.append({"model": r["tags"].get("kd.model"), "method": r["tags"].get("kd.method"),
                     "divergence": r["tags"].get("kd.divergence"), "value": r["metrics"][key],
                     "sft": sft["metrics"][key], "delta": r["metrics"][key] - sft["metrics"][key]})
@@ -128,13 +130,15 @@ def sft_baseline(cfg, name: str) -> str | None:
 def _paired_vs_sft(cfg, paths, set_name: str = "test") -> list[dict]:
     """Each model of this run against its SFT baseline (`sft_baseline`) on the same prompts (paired bootstrap over
     prompts of the per-prompt ROUGE-L averaged over sampling seeds): mean difference, 95% CI, p-value."""
-    out = []
+    out, baselines = [], {}  # (each baseline's per-prompt file read once)
     for name in [cfg.teacher.name, *cfg.students]:
         sft = sft_baseline(cfg, name)
         f, base = paths.generations(name) / f"{set_name}.jsonl", paths.generations(sft or "") / f"{set_name}.jsonl"
         if sft is None or name == sft or not f.is_file() or not base.is_file():
             continue
-        res = paired_on_common_ids(prompt_scores(base), prompt_scores(f), seed=cfg.seed)
+        if sft not in baselines:
+            baselines[sft] = prompt_scores(base)
+        res = paired_on_common_ids(baselines[sft], prompt_scores(f), seed=cfg.seed)
         if res is not None:
             out.append({"model": name, "vs": sft, "n_prompts": res["n"], **res})
     return out
@@ -143,7 +147,6 @@ def _paired_vs_sft(cfg, paths, set_name: str = "test") -> list[dict]:
 def _unc_plot(cfg, paths, out_dir: Path) -> bool:
     """unc_buckets.png, and unc/<student>.json (one row per bucket) for the DVC plots in dvc.yaml (replaced as a
     whole, so a removed student leaves no stale file behind)."""
-
     buckets = {}
     for name in cfg.students:
         f = paths.generations(name) / "unc_buckets.json"
@@ -219,7 +222,7 @@ def build_report(cfg, paths) -> dict:
     if not any(r["name"] == cfg.tracking.registered_model for r in rows):  # (the teacher's alone: no comparison)
         raise LookupError(f"no registered versions of {cfg.tracking.registered_model!r} at {tracking.tracking_uri(cfg)}")
     key = cfg.tracking.champion.metric
-    vs_sft = _vs_sft(rows, cfg.fingerprint(), key)
+    vs_sft = _vs_sft(cfg, rows, key)
     champion_set = key.split("/", 1)[0]  # the eval set of the champion metric
     main_set = champion_set if champion_set in cfg.evaluation.eval_sets else "test"
     g = cfg.evaluation.generation
