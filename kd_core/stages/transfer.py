@@ -4,6 +4,9 @@ model-made paraphrases of the prompts. The strategies' exact definitions: docs/m
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 
 from kd_core import tracking
@@ -107,11 +110,13 @@ def hardness_scores(source: dict[int, float], teacher: dict[int, float] | None) 
     return {i: source[i] - teacher[i] for i in source if i in teacher}
 
 
-def _rows(ts, writer: _Writer, labeled: list[dict], pool: list[dict], scope: list[dict], teacher=None) -> list[dict]:
-    """The set's rows by its strategy (docs/methods.md); `teacher`: the `_Writer` of the source's teacher (gap)."""
+def _rows(ts, writer: _Writer, labeled: list[dict], pool: list[dict], scope: list[dict],
+          teacher_scores: Callable[[list[dict]], dict[int, float]] | None = None) -> list[dict]:
+    """The set's rows by its strategy (docs/methods.md); `teacher_scores`: `response_scores` under the source's
+    teacher (`hardness: gap`)."""
     score = writer.scores
     if ts.strategy == "hard_examples":  # the labeled rows whose references the model finds least likely
-        scores = hardness_scores(score(labeled), teacher.scores(labeled) if teacher else None)
+        scores = hardness_scores(score(labeled), teacher_scores(labeled) if teacher_scores else None)
         hard = select(labeled, scores, ts.keep_fraction, lowest=True)
         return (hard if ts.answers != "generated" else []) + (writer.answers(hard) if ts.answers != "reference" else [])
     if ts.strategy == "confidence":
@@ -144,12 +149,13 @@ def transfer(cfg: PipelineConfig, paths: RunPaths, set_name: str) -> dict:
                         f"transfer_sets.{set_name}.prompts is {ts.prompts!r}: set data.builtin_unlabeled or "
                         f"data.unlabeled and rerun prepare)")
     writer = _Writer(cfg, set_name, model, tokenizer)
-    teacher = None
+    teacher_scores = None
     if ts.strategy == "hard_examples" and ts.hardness == "gap":  # (dvc.yaml: the source's model depends on it)
         name = cfg.students[ts.source].teacher
-        teacher = _Writer(cfg, set_name, load_model(paths, name), load_model_tokenizer(paths, name))
+        teacher_scores = partial(response_scores, model=load_model(paths, name),
+                                 tokenizer=load_model_tokenizer(paths, name), cfg=cfg)
     with tracking.stage_run(cfg, paths.root, "transfer", set_name, params=ts.model_dump()):
-        out_rows = _rows(ts, writer, labeled, pool, scope, teacher)
+        out_rows = _rows(ts, writer, labeled, pool, scope, teacher_scores)
         if not out_rows:
             raise DataError(f"transfer set {set_name!r}: {ts.source!r} generated only empty responses")
         write_jsonl_atomic(paths.split(set_name), out_rows)
