@@ -2,15 +2,14 @@
 
 DVC starts one process per stage instance, and each would import torch, transformers and MLflow again: on a tiny
 config that is most of a stage's time. The first `kd stage` of a `dvc repro` starts a worker (`python -m
-kd_core.stage_worker.server SOCKET`, kd_core/stage_worker/server.py) that imports the stack once and then forks one child per later stage. The `kd stage`
-process that DVC started hands the child its arguments, working folder, environment and standard streams (the
+kd_core.stage_worker.server SOCKET`, kd_core/stage_worker/server.py) that imports the stack once and then forks
+one child per later stage. The `kd stage` process that DVC started hands the child its arguments, working folder, environment and standard streams (the
 file descriptors themselves), forwards SIGINT / SIGTERM / SIGHUP to it and exits with its status; if that process
 dies, the child is killed. The child runs the same CLI code a fresh process runs, so a stage behaves the same.
 
 When: only under DVC (it sets `DVC_ROOT` for every stage command), not in a distributed launch (WORLD_SIZE > 1),
 not with `KD_STAGE_WORKER=0`, and on Linux only (Unix sockets with descriptor passing, and a fork after importing
-torch that macOS's runtime does not promise to survive). One worker
-serves one interpreter, one environment (less DVC's per-stage variables) and one version of the code: its socket's
+torch that macOS's runtime does not promise to survive). One worker serves one interpreter, one environment (less DVC's per-stage variables) and one version of the code: its socket's
 name hashes those and every `kd_core` source file's size and mtime, so an edit or another environment gets another
 worker. A worker exits after `KD_STAGE_WORKER_IDLE` seconds (default 60) without a stage. Whenever there is no
 worker to take a stage (the first one, or a worker that failed before the child started), the stage runs in its
@@ -43,10 +42,9 @@ def wanted() -> bool:
             and sys.platform.startswith("linux") and hasattr(socket, "send_fds"))
 
 
-def worker_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a worker is keyed on and started with: `env` less DVC's per-stage variables and the shell's."""
-    env = dict(os.environ if env is None else env)
-    return {k: v for k, v in env.items() if not k.startswith("DVC_") and k not in _VOLATILE_ENV}
+def worker_env() -> dict[str, str]:
+    """The environment a worker is keyed on and started with: this one less DVC's per-stage variables and the shell's."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("DVC_") and k not in _VOLATILE_ENV}
 
 
 def socket_path() -> Path:

@@ -40,18 +40,23 @@ def _warm_up() -> None:
 
 
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
+    """A `kd` process's request (argv, cwd, env) and its three standard streams; on a bad request the received
+    descriptors are closed and OSError or ValueError raised."""
     conn.settimeout(10)
     data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
-    while not data.endswith(b"\n"):
-        more = conn.recv(1 << 16)
-        if not more:
-            raise ConnectionError("request cut short")
-        data += more
-    if len(fds) != 3:
+    try:
+        while not data.endswith(b"\n"):
+            more = conn.recv(1 << 16)
+            if not more:
+                raise ConnectionError("request cut short")
+            data += more
+        if len(fds) != 3:
+            raise ConnectionError("request without the three standard streams")
+        return json.loads(data), fds
+    except (OSError, ValueError):
         for fd in fds:
             os.close(fd)
-        raise ConnectionError("request without the three standard streams")
-    return json.loads(data), fds
+        raise
 
 
 def _closed(conn: socket.socket) -> bool:
