@@ -72,11 +72,11 @@ def main() -> None:
     timings_file = paths.root / "bench_timings.json"
     timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
 
-    def timed(label: str, done: bool, fn, *fn_args) -> None:
+    def timed(label: str, done: bool, fn, *fn_args, stage_cfg=cfg) -> None:
         if done and label in timings:
             return
         start = time.perf_counter()
-        fn(cfg, paths, *fn_args)
+        fn(stage_cfg, paths, *fn_args)
         timings[label] = time.perf_counter() - start
         paths.root.mkdir(parents=True, exist_ok=True)
         timings_file.write_text(json.dumps(timings, indent=2))
@@ -93,11 +93,8 @@ def main() -> None:
     if args.teacher_eval_limit:
         teacher_cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={
             "limit": args.teacher_eval_limit, "sample_seeds": cfg.evaluation.sample_seeds[:1]})})
-    if not (paths.metrics(teacher).is_file() and f"evaluate {teacher}" in timings):
-        start = time.perf_counter()
-        STAGES["evaluate"].function(teacher_cfg, paths, teacher)
-        timings[f"evaluate {teacher}"] = time.perf_counter() - start
-        timings_file.write_text(json.dumps(timings, indent=2))
+    timed(f"evaluate {teacher}", paths.metrics(teacher).is_file(), STAGES["evaluate"].function, teacher,
+          stage_cfg=teacher_cfg)
     for name in cfg.chain_order():
         timed(f"distill {name}", paths.distilled(name).is_dir(), STAGES["distill"].function, name)
         timed(f"finetune {name}", paths.model(name).is_dir(), STAGES["finetune"].function, name)
@@ -107,11 +104,15 @@ def main() -> None:
     write_report(args, cfg, paths, timings)
 
 
+def objective(sc) -> str:
+    """A student's method, with its divergence for the methods that read the teacher's distribution."""
+    return sc.method if sc.method in ("sft", "seqkd") else f"{sc.method} ({sc.divergence})"
+
+
 def student_line(sc) -> str:
     """`name` = method (divergence), on which data, through the teacher-logit cache or the live teacher."""
-    objective = sc.method if sc.method in ("sft", "seqkd") else f"{sc.method} ({sc.divergence})"
     teacher = "" if sc.method in ("sft", "seqkd") else (", cached teacher" if sc.teacher_cache.enabled else ", live teacher")
-    return f"{sc.name} = {objective} on {sc.train_data}{teacher}"
+    return f"{sc.name} = {objective(sc)} on {sc.train_data}{teacher}"
 
 
 NOTES_MARKER = "<!-- Hand-written notes below this line are kept when the script rewrites the file. -->"
@@ -133,8 +134,7 @@ def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
         m = json.loads(paths.metrics(name).read_text())
         info = json.loads(paths.train_info(name).read_text())
         sc = cfg.students.get(name)
-        method = "teacher" if sc is None else sc.method + (f" ({sc.divergence})" if sc.method not in ("sft", "seqkd") else "")
-        row = [name, method, f"{m['parameters'] / 1e6:.1f}M"]
+        row = [name, "teacher" if sc is None else objective(sc), f"{m['parameters'] / 1e6:.1f}M"]
         for s in sets:
             row += [format_metric(m, f"{s}/rougeL_sampled_mean", "{:.2f}")]
             row += [format_metric(m, f"{s}/rougeL_greedy", "{:.2f}")] if ev.greedy else []
