@@ -95,15 +95,19 @@ class DvcBook:
         return {name.rsplit(":", 1)[-1] for name in status}  # `dvc.yaml:distill@fkl` in subfolders
 
     def record(self, stage: str, background: bool = False) -> None:
-        """`dvc commit` of the stage: its outputs into the DVC cache, its entry in dvc.lock. `background`: queued
-        on the commit thread and returned at once (the stage's outputs are final: no later stage writes them);
-        `settle_commits` waits for it and raises its error."""
+        """`dvc commit` of the stage: its outputs copied into the DVC cache (the files in the workspace are left as
+        they are), its entry in dvc.lock. `background`: queued on the commit thread and returned at once (the
+        stage's outputs are final: no later stage writes them); `settle_commits` waits for it and raises its error."""
         if not self.enabled:
             return
+
+        def commit(repo):  # relink=False: DVC would otherwise remove each output and copy it back from its cache,
+            # and a stage reading it meanwhile (the next one, while this commit runs behind it) would find nothing
+            return repo.commit(stage, force=True, relink=False)
         if not background:
-            self._call(lambda repo: repo.commit(stage, force=True))
+            self._call(commit)
             return
-        future = _COMMITTER.submit(self._call, lambda repo: repo.commit(stage, force=True))
+        future = _COMMITTER.submit(self._call, commit)
         with _PENDING_LOCK:
             _PENDING.append(future)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,22 @@ def test_a_failed_background_commit_raises_when_settled(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="out.txt"):
         lineage.settle_commits()
     lineage.settle_commits()  # reported once: nothing pending afterwards
+
+
+def test_recording_a_stage_leaves_its_outputs_in_place(tmp_path, monkeypatch):
+    """The flow commits a stage in the background while the next stage reads its outputs: DVC's default relink
+    (remove each output, copy it back from the cache) left a moment without the file, and the next stage failed
+    with MissingInput now and then. A file held open across the commit must still be the file at its path."""
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "site"))
+    monkeypatch.chdir(tmp_path)
+    _dvc_project(tmp_path)
+    (tmp_path / "out.txt").write_text("a\n")
+    book = DvcBook(tmp_path)
+    assert book.changed() == {"make", "copy"}
+    with open(tmp_path / "out.txt", "rb") as held:  # held open: its inode cannot be reused by a new file
+        book.record("make")
+        assert os.fstat(held.fileno()).st_nlink == 1  # 0: the path was unlinked (and a copy put there)
+        assert os.path.samestat(os.fstat(held.fileno()), os.stat(tmp_path / "out.txt"))
+    assert "make" not in book.changed()  # recorded all the same: dvc.lock and the cache hold it
+    cached = tmp_path / ".dvc/cache/files/md5"
+    assert [p.read_text() for p in cached.rglob("*") if p.is_file()] == ["a\n"]

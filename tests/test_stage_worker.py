@@ -164,3 +164,42 @@ def test_a_request_whose_caller_gave_up_is_not_started():
         assert not _closed(worker_end)
         caller_end.close()
         assert _closed(worker_end)
+
+
+def test_a_signal_sent_before_the_stage_exists_reaches_it_once_it_does(tmp_path):
+    """A SIGTERM that reaches `kd` after it sent its request but before the worker has answered with the stage's
+    pid (the worker is forking it) is kept and forwarded with the pid; before, it killed `kd` with the default
+    action (status -15) and the stage was SIGKILLed as an orphan. A stand-in worker: it signals the caller while
+    holding back the pid of a stand-in stage (a `sleep`)."""
+    from kd_core.stage_worker.server import _receive
+
+    path = tmp_path / "w.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    code = ("import sys; from pathlib import Path; from kd_core import stage_worker\n"
+            "stage_worker.socket_path = lambda: Path(sys.argv[1])\n"
+            "sys.exit(stage_worker.run_in_worker(['stage', 'prepare']))")
+    caller = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        listener.settimeout(120)
+        conn, _ = listener.accept()
+        with conn:
+            request, fds = _receive(conn)
+            for fd in fds:
+                os.close(fd)
+            assert request["argv"] == ["stage", "prepare"]
+            caller.send_signal(signal.SIGTERM)  # the request is in: kd's forwarding handler is in place
+            conn.sendall(f"PID {sleeper.pid}\n".encode())
+            _wait_for(lambda: sleeper.poll() is not None or caller.poll() is not None, "the signal's effect", 12000)
+            assert caller.poll() is None, f"kd ended with {caller.returncode}: {caller.stderr.read()}"
+            assert sleeper.returncode == -signal.SIGTERM
+            conn.sendall(b"EXIT 143\n")
+        assert caller.wait(timeout=120) == 143, caller.stderr.read()
+    finally:
+        for proc in (caller, sleeper):
+            if proc.poll() is None:
+                proc.kill()
+        listener.close()

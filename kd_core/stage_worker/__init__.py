@@ -77,37 +77,56 @@ def run_in_worker(argv: list[str]) -> int | None:
         sock.close()
         _start_worker(path)
         return None
-    with sock:
-        request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode() + b"\n"
-        try:
-            for s in (sys.stdout, sys.stderr):
-                s.flush()
-            sent = socket.send_fds(sock, [request], [0, 1, 2])
-            sock.sendall(request[sent:])
-            sock.settimeout(START_TIMEOUT_S)  # a new worker may still be importing; a hung one is given up on
-            replies = sock.makefile("rb")
-            first = replies.readline()
-            sock.settimeout(None)
-        except OSError:  # (a timeout too: the worker then sees this end closed and does not start the stage)
-            return None
-        if not first.startswith(b"PID "):  # the worker failed before the stage started
-            return None
-        pid = int(first.split()[1])
+    stage: dict[str, int] = {}  # its pid, once the worker has started it
+    caught: list[int] = []  # signals that came before
 
-        def forward(signum, _frame) -> None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+    def forward(signum, _frame) -> None:
+        if "pid" not in stage:
+            caught.append(signum)  # the stage gets it as soon as it exists (the worker may be forking it now)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stage["pid"], signum)
 
-        previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
-        try:
-            last = replies.readline()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    try:
+        with sock:
+            last = _request(sock, argv, stage, caught)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if last is None:  # no worker took the stage: the caller runs it, and reacts first to what it was sent
+        for signum in caught:
+            signal.raise_signal(signum)
+        return None
     if last.startswith(b"EXIT "):
         return int(last.split()[1])
     print("kd stage: the stage worker ended without the stage's exit status", file=sys.stderr)
     return 1
+
+
+def _request(sock: socket.socket, argv: list[str], stage: dict[str, int], caught: list[int]) -> bytes | None:
+    """Send `kd ARGV` (and this process's working folder, environment and standard streams) to the worker; once the
+    stage's pid comes back, `stage["pid"]` is set and the signals `caught` meanwhile are forwarded to it; then wait
+    for the status line. None when the worker did not start the stage."""
+    request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode() + b"\n"
+    try:
+        for s in (sys.stdout, sys.stderr):
+            s.flush()
+        sent = socket.send_fds(sock, [request], [0, 1, 2])
+        sock.sendall(request[sent:])
+        sock.settimeout(START_TIMEOUT_S)  # a new worker may still be importing; a hung one is given up on
+        replies = sock.makefile("rb")
+        first = replies.readline()
+        sock.settimeout(None)
+    except OSError:  # (a timeout too: the worker then sees this end closed and does not start the stage)
+        return None
+    if not first.startswith(b"PID "):  # the worker failed before the stage started
+        return None
+    stage["pid"] = int(first.split()[1])
+    for signum in caught:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stage["pid"], signum)
+    return replies.readline()
 
 
 def _start_worker(path: Path) -> None:
