@@ -3,17 +3,18 @@
 DVC starts one process per stage instance, and each would import torch, transformers and MLflow again: on a tiny
 config that is most of a stage's time. The first `kd stage` of a `dvc repro` starts a worker (`python -m
 kd_core.stage_worker.server SOCKET`, kd_core/stage_worker/server.py) that imports the stack once and then forks
-one child per later stage. The `kd stage` process that DVC started hands the child its arguments, working folder, environment and standard streams (the
-file descriptors themselves), forwards SIGINT / SIGTERM / SIGHUP to it and exits with its status; if that process
-dies, the child is killed. The child runs the same CLI code a fresh process runs, so a stage behaves the same.
+one child per later stage. The `kd stage` process that DVC started hands the child its arguments, working folder,
+environment and standard streams (the file descriptors themselves), forwards SIGINT / SIGTERM / SIGHUP to it (one
+that comes before the child exists is sent as soon as it does) and exits with its status; if that process dies,
+the child is killed. The child runs the same CLI code a fresh process runs, so a stage behaves the same.
 
 When: only under DVC (it sets `DVC_ROOT` for every stage command), not in a distributed launch (WORLD_SIZE > 1),
 not with `KD_STAGE_WORKER=0`, and on Linux only (Unix sockets with descriptor passing, and a fork after importing
-torch that macOS's runtime does not promise to survive). One worker serves one interpreter, one environment (less DVC's per-stage variables) and one version of the code: its socket's
-name hashes those and every `kd_core` source file's size and mtime, so an edit or another environment gets another
-worker. A worker exits after `KD_STAGE_WORKER_IDLE` seconds (default 60) without a stage. Whenever there is no
-worker to take a stage (the first one, or a worker that failed before the child started), the stage runs in its
-own process as before.
+torch that macOS's runtime does not promise to survive). One worker serves one interpreter, one environment (less
+DVC's per-stage variables) and one version of the code: its socket's name hashes those and every `kd_core` source
+file's size and mtime, so an edit or another environment gets another worker. A worker exits after
+`KD_STAGE_WORKER_IDLE` seconds (default 60) without a stage. Whenever there is no worker to take a stage (the first
+one, or a worker that failed before the child started), the stage runs in its own process as before.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def wanted() -> bool:
 
 
 def worker_env() -> dict[str, str]:
-    """The environment a worker is keyed on and started with: this one less DVC's per-stage variables and the shell's."""
+    """The environment a worker is keyed on and started with: this one less DVC's per-stage variables and the
+    shell's."""
     return {k: v for k, v in os.environ.items() if not k.startswith("DVC_") and k not in _VOLATILE_ENV}
 
 
@@ -77,25 +79,16 @@ def run_in_worker(argv: list[str]) -> int | None:
         sock.close()
         _start_worker(path)
         return None
-    stage: dict[str, int] = {}  # its pid, once the worker has started it
-    caught: list[int] = []  # signals that came before
-
-    def forward(signum, _frame) -> None:
-        if "pid" not in stage:
-            caught.append(signum)  # the stage gets it as soon as it exists (the worker may be forking it now)
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(stage["pid"], signum)
-
+    forward = _Forwarder()
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     try:
         with sock:
-            last = _request(sock, argv, stage, caught)
+            last = _request(sock, argv, forward.started)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if last is None:  # no worker took the stage: the caller runs it, and reacts first to what it was sent
-        for signum in caught:
+        for signum in forward.caught:
             signal.raise_signal(signum)
         return None
     if last.startswith(b"EXIT "):
@@ -104,10 +97,35 @@ def run_in_worker(argv: list[str]) -> int | None:
     return 1
 
 
-def _request(sock: socket.socket, argv: list[str], stage: dict[str, int], caught: list[int]) -> bytes | None:
-    """Send `kd ARGV` (and this process's working folder, environment and standard streams) to the worker; once the
-    stage's pid comes back, `stage["pid"]` is set and the signals `caught` meanwhile are forwarded to it; then wait
-    for the status line. None when the worker did not start the stage."""
+class _Forwarder:
+    """The `kd` process's handler of FORWARDED_SIGNALS while its stage runs in the worker: each goes to the stage;
+    those that come before the stage's pid is known (the worker may be forking it) are kept in `caught` and sent
+    when it is (`started`)."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.caught: list[int] = []
+
+    def __call__(self, signum, _frame) -> None:
+        if self.pid is None:
+            self.caught.append(signum)
+        else:
+            self._send(signum)
+
+    def started(self, pid: int) -> None:
+        self.pid = pid
+        for signum in self.caught:
+            self._send(signum)
+
+    def _send(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+
+
+def _request(sock: socket.socket, argv: list[str], started) -> bytes | None:
+    """Send `kd ARGV` (and this process's working folder, environment and standard streams) to the worker, call
+    `started(pid)` when the stage's pid comes back, then wait for the status line. None when the worker did not
+    start the stage."""
     request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode() + b"\n"
     try:
         for s in (sys.stdout, sys.stderr):
@@ -122,10 +140,7 @@ def _request(sock: socket.socket, argv: list[str], stage: dict[str, int], caught
         return None
     if not first.startswith(b"PID "):  # the worker failed before the stage started
         return None
-    stage["pid"] = int(first.split()[1])
-    for signum in caught:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(stage["pid"], signum)
+    started(int(first.split()[1]))
     return replies.readline()
 
 
