@@ -6,7 +6,11 @@ import atexit
 import copy
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -59,15 +63,111 @@ def tiny_params(**top_level) -> dict:
     return params
 
 
+# ------------------------------------------------------------------------------- empty stores, migrated once a run
+# A fresh MLflow store runs MLflow's migrations when first opened (~2 s), a fresh Prefect database Prefect's
+# (~6 s, in every temporary server: `kd run`'s, `prefect_test_harness`'s, the server tests'). Each test still gets
+# stores of its own: copies of one empty pair migrated once a run, so only the first test pays the migrations.
+_MIGRATE_PREFECT = """
+import asyncio
+from prefect.server.database import provide_database_interface
+from prefect.server.models.block_registration import run_block_auto_registration
+
+async def migrate():  # what a Prefect server does on its first start (its lifespan): migrations, block types
+    db = provide_database_interface()
+    await db.create_db()
+    async with await db.session() as session:
+        await run_block_auto_registration(session=session)
+        await session.commit()
+
+asyncio.run(migrate())
+"""
+_MIGRATE_MLFLOW = """
+import sqlite3, sys, tempfile
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+with tempfile.TemporaryDirectory() as artifacts:
+    SqlAlchemyStore(f"sqlite:///{sys.argv[1]}", artifacts).engine.dispose()
+# without its Default experiment, whose artifact folder is this temporary one: MLflow creates it again, with the
+# artifact root of the store's first user, in each copy
+with sqlite3.connect(sys.argv[1]) as db:
+    db.execute("DELETE FROM experiment_tags")
+    db.execute("DELETE FROM experiments")
+"""
+
+
+@dataclass(frozen=True)
+class EmptyStores:
+    """An empty Prefect database and MLflow store (sqlite), migrated to the installed versions' schemas."""
+
+    prefect_db: Path
+    mlflow_db: Path
+
+    def seed_prefect(self, db: Path) -> Path:
+        """A copy of the empty Prefect database at `db` (e.g. PREFECT_HOME/prefect.db, a server's default)."""
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.prefect_db, db)
+        return db
+
+    def seed_mlflow(self, db: Path) -> Path:
+        """A copy of the empty MLflow store at `db` (a `sqlite:///` tracking URI's file)."""
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.mlflow_db, db)
+        return db
+
+    @contextmanager
+    def prefect_harness(self):
+        """Prefect's `prefect_test_harness` (a temporary Prefect server on a database of its own, the API URL set
+        while it runs), its database a copy of the empty one."""
+        from unittest import mock
+
+        import prefect.testing.utilities as utilities
+
+        def seeded_mkdtemp() -> str:  # the harness's folder, where it puts its database as prefect-test.db
+            folder = tempfile.mkdtemp()
+            self.seed_prefect(Path(folder) / "prefect-test.db")
+            return folder
+
+        with mock.patch.object(utilities, "mkdtemp", seeded_mkdtemp), utilities.prefect_test_harness():
+            yield
+
+
+@pytest.fixture(scope="session")
+def empty_stores(tmp_path_factory) -> EmptyStores:
+    """The run's `EmptyStores`, made by the first pytest process that asks (the xdist workers share them through
+    a file lock in their common temporary folder), each in a process of its own with a Prefect home of its own."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder of this run that every worker's basetemp is in
+    folder = root / "empty-stores"
+    stores = EmptyStores(folder / "prefect-home" / "prefect.db", folder / "mlflow.db")
+    with FileLock(str(root / "empty-stores.lock")):
+        if not (folder / "done").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+            env["PREFECT_HOME"] = str(stores.prefect_db.parent)
+            stores.prefect_db.parent.mkdir(parents=True)
+            migrations = [subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.PIPE, text=True)
+                          for script, args in ((_MIGRATE_PREFECT, []), (_MIGRATE_MLFLOW, [str(stores.mlflow_db)]))]
+            for proc in migrations:  # side by side
+                _, err = proc.communicate()
+                assert proc.returncode == 0, f"migrating an empty store: {err[-3000:]}"
+            (folder / "done").touch()
+    return stores
+
+
 @pytest.fixture
-def project(tmp_path, monkeypatch):  # noqa: D103
-    """An empty project folder as cwd, with its own MLflow store and Prefect home."""
+def project(tmp_path, monkeypatch, empty_stores):  # noqa: D103
+    """An empty project folder as cwd, with its own MLflow store and Prefect home (empty, already migrated)."""
     import mlflow
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))  # `kd run` subprocesses: their own history
     monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / ".dvc-site-cache"))  # not /var/tmp/dvc
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    empty_stores.seed_prefect(tmp_path / ".prefect" / "prefect.db")
+    uri = f"sqlite:///{empty_stores.seed_mlflow(tmp_path / 'mlflow.db')}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)  # a previous test's stage may have set the process-wide URI
     yield tmp_path
@@ -93,9 +193,6 @@ def copy_pipeline(folder: Path) -> None:
 
 def dvc_project(project: Path, params: dict) -> None:
     """The project as a git + DVC repository with the tiny params, the generated dvc.yaml and the code."""
-    import subprocess
-    import sys
-
     write_params(project, params)
     copy_pipeline(project)
     for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q",
@@ -127,7 +224,7 @@ _NOT_COPIED = shutil.ignore_patterns("mlflow.db", "mlartifacts", "mlruns", ".pre
 
 
 @pytest.fixture(scope="session")
-def prepared_project(tmp_path_factory) -> Path:
+def prepared_project(tmp_path_factory, empty_stores) -> Path:
     """A git + DVC project of the tiny params (`dvc_project`) whose data, tokenizer and teacher are made once a
     session: `prepare` and `train_teacher` run in process and recorded in DVC (dvc.lock, .dvc/cache). A test
     copies it into its own folder with `copy_prepared`; with the same `data`, `tokenizer` and `teacher` params
@@ -143,7 +240,7 @@ def prepared_project(tmp_path_factory) -> Path:
         mp.chdir(root)
         mp.setenv("DVC_SITE_CACHE_DIR", str(root / ".dvc-site-cache"))
         mp.setenv("PREFECT_HOME", str(root / ".prefect"))
-        uri = f"sqlite:///{root / 'mlflow.db'}"
+        uri = f"sqlite:///{empty_stores.seed_mlflow(root / 'mlflow.db')}"
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         try:
@@ -175,15 +272,13 @@ def reproduced_params() -> dict:
 
 
 @pytest.fixture(scope="session")
-def reproduced_project(prepared_project, tmp_path_factory) -> tuple[Path, str]:
+def reproduced_project(prepared_project, tmp_path_factory, empty_stores) -> tuple[Path, str]:
     """A copy of the prepared project with `reproduced_params`, reproduced once a session by `dvc repro` (prepare
     and train_teacher up to date, every other stage a `kd stage` process), its own MLflow store, Prefect home and
     DVC site cache inside: (the folder, the output of that `dvc repro`). Tests copy it (`copy_reproduced`)."""
-    import subprocess
-    import sys
-
     root = tmp_path_factory.mktemp("reproduced")
     copy_prepared(prepared_project, root, reproduced_params())
+    empty_stores.seed_mlflow(root / "mlflow.db")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PREFECT_HOME=str(root / ".prefect"), DVC_SITE_CACHE_DIR=str(root / ".dvc-site-cache"),
                MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")

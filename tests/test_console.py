@@ -28,7 +28,7 @@ NOISE = ("Loading weights", "Writing model shards", "Successfully registered", "
 
 
 @pytest.mark.slow
-def test_kd_run_console_prefect_logs_artifacts_and_inline_stages(project):
+def test_kd_run_console_prefect_logs_artifacts_and_inline_stages(project, empty_stores):
     """The tiny config through `kd run` (a process, as a user runs it, on a test Prefect server) in a git + DVC
     project: sft has no post-distillation fine-tuning and no student has a teacher cache."""
     import os
@@ -37,7 +37,6 @@ def test_kd_run_console_prefect_logs_artifacts_and_inline_stages(project):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
     from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
 
     params = tiny_params()
     dvc_project(project, params)
@@ -46,7 +45,7 @@ def test_kd_run_console_prefect_logs_artifacts_and_inline_stages(project):
     inline = {n.name for n in nodes if n.stage.name in ("finetune", "cache_teacher") and not
               (n.stage.name == "finetune" and n.key == "fkl")}
     assert inline == {"finetune@sft", "cache_teacher@sft", "cache_teacher@fkl"}
-    with prefect_test_harness():
+    with empty_stores.prefect_harness():
         env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # a pipe (pytest-xdist workers set COLUMNS)
         out = subprocess.run([str(Path(sys.executable).with_name("kd")), "run"], cwd=project, text=True,
                              capture_output=True, env=env | {"PREFECT_API_URL": PREFECT_API_URL.value()})

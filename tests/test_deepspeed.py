@@ -85,13 +85,13 @@ def _params() -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_project(tmp_path_factory):
+def tiny_project(tmp_path_factory, empty_stores):
     """A project with data and a trained teacher; single-process reference students under `reference/`."""
     import mlflow
 
     pytest.importorskip("deepspeed")
     folder = tmp_path_factory.mktemp("ds")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = f"sqlite:///{empty_stores.seed_mlflow(folder / 'mlflow.db')}"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         mp.setenv("MLFLOW_TRACKING_URI", uri)

@@ -38,11 +38,12 @@ KD = str(Path(sys.executable).with_name("kd"))
 
 # --------------------------------------------------------------------------------------------- a real MLflow server
 class MlflowServer:
-    """`mlflow server` on a loopback port, sqlite store and proxied artifacts in `root`; restartable on the
-    same port and store after a test hook killed it."""
+    """`mlflow server` on a loopback port, sqlite store (a copy of the run's empty one) and proxied artifacts in
+    `root`; restartable on the same port and store after a test hook killed it."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, empty_stores):
         self.root, self.port = root, free_port()
+        empty_stores.seed_mlflow(root / "mlflow.db")
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1",
                         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
@@ -64,8 +65,8 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+def mlflow_server(tmp_path_factory, empty_stores):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), empty_stores)
     try:
         server.ensure_running()
         yield server

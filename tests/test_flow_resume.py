@@ -48,7 +48,7 @@ def _params() -> dict:
 def _kd_run(project: Path, log: Path, **env: str) -> tuple[int, str]:
     """`kd run` in `project` (its own Prefect home and MLflow store), output to `log`. It runs in a session of
     its own: a run that kills itself leaves its ephemeral Prefect server behind, which is ended here."""
-    env = dict(os.environ, PREFECT_HOME=str(project / ".prefect-home"),
+    env = dict(os.environ, PREFECT_HOME=str(project / ".prefect"),
                MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}", **env)
     with log.open("w") as out:
         proc = subprocess.Popen([KD, "run"], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -285,10 +285,8 @@ def test_a_child_failing_under_a_real_launcher(tmp_path, monkeypatch, kind):
 
 # ------------------------------------------------------------------------------------------- through the flow
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
+def harness(empty_stores):
+    with empty_stores.prefect_harness():
         yield
 
 

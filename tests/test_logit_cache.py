@@ -46,12 +46,12 @@ def _params(tmp, **students) -> dict:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(tmp_path_factory, empty_stores):
     """A run folder with data, tokenizer and a briefly trained teacher (with padded vocabulary rows)."""
     import mlflow
 
     tmp = tmp_path_factory.mktemp("cache")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = f"sqlite:///{empty_stores.seed_mlflow(tmp / 'mlflow.db')}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)

@@ -40,9 +40,7 @@ def _outputs(paths: RunPaths, name: str) -> tuple[dict, dict]:
 
 
 def test_parallel_students_overlap_wait_for_producers_and_match_a_sequential_run(
-        project, prepared_project, tmp_path_factory, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
-
+        project, prepared_project, empty_stores, tmp_path_factory, monkeypatch):
     import flows.pipeline as pipeline
     from kd_core.stages import run_stage
 
@@ -78,7 +76,7 @@ def test_parallel_students_overlap_wait_for_producers_and_match_a_sequential_run
 
     monkeypatch.setattr(pipeline, "run_as_process", traced(pipeline.run_as_process, 0))  # (stage, key, params, ...)
     monkeypatch.setattr(pipeline, "run_stage", traced(run_stage, 1))  # (stage, cfg, key)
-    with prefect_test_harness():
+    with empty_stores.prefect_harness():
         result = pipeline.kd_pipeline(params_path="params.yaml")
     assert set(result["registered"]["versions"]) == {"teacher", *STUDENTS}
     assert set(PREPARED_STAGES) <= set(result["skipped"])  # made once a session (tests/conftest.py)

@@ -51,13 +51,11 @@ def _check_run(project: Path, cfg) -> None:
 
 
 @pytest.mark.slow
-def test_prefect_flow_end_to_end(project):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_prefect_flow_end_to_end(project, empty_stores):
     from flows.pipeline import kd_pipeline
 
     path = write_params(project, tiny_params())
-    with prefect_test_harness():
+    with empty_stores.prefect_harness():
         result = kd_pipeline(params_path=str(path))
     cfg = parse_config(tiny_params())
     assert set(result["registered"]["versions"]) == {"teacher", "sft", "fkl"}
@@ -106,11 +104,12 @@ def test_bad_params_exit_nonzero_and_register_nothing(project):
     params = tiny_params()
     params["students"]["fkl"].update(divergence="jsd", divergence_args={"beta": 3})
     write_params(project, params)
+    store = (project / "mlflow.db").read_bytes()  # the fixture's empty store
     out = subprocess.run([KD, "run"], cwd=project, capture_output=True, text=True)
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert lines == ["error: params.yaml: students.fkl.divergence_args.beta: 3.0 is outside [0.0, 1.0]"]
-    assert not (project / "runs").exists() and not (project / "mlflow.db").exists()
+    assert not (project / "runs").exists() and (project / "mlflow.db").read_bytes() == store
 
 
 def test_missing_data_file_is_one_clear_error(project):
@@ -124,10 +123,8 @@ def test_missing_data_file_is_one_clear_error(project):
 
 
 @pytest.mark.slow
-def test_teacher_assistant_chain_and_seqkd_through_the_flow(project):
+def test_teacher_assistant_chain_and_seqkd_through_the_flow(project, empty_stores):
     """teacher -> ta -> small (a chain of two links), and a SeqKD student on a teacher-generated set."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.pipeline import kd_pipeline
     from tests.conftest import TINY_MODEL, TINY_TRAINING
 
@@ -145,7 +142,7 @@ def test_teacher_assistant_chain_and_seqkd_through_the_flow(project):
     path = write_params(project, params)
     cfg = parse_config(params)
     assert cfg.chain_order() == ["ta", "small", "seq"]
-    with prefect_test_harness():
+    with empty_stores.prefect_harness():
         kd_pipeline(params_path=str(path))
     transfer = [json.loads(line) for line in (project / "runs/tiny/data/teacher_samples.jsonl").read_text().splitlines()]
     n_train = len((project / "runs/tiny/data/train.jsonl").read_text().splitlines())
@@ -158,12 +155,11 @@ def test_teacher_assistant_chain_and_seqkd_through_the_flow(project):
 
 
 @pytest.mark.slow
-def test_flow_records_in_dvc_skips_what_is_up_to_date_and_checks_out_a_version(project):
+def test_flow_records_in_dvc_skips_what_is_up_to_date_and_checks_out_a_version(project, empty_stores):
     """After the flow, `dvc status` is clean (dvc.lock written, outputs cached); a second flow run skips every
     stage and registers nothing; changing one student's params makes only its stages out of date; after the
     data changes (more built-in rows), a run registers new versions, and `kd checkout` of a first-run version
     restores that run's data split and model folder byte for byte."""
-    from prefect.testing.utilities import prefect_test_harness
     from typer.testing import CliRunner
 
     from flows.pipeline import kd_pipeline
@@ -174,7 +170,7 @@ def test_flow_records_in_dvc_skips_what_is_up_to_date_and_checks_out_a_version(p
     params = tiny_params()
     dvc_project(project, params)
     paths = RunPaths.of(parse_config(params))
-    with prefect_test_harness():
+    with empty_stores.prefect_harness():
         first = kd_pipeline(params_path="params.yaml")
         assert first["skipped"] == []
         assert dvc_status(project) == {}

@@ -27,9 +27,7 @@ STUDENT = {"method": "kd", "teacher": "teacher", "train_data": "train", "diverge
 
 
 @pytest.mark.slow
-def test_a_pipeline_with_a_served_teacher_runs_to_the_end(project):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_a_pipeline_with_a_served_teacher_runs_to_the_end(project, empty_stores):
     from flows.pipeline import kd_pipeline
 
     local = parse_config(tiny_params(run_dir="runs/local"))
@@ -43,7 +41,7 @@ def test_a_pipeline_with_a_served_teacher_runs_to_the_end(project):
         params["teacher"] |= {"train": False, "model": {"tokenizer": str(local_paths.tokenizer), "endpoint": {
             "url": url, "model": "tiny-teacher", "top_k": K, "batch_size": 8}}}
         path = write_params(project, params)
-        with prefect_test_harness():
+        with empty_stores.prefect_harness():
             result = kd_pipeline(params_path=str(path))
     cfg = parse_config(params)
     paths = RunPaths.of(cfg)

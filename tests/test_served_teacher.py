@@ -50,13 +50,13 @@ def _endpoint(url: str, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, empty_stores):
     """(tmp, the in-process run's cfg and paths, the served run's cfg and paths): the tiny teacher of the first run
     served by tests/vllm_stub.py, the second run's teacher that endpoint with the first run's tokenizer."""
     import mlflow
 
     tmp = tmp_path_factory.mktemp("served")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = f"sqlite:///{empty_stores.seed_mlflow(tmp / 'mlflow.db')}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("STUB_KEY", SECRET)

@@ -72,7 +72,7 @@ def _start(cmd: list[str], env: dict, log: Path, cwd: Path) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def servers(tmp_path_factory, empty_stores):
     """(mlflow_url, prefect_api_url, base env for clients, server folder); both servers stopped at teardown."""
     root = tmp_path_factory.mktemp("servers")
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1",
@@ -81,6 +81,8 @@ def servers(tmp_path_factory):
                PREFECT_SERVER_UI_ENABLED="false", DO_NOT_TRACK="true")
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PREFECT_API_URL", None)
+    empty_stores.seed_prefect(root / "prefect-home" / "prefect.db")
+    empty_stores.seed_mlflow(root / "mlflow.db")
     m_port, p_port = free_port(), free_port()
     # MLflow behind basic auth with the team setup's auth config (infra/mlflow/basic_auth.ini), users in tmp
     auth_ini = (REPO / "infra/mlflow/basic_auth.ini").read_text()

@@ -58,7 +58,7 @@ def _soak_params() -> dict:
 
 
 @pytest.fixture
-def soak_servers(tmp_path):
+def soak_servers(tmp_path, empty_stores):
     """A `prefect server` and a restartable `mlflow server` (tests/test_faults.py) on loopback ports; the base
     environment of the serving processes. Both stopped at teardown, also on failure."""
     from kd_core.prefect_server import free_port
@@ -70,10 +70,11 @@ def soak_servers(tmp_path):
                PREFECT_SERVER_UI_ENABLED="false", DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true",
                DVC_SITE_CACHE_DIR=str(tmp_path / ".dvc-site-cache"), PREFECT_RUNNER_POLL_FREQUENCY="1")
     env.pop("PREFECT_API_URL", None)
+    empty_stores.seed_prefect(root / "prefect-home" / "prefect.db")
     port = free_port()
     prefect = _start(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
                      env, root / "prefect.log", root)
-    mlflow = MlflowServer(root / "mlflow")
+    mlflow = MlflowServer(root / "mlflow", empty_stores)
     try:
         mlflow.ensure_running()  # meanwhile the Prefect server boots
         prefect_url = f"http://127.0.0.1:{port}/api"

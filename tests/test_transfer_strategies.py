@@ -30,7 +30,7 @@ SETS = {
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, empty_stores):
     """A prepared run with a trained tiny teacher and the `sft` student (240 built-in rows, 30 unlabeled prompts) and
     the sets above."""
     import mlflow
@@ -43,7 +43,7 @@ def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("transfer")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
-        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        uri = f"sqlite:///{empty_stores.seed_mlflow(folder / 'mlflow.db')}"
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         params = tiny_params(transfer_sets=SETS)

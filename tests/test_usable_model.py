@@ -47,15 +47,14 @@ def _params() -> dict:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, empty_stores):
     """(project, cfg, paths) of one finished flow run, recorded in DVC, with its own MLflow store."""
     import mlflow
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import kd_pipeline
 
     project = tmp_path_factory.mktemp("usable")
-    uri = f"sqlite:///{project / 'mlflow.db'}"
+    uri = f"sqlite:///{empty_stores.seed_mlflow(project / 'mlflow.db')}"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(project)
         mp.setenv("PREFECT_HOME", str(project / ".prefect"))
@@ -67,7 +66,7 @@ def run(tmp_path_factory):
         (project / "data/eval").mkdir(parents=True)
         pinned = (REPO / "data/eval/builtin_pinned.jsonl").read_text().splitlines(keepends=True)[:6]
         (project / "data/eval/pinned.jsonl").write_text("".join(pinned))
-        with prefect_test_harness():
+        with empty_stores.prefect_harness():
             kd_pipeline(params_path="params.yaml")
         cfg = parse_config(params)
         yield project, cfg, RunPaths.of(cfg)
