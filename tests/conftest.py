@@ -131,31 +131,42 @@ class EmptyStores:
             yield
 
 
-@pytest.fixture(scope="session")
-def empty_stores(tmp_path_factory) -> EmptyStores:
-    """The run's `EmptyStores`, made by the first pytest process that asks (the xdist workers share them through
-    a file lock in their common temporary folder), each in a process of its own with a Prefect home of its own."""
+def made_once(tmp_path_factory, name: str, make) -> tuple[Path, str]:
+    """The folder `name` of this test run, made by `make(folder)` (which may return a text) in the first pytest
+    process that asks; the xdist workers of one run share it through a file lock in their common temporary folder.
+    (the folder, the text)."""
     from filelock import FileLock
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the folder of this run that every worker's basetemp is in
-    folder = root / "empty-stores"
-    stores = EmptyStores(folder / "prefect-home" / "prefect.db", folder / "mlflow.db")
-    with FileLock(str(root / "empty-stores.lock")):
-        if not (folder / "done").is_file():
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
             shutil.rmtree(folder, ignore_errors=True)
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-            env["PREFECT_HOME"] = str(stores.prefect_db.parent)
-            stores.prefect_db.parent.mkdir(parents=True)
-            migrations = [subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.PIPE, text=True)
-                          for script, args in ((_MIGRATE_PREFECT, []), (_MIGRATE_MLFLOW, [str(stores.mlflow_db)]))]
-            for proc in migrations:  # side by side
-                _, err = proc.communicate()
-                assert proc.returncode == 0, f"migrating an empty store: {err[-3000:]}"
-            (folder / "done").touch()
-    return stores
+            folder.mkdir()
+            done.write_text(make(folder) or "", encoding="utf-8")
+    return folder, done.read_text(encoding="utf-8")
+
+
+def _migrate_empty_stores(folder: Path) -> None:
+    """Prefect's and MLflow's migrations side by side, each in a process of its own (a Prefect home of its own)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["PREFECT_HOME"] = str(folder / "prefect-home")
+    (folder / "prefect-home").mkdir()
+    migrations = [subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+                  for script, args in ((_MIGRATE_PREFECT, []), (_MIGRATE_MLFLOW, [str(folder / "mlflow.db")]))]
+    for proc in migrations:
+        _, err = proc.communicate()
+        assert proc.returncode == 0, f"migrating an empty store: {err[-3000:]}"
+
+
+@pytest.fixture(scope="session")
+def empty_stores(tmp_path_factory) -> EmptyStores:
+    """The run's `EmptyStores`, made once a run (`made_once`)."""
+    folder, _ = made_once(tmp_path_factory, "empty-stores", _migrate_empty_stores)
+    return EmptyStores(folder / "prefect-home" / "prefect.db", folder / "mlflow.db")
 
 
 @pytest.fixture
@@ -217,7 +228,7 @@ def registered_versions(name: str) -> list:
     return MlflowClient().search_model_versions(f"name='{name}'")
 
 
-# ------------------------------------------------------------------------------- a prepared project, once a session
+# ---------------------------------------------------------------------------------- a prepared project, once a run
 PREPARED_STAGES = ("prepare", "train_teacher")
 # what a copy leaves behind: the session's own stores and DVC's temporary state (locks, the hash db of its inodes)
 _NOT_COPIED = shutil.ignore_patterns("mlflow.db", "mlartifacts", "mlruns", ".prefect", ".dvc-site-cache", "tmp")
@@ -225,17 +236,20 @@ _NOT_COPIED = shutil.ignore_patterns("mlflow.db", "mlartifacts", "mlruns", ".pre
 
 @pytest.fixture(scope="session")
 def prepared_project(tmp_path_factory, empty_stores) -> Path:
-    """A git + DVC project of the tiny params (`dvc_project`) whose data, tokenizer and teacher are made once a
-    session: `prepare` and `train_teacher` run in process and recorded in DVC (dvc.lock, .dvc/cache). A test
+    """A git + DVC project of the tiny params (`dvc_project`) whose data, tokenizer and teacher are made once a run
+    (`made_once`): `prepare` and `train_teacher` run in process and recorded in DVC (dvc.lock, .dvc/cache). A test
     copies it into its own folder with `copy_prepared`; with the same `data`, `tokenizer` and `teacher` params
     DVC finds those two stages up to date there (`dvc repro` and the flow skip them), whatever the students."""
+    return made_once(tmp_path_factory, "prepared", lambda root: _prepare_project(root, empty_stores))[0]
+
+
+def _prepare_project(root: Path, empty_stores: EmptyStores) -> None:
     import mlflow
 
     from kd_core.config import parse_config
     from kd_core.lineage import DvcBook
     from kd_core.stages import run_stage
 
-    root = tmp_path_factory.mktemp("prepared")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("DVC_SITE_CACHE_DIR", str(root / ".dvc-site-cache"))
@@ -252,7 +266,6 @@ def prepared_project(tmp_path_factory, empty_stores) -> Path:
                 book.record(stage)
         finally:
             mlflow.set_tracking_uri(None)
-    return root
 
 
 def copy_prepared(prepared: Path, folder: Path, params: dict | None = None) -> None:
@@ -273,10 +286,13 @@ def reproduced_params() -> dict:
 
 @pytest.fixture(scope="session")
 def reproduced_project(prepared_project, tmp_path_factory, empty_stores) -> tuple[Path, str]:
-    """A copy of the prepared project with `reproduced_params`, reproduced once a session by `dvc repro` (prepare
-    and train_teacher up to date, every other stage a `kd stage` process), its own MLflow store, Prefect home and
-    DVC site cache inside: (the folder, the output of that `dvc repro`). Tests copy it (`copy_reproduced`)."""
-    root = tmp_path_factory.mktemp("reproduced")
+    """A copy of the prepared project with `reproduced_params`, reproduced once a run (`made_once`) by `dvc repro`
+    (prepare and train_teacher up to date, every other stage a `kd stage` process), its own MLflow store, Prefect
+    home and DVC site cache inside: (the folder, the output of that `dvc repro`). Tests copy it (`copy_reproduced`)."""
+    return made_once(tmp_path_factory, "reproduced", lambda root: _reproduce(prepared_project, root, empty_stores))
+
+
+def _reproduce(prepared_project: Path, root: Path, empty_stores: EmptyStores) -> str:
     copy_prepared(prepared_project, root, reproduced_params())
     empty_stores.seed_mlflow(root / "mlflow.db")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -285,7 +301,7 @@ def reproduced_project(prepared_project, tmp_path_factory, empty_stores) -> tupl
     subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=root, env=env, check=True, capture_output=True)
     out = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True)
     assert out.returncode == 0, f"dvc repro:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
-    return root, out.stdout
+    return out.stdout
 
 
 def copy_reproduced(reproduced: Path, folder: Path, stores: bool) -> None:

@@ -35,7 +35,7 @@ def test_every_registered_method_runs_through_the_stages(project, prepared_proje
                "model": TINY_MODEL, "training": dict(TINY_TRAINING, max_steps=3), "method_args": ARGS.get(name, {})}
         for name in sorted(METHODS)
     }
-    copy_prepared(prepared_project, project, params)  # data, tokenizer, teacher: made once a session (conftest)
+    copy_prepared(prepared_project, project, params)  # data, tokenizer, teacher: made once a run (conftest)
     cfg = load_config(project / "params.yaml")
     paths = RunPaths.of(cfg)
     transfer(cfg, paths, "gen")

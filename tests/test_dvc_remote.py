@@ -28,7 +28,7 @@ def _files(root: Path, rel: str) -> dict[str, str]:
 
 def test_push_then_pull_into_a_fresh_clone_restores_outputs(project, reproduced_project):
     """On a copy of the session's reproduced project (`tests/conftest.py`: the tiny params with one student, every
-    stage run by `dvc repro` once a session), without its MLflow store: every output DVC tracks travels."""
+    stage run by `dvc repro` once a run), without its MLflow store: every output DVC tracks travels."""
     src, clone = project / "src", project / "clone"
     copy_reproduced(reproduced_project[0], src, stores=False)
     (src / ".gitignore").write_text("__pycache__/\n/.prefect/\n/.torch_extensions/\n")

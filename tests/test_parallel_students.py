@@ -79,7 +79,7 @@ def test_parallel_students_overlap_wait_for_producers_and_match_a_sequential_run
     with empty_stores.prefect_harness():
         result = pipeline.kd_pipeline(params_path="params.yaml")
     assert set(result["registered"]["versions"]) == {"teacher", *STUDENTS}
-    assert set(PREPARED_STAGES) <= set(result["skipped"])  # made once a session (tests/conftest.py)
+    assert set(PREPARED_STAGES) <= set(result["skipped"])  # made once a run (tests/conftest.py)
 
     # a stage retried (a transient error) has several starts: its first start, and its last end, count
     first_start = {node: i for i, (kind, node) in reversed(list(enumerate(events))) if kind == "start"}
