@@ -170,15 +170,18 @@ def empty_stores(tmp_path_factory) -> EmptyStores:
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch, empty_stores):  # noqa: D103
-    """An empty project folder as cwd, with its own MLflow store and Prefect home (empty, already migrated)."""
+def project(tmp_path, monkeypatch, empty_stores, request):  # noqa: D103
+    """An empty project folder as cwd, with its own MLflow store and Prefect home: copies of the migrated empty
+    ones, or none at all for a test marked `fresh_stores` (a user's first run: the pipeline creates them)."""
     import mlflow
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))  # `kd run` subprocesses: their own history
     monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / ".dvc-site-cache"))  # not /var/tmp/dvc
-    empty_stores.seed_prefect(tmp_path / ".prefect" / "prefect.db")
-    uri = f"sqlite:///{empty_stores.seed_mlflow(tmp_path / 'mlflow.db')}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    if not request.node.get_closest_marker("fresh_stores"):
+        empty_stores.seed_prefect(tmp_path / ".prefect" / "prefect.db")
+        empty_stores.seed_mlflow(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)  # a previous test's stage may have set the process-wide URI
     yield tmp_path

@@ -30,7 +30,7 @@ from kd_core.prefect_server import free_port
 from kd_core.run import RunPaths
 from kd_core.stages import run_stage
 from kd_core.training import last_complete_checkpoint
-from tests.conftest import TINY_MODEL, TINY_TRAINING, tiny_params, write_params
+from tests.conftest import TINY_MODEL, TINY_TRAINING, EmptyStores, tiny_params, write_params
 from tests.test_servers import BIN, _small_params, _start, _stop, _wait_healthy
 
 KD = str(Path(sys.executable).with_name("kd"))
@@ -41,7 +41,7 @@ class MlflowServer:
     """`mlflow server` on a loopback port, sqlite store (a copy of the run's empty one) and proxied artifacts in
     `root`; restartable on the same port and store after a test hook killed it."""
 
-    def __init__(self, root: Path, empty_stores):
+    def __init__(self, root: Path, empty_stores: EmptyStores):
         self.root, self.port = root, free_port()
         empty_stores.seed_mlflow(root / "mlflow.db")
         self.url = f"http://127.0.0.1:{self.port}"

@@ -29,6 +29,7 @@ def _params(run_dir: str, divergence: str) -> dict:
     return p
 
 
+@pytest.mark.fresh_stores  # both runs create the MLflow store and Prefect database at once, as first runs do
 def test_two_pipelines_at_once_do_not_touch_each_other(project):
     runs = {"a": _params("runs/a", "fkl"), "b": _params("runs/b", "rkl")}
     procs = {}
