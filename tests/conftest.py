@@ -95,6 +95,12 @@ with sqlite3.connect(sys.argv[1]) as db:
 """
 
 
+def _copy_file(source: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
 @dataclass(frozen=True)
 class EmptyStores:
     """An empty Prefect database and MLflow store (sqlite), migrated to the installed versions' schemas."""
@@ -104,15 +110,11 @@ class EmptyStores:
 
     def seed_prefect(self, db: Path) -> Path:
         """A copy of the empty Prefect database at `db` (e.g. PREFECT_HOME/prefect.db, a server's default)."""
-        db.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.prefect_db, db)
-        return db
+        return _copy_file(self.prefect_db, db)
 
     def seed_mlflow(self, db: Path) -> Path:
         """A copy of the empty MLflow store at `db` (a `sqlite:///` tracking URI's file)."""
-        db.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.mlflow_db, db)
-        return db
+        return _copy_file(self.mlflow_db, db)
 
     @contextmanager
     def prefect_harness(self):
@@ -197,8 +199,6 @@ def write_params(folder: Path, params: dict) -> Path:
 def copy_pipeline(folder: Path) -> None:
     """What `dvc repro` needs in a project besides params.yaml: the generated dvc.yaml, the code it runs (a
     code dependency of every stage) and the data folder that `prepare` depends on."""
-    import shutil
-
     shutil.copy(REPO / "dvc.yaml", folder / "dvc.yaml")
     shutil.copytree(REPO / "kd_core", folder / "kd_core", ignore=shutil.ignore_patterns("__pycache__"))
     (folder / "data").mkdir(exist_ok=True)
