@@ -132,10 +132,11 @@ def _exit_now() -> None:
     """End a `kd stage` process that has finished without the interpreter's teardown of torch, transformers and
     MLflow (about 2 s a process; DVC runs one per stage): non-daemon threads are joined and the exit handlers
     run (logging, MLflow) as at a normal exit, output is flushed, then the process ends with status 0. Only in the
-    `kd` command itself (not in an in-process test runner). A rank of a distributed launch ends this way too, after
-    `_leave_process_group`: the C++ destructors that the teardown runs could still abort it (a gloo thread left
-    joinable: "terminate called without an active exception", seen under load with DeepSpeed ZeRO-3)."""
-    if Path(sys.argv[0]).name != "kd":
+    `kd` command itself (not in an in-process test runner). A rank of a distributed launch (WORLD_SIZE > 1) ends
+    this way too, whatever script the launcher started, after `_leave_process_group`: the C++ destructors that the
+    teardown runs could still abort it (a gloo thread left joinable: "terminate called without an active
+    exception", SIGABRT, seen under load with DeepSpeed ZeRO-3)."""
+    if Path(sys.argv[0]).name != "kd" and int(os.environ.get("WORLD_SIZE") or 1) <= 1:
         return
     import atexit
     import threading

@@ -1,13 +1,17 @@
-"""`kd validate`, `kd compare` and `--set` parse errors through typer's CliRunner (no subprocess)."""
+"""`kd validate`, `kd compare` and `--set` parse errors through typer's CliRunner (no subprocess); how a finished
+`kd stage` process ends (one small subprocess)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from typer.testing import CliRunner
 
 from kd_core.cli import app
-from tests.conftest import tiny_params, write_params
+from tests.conftest import REPO, tiny_params, write_params
 
 
 def _kd(*args: str):
@@ -51,3 +55,30 @@ def test_set_with_a_wrong_type_or_unknown_key_names_the_key(project):
 def test_validate_missing_params_file(project):
     result = _kd("validate", "--params", "nope.yaml")
     assert result.exit_code == 2 and any("nope.yaml" in line for line in _errors(result)), result.output
+
+
+_ENDS = """
+import atexit, sys
+from kd_core.cli import _exit_now
+atexit.register(lambda: print("exit handlers ran", flush=True))
+print("stage done", flush=True)
+_exit_now()
+print("teardown reached", flush=True)
+sys.exit(3)
+"""
+
+
+def test_a_rank_of_a_distributed_launch_ends_without_the_interpreters_teardown(tmp_path):
+    """A rank (WORLD_SIZE > 1) ends at `_exit_now` whatever script the launcher started (here `python -c`, not
+    `kd`): exit handlers run, status 0, and the code after it (the interpreter's teardown, where gloo's threads
+    could abort the rank) never runs. Outside a launch and outside `kd`, `_exit_now` returns (an in-process runner)."""
+    def ends(world_size: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, WORLD_SIZE=world_size, PYTHONPATH=str(REPO))
+        return subprocess.run([sys.executable, "-c", _ENDS], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    rank = ends("2")
+    assert (rank.returncode, rank.stdout.splitlines()) == (0, ["stage done", "exit handlers ran"]), rank.stderr
+    alone = ends("1")
+    assert alone.returncode == 3 and alone.stdout.splitlines() == ["stage done", "teardown reached",
+                                                                   "exit handlers ran"], alone.stderr
