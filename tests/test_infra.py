@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import mlflow
-import pytest
 import yaml
 
 from tests.conftest import REPO
@@ -160,10 +159,16 @@ def test_prefect_server_and_worker_match_prefect_yaml_and_the_code():
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= set(env)  # DVC's S3 remote
 
 
-def test_interpolation_fails_without_the_required_secrets():
-    env = {k: v for k, v in _env_example().items() if k != "MLFLOW_DB_PASSWORD"}
-    with pytest.raises(KeyError, match="MLFLOW_DB_PASSWORD"):
-        _interpolate(SERVICES["mlflow-db"]["environment"]["POSTGRES_PASSWORD"], env)
+def test_every_secret_is_required_and_none_has_a_default():
+    """Compose interpolates the whole file before it starts anything, so one `${X:?message}` makes X required:
+    every secret of .env.example is required that way (the stack refuses to start without it), and none is ever
+    written `${X:-default}` (a default would be a secret known to everyone)."""
+    references = re.findall(r"\$\{(\w+)(:[-?])?", COMPOSE_TEXT)
+    secrets = {k for k in _env_example() if re.search(r"PASSWORD|SECRET", k)}
+    required = {name for name, op in references if op == ":?"}
+    defaulted = {name for name, op in references if op == ":-"}
+    assert secrets and secrets <= required, f"secrets without ${{X:?...}}: {sorted(secrets - required)}"
+    assert not secrets & defaulted, f"secrets with a default: {sorted(secrets & defaulted)}"
 
 
 def test_kubernetes_work_pool_template_is_what_prefect_accepts():

@@ -273,10 +273,14 @@ PROMPT = [3, 1, 4, 1, 5]
 N_DRAWS, T = 2000, 0.7
 
 
-def _chi2_p(counts: np.ndarray, logits: torch.Tensor, temperature: float) -> float:
-    expected = torch.softmax(logits.double() / temperature, -1).numpy() * counts.sum()
+def _chi2_p(counts: np.ndarray, logits: torch.Tensor, temperature: float, masked: tuple[int, ...] = ()) -> float:
+    """Goodness of fit of `counts` to softmax(logits / temperature), the `masked` ids removed and the rest
+    renormalised (a sampler that masks them must never draw them)."""
+    keep = np.array([i not in masked for i in range(len(counts))])
+    assert counts[~keep].sum() == 0
+    expected = torch.softmax(logits.double()[keep] / temperature, -1).numpy() * counts.sum()
     assert expected.min() >= 5  # the chi-square approximation holds
-    return float(stats.chisquare(counts, expected).pvalue)
+    return float(stats.chisquare(counts[keep], expected).pvalue)
 
 
 def _model_and_its_logits():
@@ -287,12 +291,14 @@ def _model_and_its_logits():
     return model, logits
 
 
-def _check_first_tokens(first: list[int], logits: torch.Tensor) -> None:
+def _check_first_tokens(first: list[int], logits: torch.Tensor, temperature: float = T,
+                        masked: tuple[int, ...] = ()) -> None:
     counts = np.bincount(first, minlength=V)
     assert counts.sum() == N_DRAWS
-    assert _chi2_p(counts, logits, T) > 0.001
-    assert _chi2_p(counts, logits, 1.25 * T) < 0.001  # negative controls: 25 % too hot, 20 % too cold
-    assert _chi2_p(counts, logits, 0.8 * T) < 0.001
+    assert _chi2_p(counts, logits, temperature, masked) > 0.001
+    # negative controls: 25 % too hot, 20 % too cold
+    assert _chi2_p(counts, logits, 1.25 * temperature, masked) < 0.001
+    assert _chi2_p(counts, logits, 0.8 * temperature, masked) < 0.001
 
 
 def test_on_policy_sampler_draws_from_softmax_at_its_temperature():
@@ -315,3 +321,16 @@ def test_evaluation_sampler_draws_from_softmax_at_its_temperature():
                    seed=0, batch_size=500)
     first = [ids[0] if ids else EOS for ids in gen.token_ids]  # generate cuts the EOS off
     _check_first_tokens(first, logits)
+
+
+def test_exposure_bias_sampler_draws_from_softmax_at_temperature_one_without_eos_or_masked_ids():
+    """ExAccErr's prefixes (`sample_prefixes`): ancestral sampling at T = 1 with EOS and the ids >= vocab_limit
+    masked and the rest renormalised; the first token of 2000 prefixes fits that distribution (chi-square) and
+    not one 25 % hotter or 20 % colder."""
+    from kd_core.evaluation.exposure_bias import sample_prefixes
+
+    model, logits = _model_and_its_logits()
+    prefixes = sample_prefixes(model, [PROMPT] * N_DRAWS, 2, seed=3, pad_token_id=PAD, eos_token_id=EOS,
+                               batch_size=500, vocab_limit=V - 2)
+    assert all(len(p) == 2 for p in prefixes)
+    _check_first_tokens([p[0] for p in prefixes], logits, temperature=1.0, masked=(V - 2, EOS))

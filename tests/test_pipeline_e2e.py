@@ -4,6 +4,7 @@ input that must register nothing."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,10 +22,14 @@ KD = str(Path(sys.executable).with_name("kd"))
 
 
 def _check_run(project: Path, cfg) -> None:
+    """What a first run reports and registers (the metrics' values themselves are checked against independent
+    computations in tests/test_metric_references.py)."""
     paths = RunPaths.of(cfg)
+    reported = {}
     for name in ["teacher", *cfg.students]:
-        metrics = json.loads((project / paths.metrics(name)).read_text())
+        metrics = reported[name] = json.loads((project / paths.metrics(name)).read_text())
         assert metrics["val/loss"] > 0 and 0 <= metrics["test/rougeL_sampled_mean"] <= 100
+        assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-6)
         assert metrics["test/rougeL_sampled_ci_low"] <= metrics["test/rougeL_sampled_mean"] <= metrics["test/rougeL_sampled_ci_high"]
         if name != "teacher":
             assert 0 <= metrics["test/top1_agreement"] <= 1
@@ -36,7 +41,9 @@ def _check_run(project: Path, cfg) -> None:
     assert int(fkl.tags["kd.parameters"]) > 0 and fkl.tags["kd.data_version"]
     assert [v.tags["kd.role"] for v in registered_versions("kd-teacher")] == ["teacher"]
     champion = MlflowClient().get_model_version_by_alias("kd-student", "champion")
-    assert champion.tags["kd.model"] in cfg.students
+    rule = cfg.tracking.champion  # a first run: no earlier champion, so the best student by the rule's metric
+    best = (max if rule.mode == "max" else min)(reported[name][rule.metric] for name in cfg.students)
+    assert reported[champion.tags["kd.model"]][rule.metric] == best
     report = (project / paths.reports / "compare.md").read_text()
     assert "teacher (kd-teacher v1)" in report and "fkl (kd-student" in report
     paired_set = cfg.tracking.champion.metric.split("/")[0]  # paired bootstrap on the champion metric's eval set

@@ -166,34 +166,41 @@ def test_mlflow_server_requires_basic_auth(servers, monkeypatch):
 
 
 def test_flow_against_real_mlflow_and_prefect_servers(servers, tmp_path, monkeypatch):
+    """Reads back only what this run wrote (its experiment and model names, its run folder, its flow run), so the
+    assertions hold in any order of the module's tests on the shared servers."""
     mlflow_url, prefect_url, env, server_root = servers
     _login(monkeypatch, env)
-    write_params(tmp_path, _small_params("runs/served"))
+    params = _small_params("runs/served")
+    params["tracking"].update(experiment="served", registered_model="kd-served-student",
+                              register_teacher_as="kd-served-teacher")
+    write_params(tmp_path, params)
     out = subprocess.run([KD, "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"MLflow store:    {mlflow_url}" in out.stdout
     assert not (tmp_path / "mlflow.db").exists(), "tracking went to a local file, not the server"
 
     client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
-    exp = client.get_experiment_by_name("tiny")
+    exp = client.get_experiment_by_name("served")
     runs = client.search_runs([exp.experiment_id])
     parent = [r for r in runs if r.data.tags.get("kd.role") == "pipeline"]
-    assert len(parent) == 1
+    assert [r.data.tags["kd.run_dir"] for r in parent] == ["runs/served"]
     parent_id = parent[0].info.run_id
     stages = {r.data.tags.get("kd.stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
     assert {"prepare", "train_teacher", "distill", "evaluate", "register"} <= stages
-    students = client.search_model_versions("name='kd-student'")
-    assert [v.tags["kd.model"] for v in students] == ["fkl"]
-    assert [v.tags["kd.role"] for v in client.search_model_versions("name='kd-teacher'")] == ["teacher"]
-    champion = client.get_model_version_by_alias("kd-student", "champion")
+    students = client.search_model_versions("name='kd-served-student'")
+    assert [(v.tags["kd.model"], v.tags["kd.run_dir"]) for v in students] == [("fkl", "runs/served")]
+    assert [v.tags["kd.role"] for v in client.search_model_versions("name='kd-served-teacher'")] == ["teacher"]
+    champion = client.get_model_version_by_alias("kd-served-student", "champion")
     assert champion.version == students[0].version
     # the weights went through the server's artifact proxy into its artifact folder (the client has no store)
-    assert len(list((server_root / "artifacts").rglob("model.safetensors"))) == 2  # teacher and fkl
+    assert len(list((server_root / "artifacts" / exp.experiment_id).rglob("model.safetensors"))) == 2  # teacher, fkl
 
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = re.fullmatch(r".* \((.+)\)", parent[0].data.tags["kd.prefect_flow_run"]).group(1)
     with _prefect_client(prefect_url) as pc:
-        flow_runs = pc.read_flow_runs()
-        assert [fr.state.type.value for fr in flow_runs] == ["COMPLETED"]
-        task_runs = pc.read_task_runs()
+        assert pc.read_flow_run(flow_run_id).state.type.value == "COMPLETED"
+        task_runs = pc.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         assert {t.name for t in task_runs} >= {"prepare", "train_teacher", "distill-fkl", "register", "compare"}
         assert all(t.state.is_completed() for t in task_runs)
 
