@@ -87,10 +87,10 @@ def paired_registry_test(old_run: str, new_run: str, seed: int, set_name: str) -
 
     scores = []
     for run_id in (old_run, new_run):
-        local = tracking.download_artifact(run_id, f"eval/{set_name}.jsonl")
-        if local is None:  # an older version without per-prompt scores
-            return None
-        scores.append(prompt_scores(local))
+        with tracking.downloaded_artifact(run_id, f"eval/{set_name}.jsonl") as local:
+            if local is None:  # an older version without per-prompt scores
+                return None
+            scores.append(prompt_scores(local))
     return paired_on_common_ids(scores[0], scores[1], seed=seed)
 
 

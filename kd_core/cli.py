@@ -253,12 +253,13 @@ def checkout(spec: str = typer.Argument(..., help="MODEL@alias, MODEL:version or
     with _reported():
         tracking.setup(cfg)
         v = tracking.get_version(spec)
-        lock = tracking.download_artifact(v["run_id"], "lineage/dvc.lock")
-        if lock is None:
-            raise LookupError(f"{spec}: version {v['version']} was not versioned with DVC (no lineage/dvc.lock)")
+        with tracking.downloaded_artifact(v["run_id"], "lineage/dvc.lock") as lock:
+            if lock is None:
+                raise LookupError(f"{spec}: version {v['version']} was not versioned with DVC (no lineage/dvc.lock)")
+            lock_text = lock.read_text(encoding="utf-8")
         name = v["tags"]["kd.model"]
         stage = "train_teacher" if v["tags"].get("kd.role") == "teacher" else f"finetune@{name}"
-        restored = dvc_lineage.checkout(Path.cwd(), lock.read_text(encoding="utf-8"), ["prepare", stage])
+        restored = dvc_lineage.checkout(Path.cwd(), lock_text, ["prepare", stage])
     typer.echo(f"{v['name']} v{v['version']}: restored {len(restored)} path(s)")
     for path in restored:
         typer.echo(f"  {path}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -207,12 +208,18 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def download_artifact(run_id: str, artifact_path: str) -> Path | None:
-    """A run's artifact as a local file, None when the run has no such artifact."""
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path))
-    except (mlflow.exceptions.MlflowException, OSError):
-        return None
+@contextlib.contextmanager
+def downloaded_artifact(run_id: str, artifact_path: str) -> Iterator[Path | None]:
+    """A run's artifact as a local file in a temporary folder that is removed when the block ends (MLflow's own
+    download folders are never removed: a scheduled pipeline would leave two per champion decision); None when
+    the run has no such artifact."""
+    with tempfile.TemporaryDirectory(prefix="kd-artifact-") as folder:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                             dst_path=folder))
+        except (mlflow.exceptions.MlflowException, OSError):
+            local = None
+        yield local
 
 
 def log_step(entry: dict) -> None:

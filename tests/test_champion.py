@@ -95,10 +95,15 @@ def _fake_version(client, name: str, value: float, per_prompt: list[dict], promp
     return int(v.version)
 
 
-def test_update_champion_on_a_real_store_with_the_paired_test(project):
+def test_update_champion_on_a_real_store_with_the_paired_test(project, tmp_path, monkeypatch):
+    import tempfile
+
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    temporary = tmp_path / "system-tmp"  # where the per-prompt scores are downloaded to: empty again afterwards
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     params = tiny_params()
     params["tracking"]["champion"] = {"metric": "test/rougeL_sampled_mean", "min_delta": 0.0, "significance": 0.05}
     cfg = parse_config(params)
@@ -124,6 +129,7 @@ def test_update_champion_on_a_real_store_with_the_paired_test(project):
     assert d["paired_test"]["mean_diff"] == pytest.approx(2.0)
     assert int(client.get_model_version_by_alias("kd-student", "champion").version) == v3
     assert v2 == v1 + 1
+    assert list(temporary.iterdir()) == []  # MLflow's own download folders stayed (two per paired test)
 
 
 def test_paired_registry_test_without_per_prompt_scores_is_none(project):
