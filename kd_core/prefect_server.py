@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 from kd_core.errors import Transient
 
@@ -60,19 +61,22 @@ def _die_with_parent() -> None:
 START_ATTEMPTS = 3
 
 
-def _launch(cmd: list[str], log: Path) -> subprocess.Popen:
-    """The uvicorn process of the server, its output appended to `log`; it dies with this process."""
+def _launch(cmd: list[str], output: IO[bytes]) -> subprocess.Popen:
+    """The uvicorn process of the server, its output appended to `output`; it dies with this process."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", TEMPORARY_ENV)} | _SERVER_ENV
-    with log.open("ab") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    return subprocess.Popen(cmd, env=env, stdout=output, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
 
 
 class TemporaryServer:
     """A Prefect API server process for this command; `PREFECT_API_URL` points at it from `start` on, and it
-    is stopped at exit."""
+    is stopped at exit. Its output goes to an anonymous temporary file (nothing to remove, even when `kd run` is
+    killed), written to a named log only when the server does not start."""
 
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path, cmd: list[str]):
-        self.proc, self.url, self.log, self.cmd = proc, url, log, cmd
+    def __init__(self, cmd: list[str], url: str):
+        """Launch `cmd` (the server, answering at `url`)."""
+        self.cmd, self.url = cmd, url
+        self.output: IO[bytes] = tempfile.TemporaryFile(prefix="kd-prefect-server-")
+        self.proc = _launch(cmd, self.output)
 
     @classmethod
     def start(cls) -> TemporaryServer | None:
@@ -82,12 +86,11 @@ class TemporaryServer:
             return None
         package = Path(importlib.util.find_spec("prefect").origin).parent
         port = free_port()
-        log = Path(tempfile.mkstemp(prefix="kd-prefect-server-", suffix=".log")[1])
         cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(package.parent), "--factory",
                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "error", "--lifespan", "on"]
         os.environ["PREFECT_API_URL"] = os.environ[TEMPORARY_ENV] = url = f"http://127.0.0.1:{port}/api"
-        server = cls(_launch(cmd, log), url, log, cmd)
+        server = cls(cmd, url)
         atexit.register(server.stop)  # after Prefect's own exit handlers (LIFO): its run logs are sent by then
         return server
 
@@ -108,21 +111,25 @@ class TemporaryServer:
                         break
                     attempts += 1
                     time.sleep(0.5 * attempts)
-                    self.proc = _launch(self.cmd, self.log)
+                    self.proc = _launch(self.cmd, self.output)
                 try:
                     if client.get(f"{self.url}/health", timeout=2).status_code == 200:
                         return
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.1)
-        tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] if self.log.is_file() else []
+        text = os.pread(self.output.fileno(), os.fstat(self.output.fileno()).st_size, 0).decode(errors="replace")
+        tail = text.strip().splitlines()[-1:]
         state = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else f"no answer in {timeout:.0f} s"
-        self.stop(keep_log=True)
-        raise ServerDidNotStart(f"the temporary Prefect server ({self.url}) {state}; its log: {self.log}"
+        self.stop()
+        fd, log = tempfile.mkstemp(prefix="kd-prefect-server-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as kept:
+            kept.write(text)
+        raise ServerDidNotStart(f"the temporary Prefect server ({self.url}) {state}; its log: {log}"
                                 + (f" ({tail[0]})" if tail else ""))
 
-    def stop(self, keep_log: bool = False) -> None:
-        """Stop the server (one uvicorn process); its log file goes too, unless `keep_log`."""
+    def stop(self) -> None:
+        """Stop the server (one uvicorn process) and close its output."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -133,5 +140,4 @@ class TemporaryServer:
         for key in ("PREFECT_API_URL", TEMPORARY_ENV):
             if os.environ.get(key) == self.url:
                 del os.environ[key]
-        if not keep_log:
-            self.log.unlink(missing_ok=True)
+        self.output.close()
