@@ -252,3 +252,53 @@ def test_architectures_that_transformers_builds_are_accepted():
         p = tiny_params()
         p["students"]["fkl"]["model"] = {"config": {"n_layer": 1, **arch}}
         parse_config(p)
+
+
+def _set(params: dict, dotted: str, value) -> dict:
+    """`params` with the value at `dotted` set; the mappings on the way are copied (tiny_params' sections share
+    one training mapping)."""
+    node = params = dict(params)
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node[key] = dict(node.get(key, {}))
+        node = node[key]
+    node[last] = value
+    return params
+
+
+@pytest.mark.parametrize("key, value, got", [
+    ("seed", "7", "valid integer (got string '7')"),
+    ("seed", True, "valid integer (got boolean True)"),
+    ("seed", 7.0, "valid integer (got number 7.0)"),
+    ("tokenizer.vocab_size", 300.0, "valid integer (got number 300.0)"),
+    ("students.fkl.training.learning_rate", "1e-3", "valid number (got string '1e-3')"),
+    ("students.fkl.training.learning_rate", float("inf"), "finite number"),
+    ("students.fkl.training.max_steps", 3.0, "valid integer (got number 3.0)"),
+    ("students.fkl.training.batch_size", True, "valid integer (got boolean True)"),
+    ("students.fkl.finetune.enabled", "yes", "valid boolean (got string 'yes')"),
+    ("data.split.val_fraction", "0.15", "valid number (got string '0.15')"),
+    ("evaluation.sample_seeds", ["0", "1"], "valid integer (got string '0')"),
+    ("evaluation.generation.max_new_tokens", "6", "valid integer (got string '6')"),
+    ("students.fkl.divergence_args", {"beta": "0.5"}, "valid number (got string '0.5')"),
+])
+def test_a_value_of_the_wrong_type_is_an_error_never_converted(key, value, got):
+    """YAML gives every value its type; a string, boolean or float where an integer belongs (and so on) is refused
+    with the key and what was given, not converted (`"7"` -> 7, `true` -> 1, `"yes"` -> True). An integer is a
+    valid number."""
+    params = _set(tiny_params(), key, value)
+    if key.endswith("divergence_args"):
+        params["students"]["fkl"]["divergence"] = "jsd"
+    lines = _error(params).splitlines()
+    shown = key + ("[0]" if isinstance(value, list) else ".beta" if isinstance(value, dict) else "")
+    assert lines[0] == f"params.yaml: {shown}: Input should be a {got}", lines
+    assert len(lines) == (2 if isinstance(value, list) else 1), lines  # a list: one line per wrong item
+
+
+def test_integers_are_valid_numbers_and_layer_pairs_are_yaml_lists():
+    params = _set(tiny_params(), "students.fkl.training.learning_rate", 1)
+    params["students"]["fkl"].update(method="intermediate", method_args={"layer_map": [[0, 0], [1, 1]]})
+    cfg = parse_config(params)
+    assert cfg.students["fkl"].training.learning_rate == 1.0
+    assert cfg.students["fkl"].method_args["layer_map"] == [[0, 0], [1, 1]]  # validated by IntermediateArgs
+    params["students"]["fkl"]["method_args"]["layer_map"] = [["0", 0]]
+    assert "layer_map" in _error(params)

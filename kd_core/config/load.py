@@ -147,6 +147,10 @@ def find_secrets(raw: Any, path: str = "") -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- validation
+_YAML_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "list", dict: "mapping",
+               type(None): "null"}
+
+
 def format_errors(err: ValidationError, source: str) -> str:
     """One line per pydantic error: `<source>: <key path>: <message>`. A model validator reports at its
     model; its message starts with the sub-key (`method: ...`), which is moved into the path."""
@@ -160,6 +164,10 @@ def format_errors(err: ValidationError, source: str) -> str:
             msg = "unknown key"
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e['input']!r})"
+        elif e["type"].endswith("_type"):  # strict types: the value is named with its YAML type, never converted
+            value = repr(e["input"])
+            msg = f"{msg} (got {_YAML_TYPES.get(type(e['input']), type(e['input']).__name__)} " \
+                  f"{value if len(value) <= 60 else value[:57] + '...'})"
         sub = re.match(r"^([A-Za-z_][\w.\[\]]*): (.*)$", msg)
         if sub and e["type"] == "value_error":
             loc, msg = (f"{loc}.{sub.group(1)}" if loc else sub.group(1)), sub.group(2)

@@ -11,9 +11,9 @@ equal. A new method is its module there plus its spec here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
 
 from kd_core.losses.catalog import DIVERGENCE_PARAMS
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class MethodArgs(BaseModel):
     """`method_args` of a method (none unless its spec names a subclass); unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # as StrictModel: types are not converted
 
 
 # ----------------------------------------------------------------------------------------------- args
@@ -137,7 +137,8 @@ class IntermediateArgs(MethodArgs):
     hidden_weight: float = Field(1.0, ge=0, description="γ_h for the hidden-state term")
     attention_weight: float = Field(0.0, ge=0, description="γ_a for the attention-map term (needs eager attention)")
     hidden_loss: Literal["mse", "cosine"] = "mse"
-    layer_map: Literal["uniform", "last_k"] | list[tuple[int, int]] = "uniform"
+    # a YAML pair is a list: the pair itself converted to a tuple, its two integers strict
+    layer_map: Literal["uniform", "last_k"] | list[Annotated[tuple[int, int], Strict(False)]] = "uniform"
     last_k: int = Field(1, ge=1, description="pairs for layer_map: last_k")
     include_embeddings: bool = Field(False, description="also match the embedding outputs (layer 0) for uniform/last_k")
     pair_weights: list[float] | None = Field(None, description="w_k per layer pair (same order as the pairs)")
