@@ -171,6 +171,24 @@ def empty_stores(tmp_path_factory) -> EmptyStores:
     return EmptyStores(folder / "prefect-home" / "prefect.db", folder / "mlflow.db")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory):
+    """The temporary files of the tests and of every process they start (MLflow's model downloads, torchrun's
+    log folders, the stage worker's socket) go to a folder of this pytest process, removed at its end, instead of
+    the system's temporary folder (pytest's own folders, fixed before, stay where they are)."""
+    tmp_path_factory.getbasetemp()
+    folder = tempfile.mkdtemp(prefix="kd-tests-tmp-")  # short: a Unix socket's path has ~100 characters
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"], tempfile.tempdir = folder, None
+    yield Path(folder)
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch, empty_stores, request):  # noqa: D103
     """An empty project folder as cwd, with its own MLflow store and Prefect home: copies of the migrated empty
