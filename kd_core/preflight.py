@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from kd_core.config import PipelineConfig, TrainingConfig, find_secrets
+from kd_core.config.tracking_store import unknown_scheme
 from kd_core.errors import ConfigError, KDError, PreflightError, TrackingLost, TrackingUnreachable
 
 HEALTH_TIMEOUT_S = 5.0
@@ -44,7 +45,10 @@ def tracking_uri(cfg: PipelineConfig) -> str:
 
 
 def check_tracking(uri: str) -> None:
-    """The MLflow tracking store answers: http(s) -> GET /health; sqlite / file -> its folder is writable."""
+    """The MLflow tracking store exists and answers: a scheme MLflow has a store for; http(s) -> GET /health;
+    sqlite / file -> its folder is writable."""
+    if problem := unknown_scheme(uri):
+        raise PreflightError(f"MLflow tracking store {uri}: {problem}")
     if uri.startswith(("http://", "https://")):
         _check_server(uri.rstrip("/"))
         return

@@ -210,6 +210,37 @@ def test_unreachable_tracking_uri(project, monkeypatch):
     assert "is not reachable" in _kd("stage", "prepare").stderr
 
 
+SCHEMES = "databricks, databricks-uc, file, http, https, mssql, mysql, postgresql, sqlite, uc, or a plain path"
+
+
+def test_the_tracking_schemes_are_mlflows():
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    from kd_core.config.tracking_store import MLFLOW_SCHEMES
+
+    assert MLFLOW_SCHEMES == set(_tracking_store_registry._registry)
+
+
+@pytest.mark.parametrize("uri, problem", [
+    ("nonsense://x", f"unknown scheme 'nonsense' (allowed: {SCHEMES})"),
+    ("sqlite:////proc/nope/mlflow.db", "cannot write in /proc/nope"),
+])
+def test_a_tracking_store_that_cannot_be_used_stops_a_stage_before_it_writes(project, monkeypatch, uri, problem):
+    """A URI MLflow has no store for, or a store that cannot be written: `kd validate` names the key (a scheme
+    is known before anything runs); from MLFLOW_TRACKING_URI, `prepare` stops before writing its outputs (it
+    was MLflow's traceback, status 1, after them, or the error after them)."""
+    write_params(project, tiny_params())
+    if problem.startswith("unknown"):
+        result = _kd("validate", "--set", f"tracking.tracking_uri={uri}")
+        assert result.exit_code == 2 and _errors(result) == [f"error: params.yaml: tracking.tracking_uri: {problem}"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = _kd("stage", "prepare")
+    assert result.exit_code == 2
+    [line] = _errors(result)
+    assert line.startswith(f"error: preflight of prepare: MLflow tracking store {uri}: {problem}"), line
+    assert not (project / "runs").exists()
+
+
 class _Health(http.server.BaseHTTPRequestHandler):
     status = 503
 

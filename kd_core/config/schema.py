@@ -20,6 +20,7 @@ from kd_core.config.base import StrictModel
 from kd_core.config.data_source import UnlabeledConfig, check_fields
 from kd_core.config.model_source import ModelSource
 from kd_core.config.tokenizers import check_shared_vocabulary
+from kd_core.config.tracking_store import unknown_scheme
 from kd_core.config.transfer_rules import TransferSetConfig
 
 
@@ -296,6 +297,14 @@ class ChampionRule(StrictModel):
 
 class TrackingConfig(StrictModel):
     tracking_uri: str | None = Field(None, description="default: env MLFLOW_TRACKING_URI, else sqlite in run_dir's project")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _a_store_mlflow_has(cls, v: str | None) -> str | None:
+        if v is not None and (problem := unknown_scheme(v)):
+            raise ValueError(problem)
+        return v
+
     experiment: str = "kd-pipeline"
     registered_model: str = "kd-student"
     register_teacher_as: str = "kd-teacher"

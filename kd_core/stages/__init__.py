@@ -141,11 +141,16 @@ def check_key(stage: Stage, cfg, key: str | None) -> None:
 
 def run_stage(name: str, cfg, key: str | None = None) -> dict:
     """Run one stage (for one key) on the run folder of `cfg`, holding the folder's lock (`run.run_lock`)."""
-    from kd_core.preflight import server_lost
+    from kd_core.errors import PreflightError
+    from kd_core.preflight import check_tracking, server_lost, tracking_uri
     from kd_core.run import RunPaths, run_lock
 
     stage = get_stage(name)
     check_key(stage, cfg, key)
+    try:  # a store that cannot be used stops the stage before it writes anything
+        check_tracking(tracking_uri(cfg))
+    except PreflightError as err:
+        raise type(err)(f"preflight of {name}{f' {key}' if key else ''}: {err}") from None
     paths = RunPaths.of(cfg)
     # one pipeline at a time per run folder; an MLflow server gone mid-stage: one retryable line
     with run_lock(paths), server_lost(cfg, f"{name} {key}" if key else name):
