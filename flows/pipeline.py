@@ -44,6 +44,8 @@ from kd_core.stages.compare import saved_report
 from kd_core.stages.graph import Node, expand, producers
 
 
+console.quiet_reported_errors()  # bad input: its one line, not Prefect's traceback of it
+
 # the stages that may run alongside others (every stage between `train_teacher` and `register`, `train_teacher`
 # alongside a transfer set's or another teacher's): with `orchestration.max_parallel_students` > 1 each runs as a
 # `kd stage` process of its own (`kd_core.launcher.run_as_process`)

@@ -7,6 +7,7 @@ champion, the UI commands). Only the flow and the CLI use it (no stage imports i
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import shlex
 import sys
@@ -191,3 +192,24 @@ def quiet_mlflow_registry() -> None:
 
     if not isinstance(logging_utils.MLFLOW_LOGGING_STREAM, _RegistryQuiet):
         logging_utils.MLFLOW_LOGGING_STREAM = _RegistryQuiet(logging_utils.MLFLOW_LOGGING_STREAM)
+
+
+class _ReportedWithoutTraceback(logging.Filter):
+    """Prefect's engine logs a failed task or flow run with its traceback; for bad input and errors of ours
+    (`kd_core.errors.is_reported`: one line each, with its exit status) the message says it all, so the record
+    keeps its message and loses the traceback (on the console and in the UI's logs alike)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from kd_core.errors import is_reported
+
+        if record.exc_info and record.exc_info[1] is not None and is_reported(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_reported_errors() -> None:
+    """Install `_ReportedWithoutTraceback` on Prefect's flow-run and task-run loggers (once)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ReportedWithoutTraceback) for f in logger.filters):
+            logger.addFilter(_ReportedWithoutTraceback())

@@ -119,6 +119,28 @@ def test_bad_params_exit_nonzero_and_register_nothing(project):
     assert not (project / "runs").exists() and (project / "mlflow.db").read_bytes() == store
 
 
+def test_bad_data_found_by_the_flow_is_its_line_without_a_traceback(project):
+    """A malformed line of the data file is found by `prepare`, inside the flow: `kd run` ends with status 2 and
+    the error's line, and Prefect's engine logs the failure without the traceback (146 lines of it before)."""
+    from kd_core.data.builtin import generate_builtin
+    from kd_core.io import write_jsonl_atomic
+
+    params = tiny_params()
+    params["data"] = {"source": "file", "path": "data/d.jsonl", "template": "minimal"}
+    write_params(project, params)
+    write_jsonl_atomic(project / "data/d.jsonl", generate_builtin(40, 0))
+    lines = (project / "data/d.jsonl").read_text().splitlines()
+    lines[5] = "{instruction: oops"
+    (project / "data/d.jsonl").write_text("\n".join(lines) + "\n")
+    out = subprocess.run([KD, "run"], cwd=project, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    error = "data/d.jsonl:6: malformed JSON: Expecting property name enclosed in double quotes (column 2)"
+    assert out.stderr.splitlines()[-1] == f"error: {error}"
+    assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) < 12, out.stderr
+    assert f"Encountered exception during execution: DataError('{error}')" in out.stderr  # the flow's log line
+    assert registered_versions("kd-student") == [] and not (project / "runs/tiny/data").exists()
+
+
 def test_missing_data_file_is_one_clear_error(project):
     params = tiny_params()
     params["data"] = {"source": "file", "path": "nope.jsonl"}
