@@ -79,9 +79,13 @@ SetOpt = typer.Option(None, "--set", "-S", help="override a key, e.g. -S teacher
 @app.command()
 def validate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Validate params.yaml and print the resolved configuration."""
-    from kd_core.lineage import untracked_inputs
+    from kd_core.lineage import local_data_files, untracked_inputs
 
     cfg = _load(params, set_)
+    missing = [f"{params}: {key}: {path!r}: file not found" for key, path in local_data_files(cfg)
+               if not Path(path).is_file()]
+    if missing:  # known before anything runs (`prepare` says the same); the other commands may run without data
+        _fail(ConfigError("\n".join(missing)))
     for line in untracked_inputs(cfg):
         typer.echo(f"warning: {params}: {line}", err=True)
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))

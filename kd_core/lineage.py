@@ -27,16 +27,24 @@ _PENDING: list[Future] = []
 _PENDING_LOCK = threading.Lock()
 
 
+def local_data_files(cfg) -> list[tuple[str, str]]:
+    """(key, path) of every local file the config reads its data from: the data, the eval sets, the unlabeled
+    prompts (hub and built-in sources have none)."""
+    unlabeled = cfg.data.unlabeled
+    return ([("data.path", cfg.data.path)] if cfg.data.source == "file" else []) + \
+        [(f"data.eval_sets.{name}.path", es.path) for name, es in cfg.data.eval_sets.items()] + \
+        ([("data.unlabeled.path", unlabeled.path)] if unlabeled is not None and unlabeled.path else [])
+
+
 def untracked_inputs(cfg) -> list[str]:
     """Local data files of the config that DVC does not watch: `prepare` depends on the project's `data/`
     folder (dvc.yaml cannot depend on an optional path), so a file elsewhere can change unnoticed."""
     from kd_core.stages import DATA_DIR
 
-    files = ([("data.path", cfg.data.path)] if cfg.data.source == "file" else []) + \
-        [(f"data.eval_sets.{name}.path", es.path) for name, es in cfg.data.eval_sets.items()]
     root = Path.cwd().resolve() / DATA_DIR
     return [f"{key}: {path!r} is outside {DATA_DIR}/: DVC will not see it change (dvc.yaml's prepare depends "
-            f"on {DATA_DIR}/); move it there" for key, path in files if root not in Path(path).resolve().parents]
+            f"on {DATA_DIR}/); move it there" for key, path in local_data_files(cfg)
+            if root not in Path(path).resolve().parents]
 
 
 @dataclass(frozen=True)

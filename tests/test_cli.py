@@ -82,3 +82,14 @@ def test_a_rank_of_a_distributed_launch_ends_without_the_interpreters_teardown(t
     alone = ends("1")
     assert alone.returncode == 3 and alone.stdout.splitlines() == ["stage done", "teardown reached",
                                                                    "exit handlers ran"], alone.stderr
+
+
+def test_validate_names_the_key_of_a_data_file_that_does_not_exist(project):
+    params = tiny_params()
+    params["data"] = {"source": "file", "path": "data/nope.jsonl", "template": "minimal",
+                      "eval_sets": {"held": {"path": "data/held.jsonl"}}}
+    write_params(project, params)
+    result = _kd("validate")
+    assert result.exit_code == 2
+    assert _errors(result) == ["error: params.yaml: data.path: 'data/nope.jsonl': file not found",
+                               "error: params.yaml: data.eval_sets.held.path: 'data/held.jsonl': file not found"]

@@ -95,9 +95,15 @@ def test_missing_and_malformed_file(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("a: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    bad.write_text("run_dir: [a, b\nseed: 0\n")
+    with pytest.raises(ConfigError) as err:
         load_config(bad)
+    assert str(err.value) == (f"{bad}: line 2, column 5: not valid YAML: expected ',' or ']', but got ':' "
+                              "(while parsing a flow sequence)")  # one line, naming the file (not PyYAML's caret)
+    bad.write_bytes(b"seed: 0\nrun_dir: caf\xe9\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(err.value) == f"{bad}:2: not UTF-8 text (byte 0xe9)"
 
 
 def test_fingerprint_tracks_content():
@@ -302,3 +308,10 @@ def test_integers_are_valid_numbers_and_layer_pairs_are_yaml_lists():
     assert cfg.students["fkl"].method_args["layer_map"] == [[0, 0], [1, 1]]  # validated by IntermediateArgs
     params["students"]["fkl"]["method_args"]["layer_map"] = [["0", 0]]
     assert "layer_map" in _error(params)
+
+
+def test_zero_steps_is_an_error_not_epochs():
+    """`max_steps: 0` was accepted and trained `epochs` (the Trainer reads 0 as unset)."""
+    params = _set(tiny_params(), "students.fkl.training.max_steps", 0)
+    assert _error(params) == ("params.yaml: students.fkl.training.max_steps: 0 steps: give -1 (train `epochs`) or "
+                              "a number of steps >= 1")

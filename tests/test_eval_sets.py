@@ -164,3 +164,15 @@ def test_bad_eval_set_exits_2_with_one_line(project):
     result = CliRunner().invoke(app, ["stage", "prepare"])
     assert result.exit_code == 2
     assert "error: sni.jsonl:3: field 'instruction' (column 'instruction') is a int; allowed: a string" in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["false", 1, "yes"])
+def test_a_filter_field_that_is_not_a_boolean_is_an_error_naming_the_line(tmp_path, flag):
+    """`"false"` was read as true (a non-empty string) and the row kept; a flag is true or false."""
+    rows = _rows(3, {0, 1, 2}, with_ids=False)
+    rows[1]["pinned"] = flag
+    path = _write(tmp_path / "e.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        _eval_sets(_cfg({"pin": {"path": path, "filter_field": "pinned"}}))
+    assert str(err.value) == (f"{path}:2: field 'pinned' (data.eval_sets.pin.filter_field) must be true or false, "
+                              f"got {type(flag).__name__} {flag!r}")

@@ -78,11 +78,26 @@ def read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{err.object[err.start]:02x})") from None
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except DuplicateKeys as err:
         raise ConfigError("\n".join(f"{path}: {p}" for p in err.problems)) from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: {_yaml_problem(err)}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: `line L, column C: not valid YAML: <problem> (<context>)` (its own message
+    spans several lines, with a caret drawing, and calls the file "<unicode string>")."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    return f"{where}not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 # ----------------------------------------------------------------------------------------------- overrides

@@ -44,7 +44,7 @@ class EvalSetConfig(StrictModel):
 
     path: str
     limit: int | None = Field(None, ge=1, description="keep the first N valid rows")
-    filter_field: str | None = Field(None, description="keep only rows whose field is truthy")
+    filter_field: str | None = Field(None, description="keep only rows whose field is true (a boolean; absent: false)")
     field_map: dict[str, str] | None = Field(None, description="our field -> source column (null: data.field_map)")
 
     @field_validator("field_map")
@@ -125,7 +125,7 @@ class LauncherConfig(StrictModel):
 
 class TrainingConfig(StrictModel):
     epochs: float = Field(3.0, gt=0)
-    max_steps: int = Field(-1, ge=-1, description="overrides epochs when > 0")
+    max_steps: int = Field(-1, ge=-1, description="-1: train `epochs`; N >= 1: exactly N optimizer steps")
     learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -148,6 +148,13 @@ class TrainingConfig(StrictModel):
     launcher: LauncherConfig | None = Field(
         None, description="run this training stage from the flow as launched processes (torchrun / deepspeed); "
                           "null: in the flow's process")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, v: int) -> int:
+        if v == 0:  # the Trainer would read 0 as "not set" and train 3 epochs
+            raise ValueError("0 steps: give -1 (train `epochs`) or a number of steps >= 1")
+        return v
 
     @field_validator("deepspeed")
     @classmethod

@@ -48,11 +48,11 @@ def _eval_sets(cfg: PipelineConfig) -> tuple[dict[str, list[dict]], dict[str, di
             # A row without an `id` gets the id it would have had unfiltered (`<name>-<position in the file>`),
             # so ids do not depend on the filter.
             flagged = [RawRow(r.values if r.values.get("id") else r.values | {"id": f"{name}-{i:06d}"}, r.where)
-                       for i, r in enumerate(raw_rows) if r.values.get(es.filter_field)]
+                       for i, r in enumerate(raw_rows) if _flagged(r, es.filter_field, name)]
             filtered_out = len(raw_rows) - len(flagged)
             if not flagged:
-                raise DataError(f"data.eval_sets.{name} ({es.path}): no row has a truthy "
-                                f"filter_field {es.filter_field!r} ({len(raw_rows)} rows read)")
+                raise DataError(f"data.eval_sets.{name} ({es.path}): no row has filter_field {es.filter_field!r} "
+                                f"true ({len(raw_rows)} rows read)")
             raw_rows = flagged
         erows, erep = normalize_rows(raw_rows, field_map=cfg.data.field_map if es.field_map is None else es.field_map,
                                      max_chars=cfg.data.max_chars, template=cfg.data.template, id_prefix=name,
@@ -61,6 +61,16 @@ def _eval_sets(cfg: PipelineConfig) -> tuple[dict[str, list[dict]], dict[str, di
         eval_rows[name] = erows[: es.limit] if es.limit else erows
         reports[name] = erep.to_dict() | {"filtered_out": filtered_out, "written": len(eval_rows[name])}
     return eval_rows, reports
+
+
+def _flagged(row: RawRow, field: str, set_name: str) -> bool:
+    """The row's `filter_field`: true or false (absent or null: false); any other value is an error, not read
+    as true or false (`"false"` is a non-empty string)."""
+    value = row.values.get(field)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise DataError(f"{row.where}: field {field!r} (data.eval_sets.{set_name}.filter_field) must be true or false, "
+                    f"got {type(value).__name__} {value!r}")
 
 
 def decontaminate(rows: list[dict], eval_rows: list[dict]) -> tuple[list[dict], int]:
