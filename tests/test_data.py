@@ -76,6 +76,13 @@ def test_tabular_and_json_with_field_map(tmp_path, suffix):
     assert rows[1]["instruction"] == "why?" and rows[1]["context"] == "because" and rows[1]["response"] == "that"
 
 
+def test_a_mapped_column_that_is_missing_is_named(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"q": "what?", "answer": "this"}) + "\n")
+    rows, report = _normalize(path, field_map={"instruction": "q", "response": "output"})
+    assert report.kept == 0 and report.to_dict()["bad"] == {"missing or empty field(s) 'response' (column 'output')": 1}
+
+
 def test_split_is_deterministic_disjoint_and_stable_under_additions():
     a = split_rows(ROWS, 0.1, 0.2, seed=0)
     b = split_rows(list(reversed(ROWS)), 0.1, 0.2, seed=0)

@@ -116,7 +116,7 @@ def test_an_empty_reference_list_is_a_bad_row_not_an_error(tmp_path):
     params["data"] |= {"max_bad_fraction": 0.5,
                        "eval_sets": {"sni": {"path": path, "field_map": {"context": "input", "response": "output"}}}}
     out, reports = _eval_sets(parse_config(params))
-    assert len(out["sni"]) == 3 and reports["sni"]["bad"] == {"missing or empty field(s) ['response']": 1}
+    assert len(out["sni"]) == 3 and reports["sni"]["bad"] == {"missing or empty field(s) 'response' (column 'output')": 1}
 
 
 BAD_VALUES = [  # (field changed in row 2, its value, how the message names the type)

@@ -140,7 +140,7 @@ def test_a_prompts_only_file_loads_and_its_bad_rows_name_file_line_and_field(pro
     params["data"]["max_bad_fraction"] = 0.0
     cfg = load_config(write_params(project, params))
     with pytest.raises(DataError, match=r"data\.unlabeled \(data/prompts.jsonl\): 1 of 4 rows are bad .* "
-                                        r"data/prompts.jsonl:3: missing or empty field\(s\) \['instruction'\]"):
+                                        r"data/prompts.jsonl:3: missing or empty field\(s\) 'instruction'"):
         prepare(cfg, RunPaths.of(cfg))
     (project / "data/prompts.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
     with pytest.raises(DataError, match=r"data/prompts.jsonl:2: malformed JSON"):

@@ -175,8 +175,10 @@ def normalize_rows(
         row = {f: _field_value(values, f, field_map.get(f, f), raw.where, multi_reference)
                for f in FIELDS if not (prompts_only and f == "response")}
         missing = [f for f in required if not row[f]]
-        if missing:
-            report.add_bad(f"missing or empty field(s) {missing}", raw.where)
+        if missing:  # named by the file's column (field_map: our field -> its column) as well as ours
+            report.add_bad("missing or empty field(s) " + ", ".join(
+                f"{f!r}" + (f" (column {field_map[f]!r})" if field_map.get(f, f) != f else "") for f in missing),
+                raw.where)
             continue
         row = {f: row.get(f) or "" for f in FIELDS}
         response = row["response"] if isinstance(row["response"], list) else [row["response"]]
