@@ -179,3 +179,21 @@ def test_real_model_profile_is_valid():
     cfg = load_config(REPO / "bench/smollm2.yaml")
     assert cfg.data.template == "chatml" and cfg.teacher.model.gguf_file
     assert {s.train_data for n, s in cfg.students.items() if n != "sft"} == set(cfg.transfer_sets)
+
+
+def test_rows_of_one_prompt_land_in_one_split():
+    """Several answers to one prompt, or one row given twice: all in the same split (before, each row was split by
+    its own id, and a test prompt was also a training prompt; 20 rows given four times put 11 of 11 test prompts
+    in train)."""
+    base = [{"id": f"r{i}", "instruction": f"say {i}", "context": "", "response": f"ok {i}"} for i in range(20)]
+    rows = [dict(r, id=f"{r['id']}-{k}", response=r["response"] + ("" if k % 2 else " again")) for k in range(4)
+            for r in base]
+    splits = split_rows(rows, 0.2, 0.3, seed=0)
+    prompts = {name: {r["instruction"] for r in part} for name, part in splits.items()}
+    assert prompts["train"] and prompts["val"] and prompts["test"]
+    assert not (prompts["train"] & prompts["test"]) and not (prompts["train"] & prompts["val"])
+    assert not (prompts["val"] & prompts["test"])
+    assert all(len(part) == 4 * len(prompts[name]) for name, part in splits.items())  # each prompt's 4 rows together
+    from kd_core.stages.prepare import repeats
+
+    assert repeats(rows) == {"repeated_prompts": 60, "duplicate_rows": 40}

@@ -3,6 +3,7 @@ build the run's tokenizer."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -71,6 +72,14 @@ def _flagged(row: RawRow, field: str, set_name: str) -> bool:
         return bool(value)
     raise DataError(f"{row.where}: field {field!r} (data.eval_sets.{set_name}.filter_field) must be true or false, "
                     f"got {type(value).__name__} {value!r}")
+
+
+def repeats(rows: list[dict]) -> dict[str, int]:
+    """Rows that repeat an earlier row's prompt (the split keeps each prompt's rows together) and rows that repeat
+    a whole earlier row (prompt and response)."""
+    prompts = {prompt_key(r) for r in rows}
+    whole = {(prompt_key(r), json.dumps(r["response"])) for r in rows}
+    return {"repeated_prompts": len(rows) - len(prompts), "duplicate_rows": len(rows) - len(whole)}
 
 
 def decontaminate(rows: list[dict], eval_rows: list[dict]) -> tuple[list[dict], int]:
@@ -173,7 +182,7 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     with atomic_dir(paths.data / "eval") as tmp:
         for name, erows in eval_rows.items():
             write_jsonl_atomic(tmp / f"{name}.jsonl", erows)
-    summary = {"main": report.to_dict() | {"in_eval_sets": contaminated}, "eval_sets": eval_reports, "splits": {k: len(v) for k, v in splits.items()},
+    summary = {"main": report.to_dict() | {"in_eval_sets": contaminated} | repeats(rows), "eval_sets": eval_reports, "splits": {k: len(v) for k, v in splits.items()},
                "unlabeled": unlabeled_report | {"rows": len(unlabeled)},
                "overlong": {"max_length": cfg.tokenizer.max_length, "policy": cfg.tokenizer.overlong, "rows": overlong},
                "data_version": file_hash(*(paths.split(n) for n in ("train", "val", "test", "unlabeled")))}
