@@ -70,6 +70,17 @@ def test_non_utf8_bytes_name_file_and_line(project):
     assert not (project / "runs").exists() and _nothing_registered(project)
 
 
+def test_repeated_row_ids_name_the_file_and_the_column(project):
+    rows = [dict(r, id=1 if i in (3, 8) else i) for i, r in enumerate(_rows(20))]
+    (project / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_params(project, _file_params("data.jsonl"))
+    result = _kd("stage", "prepare")
+    assert result.exit_code == 2
+    assert _errors(result) == ["error: data.jsonl: column 'id' (the row id) repeats 1 value(s), e.g. ['1']: give "
+                               "each row its own id, or drop the column (rows are then numbered)"]
+    assert not (project / "runs").exists()
+
+
 def test_empty_split_after_filtering(project):
     rows = _rows(3) + [{"instruction": f"q {i}", "response": ""} for i in range(30)]  # empty responses: filtered
     (project / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 from kd_core import tracking
@@ -33,6 +34,11 @@ def load_main_rows(cfg: PipelineConfig):
         raw, what = read_hub(d.hub_name, d.hub_split), f"{d.hub_name}[{d.hub_split}]"
     rows, report = normalize_rows(raw, field_map=d.field_map, max_chars=d.max_chars, template=d.template, id_prefix="row")
     check_report(report, d.max_bad_fraction, what)
+    counts = Counter(r["id"] for r in rows)
+    if repeated := sorted(i for i, n in counts.items() if n > 1):
+        raise DataError(f"{what}: column 'id' (the row id) repeats {len(repeated)} "
+                        f"value(s), e.g. {repeated[:3]}: give each row its own id, or drop the column (rows are "
+                        f"then numbered)")
     return (rows[: d.max_rows] if d.max_rows else rows), report
 
 
