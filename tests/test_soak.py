@@ -286,8 +286,8 @@ def test_soak_scheduled_runs_with_one_fault_each(soak_servers, tmp_path, monkeyp
         assert re.search(r"✗ register failed after [\d.]+ s: TrackingLost\n▶ register\n"
                          r"✗ register failed after [\d.]+ s: TrackingUnreachable\n", log), log[-3000:]
         check(4, fault, flow_run, tasks, wall, log, interrupted="register",
-              flow_says=f"TrackingUnreachable: MLflow tracking server {mlflow.url} is not reachable ([Errno 111] "
-                        "Connection refused)",
+              flow_says=f"TrackingUnreachable: preflight of register: MLflow tracking server {mlflow.url} is not "
+                        "reachable ([Errno 111] Connection refused)",
               pending={cfg.teacher.name: tree_hash(paths.model(cfg.teacher.name))})
 
         # 5. clean, nothing changed: the finished stages skipped, the cut-off version completed, fkl registered
