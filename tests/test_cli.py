@@ -93,3 +93,14 @@ def test_validate_names_the_key_of_a_data_file_that_does_not_exist(project):
     assert result.exit_code == 2
     assert _errors(result) == ["error: params.yaml: data.path: 'data/nope.jsonl': file not found",
                                "error: params.yaml: data.eval_sets.held.path: 'data/held.jsonl': file not found"]
+
+
+def test_an_override_inside_a_student_that_does_not_exist_names_the_students(project):
+    """A typo in `--set students.<name>.<key>` added a student of that one key (reported as its missing fields)."""
+    write_params(project, tiny_params())
+    result = _kd("validate", "--set", "students.fk1.divergence=rkl")
+    assert result.exit_code == 2
+    assert _errors(result) == ["error: override 'students.fk1.divergence': 'fk1' is not one of the students of "
+                               "params.yaml (sft, fkl); give a new one whole: students.fk1={...}"]
+    added = _kd("validate", "--set", "students.new={method: sft, teacher: teacher, model: {config: {n_layer: 1}}}")
+    assert added.exit_code == 0 and "new" in json.loads(added.stdout)["students"], added.output

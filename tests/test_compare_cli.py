@@ -132,7 +132,7 @@ def test_compare_of_an_unknown_model_is_one_error_line(registry):
     assert line.startswith("error: no registered versions of 'kd-nope' at ")
 
 
-def test_compare_on_an_empty_store_or_a_missing_metric_is_one_error_line(registry, tmp_path, monkeypatch):
+def test_compare_on_an_empty_store_or_a_missing_metric_is_one_error_line(registry, tmp_path, monkeypatch, empty_stores):
     line = _one_error_line(_compare("-S", "tracking.champion.metric=test/rougeL_nope"))
     assert line.startswith("error: params.yaml: tracking.champion.metric: unknown metric 'test/rougeL_nope' (allowed: ")
     line = _one_error_line(_compare("-S", "tracking.champion.metric=pinned/rougeL_sampled_mean"))
@@ -140,5 +140,10 @@ def test_compare_on_an_empty_store_or_a_missing_metric_is_one_error_line(registr
                     "is not evaluated (evaluation.eval_sets; allowed: test)")
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", empty)
+    line = _one_error_line(_compare())
+    assert line == (f"error: no registered versions of 'kd-student': no MLflow store at {empty} (run the pipeline "
+                    "first, or set MLFLOW_TRACKING_URI)")
+    assert not (tmp_path / "empty.db").exists()  # none created (an empty store was left behind before)
+    empty_stores.seed_mlflow(tmp_path / "empty.db")
     line = _one_error_line(_compare())
     assert line == f"error: no registered versions of 'kd-student' at {empty}"

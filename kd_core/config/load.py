@@ -210,5 +210,17 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     # YAML anchors load as one shared object: un-alias so an override of one student changes only that one
     raw = json.loads(json.dumps(raw, default=str))
     for dotted, value in (overrides or {}).items():
+        _names_an_entry(raw, dotted, path)
         set_dotted(raw, dotted, value)
     return parse_config(raw, source=str(path))
+
+
+def _names_an_entry(raw: dict, dotted: str, source: Path) -> None:
+    """An override inside one student or transfer set (`students.<name>.<key>`) names one of the file's: a typo
+    would otherwise add a student of that one key. A new one is given whole (`students.<name>={...}`)."""
+    section, _, rest = dotted.partition(".")
+    name, _, deeper = rest.partition(".")
+    entries = raw.get(section)
+    if section in ("students", "transfer_sets") and deeper and isinstance(entries, dict) and name not in entries:
+        raise ConfigError(f"override {dotted!r}: {name!r} is not one of the {section} of {source} "
+                          f"({', '.join(entries) or 'none'}); give a new one whole: {section}.{name}={{...}}")
