@@ -20,6 +20,7 @@ import yaml
 
 import kd_core  # noqa: F401  (applies the offline defaults before the stack is imported)
 from kd_core.config import PipelineConfig, load_config
+from kd_core.config.load import yaml_value
 from kd_core.errors import ConfigError, exit_code, is_reported
 from kd_core.launcher import print_error_line
 from kd_core.stages import STAGES
@@ -34,8 +35,8 @@ def _overrides(sets: list[str] | None) -> dict:
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. --set students.fkl.method=kd)")
         try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
+            out[key] = yaml_value(value)  # as params.yaml reads it (1e-3 is a number)
+        except yaml.YAMLError as err:  # (a mapping with a key given twice too: DuplicateKeys)
             problem = str(err).splitlines()[0]
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
     return out

@@ -104,3 +104,10 @@ def test_an_override_inside_a_student_that_does_not_exist_names_the_students(pro
                                "params.yaml (sft, fkl); give a new one whole: students.fk1={...}"]
     added = _kd("validate", "--set", "students.new={method: sft, teacher: teacher, model: {config: {n_layer: 1}}}")
     assert added.exit_code == 0 and "new" in json.loads(added.stdout)["students"], added.output
+
+
+def test_set_reads_an_exponent_as_a_number(project):
+    write_params(project, tiny_params())
+    result = _kd("validate", "-S", "teacher.training.learning_rate=5e-5")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["teacher"]["training"]["learning_rate"] == 5e-5

@@ -315,3 +315,22 @@ def test_zero_steps_is_an_error_not_epochs():
     params = _set(tiny_params(), "students.fkl.training.max_steps", 0)
     assert _error(params) == ("params.yaml: students.fkl.training.max_steps: 0 steps: give -1 (train `epochs`) or "
                               "a number of steps >= 1")
+
+
+def write_params_text(folder, text: str):
+    path = folder / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_an_exponent_without_a_dot_is_a_number_as_in_yaml_1_2(tmp_path):
+    """PyYAML reads `1e-3` as the string "1e-3" (YAML 1.1 wants a dot); the strict config would refuse a learning
+    rate written the usual way. params.yaml and --set read it as a number; a quoted "1e-3" stays a string (refused)."""
+    text = yaml.safe_dump(tiny_params()).replace("learning_rate: 0.003", "learning_rate: 1e-3", 1)
+    assert "learning_rate: 1e-3" in text
+    cfg = load_config(write_params_text(tmp_path, text))
+    assert cfg.teacher.training.learning_rate == 0.001
+    assert load_config(tmp_path / "params.yaml", {"seed": 7}).teacher.training.learning_rate == 0.001
+    quoted = text.replace("learning_rate: 1e-3", 'learning_rate: "1e-3"', 1)
+    with pytest.raises(ConfigError, match=r"learning_rate: Input should be a valid number \(got string '1e-3'\)"):
+        load_config(write_params_text(tmp_path, quoted))

@@ -32,8 +32,10 @@ class DuplicateKeys(yaml.YAMLError):
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader, except that a key given twice in one mapping raises `DuplicateKeys` (plain YAML
-    keeps the later value silently: a second `students:` block would replace the first). Anchors, aliases
-    and merge keys (`<<: *base`, whose keys an explicit key may override) work as in SafeLoader."""
+    keeps the later value silently: a second `students:` block would replace the first), and that `1e-3` is a
+    number (YAML 1.2; PyYAML follows YAML 1.1, where a float needs a dot and `1e-3` is the string "1e-3", which
+    the strict config would refuse). Anchors, aliases and merge keys (`<<: *base`, whose keys an explicit key
+    may override) work as in SafeLoader."""
 
     def get_single_data(self) -> Any:
         node = self.get_single_node()
@@ -43,6 +45,15 @@ class UniqueKeyLoader(yaml.SafeLoader):
         if problems:
             raise DuplicateKeys(problems)
         return self.construct_document(node)
+
+
+UniqueKeyLoader.add_implicit_resolver(  # an exponent without a dot (1e-3, 5E+4): the other floats resolve as before
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def yaml_value(text: str) -> Any:
+    """One YAML value as params.yaml reads it (`--set key=VALUE`)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
 
 
 def duplicate_keys(node: yaml.Node, path: str = "", seen: set[int] | None = None) -> list[str]:
