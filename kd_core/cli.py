@@ -193,13 +193,13 @@ def print_summary(result: dict, registered_model: str) -> None:
 @app.command()
 def compare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Table of the registered versions in MLflow (any tracking URI), with report and plot."""
-    from kd_core.preflight import tracking_uri
+    from kd_core.preflight import sqlite_file, tracking_uri
     from kd_core.stages import run_stage
 
     cfg = _load(params, set_)
     with _reported():
         uri = tracking_uri(cfg)
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).expanduser().is_file():
+        if uri.startswith("sqlite:///") and not sqlite_file(uri).expanduser().is_file():
             raise LookupError(f"no registered versions of {cfg.tracking.registered_model!r}: no MLflow store at {uri} "
                               f"(run the pipeline first, or set MLFLOW_TRACKING_URI)")  # (and none is created here)
         result = run_stage("compare", cfg)

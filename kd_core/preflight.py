@@ -2,8 +2,9 @@
 training (an MLflow server that is down, a read-only or full disk, a student that cannot be compared with its
 teacher token by token) fails at once, with one message, and nothing is written or registered.
 
-`preflight()` is called by train_teacher, distill and finetune right after the models are built and before
-any MLflow call or training step. A failure is a `PreflightError`: `kd` exits with status 2, the Prefect
+`check_tracking` runs before every stage (`kd_core.stages.run_stage`); `preflight()` (the folder, the disk, the
+models) is called by train_teacher, distill and finetune right after the models are built and before any MLflow
+call or training step. A failure is a `PreflightError`: `kd` exits with status 2, the Prefect
 flow does not retry it, except an MLflow server that does not answer (`TrackingUnreachable`: transient).
 """
 
@@ -44,6 +45,11 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
+def sqlite_file(uri: str) -> Path:
+    """The database file of a `sqlite:///` tracking URI."""
+    return Path(uri.removeprefix("sqlite:///"))
+
+
 def check_tracking(uri: str) -> None:
     """The MLflow tracking store exists and answers: a scheme MLflow has a store for; http(s) -> GET /health;
     sqlite / file -> its folder is writable."""
@@ -53,7 +59,7 @@ def check_tracking(uri: str) -> None:
         _check_server(uri.rstrip("/"))
         return
     if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).expanduser().parent
+        folder = sqlite_file(uri).expanduser().parent
     elif uri.startswith("file:"):
         folder = Path(uri.removeprefix("file://").removeprefix("file:"))
     elif "://" not in uri:  # a plain path is a file store
@@ -167,13 +173,12 @@ def _gb(n: int) -> str:
 
 def preflight(cfg: PipelineConfig, stage: str, *, model, tokenizer, training: TrainingConfig, out_dir: Path,
               teacher=None, student_source=None, teacher_tokenizer=None) -> None:
-    """All checks before a training stage; raises one `PreflightError` naming the stage and the problem.
-    `teacher_tokenizer`: the teacher's own, for a method that distils across tokenizers (each model is checked
-    against its own tokenizer)."""
+    """All checks before a training stage (the tracking store was checked before the stage started); raises one
+    `PreflightError` naming the stage and the problem. `teacher_tokenizer`: the teacher's own, for a method that
+    distils across tokenizers (each model is checked against its own tokenizer)."""
     from kd_core.models import ModelError, check_vocab_compatible, count_parameters
 
     try:
-        check_tracking(tracking_uri(cfg))
         check_writable(Path(out_dir).parent, Path(cfg.run_dir) / "train_info")
         if teacher is not None or student_source is not None:
             try:

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from kd_core.config import PipelineConfig
 from kd_core.interrupts import kill_tracking_server
 from kd_core.io import write_json_atomic
-from kd_core.preflight import check_tracking, tracking_uri  # noqa: F401  (tracking_uri: part of this API)
+from kd_core.preflight import check_tracking, sqlite_file, tracking_uri  # noqa: F401  (tracking_uri: part of this API)
 from kd_core.run import is_main_process
 
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
@@ -36,15 +36,11 @@ def setup(cfg: PipelineConfig) -> str:
         if client.get_experiment_by_name(cfg.tracking.experiment) is None:
             location = None
             if uri.startswith("sqlite:"):  # keep artifacts in the project, beside the sqlite file
-                location = (_sqlite_file(uri).parent / "mlartifacts").resolve().as_uri()
+                location = (sqlite_file(uri).parent / "mlartifacts").resolve().as_uri()
             with contextlib.suppress(mlflow.exceptions.MlflowException):  # a concurrent run created it
                 client.create_experiment(cfg.tracking.experiment, artifact_location=location)
         mlflow.set_experiment(cfg.tracking.experiment)
     return uri
-
-
-def _sqlite_file(uri: str) -> Path:
-    return Path(uri.removeprefix("sqlite:///"))
 
 
 @contextlib.contextmanager
@@ -56,7 +52,7 @@ def _sqlite_setup_lock(uri: str):
         return
     import fcntl
 
-    db = _sqlite_file(uri)
+    db = sqlite_file(uri)
     lock_path = db.with_name(db.name + ".lock")
     with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

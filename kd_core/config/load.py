@@ -52,7 +52,7 @@ UniqueKeyLoader.add_implicit_resolver(  # an exponent without a dot (1e-3, 5E+4)
 
 
 def yaml_value(text: str) -> Any:
-    """One YAML value as params.yaml reads it (`--set key=VALUE`)."""
+    """A YAML document as params.yaml is read (also each `--set key=VALUE`)."""
     return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
 
 
@@ -94,7 +94,7 @@ def read_yaml(path: Path) -> Any:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{err.object[err.start]:02x})") from None
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        return yaml_value(text)
     except DuplicateKeys as err:
         raise ConfigError("\n".join(f"{path}: {p}" for p in err.problems)) from None
     except yaml.YAMLError as err:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class MethodArgs(BaseModel):
     """`method_args` of a method (none unless its spec names a subclass); unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # as StrictModel: types are not converted
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # as StrictModel: no conversion
 
 
 # ----------------------------------------------------------------------------------------------- args

@@ -147,11 +147,12 @@ def run_stage(name: str, cfg, key: str | None = None) -> dict:
 
     stage = get_stage(name)
     check_key(stage, cfg, key)
+    label = f"{name} {key}" if key else name
     try:  # a store that cannot be used stops the stage before it writes anything
         check_tracking(tracking_uri(cfg))
     except PreflightError as err:
-        raise type(err)(f"preflight of {name}{f' {key}' if key else ''}: {err}") from None
+        raise type(err)(f"preflight of {label}: {err}") from None
     paths = RunPaths.of(cfg)
     # one pipeline at a time per run folder; an MLflow server gone mid-stage: one retryable line
-    with run_lock(paths), server_lost(cfg, f"{name} {key}" if key else name):
+    with run_lock(paths), server_lost(cfg, label):
         return stage.function(cfg, paths, key) if stage.per else stage.function(cfg, paths)
