@@ -1,7 +1,7 @@
 """Measured points for the formulas of docs/scaling.md: each formula evaluated at a small size and set beside what
 this machine measures at that size (CPU, fp32, one thread).
 
-    OMP_NUM_THREADS=1 python bench/scaling_points.py [--only train decode wire cache] [--reps 3]
+    OMP_NUM_THREADS=1 python bench/scaling_points.py [--only train decode wire comm cache] [--reps 3]
 
 Each point prints what is measured, what the formula predicts and their ratio (the median over rounds of the ratio
 within a round). Peaks: the FLOP/s of a 1024³ fp32 matmul (the FLOP formulas' peak) and the bytes/s read by a sum over
@@ -28,6 +28,9 @@ the load average is printed with each timed point.
 * `wire`: the bytes per token of a vLLM `prompt_logprobs` answer (tests/vllm_stub.py's `score` writes vLLM's
   format) at k = 20 and 64 against (k + 1) entries × bytes per entry, and how many tokens/s the project's client
   (`ServedTeacher.rows`) parses on one core.
+* `comm`: an all-gather and an all-reduce of 256 MiB between two gloo processes on loopback: the bytes each rank
+  sends (Linux's loopback counter) against S·(d − 1)/d and 2·S·(d − 1)/d, the volumes of ZeRO-3's weight gathers
+  and of a ring all-reduce (DDP's gradients; ZeRO-2's reduce-scatter is its first half).
 * `cache`: a real teacher-logit cache written by the `cache_teacher` stage (params.yaml's teacher architecture at
   its initial weights, built-in data; k = 16 and 64): file bytes against tokens·(8k + 4) + 8·(examples + 1).
 """
@@ -234,6 +237,25 @@ def decode_size(args, h: int, L: int, i: int, V: int = 8192, new: int = 32) -> N
               "matmuls", flush=True)
 
 
+def cache_points(args) -> None:
+    from bench.common import one_epoch_student, prepared_run, scratch
+    from kd_core.stages.cache_teacher import cache_teacher
+
+    print("\nteacher-logit cache written by the cache_teacher stage (params.yaml's teacher architecture, "
+          f"built-in data, {args.examples} examples)")
+    with scratch("kd-bench-scaling-") as tmp:
+        students = {f"k{k}": one_epoch_student("params.yaml", method="kd", divergence="fkl",
+                                               teacher_cache={"enabled": True, "top_k": k}) for k in (16, 64)}
+        cfg, paths = prepared_run("params.yaml", tmp, students, **{"data.builtin_examples": args.examples})
+        for name in students:
+            info = cache_teacher(cfg, paths, name)
+            k, tokens, examples = info["top_k"], info["tokens"], info["examples"]
+            predicted = tokens * (8 * k + 4) + 8 * (examples + 1)
+            line(f"cache file, k = {k}", info["bytes"] / tokens, predicted / tokens, "bytes/token",
+                 f"{tokens} response tokens of {examples} examples, {info['bytes'] / MiB:.2f} MiB; "
+                 f"(8k + 4) per token + 8 per example + the safetensors header")
+
+
 def wire_points(args) -> None:
     from kd_core.config.endpoint import EndpointConfig
     from kd_core.served_teacher import ServedTeacher
@@ -260,9 +282,54 @@ def wire_points(args) -> None:
               f"JSON; {load()})", flush=True)
 
 
+def loopback_bytes() -> int:
+    """Bytes sent over the loopback interface so far (Linux's /proc/net/dev; every process of the machine)."""
+    with open("/proc/net/dev") as fh:
+        for row in fh:
+            if row.strip().startswith("lo:"):
+                return int(row.split(":", 1)[1].split()[8])
+    raise RuntimeError("no loopback interface in /proc/net/dev")
+
+
+def _collective_rank(rank: int, world: int, port: int, nbytes: int, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    shard = torch.ones(nbytes // 4 // world)
+    gathered = [torch.empty_like(shard) for _ in range(world)]
+    full = torch.ones(nbytes // 4)
+    dist.all_reduce(torch.ones(1024))  # warm-up: connections made
+    for op in ("all_gather", "all_reduce"):
+        dist.barrier()
+        before = loopback_bytes()
+        dist.all_gather(gathered, shard) if op == "all_gather" else dist.all_reduce(full)
+        dist.barrier()
+        if rank == 0:
+            out[op] = loopback_bytes() - before
+    dist.destroy_process_group()
+
+
+def comm_points(nbytes: int = 256 * MiB, world: int = 2) -> None:
+    import torch.multiprocessing as mp
+
+    from kd_core.prefect_server import free_port
+
+    print(f"\ncollectives of {nbytes / MiB:.0f} MiB between {world} gloo processes on loopback: the bytes every rank "
+          "sends (the loopback counter over all ranks, / ranks; other processes' loopback traffic included)")
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_collective_rank, args=(world, free_port(), nbytes, out), nprocs=world)
+        sent = dict(out)
+    share = (world - 1) / world
+    line("all-gather (ZeRO-3's weights), bytes sent per rank", sent["all_gather"] / world / MiB, nbytes * share / MiB,
+         "MiB", "S·(d − 1)/d")
+    line("all-reduce (DDP's gradients), bytes sent per rank", sent["all_reduce"] / world / MiB,
+         2 * nbytes * share / MiB, "MiB", "2·S·(d − 1)/d (reduce-scatter + all-gather)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="+", default=["train", "decode", "wire", "cache"])
+    ap.add_argument("--only", nargs="+", default=["train", "decode", "wire", "comm", "cache"])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
@@ -279,6 +346,8 @@ def main() -> None:
         decode_points(args)
     if "wire" in args.only:
         wire_points(args)
+    if "comm" in args.only:
+        comm_points()
     if "cache" in args.only:
         cache_points(args)
     print(f"\nend: {load()}")
