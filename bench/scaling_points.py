@@ -109,10 +109,10 @@ def against(measure, predict, reps: int) -> tuple[float, float, float]:
 def timed_line(what: str, fn, predict, reps: int, unit: float, unit_name: str, note: str, measure=None) -> float:
     """Time `fn` (or call `measure`, which returns seconds) against `predict` (see :func:`against`) and print its
     line; returns the measured seconds."""
-    measured, predicted, ratio = against(measure or (lambda: cpu_seconds(fn)), predict, reps)
-    print(f"| {what} | {measured * unit:,.3g} {unit_name} | {predicted * unit:,.3g} {unit_name} | {ratio:.2f} | "
+    result = against(measure or (lambda: cpu_seconds(fn)), predict, reps)
+    print(f"| {what} | {result[0] * unit:,.3g} {unit_name} | {result[1] * unit:,.3g} {unit_name} | {result[2]:.2f} | "
           f"{note}; {load()} |", flush=True)
-    return measured
+    return result[0]
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -152,12 +152,14 @@ def saved_activation_bytes(model, batch: dict) -> int:
 
 
 def train_points(args) -> None:
-    h, L, i, V, heads, B, T = 256, 4, 704, 8192, 4, args.batch, args.seq
+    h, L = 256, 4  # hidden, layers
+    i, V = 704, 8192  # FFN width, vocabulary
+    B, T = args.batch, args.seq
     tiny = llama(16, 1, 32, 64, 2)  # transformers' modules and torch's kernels loaded before the baseline
     tiny(input_ids=torch.ones(1, 4, dtype=torch.long), labels=torch.ones(1, 4, dtype=torch.long)).loss.backward()
     del tiny
     rss0 = _status("VmRSS")
-    model = llama(h, L, i, V, heads)
+    model = llama(h, L, i, V, heads=4)
     N, n_mm = sum(p.numel() for p in model.parameters()), matmul_params(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
@@ -204,8 +206,8 @@ def train_points(args) -> None:
 
 
 def decode_points(args) -> None:
-    for h, L, i in ((512, 8, 1408), (1024, 8, 2816)):
-        decode_size(args, h, L, i)
+    for size in ({"h": 512, "L": 8, "i": 1408}, {"h": 1024, "L": 8, "i": 2816}):
+        decode_size(args, **size)
 
 
 def decode_size(args, h: int, L: int, i: int, V: int = 8192, new: int = 32) -> None:
@@ -249,7 +251,8 @@ def cache_points(args) -> None:
         cfg, paths = prepared_run("params.yaml", tmp, students, **{"data.builtin_examples": args.examples})
         for name in students:
             info = cache_teacher(cfg, paths, name)
-            k, tokens, examples = info["top_k"], info["tokens"], info["examples"]
+            k = info["top_k"]
+            tokens, examples = info["tokens"], info["examples"]
             predicted = tokens * (8 * k + 4) + 8 * (examples + 1)
             line(f"cache file, k = {k}", info["bytes"] / tokens, predicted / tokens, "bytes/token",
                  f"{tokens} response tokens of {examples} examples, {info['bytes'] / MiB:.2f} MiB; "
@@ -261,7 +264,8 @@ def wire_points(args) -> None:
     from kd_core.served_teacher import ServedTeacher
     from tests.vllm_stub import score
 
-    V, n, prompts = 32000, 128, 8
+    V = 32000
+    n, prompts = 128, 8  # scored positions per prompt, prompts per request
     model = llama(128, 2, 352, V, 4).eval()
     ids = torch.randint(0, V, (n + 1,), generator=torch.Generator().manual_seed(2)).tolist()
     print(f"\nvLLM `prompt_logprobs` answer (tests/vllm_stub.py's `score`: vLLM's entry format, decoded tokens "
@@ -302,7 +306,10 @@ def _collective_rank(rank: int, world: int, port: int, nbytes: int, out) -> None
     for op in ("all_gather", "all_reduce"):
         dist.barrier()
         before = loopback_bytes()
-        dist.all_gather(gathered, shard) if op == "all_gather" else dist.all_reduce(full)
+        if op == "all_gather":
+            dist.all_gather(gathered, shard)
+        else:
+            dist.all_reduce(full)
         dist.barrier()
         if rank == 0:
             out[op] = loopback_bytes() - before
