@@ -52,7 +52,7 @@ class RunPaths:
         return self.root / "distilled" / student
 
     def teacher_cache(self, student: str) -> Path:
-        """The teacher's cached top-k log-probs over a student's training data (kd_core/logit_cache.py)."""
+        """The teacher's cached top-k log-probs over a student's training data (kd_core/teachers/cache.py)."""
         return self.root / "teacher_cache" / student
 
     def train_info(self, model: str) -> Path:
@@ -194,12 +194,8 @@ def load_paired_train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, teach
 
 def load_model(paths: RunPaths, name: str):
     """A finished model of this run (the teacher or a student acting as teacher assistant)."""
-    from kd_core.errors import ModelError
-    from kd_core.models import load_checkpoint
+    from kd_core.models.build import load_checkpoint
 
-    if (paths.model(name) / "endpoint.json").is_file():  # kd_core.served_teacher.ENDPOINT_FILE
-        raise ModelError(f"{paths.model(name)}: model {name!r} is served by another process (teacher.model.endpoint): "
-                         f"it gives its top-k log-probs only (kd / atkd students, the teacher cache), not the model")
     return load_checkpoint(require(paths.model(name), f"model {name!r}", "training stages of that model (train_teacher "
                                                                             "or distill + finetune)"))
 
