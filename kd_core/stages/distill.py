@@ -7,8 +7,8 @@ from kd_core.config import PipelineConfig
 from kd_core.io import write_json_atomic
 from kd_core.methods import get_method
 from kd_core.models.build import count_parameters, make_model, set_generation_defaults
-from kd_core.run import (RunPaths, is_main_process, load_model_tokenizer, load_paired_train_set, load_student_tokenizer,
-                         load_train_set, n_positions, training_seed)
+from kd_core.run import (RunPaths, is_main_process, load_model_tokenizer, load_student_tokenizer, load_train_set,
+                         n_positions, training_seed)
 from kd_core.teachers.factory import teacher_model, teacher_source
 from kd_core.training.preflight import preflight
 from kd_core.training.trainer import train
@@ -19,24 +19,20 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     student_cfg = cfg.student(student_name)
     method = get_method(student_cfg.method)(student_cfg, student_cfg.method_args)
     # across tokenizers (uld, gold): each model its own tokenizer, the data encoded under both
+    teacher = teacher_model(cfg, paths, student_cfg, method.needs_teacher)  # (None: not needed here)
+    seed, positions = training_seed(cfg, student_cfg.training.seed), n_positions(cfg)
     tokenizer = load_student_tokenizer(cfg, paths, student_cfg, method.cross_tokenizer)
     teacher_tokenizer = load_model_tokenizer(paths, student_cfg.teacher) if method.cross_tokenizer else None
     if teacher_tokenizer is not None:
         method.set_tokenizers(tokenizer, teacher_tokenizer)
-    teacher = teacher_model(cfg, paths, student_cfg, method.needs_teacher)  # (None: not needed here)
-    seed = training_seed(cfg, student_cfg.training.seed)
-    student = make_model(student_cfg.model, tokenizer, n_positions(cfg), seed, teacher=teacher)
+    student = make_model(student_cfg.model, tokenizer, positions, seed, teacher=teacher)
     set_generation_defaults(student, tokenizer, cfg.evaluation.generation.max_new_tokens)
     preflight(cfg, f"distill {student_cfg.name}", model=student, tokenizer=tokenizer, training=student_cfg.training,
               out_dir=paths.distilled(student_cfg.name), teacher=teacher, student_source=student_cfg.model,
               teacher_tokenizer=teacher_tokenizer)
-    if teacher_tokenizer is None:
-        ds, dropped = load_train_set(cfg, paths, tokenizer, student_cfg.train_data,
-                                     loss_on_prompt=student_cfg.training.loss_on_prompt)
-    else:
-        ds, dropped = load_paired_train_set(cfg, paths, tokenizer, teacher_tokenizer, student_cfg.train_data,
-                                            loss_on_prompt=student_cfg.training.loss_on_prompt,
-                                            with_offsets=method.needs_text_offsets)
+    ds, dropped = load_train_set(cfg, paths, tokenizer, student_cfg.train_data,
+                                 loss_on_prompt=student_cfg.training.loss_on_prompt,
+                                 teacher_tokenizer=teacher_tokenizer, with_offsets=method.needs_text_offsets)
     source = teacher_source(cfg, paths, student_cfg, method.needs_teacher, ds, student, tokenizer, teacher)
     info: dict = {"name": student_cfg.name, "method": student_cfg.method,
                   "divergence": student_cfg.divergence if method.needs_teacher else "",
