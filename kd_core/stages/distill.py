@@ -30,9 +30,10 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     preflight(cfg, f"distill {student_cfg.name}", model=student, tokenizer=tokenizer, training=student_cfg.training,
               out_dir=paths.distilled(student_cfg.name), teacher=teacher, student_source=student_cfg.model,
               teacher_tokenizer=teacher_tokenizer)
+    offsets = method.cross_tokenizer and method.needs_text_offsets  # (character offsets: cross-tokenizer methods)
     ds, dropped = load_train_set(cfg, paths, tokenizer, student_cfg.train_data,
                                  loss_on_prompt=student_cfg.training.loss_on_prompt,
-                                 teacher_tokenizer=teacher_tokenizer, with_offsets=method.cross_tokenizer and method.needs_text_offsets)
+                                 teacher_tokenizer=teacher_tokenizer, with_offsets=offsets)
     source = teacher_source(cfg, paths, student_cfg, method.needs_teacher, ds, student, tokenizer, teacher)
     info: dict = {"name": student_cfg.name, "method": student_cfg.method,
                   "divergence": student_cfg.divergence if method.needs_teacher else "",
