@@ -5,7 +5,7 @@
 The stage functions build a temporary run folder (bench/common.py): `prepare`, `train_teacher` (with `train: false`, so the
 teacher is params.yaml's architecture at its initial weights: its outputs do not change the cost) and
 `cache_teacher` (timed: one teacher pass over the data). Then three one-epoch trainings of the same student
-(params.yaml's `sft` student: model, batch size, lr) through `kd_core.training.train`: `sft`, `kd` (fkl)
+(params.yaml's `sft` student: model, batch size, lr) through `kd_core.training.trainer.train`: `sft`, `kd` (fkl)
 with the live teacher, and `kd` (fkl) on the cache. Each is timed in wall-clock and in this process's CPU
 time (`time.process_time`, less sensitive to other processes on a shared machine). The three are
 interleaved and rotated each round (A B C, B C A, ...); reported are the medians, and the median over rounds

@@ -16,11 +16,12 @@ import kd_core  # noqa: F401  (offline defaults)
 from kd_core.config import load_config
 from kd_core.data.tokenize import load_tokenizer
 from kd_core.methods import get_method
-from kd_core.models import make_model
+from kd_core.models.build import make_model
 from kd_core.run import RunPaths, load_model, load_train_set, n_positions
 from kd_core.stages import run_stage
-from kd_core.stages.cache_teacher import load_for_training
-from kd_core.training import train
+from kd_core.teachers.factory import load_cache
+from kd_core.teachers.source import CachedTeacher, LiveTeacher
+from kd_core.training.trainer import train
 
 
 @contextlib.contextmanager
@@ -80,13 +81,13 @@ class EpochTimes:
         sc = self.cfg.student(name)
         student = make_model(sc.model, self.tokenizer, n_positions(self.cfg), seed=0)
         method = get_method(sc.method)(sc, sc.method_args)
-        cache = (load_for_training(self.cfg, self.paths, name, self.dataset, student)
+        cache = (load_cache(self.cfg, self.paths, name, self.dataset, student)
                  if sc.teacher_cache.enabled else None)
-        live = None if cache is not None or sc.method == "sft" else self.teacher
+        live = None if cache is not None or sc.method == "sft" else LiveTeacher(self.teacher)
         self.loads.append(os.getloadavg()[0])
         w0, c0 = time.perf_counter(), time.process_time()
         result = train(student, self.dataset, self.tokenizer, sc.training, self.out / name, method=method, seed=0,
-                       teacher=live, teacher_cache=cache, save=False)
+                       teacher=CachedTeacher(cache) if cache is not None else live, save=False)
         self.wall[name].append(time.perf_counter() - w0)
         self.cpu[name].append(time.process_time() - c0)
         self.final_loss[name] = result.final_loss

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python bench/fused_default.py [--params params.yaml] [--examples 1200] [--rounds 3]
 
 As `bench/cache_epoch.py` (whose set-up it shares, bench/common.py: a temporary run folder, `prepare`, `train_teacher` with
-`train: false`, `cache_teacher`): one epoch of the same student through `kd_core.training.train`, `kd` with fkl,
+`train: false`, `cache_teacher`): one epoch of the same student through `kd_core.training.trainer.train`, `kd` with fkl,
 with the live teacher and on the cache (top-64), each with `fused_lm_head` true and false. Interleaved and
 rotated; medians of wall and CPU time, the paired ratio fused / unfused within a round, and the final training
 loss of each (equal up to float rounding: the same loss).

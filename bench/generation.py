@@ -34,7 +34,7 @@ import kd_core  # noqa: E402,F401  (offline defaults)
 from bench.step_time import VOCAB, machine, word_tokenizer  # noqa: E402
 from kd_core.config import ArchConfig  # noqa: E402
 from kd_core.generation import generate  # noqa: E402
-from kd_core.models import build_from_config  # noqa: E402
+from kd_core.models.build import build_from_config  # noqa: E402
 
 MODELS = {"2x128": ArchConfig(n_layer=2, hidden=128, n_head=4),
           "4x256": ArchConfig(n_layer=4, hidden=256, n_head=4),

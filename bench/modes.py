@@ -38,7 +38,7 @@ from kd_core.data.builtin.families import brainstorm_distributions  # noqa: E402
 from kd_core.data.tokenize import encode_prompt, load_tokenizer  # noqa: E402
 from kd_core.evaluation.stats import paired_bootstrap  # noqa: E402
 from kd_core.generation import generate  # noqa: E402
-from kd_core.models import load_checkpoint  # noqa: E402
+from kd_core.models.build import load_checkpoint  # noqa: E402
 
 
 def normalise(text: str) -> str:

@@ -4,7 +4,7 @@
     # on a GPU: GPT-2-small student, GPT-2-medium teacher, bf16, optionally through DeepSpeed (under torchrun)
     python bench/step_time.py --sizes gpu --batch 32 --precision bf16 [--deepspeed infra/deepspeed/zero2.json]
 
-Every run goes through `kd_core.training.train` (the DistillationTrainer with the method, as the distill
+Every run goes through `kd_core.training.trainer.train` (the DistillationTrainer with the method, as the distill
 stage calls it), timing the interval between consecutive optimizer steps (logging every step) and dropping
 the first. Within one repetition the methods run back to back in a rotating order (the machine is shared:
 A/B pairs are interleaved, and each ratio is computed inside a repetition); the figures are medians over
@@ -45,8 +45,9 @@ import kd_core  # noqa: E402,F401  (offline defaults)
 from kd_core.config import ArchConfig, StudentConfig, TrainingConfig  # noqa: E402
 from kd_core.data.tokenize import IGNORE_INDEX, EncodedDataset, EncodedExample  # noqa: E402
 from kd_core.methods import get_method  # noqa: E402
-from kd_core.models import build_from_config  # noqa: E402
-from kd_core.training import train  # noqa: E402
+from kd_core.models.build import build_from_config  # noqa: E402
+from kd_core.teachers.source import LiveTeacher  # noqa: E402
+from kd_core.training.trainer import train  # noqa: E402
 
 VOCAB = 8192
 PROMPT, RESPONSE = 32, 96
@@ -103,7 +104,7 @@ def step_times(label: str, student, teacher, tokenizer, dataset, workdir: Path, 
     stamps: list[float] = []
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
         train(student, dataset, tokenizer, cfg, workdir / label, method=method, seed=0,
-              teacher=teacher if method.needs_teacher else None, on_log=lambda _: stamps.append(time.perf_counter()),
+              teacher=LiveTeacher(teacher) if method.needs_teacher else None, on_log=lambda _: stamps.append(time.perf_counter()),
               save=False)
     intervals = [b - a for a, b in zip(stamps, stamps[1:])]
     return intervals[1:]

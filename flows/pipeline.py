@@ -140,7 +140,7 @@ def _flow_run_name() -> str:
 def kd_pipeline(params_path: str = "params.yaml", overrides: dict | None = None) -> dict:
     from prefect.runtime import flow_run
 
-    from kd_core.interrupts import on_sigterm
+    from kd_core.training.interrupts import on_sigterm
 
     on_sigterm(chain=True)  # SIGTERM (a cancel): the training stage in a task thread checkpoints and stops
     cfg = load_config(params_path, overrides)

@@ -110,9 +110,9 @@ def stage(name: str = typer.Argument(..., help=" | ".join(STAGES)),
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = _load(params, set_)
-    from kd_core.interrupts import on_sigterm
+    from kd_core.training.interrupts import on_sigterm
 
-    on_sigterm()  # SIGTERM: a checkpoint at the next training step, exit 143 (kd_core/interrupts.py)
+    on_sigterm()  # SIGTERM: a checkpoint at the next training step, exit 143 (kd_core/training/interrupts.py)
     with _reported(), stage_bar(f"{name} {model}" if model else name):  # one progress bar, on a terminal
         result = run_stage(name, cfg, model)
     if name == "compare":
@@ -158,7 +158,7 @@ def _exit_now() -> None:
 @app.command()
 def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Run the whole pipeline as a Prefect flow (a temporary local Prefect server unless PREFECT_API_URL is set)."""
-    from kd_core.interrupts import on_sigterm
+    from kd_core.training.interrupts import on_sigterm
     from kd_core.prefect_server import TemporaryServer
 
     cfg = _load(params, set_)  # validate before starting anything
@@ -193,7 +193,7 @@ def print_summary(result: dict, registered_model: str) -> None:
 @app.command()
 def compare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Table of the registered versions in MLflow (any tracking URI), with report and plot."""
-    from kd_core.preflight import sqlite_file, tracking_uri
+    from kd_core.training.preflight import sqlite_file, tracking_uri
     from kd_core.stages import run_stage
 
     cfg = _load(params, set_)

@@ -27,7 +27,7 @@ DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # transformers' and datasets' bars ("Loading weights", "Writing model shards", "Map"): noise between the
-    # stage lines (the Trainer's bar is ours: kd_core.training)
+    # stage lines (the Trainer's bar is ours: kd_core.training.trainer)
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     # `kd run` without a server starts a temporary one (20 s allowed by default); two runs starting at once in
@@ -49,7 +49,7 @@ DROPPED = (
     # DeepSpeed's import on a machine without a GPU: CPU is what it then uses, and what we expect
     ("DeepSpeed", "Setting accelerator to CPU"),
     # `generate` drops an all-ones attention mask (no padding), then the model's check sees a sampled token equal
-    # to the pad id and warns; every forward of ours passes its mask (kd_core.lm)
+    # to the pad id and warns; every forward of ours passes its mask (kd_core.models.lm)
     ("transformers.modeling_utils", "We strongly recommend passing in an `attention_mask`"),
 )
 QUIET_LEVELS = {"mlflow.store.db.utils": logging.WARNING}  # "Creating initial MLflow database tables..."

@@ -71,7 +71,7 @@ class TrainingDiverged(KDError):
 class Cancelled(KDError):
     """SIGTERM (a Prefect cancel, a preempted node): training stopped at a step boundary and wrote a checkpoint;
     running the stage again resumes from it. Exit status 143 (128 + SIGTERM), as a process ended by it; never
-    retried (kd_core/interrupts.py)."""
+    retried (kd_core/training/interrupts.py)."""
 
     exit_code = 143
 

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 
 from kd_core.data.tokenize import left_pad
 from kd_core.progress import progress
-from kd_core.lm import model_device
+from kd_core.models.lm import model_device
 
 
 @dataclass

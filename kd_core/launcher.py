@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_core import errors
-from kd_core.interrupts import forwarding_sigterm
+from kd_core.training.interrupts import forwarding_sigterm
 
 LAUNCHED_ENV = "KD_LAUNCHED"
 ERROR_PREFIX = "kd-error: "

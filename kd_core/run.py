@@ -52,7 +52,7 @@ class RunPaths:
         return self.root / "distilled" / student
 
     def teacher_cache(self, student: str) -> Path:
-        """The teacher's cached top-k log-probs over a student's training data (kd_core/logit_cache.py)."""
+        """The teacher's cached top-k log-probs over a student's training data (kd_core/teachers/cache.py)."""
         return self.root / "teacher_cache" / student
 
     def train_info(self, model: str) -> Path:
@@ -140,10 +140,10 @@ def load_source_tokenizer(cfg: PipelineConfig, source, key: str):
         missing = name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
         raise ModelError(f"{key}: {name!r} " + ("does not exist" if missing else f"does not load as a tokenizer "
                                                                               f"({err})")) from None
-    if tok.chat_template is None:
-        tok.chat_template = chat_template(cfg.data.template)
     if source.config is not None:
         tok.model_max_length = n_positions(cfg)
+    if tok.chat_template is None:
+        tok.chat_template = chat_template(cfg.data.template)
     return tok
 
 
@@ -161,45 +161,33 @@ def load_student_tokenizer(cfg: PipelineConfig, paths: RunPaths, student_cfg, cr
     return load_run_tokenizer(paths)
 
 
-def load_train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, split: str = "train", loss_on_prompt: bool = False):
-    """A split or transfer set encoded for training: (EncodedDataset, rows dropped as overlong)."""
+def load_train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, split: str = "train", loss_on_prompt: bool = False,
+                   teacher_tokenizer=None, with_offsets: bool = False):
+    """A split or transfer set encoded for training: (EncodedDataset, rows dropped as overlong). With
+    `teacher_tokenizer` (cross-tokenizer methods, `kd_core.data.paired`): encoded under the student's and the
+    teacher's tokenizers at once, (PairedDataset, rows dropped on either side)."""
+    from kd_core.data.paired import encode_paired_rows
     from kd_core.data.tokenize import encode_rows
     from kd_core.io import read_jsonl
 
     maker = "prepare" if split in ("train", "val", "test") else f"transfer (--model {split})"
     rows = read_jsonl(require(paths.split(split), f"data {split!r}", maker))
-    ds, dropped = encode_rows(rows, tokenizer, cfg.data.template, cfg.tokenizer.max_length, cfg.tokenizer.overlong,
-                              loss_on_prompt)
+    limit = cfg.tokenizer.max_length
+    if teacher_tokenizer is None:
+        ds, dropped = encode_rows(rows, tokenizer, cfg.data.template, limit, cfg.tokenizer.overlong, loss_on_prompt)
+    else:
+        ds, dropped = encode_paired_rows(rows, tokenizer, teacher_tokenizer, cfg.data.template, limit,
+                                         cfg.tokenizer.overlong, loss_on_prompt, with_offsets)
     if len(ds) == 0:
-        raise DataError(f"split {split!r}: every example is longer than tokenizer.max_length={cfg.tokenizer.max_length}")
-    return ds, dropped
-
-
-def load_paired_train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, teacher_tokenizer, split: str = "train",
-                          loss_on_prompt: bool = False, with_offsets: bool = False):
-    """`load_train_set` under the student's and the teacher's tokenizers at once (cross-tokenizer methods,
-    `kd_core.data.paired`): (PairedDataset, rows dropped on either side)."""
-    from kd_core.data.paired import encode_paired_rows
-    from kd_core.io import read_jsonl
-
-    maker = "prepare" if split in ("train", "val", "test") else f"transfer (--model {split})"
-    rows = read_jsonl(require(paths.split(split), f"data {split!r}", maker))
-    ds, dropped = encode_paired_rows(rows, tokenizer, teacher_tokenizer, cfg.data.template, cfg.tokenizer.max_length,
-                                     cfg.tokenizer.overlong, loss_on_prompt, with_offsets)
-    if len(ds) == 0:
-        raise DataError(f"split {split!r}: every example is longer than tokenizer.max_length={cfg.tokenizer.max_length} "
-                        f"under the student's or the teacher's tokenizer")
+        either = "" if teacher_tokenizer is None else " under the student's or the teacher's tokenizer"
+        raise DataError(f"split {split!r}: every example is longer than tokenizer.max_length={limit}{either}")
     return ds, dropped
 
 
 def load_model(paths: RunPaths, name: str):
     """A finished model of this run (the teacher or a student acting as teacher assistant)."""
-    from kd_core.errors import ModelError
-    from kd_core.models import load_checkpoint
+    from kd_core.models.build import load_checkpoint
 
-    if (paths.model(name) / "endpoint.json").is_file():  # kd_core.served_teacher.ENDPOINT_FILE
-        raise ModelError(f"{paths.model(name)}: model {name!r} is served by another process (teacher.model.endpoint): "
-                         f"it gives its top-k log-probs only (kd / atkd students, the teacher cache), not the model")
     return load_checkpoint(require(paths.model(name), f"model {name!r}", "training stages of that model (train_teacher "
                                                                             "or distill + finetune)"))
 

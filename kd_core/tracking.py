@@ -18,9 +18,9 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from kd_core.config import PipelineConfig
-from kd_core.interrupts import kill_tracking_server
+from kd_core.training.interrupts import kill_tracking_server
 from kd_core.io import write_json_atomic
-from kd_core.preflight import check_tracking, sqlite_file, tracking_uri  # noqa: F401  (tracking_uri: part of this API)
+from kd_core.training.preflight import check_tracking, sqlite_file, tracking_uri  # noqa: F401  (tracking_uri: part of this API)
 from kd_core.run import is_main_process
 
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]

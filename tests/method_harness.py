@@ -22,8 +22,9 @@ from kd_core.data.split import split_rows
 from kd_core.data.template import format_prompt
 from kd_core.data.tokenize import IGNORE_INDEX, CausalCollator, EncodedDataset, encode_rows, train_bpe_tokenizer
 from kd_core.methods import StepContext, get_method
-from kd_core.models import build_from_config
-from kd_core.training import train
+from kd_core.models.build import build_from_config
+from kd_core.teachers.source import LiveTeacher
+from kd_core.training.trainer import train
 
 TEMPLATE = "minimal"
 MAX_LENGTH = 48
@@ -98,7 +99,7 @@ def run_method(sc: StudentConfig, steps: int = 12, student: torch.nn.Module | No
     before = method_loss(method, student, teacher_in_use, batches, setup.tokenizer)
     cfg = TrainingConfig(max_steps=steps, learning_rate=5e-3, batch_size=16, warmup_ratio=0.0, logging_steps=steps)
     train(student, setup.train_set, setup.tokenizer, cfg, setup.workdir / f"student-{sc.method}", method=method,
-          seed=seed, teacher=teacher, save=False)
+          seed=seed, teacher=LiveTeacher(teacher) if teacher is not None else None, save=False)
     after = method_loss(method, student, teacher_in_use, batches, setup.tokenizer)
     return method, student, teacher_in_use, before, after
 

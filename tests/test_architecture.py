@@ -74,6 +74,58 @@ def test_no_import_cycle_in_kd_core_and_flows():
     assert cycle is None, "import cycle: " + " -> ".join(str(p.relative_to(ROOT)) for p in cycle)
 
 
+# The import order, low -> high: a module imports only from its own layer or lower (lazy imports too). The longest
+# matching path prefix gives a file's layer.
+LAYERS = [
+    ("kd_core/__init__.py", 1), ("kd_core/errors.py", 1), ("kd_core/io.py", 1), ("kd_core/env.py", 1),
+    ("kd_core/progress.py", 1), ("kd_core/faults.py", 1),
+    ("kd_core/config/", 2), ("kd_core/losses/__init__.py", 2), ("kd_core/losses/catalog.py", 2),  # (light tables)
+    ("kd_core/data/", 3), ("kd_core/losses/", 3), ("kd_core/models/", 3), ("kd_core/run.py", 3),
+    ("kd_core/generation.py", 3),
+    ("kd_core/teachers/", 4),
+    ("kd_core/methods/", 5),
+    ("kd_core/training/", 6),
+    ("kd_core/evaluation/", 7),
+    ("kd_core/tracking", 8), ("kd_core/champion.py", 8), ("kd_core/model_card.py", 8),
+    ("kd_core/stages/", 9),
+    ("kd_core/pipeline/", 10), ("kd_core/stages/graph.py", 10), ("kd_core/stages/dvcfile.py", 10),
+    ("kd_core/lineage.py", 10), ("kd_core/launcher.py", 10), ("kd_core/console.py", 10),
+    ("kd_core/prefect_server.py", 10), ("kd_core/stage_worker/", 10),
+    ("flows/", 11), ("kd_core/cli.py", 11),
+]
+# imports up the order that the other half of issue 27 (tracking/, pipeline/) removes
+KNOWN_UPWARD = {("kd_core/evaluation/compare.py", "kd_core/tracking.py"),
+                ("kd_core/stage_worker/server.py", "kd_core/cli.py"), ("kd_core/stages/register.py", "kd_core/lineage.py")}
+
+
+def _layer(rel: str) -> int:
+    prefixes = [p for p, _ in LAYERS if rel.startswith(p)]
+    assert prefixes, f"{rel}: in no layer of tests/test_architecture.py's LAYERS"
+    return dict(LAYERS)[max(prefixes, key=len)]
+
+
+def _upward(graph: dict[Path, set[Path]]) -> set[tuple[str, str]]:
+    rel = {f: str(f.relative_to(ROOT)) for f in {*graph, *(t for ts in graph.values() for t in ts)}}
+    return {(rel[f], rel[t]) for f, targets in graph.items() for t in targets if _layer(rel[t]) > _layer(rel[f])}
+
+
+def test_layer_rule_finds_an_upward_import():
+    stage, teachers = ROOT / "kd_core/stages/distill.py", ROOT / "kd_core/teachers/factory.py"
+    assert _upward({teachers: {stage}, stage: {teachers}}) == {("kd_core/teachers/factory.py",
+                                                                 "kd_core/stages/distill.py")}
+
+
+def test_no_import_up_the_layers():
+    """Only teachers/ decides where a teacher's distribution comes from, and nothing below it imports it back;
+    no stage imports another stage."""
+    upward = _upward(_explicit_edges(_import_graph())) - KNOWN_UPWARD
+    assert not upward, f"imports up the layers: {sorted(upward)}"
+    stage_files = {ROOT / "kd_core/stages" / f"{s.module_file.rsplit('/', 1)[-1]}" for s in DECLARATIONS}
+    crossed = {(str(f.relative_to(ROOT)), str(t.relative_to(ROOT))) for f, targets in _import_graph().items()
+               if f in stage_files for t in targets if t in stage_files}
+    assert not crossed, f"a stage imports another stage: {sorted(crossed)}"
+
+
 def test_no_module_over_the_size_limit():
     big = {str(p.relative_to(ROOT)): n for p in _project_files()
            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
@@ -92,10 +144,11 @@ def test_every_stage_has_its_function_and_code_deps():
 
 
 def test_code_deps_follow_lazy_imports():
-    """distill imports the teacher cache's stage, which reads kd_core/logit_cache.py; evaluate imports
-    kd_core.evaluation inside its function."""
+    """distill reads the teacher cache through kd_core/teachers/ (whose factory imports the cache inside its
+    functions) and no other stage; evaluate imports kd_core.evaluation inside its function."""
     distill_deps = dvcfile.code_deps(STAGES["distill"])
-    assert "kd_core/logit_cache.py" in distill_deps and "kd_core/stages/cache_teacher.py" in distill_deps
+    assert "kd_core/teachers" in distill_deps or "kd_core/teachers/cache.py" in distill_deps
+    assert [d for d in distill_deps if d.startswith("kd_core/stages")] == ["kd_core/stages/distill.py"]
     evaluate_deps = dvcfile.code_deps(STAGES["evaluate"])
     assert any(d == "kd_core/evaluation" or d.startswith("kd_core/evaluation/") for d in evaluate_deps)
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from kd_core.cli import app
 from kd_core.config import ConfigError, TrainingConfig, load_config, parse_config
-from kd_core.preflight import (PreflightError, TrackingUnreachable, check_disk, check_tracking, checkpoint_bytes,
+from kd_core.training.preflight import (PreflightError, TrackingUnreachable, check_disk, check_tracking, checkpoint_bytes,
                                preflight)
 from kd_core.run import RunPaths
 from kd_core.stages.prepare import prepare
@@ -179,7 +179,7 @@ def test_checkpoint_that_is_not_a_causal_lm(project):
 
 def test_student_with_another_tokenizer_fails_preflight(project):
     from kd_core.data.tokenize import train_bpe_tokenizer
-    from kd_core.models import build_from_config
+    from kd_core.models.build import build_from_config
 
     params = tiny_params()
     _, paths = _teacher_ready(project, params)
@@ -286,7 +286,7 @@ def test_tracking_store_and_outputs_must_be_writable(tmp_path):
     check_tracking(f"sqlite:///{tmp_path}/store/mlflow.db")  # a missing folder is created
 
     from kd_core.data.tokenize import train_bpe_tokenizer
-    from kd_core.models import build_from_config
+    from kd_core.models.build import build_from_config
 
     params = tiny_params(run_dir=str(blocker / "run"))
     params["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
@@ -303,7 +303,7 @@ def test_checkpoint_disk_estimate_and_shortage(tmp_path, monkeypatch):
     # final model + its atomic copy; with checkpoints, 3 of (weights + 2 Adam moments) on top; +20%
     assert checkpoint_bytes(1_000_000, no_ckpt) == int(1.2 * 2 * 4_000_000)
     assert checkpoint_bytes(1_000_000, ckpt) == int(1.2 * (2 * 4_000_000 + 3 * 3 * 4_000_000))
-    import kd_core.preflight as pf
+    import kd_core.training.preflight as pf
 
     free = {"bytes": 50_000_000}
     monkeypatch.setattr(pf.shutil, "disk_usage", lambda path: type("Usage", (), {"free": free["bytes"]})())
@@ -325,7 +325,7 @@ def test_flow_retries_only_transient_errors():
         def result(self):
             raise self.err
 
-    from kd_core.training import TrainingDiverged
+    from kd_core.training.trainer import TrainingDiverged
 
     assert _retry_transient(None, None, State(PreflightError("preflight of distill x: ..."))) is False
     assert _retry_transient(None, None, State(TrainingDiverged("non-finite loss nan at step 3"))) is False
@@ -395,7 +395,7 @@ def test_credentials_from_the_env_are_not_logged(project, monkeypatch, capsys):
 
 def test_nan_loss_stops_training_with_step_batch_and_terms(tmp_path):
     from kd_core.methods import get_method
-    from kd_core.training import TrainingDiverged, train
+    from kd_core.training.trainer import TrainingDiverged, train
     from tests.method_harness import tiny_setup
 
     setup = tiny_setup()

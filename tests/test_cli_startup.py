@@ -120,7 +120,7 @@ def test_divergence_registry_names_the_same_divergences_as_the_catalog():
 
 @pytest.mark.parametrize("arch", typing.get_args(ArchConfig.model_fields["arch"].annotation))
 def test_every_arch_params_allow_builds_that_arch(arch):
-    from kd_core.models import build_from_config
+    from kd_core.models.build import build_from_config
 
     class Tokenizer:  # what build_from_config reads of a tokenizer
         bos_token_id, eos_token_id, pad_token_id = 1, 2, 0

@@ -224,7 +224,7 @@ def test_mlflow_registry_announcements_are_dropped(capsys):
 
 def test_training_prints_no_log_dicts():
     from kd_core.config import TrainingConfig
-    from kd_core.training import training_arguments
+    from kd_core.training.trainer import training_arguments
 
     assert training_arguments(TrainingConfig(), Path("/tmp/x"), 0).disable_tqdm is True  # no Trainer bar or dicts
 

@@ -21,7 +21,7 @@ from kd_core.data.tokenize import IGNORE_INDEX, train_bpe_tokenizer
 from kd_core.losses.cross_tokenizer import (align_spans, gold_divergence, match_vocabularies, positional_alignment,
                                             sorted_l1, text_alignment, uld_divergence)
 from kd_core.methods import StepContext, get_method
-from kd_core.models import build_from_config
+from kd_core.models.build import build_from_config
 from tests.conftest import TINY_MODEL, TINY_TRAINING, tiny_params, write_params
 from tests.method_harness import student_config
 
@@ -384,7 +384,7 @@ def test_teacher_and_student_with_no_shared_tokenizer_through_the_stages(project
     from kd_core.data.tokenize import encode_rows, load_tokenizer
     from kd_core.evaluation.run import validation_loss
     from kd_core.io import read_jsonl
-    from kd_core.models import load_checkpoint
+    from kd_core.models.build import load_checkpoint
     from kd_core.run import RunPaths
     from kd_core.stages.distill import distill
     from kd_core.stages.evaluate import evaluate

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _instrument_training(die_at_step: int, step_log: str | None) -> None:
     """For the resume test: every rank exits abruptly (as on a preempted node) when the loss of step
     `die_at_step` + 1 is computed, and rank 0 appends the step of every loss it computes to `step_log`."""
-    from kd_core.training import DistillationTrainer
+    from kd_core.training.trainer import DistillationTrainer
 
     compute = DistillationTrainer.compute_loss
 
@@ -59,7 +59,7 @@ from safetensors.torch import load_file  # noqa: E402
 from kd_core.config import ConfigError, load_config  # noqa: E402
 from kd_core.data.tokenize import CausalCollator, encode_rows, load_tokenizer  # noqa: E402
 from kd_core.io import read_jsonl  # noqa: E402
-from kd_core.models import load_checkpoint, make_model  # noqa: E402
+from kd_core.models.build import load_checkpoint, make_model  # noqa: E402
 from kd_core.run import RunPaths  # noqa: E402
 from kd_core.run import n_positions as _n_positions  # noqa: E402
 from kd_core.stages.distill import distill  # noqa: E402

@@ -30,7 +30,7 @@ from kd_core.evaluation.teacher_forcing import (
     unc_buckets,
 )
 from kd_core.evaluation.text_metrics import distinct_n, exact_match, normalize_answer, rouge_l, self_bleu
-from kd_core.lm import causal_lm_logits
+from kd_core.models.lm import causal_lm_logits
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402

@@ -24,12 +24,12 @@ from safetensors.torch import load_file
 
 from kd_core.config import TrainingConfig, load_config
 from kd_core.errors import CacheError
-from kd_core.interrupts import DISK_FULL_AFTER_CHECKPOINT_ENV, KILL_TRACKING_ENV
+from kd_core.training.interrupts import DISK_FULL_AFTER_CHECKPOINT_ENV, KILL_TRACKING_ENV
 from kd_core.io import CHECKSUMS, checksum_problem, tree_hash
 from kd_core.prefect_server import free_port
 from kd_core.run import RunPaths
 from kd_core.stages import run_stage
-from kd_core.training import last_complete_checkpoint
+from kd_core.training.trainer import last_complete_checkpoint
 from tests.conftest import TINY_MODEL, TINY_TRAINING, EmptyStores, tiny_params, write_params
 from tests.test_servers import BIN, _small_params, _start, _stop, _wait_healthy
 
@@ -256,7 +256,7 @@ def test_failed_writes_name_the_path_and_leave_the_previous_output(tmp_path):
 # --------------------------------------------------------------------------------------------- 3. damaged files
 def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     from kd_core.methods import get_method
-    from kd_core.training import train
+    from kd_core.training.trainer import train
     from tests.method_harness import Interrupted, interrupt_at, tiny_setup
 
     setup = tiny_setup()
@@ -308,8 +308,8 @@ def test_checksums_find_a_corrupted_byte_and_a_missing_file(tmp_path):
 
 
 def test_corrupted_teacher_cache_shard_is_named_and_rebuilt(project, caplog):
-    from kd_core.logit_cache import TeacherLogitCache
-    from kd_core.logit_cache_key import TENSORS
+    from kd_core.teachers.cache import TeacherLogitCache
+    from kd_core.teachers.cache_key import TENSORS
     from kd_core.run import load_run_tokenizer, load_train_set
     from kd_core.stages.cache_teacher import cache_teacher
 

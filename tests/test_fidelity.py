@@ -22,9 +22,10 @@ from kd_core.losses.sparse import sparse_token_divergence, top_k_with_tail
 from kd_core.methods import StepContext, get_method
 from kd_core.methods.minillm import advantages
 from kd_core.methods.progressive import student_layer_of_params
-from kd_core.models import build_from_config
-from kd_core.teacher import DenseTeacherSignal
-from kd_core.training import train
+from kd_core.models.build import build_from_config
+from kd_core.teachers.signal import DenseTeacherSignal
+from kd_core.teachers.source import LiveTeacher
+from kd_core.training.trainer import train
 from tests.method_harness import MAX_LENGTH, student_config, tiny_setup
 
 NINF = float("-inf")
@@ -342,7 +343,7 @@ def test_progressive_through_the_trainer_keeps_the_not_yet_reached_layers():
     init = {n: p.detach().clone() for n, p in student.named_parameters()}
     cfg = TrainingConfig(max_steps=2, learning_rate=5e-3, batch_size=16, warmup_ratio=0.0, logging_steps=2)
     train(student, setup.train_set, setup.tokenizer, cfg, setup.workdir / "student-progressive-frozen",
-          method=method, seed=0, teacher=copy.deepcopy(setup.teacher), save=False)
+          method=method, seed=0, teacher=LiveTeacher(copy.deepcopy(setup.teacher)), save=False)
     changed = {n for n, p in student.named_parameters() if not torch.equal(p.detach().cpu(), init[n])}
     assert not any(n.startswith(("transformer.h.2.", "transformer.ln_f.")) for n in changed)
     assert any(n.startswith("transformer.h.0.") for n in changed)

@@ -4,7 +4,7 @@ resume the interrupted one from its last complete checkpoint (the cancellation's
 and leave the registry as an uninterrupted run leaves it.
 
 The kill is deterministic: `KD_TEST_DIE_AFTER_CHECKPOINT=distilled/fkl:4` makes the `kd run` process SIGKILL
-itself right after the checkpoint of fkl's distillation step 4 is complete (kd_core.training's test hook)."""
+itself right after the checkpoint of fkl's distillation step 4 is complete (kd_core.training.trainer's test hook)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from kd_core.config import parse_config
 from kd_core.io import tree_hash
 from kd_core.run import RunPaths
 from kd_core.stages.graph import expand
-from kd_core.interrupts import DIE_AFTER_CHECKPOINT_ENV, SIGTERM_AT_STEP_ENV
-from kd_core.training import last_complete_checkpoint
+from kd_core.training.interrupts import DIE_AFTER_CHECKPOINT_ENV, SIGTERM_AT_STEP_ENV
+from kd_core.training.trainer import last_complete_checkpoint
 from tests.conftest import dvc_project, dvc_status, registered_versions, tiny_params
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kd_core.data.tokenize import IGNORE_INDEX
-from kd_core.lm import lm_head_inputs
+from kd_core.models.lm import lm_head_inputs
 from kd_core.losses.chunked import chunked_sparse_divergence, chunked_token_divergence
 from kd_core.losses.divergences import DIVERGENCES
 from kd_core.losses.fused import (fused_cross_entropy, fused_logits_divergence, fused_sparse_divergence,
@@ -18,7 +18,7 @@ from kd_core.losses.sparse import top_k_with_tail
 from kd_core.losses.tokens import logprobs, reduce_tokens
 from kd_core.methods import StepContext, get_method
 from kd_core.methods.base import token_ce
-from kd_core.teacher import TopKTeacherSignal
+from kd_core.teachers.signal import TopKTeacherSignal
 from tests.method_harness import padded_batch, student_config
 
 B, T, H, H_T, V = 3, 9, 6, 8, 23

@@ -1,4 +1,4 @@
-"""SIGTERM (a cancel) reaches a stage that runs in a process of its own (kd_core.interrupts.forwarding_sigterm)."""
+"""SIGTERM (a cancel) reaches a stage that runs in a process of its own (kd_core.training.interrupts.forwarding_sigterm)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from kd_core import interrupts
+from kd_core.training import interrupts
 
 CHILD = ("import signal, sys, time\n"
          "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"

@@ -1,4 +1,4 @@
-"""kd_core.lm (the model utilities) and evaluation.stats.paired_on_common_ids, on tiny hand-made models."""
+"""kd_core.models.lm (the model utilities) and evaluation.stats.paired_on_common_ids, on tiny hand-made models."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kd_core.data.tokenize import IGNORE_INDEX, left_pad
 from kd_core.evaluation.stats import paired_bootstrap, paired_on_common_ids
-from kd_core.lm import (eval_mode, length_limit, max_positions, model_device, output_vocab_size, response_logprobs,
+from kd_core.models.lm import (eval_mode, length_limit, max_positions, model_device, output_vocab_size, response_logprobs,
                         shared_vocab_size, target_logprobs)
 
 transformers = pytest.importorskip("transformers")

@@ -13,22 +13,24 @@ import shutil
 import pytest
 import torch
 
-from kd_core import logit_cache
+from kd_core.teachers import cache as logit_cache
 from kd_core.config import ConfigError, TrainingConfig, parse_config
 from kd_core.data.tokenize import load_tokenizer, train_bpe_tokenizer
 from kd_core.errors import CacheError
-from kd_core.logit_cache import TeacherLogitCache
-from kd_core.logit_cache_key import cache_key, read_manifest, stale_fields
+from kd_core.teachers.cache import TeacherLogitCache
+from kd_core.teachers.cache_key import cache_key, read_manifest, stale_fields
+from kd_core.teachers.factory import load_cache
+from kd_core.teachers.source import CachedTeacher, LiveTeacher
 from kd_core.losses.chunked import chunked_token_divergence
 from kd_core.methods import get_method
-from kd_core.models import ModelError, build_from_config, check_vocab_compatible
+from kd_core.models.build import ModelError, build_from_config, check_vocab_compatible
 from kd_core.run import RunPaths, load_model
 from kd_core.run import load_train_set as _train_set
-from kd_core.stages.cache_teacher import cache_teacher, load_for_training
+from kd_core.stages.cache_teacher import cache_teacher
 from kd_core.stages.distill import distill
 from kd_core.stages.prepare import prepare
 from kd_core.stages.train_teacher import train_teacher
-from kd_core.training import train
+from kd_core.training.trainer import train
 from tests.conftest import TINY_MODEL, TINY_TRAINING, copy_pipeline, tiny_params
 
 PAD_ROWS = 3  # the teacher gets padded embedding rows: caches and losses must slice them off
@@ -188,10 +190,11 @@ def test_distill_on_the_cache_at_full_k_follows_the_live_teacher(prepared):
         student = build_from_config(sc.model.config, tok, 64, seed=0)
         cache = None
         if mode == "cache":
-            cache = load_for_training(cfg_full, paths, "cached", ds, student)
+            cache = load_cache(cfg_full, paths, "cached", ds, student)
             assert cache.key["top_k"] == len(tok) + PAD_ROWS  # capped at the teacher's vocabulary
         result = train(student, ds, tok, training, tmp / f"out-{mode}", method=method, seed=0,
-                       teacher=copy.deepcopy(teacher) if mode == "live" else None, teacher_cache=cache, save=False)
+                       teacher=LiveTeacher(copy.deepcopy(teacher)) if mode == "live" else CachedTeacher(cache),
+                       save=False)
         curves[mode] = [h["loss"] for h in result.history if "loss" in h]
         assert result.teacher_forward_passes == (0 if mode == "cache" else 5 * 16)
     assert len(curves["live"]) == 5

@@ -12,7 +12,7 @@ from kd_core.losses.divergences import fkl
 from kd_core.losses.intermediate import (attention_divergence, hidden_state_loss, last_k_pairs, resolve_layer_map,
                                          scaled_position_mean, uniform_pairs)
 from kd_core.methods import StepContext, get_method
-from kd_core.models import build_from_config
+from kd_core.models.build import build_from_config
 from tests.method_harness import MAX_LENGTH, assert_student_grads, run_method, student_config, tiny_setup
 
 

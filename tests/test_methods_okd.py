@@ -14,7 +14,8 @@ from kd_core.losses.divergences import fkl, rkl
 from kd_core.losses.tokens import logprobs
 from kd_core.methods import StepContext, get_method
 from kd_core.methods.okd import ARTIFACT_DIR
-from kd_core.training import train
+from kd_core.teachers.source import LiveTeacher
+from kd_core.training.trainer import train
 from tests.method_harness import assert_student_grads, method_loss, run_method, student_config, tiny_setup
 
 MODULES = ["lora", "prefix", "ptuning"]
@@ -51,7 +52,7 @@ def _train_okd(sc, steps=8):
     before = method_loss(method, student, teacher_in_use, batches, setup.tokenizer)
     cfg = TrainingConfig(max_steps=steps, learning_rate=5e-3, batch_size=16, warmup_ratio=0.0, logging_steps=steps)
     train(student, setup.train_set, setup.tokenizer, cfg, setup.workdir / "student-okd", method=method, seed=0,
-          teacher=teacher, save=False)
+          teacher=LiveTeacher(teacher), save=False)
     after = method_loss(method, student, teacher_in_use, batches, setup.tokenizer)
     return method, student, teacher_in_use, before, after, online0, student0
 
@@ -169,7 +170,7 @@ def test_okd_extra_grads_do_not_leak_across_steps(monkeypatch):
     """The trainer clears the online module's gradients after every optimizer step (methods do not): with the
     same examples in every micro-batch and a negligible learning rate, the gradient the optimizer sees is the
     same at every step, and equals one micro-batch's loss gradient (the accumulated micro-batches sum)."""
-    from kd_core import training_callbacks
+    from kd_core.training import callbacks as training_callbacks
     from kd_core.data.tokenize import CausalCollator, EncodedDataset
 
     setup = tiny_setup()
@@ -188,7 +189,7 @@ def test_okd_extra_grads_do_not_leak_across_steps(monkeypatch):
     cfg = TrainingConfig(max_steps=3, learning_rate=1e-12, batch_size=8, grad_accum=2, warmup_ratio=0.0,
                          logging_steps=1)
     train(student, same, setup.tokenizer, cfg, setup.workdir / "okd-no-leak", method=method, seed=0,
-          teacher=teacher, save=False)
+          teacher=LiveTeacher(teacher), save=False)
     assert len(seen) == 3
     assert all(p.grad is None for p in method.online.parameters())  # cleared after the last step too
     for step in seen[1:]:
@@ -252,7 +253,7 @@ def test_bf16_mixed_precision_keeps_trainable_weights_fp32_and_casts_the_frozen_
     cfg = TrainingConfig(max_steps=3, batch_size=16, learning_rate=3e-3, warmup_ratio=0.0, logging_steps=1,
                          precision="bf16")
     result = train(student, setup.train_set, setup.tokenizer, cfg, setup.workdir / "okd-bf16", method=method,
-                   seed=0, teacher=teacher, save=False)
+                   seed=0, teacher=LiveTeacher(teacher), save=False)
 
     losses = [h["loss"] for h in result.history if "loss" in h]
     assert result.steps == 3 and len(losses) == 3 and all(map(math.isfinite, losses))

@@ -19,7 +19,7 @@ from kd_core.losses.onpolicy_kl import entropy, entropy_gated_kl, sampled_kl_val
 from kd_core.losses.pairwise import pair_rows, token_logprobs
 from kd_core.losses.sparse import sparse_divergence, top_k_with_tail
 from kd_core.losses.tokens import logprobs
-from kd_core.lm import lm_head_inputs
+from kd_core.models.lm import lm_head_inputs
 from kd_core.methods import StepContext, get_method
 from kd_core.methods.batches import collate_rows, generation_batch
 from kd_core.methods.onpolicy import distill_on_batch

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kd_core.config import load_config
-from kd_core.models import ModelError, count_parameters, student_from_teacher_layers
+from kd_core.models.build import ModelError, count_parameters, student_from_teacher_layers
 from kd_core.run import RunPaths
 from kd_core.stages.distill import distill
 from kd_core.stages.prepare import prepare

@@ -1,4 +1,4 @@
-"""Several teachers (kd_core/multi_teacher.py): the combined signal against brute-force formulas, one teacher of
+"""Several teachers (kd_core/teachers/ensemble.py): the combined signal against brute-force formulas, one teacher of
 weight 1 against the single-teacher signal, cached (top_k = V) against live, the fused path against the unfused."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd_core.lm import HeadInputs
+from kd_core.models.lm import HeadInputs
 from kd_core.losses.sparse import top_k_with_tail
 from kd_core.losses.tokens import logprobs
-from kd_core.multi_teacher import MultiTeacherSignal
-from kd_core.teacher import DenseTeacherSignal, TopKTeacherSignal
+from kd_core.teachers.ensemble import MultiTeacherSignal
+from kd_core.teachers.signal import DenseTeacherSignal, TopKTeacherSignal
 
 B, T, V, TAU = 2, 5, 13, 1.7
 WEIGHTS = [0.7, 0.2, 0.1]

@@ -88,10 +88,11 @@ def test_dvc_sees_the_same_graph_as_the_flow(project):
 
 @pytest.mark.slow
 def test_a_teacher_and_a_teacher_assistant_teach_one_student(project):
-    from kd_core.logit_cache import TeacherLogitCache
+    from kd_core.teachers.cache import TeacherLogitCache
     from kd_core.methods import get_method
     from kd_core.methods.base import StepContext
-    from kd_core.multi_teacher import TeacherEnsemble
+    from kd_core.teachers.ensemble import TeacherEnsemble
+    from kd_core.teachers.source import CachedTeacher, LiveTeacher
     from kd_core.run import load_model, load_run_tokenizer, load_train_set
     from kd_core.stages.cache_teacher import cache_teacher
     from kd_core.stages.distill import distill
@@ -138,10 +139,10 @@ def test_a_teacher_and_a_teacher_assistant_teach_one_student(project):
     caches = [TeacherLogitCache(paths.teacher_cache("cached") / t, ds) for t in ("teacher", "ta")]
     live = [load_model(paths, t).eval() for t in ("teacher", "ta")]
     losses = []
-    for members in (caches, live):
+    for members in ([CachedTeacher(c) for c in caches], [LiveTeacher(m) for m in live]):
         method = get_method("kd")(student_cfg, {})
         ctx = StepContext(student=student, batch=batch, num_items=batch["labels"][:, 1:].ne(-100).sum(),
-                          teachers=TeacherEnsemble(members, [0.7, 0.3], "mixture"))
+                          teacher_source=TeacherEnsemble(dict(zip(("teacher", "ta"), members)), [0.7, 0.3], "mixture"))
         losses.append(method.compute_loss(ctx).loss)
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     one = get_method("kd")(student_cfg, {}).compute_loss(  # not the loss against one of the teachers alone

@@ -19,8 +19,9 @@ from kd_core.config import load_config
 from kd_core.run import RunPaths
 from kd_core.stages.prepare import prepare
 from kd_core.stages.train_teacher import train_teacher
-from kd_core.interrupts import DIE_AFTER_CHECKPOINT_ENV, SIGTERM_AT_STEP_ENV
-from kd_core.training import last_complete_checkpoint
+from kd_core.teachers.source import LiveTeacher
+from kd_core.training.interrupts import DIE_AFTER_CHECKPOINT_ENV, SIGTERM_AT_STEP_ENV
+from kd_core.training.trainer import last_complete_checkpoint
 from tests.conftest import tiny_params, write_params
 
 KD = str(Path(sys.executable).with_name("kd"))
@@ -66,7 +67,7 @@ def test_sigkill_or_sigterm_then_restart_matches_uninterrupted_run(project):
     _same_weights(straight, cancelled)
 
     ckpts = resumed / "runs/tiny/models/.teacher-checkpoints"
-    # the stage SIGKILLs itself once the checkpoint of step 15 is complete (kd_core.training's test hook)
+    # the stage SIGKILLs itself once the checkpoint of step 15 is complete (kd_core.training.trainer's test hook)
     killed = subprocess.run([KD, "stage", "train_teacher"], cwd=resumed, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, **{DIE_AFTER_CHECKPOINT_ENV: "models/teacher:15"}))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -100,7 +101,7 @@ def test_resume_restores_the_methods_extra_trainable_modules(tmp_path):
 
     from kd_core.config import TrainingConfig
     from kd_core.methods import get_method
-    from kd_core.training import train
+    from kd_core.training.trainer import train
     from tests.method_harness import Interrupted, interrupt_at, student_config, tiny_setup
 
     setup = tiny_setup()
@@ -115,7 +116,7 @@ def test_resume_restores_the_methods_extra_trainable_modules(tmp_path):
             interrupt_at(method, stop_at)
         try:
             train(student, setup.train_set, setup.tokenizer, cfg, out_dir, method=method, seed=0,
-                  teacher=copy.deepcopy(setup.teacher), save=False)
+                  teacher=LiveTeacher(copy.deepcopy(setup.teacher)), save=False)
         except Interrupted:
             return None
         return student, method

@@ -13,7 +13,7 @@ import pytest
 from kd_core.config import parse_config
 from kd_core.data.tokenize import batches
 from kd_core.evaluation.teacher_forcing import collect_token_stats, top1_agreement, top1_agreement_tokens
-from kd_core.models import load_checkpoint
+from kd_core.models.build import load_checkpoint
 from kd_core.run import RunPaths, load_model_tokenizer, load_train_set
 from kd_core.stages.prepare import prepare
 from kd_core.stages.train_teacher import train_teacher

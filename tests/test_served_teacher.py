@@ -1,4 +1,4 @@
-"""A teacher served by another process (`teacher.model.endpoint`, kd_core/served_teacher.py): a vLLM-like server on
+"""A teacher served by another process (`teacher.model.endpoint`, kd_core/teachers/served.py): a vLLM-like server on
 loopback (tests/vllm_stub.py) serves the tiny teacher; the teacher cache built from it and the live KD loss of a batch
 equal the in-process teacher's; the config rules; each failure one line naming the URL (never the key), of the
 right class (a server down is retryable, a malformed answer is not)."""
@@ -14,19 +14,19 @@ from safetensors.torch import load_file
 from kd_core.config import ConfigError, parse_config
 from kd_core.config.load import load_config
 from kd_core.errors import EndpointError, EndpointUnreachable, is_retryable
-from kd_core.logit_cache import TeacherLogitCache
-from kd_core.logit_cache_key import TENSORS
+from kd_core.teachers.cache import TeacherLogitCache
+from kd_core.teachers.cache_key import TENSORS
 from kd_core.methods.base import prediction_positions
-from kd_core.models import build_from_config
+from kd_core.models.build import build_from_config
 from kd_core.prefect_server import free_port
 from kd_core.run import RunPaths, load_run_tokenizer, load_train_set
-from kd_core.served_teacher import ServedTeacher
+from kd_core.teachers.served import ServedTeacher
 from kd_core.stages.cache_teacher import cache_teacher
 from kd_core.stages.distill import distill
 from kd_core.stages.prepare import prepare
 from kd_core.stages.train_teacher import train_teacher
 from kd_core.data.tokenize import batches
-from kd_core.teacher import TopKTeacherSignal
+from kd_core.teachers.signal import TopKTeacherSignal
 from tests.conftest import TINY_MODEL, tiny_params, write_params
 from tests.vllm_stub import serving
 

@@ -147,7 +147,7 @@ def _login(monkeypatch, env: dict) -> None:
 
 
 def test_mlflow_server_requires_basic_auth(servers, monkeypatch):
-    from kd_core.preflight import PreflightError, check_tracking
+    from kd_core.training.preflight import PreflightError, check_tracking
 
     mlflow_url, _, env, _ = servers
     with pytest.raises(urllib.error.HTTPError) as err:

@@ -18,8 +18,9 @@ from kd_core.losses.divergences import DIVERGENCES
 from kd_core.losses.tokens import logprobs
 from kd_core.losses.sparse import coarsen_with_target, top_k_with_tail
 from kd_core.methods import StepContext, get_method
-from kd_core.teacher import DenseTeacherSignal, TopKTeacherSignal
-from kd_core.training import train
+from kd_core.teachers.signal import DenseTeacherSignal, TopKTeacherSignal
+from kd_core.teachers.source import CachedTeacher, LiveTeacher
+from kd_core.training.trainer import train
 from tests.method_harness import padded_batch, student_config, tiny_setup
 
 B, T, V, PAD = 3, 8, 11, 2
@@ -189,8 +190,7 @@ def test_training_on_the_cache_at_full_k_follows_the_live_teacher(method_name, d
         cache = ExactCache(copy.deepcopy(setup.teacher), len(setup.tokenizer), sc.temperature)
         result = train(setup.student(), setup.train_set, setup.tokenizer, cfg,
                        setup.workdir / f"signal-{method_name}-{mode}", method=method, seed=0,
-                       teacher=teacher if mode == "live" else None,
-                       teacher_cache=cache if mode == "cached" else None, save=False)
+                       teacher=LiveTeacher(teacher) if mode == "live" else CachedTeacher(cache), save=False)
         curves[mode] = [h["loss"] for h in result.history if "loss" in h]
         assert result.teacher_forward_passes == (0 if mode == "cached" else 3 * 16)
     assert len(curves["live"]) == 3 and all(map(math.isfinite, curves["live"]))
@@ -203,4 +203,4 @@ def test_train_refuses_the_cache_for_a_method_that_needs_the_live_teacher():
     with pytest.raises(ValueError, match="cannot train on the teacher cache"):
         train(setup.student(), setup.train_set, setup.tokenizer, TrainingConfig(max_steps=1), setup.workdir / "x",
               method=get_method("okd")(sc, sc.method_args), seed=0,
-              teacher_cache=ExactCache(setup.teacher, len(setup.tokenizer), 1.0))
+              teacher=CachedTeacher(ExactCache(setup.teacher, len(setup.tokenizer), 1.0)))

@@ -1,17 +1,14 @@
 """A teacher served by another process (`teacher.model.endpoint`): an OpenAI-compatible `/v1/completions` endpoint
 as vLLM serves it, which scores the student's token ids and answers the teacher's top-k log-probs per token
-(kd_core/served_teacher.py is the client; docs/methods.md, "A teacher served by another process"). No torch here."""
+(kd_core/teachers/served.py is the client; docs/methods.md, "A teacher served by another process"). No torch here."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field, StrictFloat, StrictInt, StrictStr
 
-from kd_core.config.base import StrictModel
-
-if TYPE_CHECKING:
-    from kd_core.config.schema import PipelineConfig
+from kd_core.config.base import PipelineConfigLike, StrictModel
 
 
 class EndpointConfig(StrictModel):
@@ -32,7 +29,7 @@ class EndpointConfig(StrictModel):
 
 
 # methods that read the teacher only through its top-k log-probs (the methods the teacher-logit cache serves)
-def check_served_teacher(cfg: PipelineConfig) -> None:
+def check_served_teacher(cfg: PipelineConfigLike) -> None:
     """A served teacher is the teacher only, is not trained, generates no transfer set, and teaches at temperature 1
     (the endpoint's log-probs are the model's own) with a method that reads its top-k log-probs; ValueError naming
     the key otherwise."""
@@ -42,7 +39,7 @@ def check_served_teacher(cfg: PipelineConfig) -> None:
         if st.model.endpoint is not None:
             raise ValueError(f"students.{name}.model.endpoint: the teacher only (a student is trained here; "
                              f"allowed: config, checkpoint, from_teacher_layers)")
-    if cfg.teacher.model.endpoint is None:
+    if not cfg.is_served(cfg.teacher.name):
         return
     if cfg.teacher.train:
         raise ValueError("teacher.train: a teacher served by another process (teacher.model.endpoint) is not "

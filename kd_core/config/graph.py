@@ -8,16 +8,13 @@ with a message that starts with the key path (`students.b.teacher: ...`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from kd_core.config.schema import PipelineConfig
+from kd_core.config.base import PipelineConfigLike
 
 SPLITS = ("train", "val", "test")
 UNLABELED = "unlabeled"  # the unlabeled prompt pool (data/unlabeled.jsonl): a data set name, not a transfer set
 
 
-def check_references(cfg: PipelineConfig) -> None:
+def check_references(cfg: PipelineConfigLike) -> None:
     """Every name that points at a model or a data set names one that exists: a student's teacher (not
     itself), a transfer set's source and prompts (unlabeled ones only when the data has them), a student's
     train_data (a transfer set when its method needs one)."""
@@ -56,7 +53,7 @@ def check_references(cfg: PipelineConfig) -> None:
             raise ValueError(f"students.{name}.train_data: unknown data {st.train_data!r} (allowed: {allowed})")
 
 
-def dependencies(cfg: PipelineConfig, student: str) -> list[str]:
+def dependencies(cfg: PipelineConfigLike, student: str) -> list[str]:
     """The models a student needs finished first: its teacher(s) and the source of its transfer set."""
     st = cfg.students[student]
     deps = [st.teacher, *(t for t in st.teachers or {} if t != st.teacher)]
@@ -65,7 +62,7 @@ def dependencies(cfg: PipelineConfig, student: str) -> list[str]:
     return deps
 
 
-def ancestors(cfg: PipelineConfig, model: str) -> set[str]:
+def ancestors(cfg: PipelineConfigLike, model: str) -> set[str]:
     """Every model `model` needs finished first, directly or through others (none for the teacher)."""
     found: set[str] = set()
     todo = [model]
@@ -78,8 +75,8 @@ def ancestors(cfg: PipelineConfig, model: str) -> set[str]:
     return found
 
 
-def check_teachers(cfg: PipelineConfig) -> None:
-    """A student's `teachers` (several teachers, kd_core/multi_teacher.py) name its `teacher` and models that come
+def check_teachers(cfg: PipelineConfigLike) -> None:
+    """A student's `teachers` (several teachers, kd_core/teachers/ensemble.py) name its `teacher` and models that come
     before it in its chain: dvc.yaml's stages depend on `teacher` alone (a foreach over the students has one
     path per student), so the other teachers reach the student through it. Call after `chain_order` (no cycles)."""
     from kd_core.config.endpoint import check_served_teacher
@@ -99,7 +96,7 @@ def check_teachers(cfg: PipelineConfig) -> None:
                              f"got {st.teacher!r})")
 
 
-def chain_order(cfg: PipelineConfig) -> list[str]:
+def chain_order(cfg: PipelineConfigLike) -> list[str]:
     """Student names, each after the models it depends on (a post-order depth-first walk, students in params
     order). A model met again while its own dependencies are being walked closes a cycle: ValueError
     `students.<first>.teacher: cycle a -> b -> a`, the path from the student the walk started at."""
@@ -122,7 +119,7 @@ def chain_order(cfg: PipelineConfig) -> list[str]:
     return done
 
 
-def layer_counts(cfg: PipelineConfig) -> dict[str, int | None]:
+def layer_counts(cfg: PipelineConfigLike) -> dict[str, int | None]:
     """Decoder layers of each model, where params tell: `config.n_layer`, or the number of layers a student
     keeps with `from_teacher_layers`; None for a checkpoint (known only once loaded)."""
     counts: dict[str, int | None] = {}
@@ -137,7 +134,7 @@ def layer_counts(cfg: PipelineConfig) -> dict[str, int | None]:
     return counts
 
 
-def check_layer_indices(cfg: PipelineConfig) -> None:
+def check_layer_indices(cfg: PipelineConfigLike) -> None:
     """`from_teacher_layers` indices exist in the model that teaches the student (the teacher, or the
     student that teaches it in a teacher-assistant chain), where its layer count is known from params."""
     counts = layer_counts(cfg)

@@ -11,14 +11,13 @@ equal. A new method is its module there plus its spec here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
 
+from kd_core.config.base import StudentConfigLike
 from kd_core.losses.catalog import DIVERGENCE_PARAMS
 
-if TYPE_CHECKING:
-    from kd_core.config.schema import StudentConfig
 
 
 class MethodArgs(BaseModel):
@@ -271,7 +270,7 @@ def with_default_divergence(data: Any) -> Any:
     return data
 
 
-def check_student(st: StudentConfig) -> None:
+def check_student(st: StudentConfigLike) -> None:
     """A student's method, divergence and their args are registered names and fit each other; ValueError with a
     message that starts with the key (`divergence_args.beta: ...`)."""
     if st.method not in METHOD_SPECS:

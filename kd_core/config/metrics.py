@@ -9,10 +9,8 @@ against these patterns.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from kd_core.config.schema import PipelineConfig
+from kd_core.config.base import PipelineConfigLike
 
 REGISTER_METRICS = ("parameters", "train_time_s")
 SPLIT_METRIC = re.compile(r"loss|ppl")  # val/ and test/: teacher-forced on the splits, whatever eval_sets says
@@ -31,7 +29,7 @@ ALLOWED = ("parameters, train_time_s, {val,test}/{loss,ppl}, <eval set>/{rougeL,
            "test/unc_bucket<i>_{top1_agreement,kl,logit_std}, test/exaccerr_l<l>[_ci_low|_ci_high]")
 
 
-def check_evaluation(cfg: PipelineConfig) -> None:
+def check_evaluation(cfg: PipelineConfigLike) -> None:
     """The eval sets exist, the champion metric is produced (`metric_problem`), and a champion significance
     test has its input: per-prompt sampled ROUGE-L on the 'test' eval set. Raises ValueError naming the key."""
     ev, rule = cfg.evaluation, cfg.tracking.champion
@@ -47,7 +45,7 @@ def check_evaluation(cfg: PipelineConfig) -> None:
                          "'test' eval set: needs 'test' in evaluation.eval_sets and evaluation.sample_seeds")
 
 
-def metric_problem(cfg: PipelineConfig, metric: str) -> str | None:
+def metric_problem(cfg: PipelineConfigLike, metric: str) -> str | None:
     """None when a student's evaluation writes `metric`, else why not. The rule, per form:
 
     - `parameters`, `train_time_s`: always (the register stage logs them).
@@ -82,16 +80,16 @@ def metric_problem(cfg: PipelineConfig, metric: str) -> str | None:
     return _split_problem(cfg, set_name, metric) if set_name == "test" else None
 
 
-def _split_problem(cfg: PipelineConfig, split: str, metric: str) -> str | None:
+def _split_problem(cfg: PipelineConfigLike, split: str, metric: str) -> str | None:
     fraction = getattr(cfg.data.split, f"{split}_fraction")
     if fraction > 0:
         return None
     return f"{metric!r} needs a {split} split and data.split.{split}_fraction is 0 (allowed: > 0)"
 
 
-def _agreement_problem(cfg: PipelineConfig, name: str, metric: str) -> str | None:
+def _agreement_problem(cfg: PipelineConfigLike, name: str, metric: str) -> str | None:
     ev = cfg.evaluation
-    served = cfg.teacher.model.endpoint is not None
+    served = cfg.is_served(cfg.teacher.name)
     if served != bool(SERVED_METRIC.fullmatch(name)) and not name.startswith("top1_agreement"):
         return (f"{metric!r}: the teacher is served by another process (teacher.model.endpoint): its students get "
                 f"test/top1_agreement[_tokens] and test/kl_teacher_student_topk only" if served else

@@ -72,7 +72,7 @@ class ModelSource(StrictModel):
     def _exactly_one(self) -> ModelSource:
         """A validator, not a pydantic discriminated union: the YAML has no tag key (the variant is told by
         which key is present), a callable discriminator would add the tag to every error path
-        (`model.config.config.n_layer`), and `kd_core.models` reads all three fields of one type."""
+        (`model.config.config.n_layer`), and `kd_core.models.build` reads all three fields of one type."""
         given = [k for k in ("config", "checkpoint", "from_teacher_layers", "endpoint") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(

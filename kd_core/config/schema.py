@@ -205,7 +205,7 @@ class FinetuneConfig(StrictModel):
 
 
 class TeacherCacheConfig(StrictModel):
-    """Teacher-logit cache (kd_core/logit_cache.py): run the teacher once over `train_data`, keep its `top_k`
+    """Teacher-logit cache (kd_core/teachers/cache.py): run the teacher once over `train_data`, keep its `top_k`
     log-probabilities (+ the tail mass) per response token, and train without the live teacher. top_k >= the
     vocabulary size is exact; smaller k gives the sparse divergences of kd_core/losses/sparse.py."""
 
@@ -233,7 +233,7 @@ class StudentConfig(StrictModel):
     teachers: dict[str, Annotated[StrictFloat, Field(gt=0)]] | None = Field(
         None, description="several teachers: model -> weight (> 0, normalised to sum 1); names `teacher` (the "
                           "nearest, which dvc.yaml's stages depend on and which samples for on-policy methods) and "
-                          "models before it in its chain (kd_core/multi_teacher.py)")
+                          "models before it in its chain (kd_core/teachers/ensemble.py)")
     teacher_combine: Literal["sum", "mixture"] = Field(
         "sum", description="with `teachers`: sum = Σ_k w_k D(p_k || q), mixture = D(Σ_k w_k p_k || q)")
 
@@ -372,6 +372,11 @@ class PipelineConfig(StrictModel):
         if name not in self.students:
             raise KeyError(f"no student named {name!r} (students: {', '.join(self.students)})")
         return self.students[name]
+
+    def is_served(self, name: str) -> bool:
+        """Whether model `name` is a teacher served by another process (`teacher.model.endpoint`): only its top-k
+        log-probs are here, not its weights. The one place that answers it (validators, teachers, stages)."""
+        return name == self.teacher.name and self.teacher.model.endpoint is not None
 
     def dependencies(self, student: str) -> list[str]:
         """The models a student needs finished first: its teacher and the source of its transfer set."""

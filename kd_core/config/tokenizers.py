@@ -6,15 +6,14 @@ else, for a model cut `from_teacher_layers`, its teacher's; else (built from `co
 which is the teacher checkpoint's (the teacher's `model.tokenizer` if it names one) or, with a teacher built from
 config, the byte-level BPE `prepare` trains (`RUN_BPE`). Only a difference that a `model.tokenizer` key makes is
 refused here: two checkpoints may well share one tokenizer (SmolLM2-135M and -360M do), which only their files
-tell: the distill stage's preflight compares them (`kd_core.models.check_vocab_compatible`).
+tell: the distill stage's preflight compares them (`kd_core.models.build.check_vocab_compatible`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-if TYPE_CHECKING:
-    from kd_core.config.schema import PipelineConfig
+from kd_core.config.base import PipelineConfigLike
 
 RUN_BPE = "the run's BPE (trained by prepare)"
 
@@ -24,11 +23,11 @@ class TokenizerSource(NamedTuple):
     key: str | None  # the `model.tokenizer` key that named it (None: a checkpoint's own or the run's BPE)
 
 
-def _model_key(cfg: PipelineConfig, name: str) -> str:
+def _model_key(cfg: PipelineConfigLike, name: str) -> str:
     return "teacher" if name == cfg.teacher.name else f"students.{name}"
 
 
-def tokenizer_source(cfg: PipelineConfig, name: str) -> TokenizerSource:
+def tokenizer_source(cfg: PipelineConfigLike, name: str) -> TokenizerSource:
     """Where model `name` (the teacher or a student) gets its tokenizer from (see the module docstring)."""
     is_teacher = name == cfg.teacher.name
     src = cfg.teacher.model if is_teacher else cfg.students[name].model
@@ -41,15 +40,15 @@ def tokenizer_source(cfg: PipelineConfig, name: str) -> TokenizerSource:
     return run_tokenizer_source(cfg)
 
 
-def run_tokenizer_source(cfg: PipelineConfig) -> TokenizerSource:
+def run_tokenizer_source(cfg: PipelineConfigLike) -> TokenizerSource:
     """The run's shared tokenizer (what `prepare` writes to `<run_dir>/tokenizer`): the teacher checkpoint's, else
     the BPE trained on the train split (a teacher built from config with its own `tokenizer` keeps it to itself)."""
-    served = cfg.teacher.model.endpoint is not None  # (a served teacher's `tokenizer` is the run's)
+    served = cfg.is_served(cfg.teacher.name)  # (a served teacher's `tokenizer` is the run's)
     return tokenizer_source(cfg, cfg.teacher.name) if cfg.teacher.model.checkpoint or served \
         else TokenizerSource(RUN_BPE, None)
 
 
-def check_shared_vocabulary(cfg: PipelineConfig) -> None:
+def check_shared_vocabulary(cfg: PipelineConfigLike) -> None:
     """A student whose method compares teacher and student distributions over one vocabulary (every method with a
     teacher that is not `cross_tokenizer`) has its teacher's tokenizer, where a `model.tokenizer` key makes them
     differ. ValueError naming the student's method key, the tokenizer key and the methods that distil across

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from kd_core.data.tokenize import left_pad
-from kd_core.lm import causal_lm_logits, eval_mode, length_limit, model_device, shared_vocab_size
+from kd_core.models.lm import causal_lm_logits, eval_mode, length_limit, model_device, shared_vocab_size
 from kd_core.losses.divergences import fkl
 from kd_core.losses.tokens import shared_vocab
 

@@ -16,8 +16,8 @@ from kd_core.evaluation.stats import bootstrap_mean, summarize
 from kd_core.evaluation.text_metrics import distinct_n, exact_match, references, rouge_l, self_bleu
 from kd_core.generation import generate
 from kd_core.io import read_jsonl, write_json_atomic, write_jsonl_atomic
-from kd_core.lm import response_logprobs
-from kd_core.models import count_parameters, load_checkpoint
+from kd_core.models.lm import response_logprobs
+from kd_core.models.build import count_parameters, load_checkpoint
 
 log = logging.getLogger("kd")
 
@@ -115,8 +115,8 @@ def evaluate_model(cfg, paths, model_name: str, model_dir) -> dict:
     student with another one."""
     from kd_core.run import load_model_tokenizer
 
-    if model_name == cfg.teacher.name and cfg.teacher.model.endpoint is not None:
-        from kd_core.served_teacher import served_metrics
+    if cfg.is_served(model_name):
+        from kd_core.teachers.served import served_metrics
 
         log.info("%s: served by another process (%s): not evaluated here (no generation metrics)", model_name,
                  (metrics := served_metrics(cfg))["endpoint"])
@@ -167,9 +167,13 @@ def _agreement_with_teacher(cfg, paths, student, tokenizer, model_name: str) -> 
     test_ds = _encoded_split(cfg, paths, tokenizer, "test")
     if not len(test_ds):
         return {}
-    if cfg.teacher.model.endpoint is not None:
-        return _agreement_with_served_teacher(cfg, student, tokenizer, test_ds, model_name)
-    teacher = load_checkpoint(paths.model(cfg.teacher.name))
+    from kd_core.teachers.factory import teacher_of
+
+    vocab = min(len(tokenizer), student.get_output_embeddings().weight.shape[0])
+    source = teacher_of(cfg, paths, cfg.teacher.name, vocab)
+    if source.model is None:  # served by another process: its top-k log-probs only
+        return _agreement_with_served_teacher(cfg, student, tokenizer, test_ds, model_name, source)
+    teacher = source.model
     test_rows = read_jsonl(paths.split("test"))
     stats = collect_token_stats(student, teacher, list(batches(test_ds, tokenizer.pad_token_id, 32)))
     out = {"test/top1_agreement": top1_agreement(stats), "test/top1_agreement_tokens": top1_agreement_tokens(stats),
@@ -192,19 +196,16 @@ def _agreement_with_teacher(cfg, paths, student, tokenizer, model_name: str) -> 
     return out
 
 
-def _agreement_with_served_teacher(cfg, student, tokenizer, test_ds, model_name: str) -> dict:
+def _agreement_with_served_teacher(cfg, student, tokenizer, test_ds, model_name: str, teacher) -> dict:
     """`_agreement_with_teacher` against a teacher served by another process, from its top-k log-probs
     (`teacher.model.endpoint.top_k`): top-1 agreement (exact) and KL(p || q) over its top-k + a tail bucket
     (`test/kl_teacher_student_topk`, an approximation from below). The UNC buckets and ExAccErr need its full
     distribution and its samples: left out."""
     from kd_core.evaluation.teacher_forcing import collect_topk_token_stats, top1_agreement, top1_agreement_tokens
-    from kd_core.served_teacher import served_teacher
 
-    vocab = min(len(tokenizer), student.get_output_embeddings().weight.shape[0])
-    teacher = served_teacher(cfg, cfg.teacher.name, vocab)
     stats = collect_topk_token_stats(student, teacher.signal, batches(test_ds, tokenizer.pad_token_id, 32))
     log.info("%s: the teacher is served by another process: agreement and top-%d KL from its log-probs; no UNC "
              "buckets, no ExAccErr (they need its full distribution / its samples)", model_name,
-             cfg.teacher.model.endpoint.top_k)
+             teacher.endpoint.top_k)
     return {"test/top1_agreement": top1_agreement(stats), "test/top1_agreement_tokens": top1_agreement_tokens(stats),
             "test/kl_teacher_student_topk": float(stats.kl.mean())}

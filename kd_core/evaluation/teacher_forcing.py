@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from kd_core.data.tokenize import IGNORE_INDEX
-from kd_core.lm import causal_lm_logits, eval_mode, model_device, target_logprobs
+from kd_core.models.lm import causal_lm_logits, eval_mode, model_device, target_logprobs
 from kd_core.losses.divergences import fkl
 from kd_core.losses.sparse import sparse_token_divergence
 from kd_core.losses.tokens import shared_vocab
 
 if TYPE_CHECKING:
-    from kd_core.teacher import TopKTeacherSignal
+    from kd_core.teachers.signal import TopKTeacherSignal
 
 __all__ = ["TokenStats", "collect_token_stats", "collect_topk_token_stats", "top1_agreement", "top1_agreement_tokens",
            "unc_buckets"]
@@ -167,7 +167,7 @@ def collect_topk_token_stats(
     batches: Iterable[Mapping[str, torch.Tensor]],
 ) -> TokenStats:
     """``collect_token_stats`` against a teacher known by its top-k log-probs at temperature 1 (a teacher served by
-    another process: ``teacher_signal(batch)``, e.g. :meth:`kd_core.served_teacher.ServedTeacher.signal`, gives the
+    another process: ``teacher_signal(batch)``, e.g. :meth:`kd_core.teachers.served.ServedTeacher.signal`, gives the
     batch's response positions in the same order). Agreement compares the student's argmax (over the teacher's
     vocabulary) with the teacher's top-1 id, exact for any k >= 1; ``kl`` is KL(p~ || q~) over the teacher's k
     tokens + one tail bucket (:mod:`kd_core.losses.sparse`: <= the full KL, equal at k = V); ``unc`` and

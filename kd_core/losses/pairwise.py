@@ -27,7 +27,7 @@ from kd_core.losses.divergences import upcast
 from kd_core.losses.tokens import logprobs
 
 if TYPE_CHECKING:
-    from kd_core.lm import HeadInputs
+    from kd_core.models.lm import HeadInputs
 
 __all__ = ["pair_rows", "token_logprobs"]
 

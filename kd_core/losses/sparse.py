@@ -1,6 +1,6 @@
 """Divergences against a sparse teacher: its top-k log-probabilities plus one tail bucket.
 
-The teacher-logit cache (:mod:`kd_core.logit_cache`) keeps, per response token, the teacher's k most likely
+The teacher-logit cache (:mod:`kd_core.teachers.cache`) keeps, per response token, the teacher's k most likely
 tokens K with their log-probabilities log p_v (v in K) at temperature tau, and the log of the remaining mass
 log P_tail = log sum_{v not in K} p_v. A divergence is then computed between the two *coarsened*
 distributions over k + 1 categories, the k tokens and the tail bucket::

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 from kd_core.config.methods import MethodArgs, get_spec
 from kd_core.data.tokenize import IGNORE_INDEX
-from kd_core.lm import HeadInputs, lm_head_inputs
+from kd_core.models.lm import HeadInputs, lm_head_inputs
 from kd_core.losses.fused import fused_cross_entropy
 from kd_core.losses.tokens import reduce_tokens
-from kd_core.teacher import DenseTeacherSignal, TeacherSignal
+from kd_core.teachers.signal import TeacherSignal
+from kd_core.teachers.source import LiveTeacher, TeacherSource
 
 
 @dataclass
@@ -32,12 +33,13 @@ class StepContext:
 
     batch: input_ids / attention_mask / labels [B,T] (right padded, labels IGNORE_INDEX off the response).
     num_items: response tokens (labels[:, 1:] != IGNORE_INDEX) in the whole accumulated batch (all ranks).
+    teacher_source: where the teacher's distribution comes from (:mod:`kd_core.teachers.source`: a live model, the
+        cache, a served teacher, several combined); default: the live `teacher`.
     teacher: the teacher model (frozen, or wrapped by the method's `prepare`), for methods that need the model
-        itself (OKD, hidden states, generation); None when the teacher's signal comes from the cache.
-    teacher_signal: the teacher's logits on this batch (:mod:`kd_core.teacher`): the cached top-k when the
-        trainer has a teacher cache, else (default) the live teacher's dense logits, computed on first use.
-    teachers: a student's several teachers (`kd_core.multi_teacher.TeacherEnsemble`), whose combined signal is
-        `teacher_signal` (`teacher` is then the one that samples for on-policy methods: `students.<name>.teacher`).
+        itself (OKD, hidden states, generation): default `teacher_source.model` (None for the cache or a served
+        teacher; with several teachers, the one that samples for on-policy methods: `students.<name>.teacher`).
+    teacher_signal: the teacher's signal on this batch (:mod:`kd_core.teachers.signal`): default
+        `teacher_source.signal(batch)` (the live teacher's dense logits are computed on first use).
     progress: fraction of training done, in [0, 1] (for schedules).
     """
 
@@ -50,22 +52,22 @@ class StepContext:
     progress: float = 0.0
     state: dict[str, Any] = field(default_factory=dict)  # per-run scratch space owned by the method
     trainer: Any = None  # the DistillationTrainer (cost counters: teacher_forward_passes, generated_tokens)
-    teachers: Any = None
+    teacher_source: TeacherSource | None = None
 
     def __post_init__(self) -> None:
-        if self.teacher_signal is None and (self.teacher is not None or self.teachers is not None):
-            self.teacher_signal = self.signal_for(self.batch)
+        if self.teacher_source is None and self.teacher is not None:
+            self.teacher_source = LiveTeacher(self.teacher)
+        if self.teacher is None and self.teacher_source is not None:
+            self.teacher = self.teacher_source.model
+        if self.teacher_signal is None and self.teacher_source is not None:
+            self.teacher_signal = self.teacher_source.signal(self.batch)
 
     def signal_for(self, batch: dict[str, torch.Tensor]) -> TeacherSignal:
-        """The teacher's signal on `batch`: this micro-batch's own (`teacher_signal`), or a batch an on-policy method
-        rebuilt from generations (every teacher of the student, combined; the live teacher's logits)."""
+        """The teacher's signal on `batch`: this micro-batch's own (`teacher_signal`), or the source's on a batch an
+        on-policy method rebuilt from generations (every teacher of the student, combined)."""
         if batch is self.batch and self.teacher_signal is not None:
             return self.teacher_signal
-        if self.teachers is not None:
-            return self.teachers.signal(batch)
-        teacher = self.teacher
-        return DenseTeacherSignal(lambda: teacher_logits(teacher, batch),
-                                  head_inputs=lambda: teacher_head_inputs(teacher, batch))
+        return self.teacher_source.signal(batch)
 
 
 @dataclass
@@ -157,17 +159,11 @@ def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
 
 def fused_head_inputs(cfg, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> HeadInputs | None:
     """The student's last hidden states and LM head, for the fused losses (`kd_core.losses.fused`), when its config
-    asks for them (`fused_lm_head`) and the head is a plain projection (`kd_core.lm.lm_head_inputs`); None: use
+    asks for them (`fused_lm_head`) and the head is a plain projection (`kd_core.models.lm.lm_head_inputs`); None: use
     `model_logits`."""
     if not getattr(cfg, "fused_lm_head", False):
         return None
     return lm_head_inputs(model, batch["input_ids"], batch["attention_mask"])
-
-
-def teacher_head_inputs(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> HeadInputs | None:
-    """The frozen teacher's last hidden states and LM head (`kd_core.lm.lm_head_inputs`), without a graph."""
-    with torch.no_grad():
-        return lm_head_inputs(teacher, batch["input_ids"], batch["attention_mask"])
 
 
 def prediction_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -186,12 +182,6 @@ def response_positions(labels: torch.Tensor) -> torch.Tensor:
 def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits [B,T,V] of a causal LM on a batch (input_ids, attention_mask)."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
-def teacher_logits(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The frozen teacher's logits, without building a graph."""
-    with torch.no_grad():
-        return model_logits(teacher, batch)
 
 
 def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ import torch
 
 from kd_core.data.paired import PairedCollator
 from kd_core.losses.tokens import reduce_tokens
-from kd_core.methods.base import Method, model_logits, shifted, teacher_logits, token_ce
+from kd_core.methods.base import Method, model_logits, shifted, token_ce
+from kd_core.teachers.source import teacher_logits
 
 
 class CrossTokenizerMethod(Method):

@@ -38,7 +38,7 @@ from kd_core.losses.intermediate import (attention_divergence, hidden_state_loss
                                          scaled_position_mean)
 from kd_core.methods.base import (LossOutput, Method, StepContext, prediction_positions, register_method, shifted,
                                   token_ce)
-from kd_core.teacher import DenseTeacherSignal
+from kd_core.teachers.signal import DenseTeacherSignal
 
 
 # ----------------------------------------------------------------------------------------------- model helpers

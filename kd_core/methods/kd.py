@@ -8,7 +8,7 @@ divergence named by `divergence` (fkl = KL(p_T || q_S), rkl = KL(q_S || p_T), js
 `none` (default) c_τ = 1; `tau_squared` c_τ = τ², Hinton et al.'s factor and the OKD paper's eq. 2
 (forward KD = τ² Σ p_T log(p_T / q_S) with fkl); the logged `kd` is D without the factor.
 
-The teacher comes from `ctx.teacher_signal` (:mod:`kd_core.teacher`): the live teacher's logits (eval mode,
+The teacher comes from `ctx.teacher_signal` (:mod:`kd_core.teachers.signal`): the live teacher's logits (eval mode,
 no gradients), or with `teacher_cache.enabled` its cached top-k log-probs + tail mass, where D is taken on
 the top-k + tail coarsening (:mod:`kd_core.losses.sparse`, exact when top_k = V). Either way D is computed
 in chunks of response positions (no full B×T×V temporaries). With `fused_lm_head` (default) D (and the CE) are

@@ -17,11 +17,11 @@ import torch
 from kd_core.config.methods import MiniLLMArgs
 from kd_core.losses.divergences import rkl
 from kd_core.losses.tokens import logprobs, reduce_tokens, shared_vocab
-from kd_core.methods.base import (LossOutput, StepContext, model_logits, register_method, shifted, teacher_logits,
-                                  token_ce)
+from kd_core.methods.base import LossOutput, StepContext, model_logits, register_method, shifted, token_ce
 from kd_core.methods.batches import extract_prompts, generation_batch, reference_token_count
 from kd_core.methods.onpolicy import OnPolicyMethod, generation_settings, token_mean_scaled
 from kd_core.methods.rollouts import count_generation, sample
+from kd_core.teachers.source import teacher_logits
 
 
 def discounted_future(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, include_current: bool) -> torch.Tensor:

@@ -46,7 +46,7 @@ from kd_core.losses.divergences import get_divergence
 from kd_core.losses.tokens import logprobs, reduce_tokens, shared_vocab, temperature_factor
 from kd_core.methods.base import (LossOutput, Method, StepContext, prediction_positions, register_method, shifted,
                                   token_ce)
-from kd_core.teacher import DenseTeacherSignal
+from kd_core.teachers.signal import DenseTeacherSignal
 
 ARTIFACT_DIR = "okd_online_module"
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kd_core.lm import length_limit, shared_vocab_size
+from kd_core.models.lm import length_limit, shared_vocab_size
 from kd_core.losses.tokens import masked_token_sum_and_count, reduce_tokens
 from kd_core.methods.base import (LossOutput, Method, StepContext, fused_head_inputs, fused_reference_ce, mix_with_ce,
                                   mix_with_fused_ce, model_logits, prediction_positions, response_positions, shifted,

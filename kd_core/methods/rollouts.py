@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kd_core.data.tokenize import left_pad
 from kd_core.generation import new_tokens
-from kd_core.lm import eval_mode, model_device, position_ids_from_mask
+from kd_core.models.lm import eval_mode, model_device, position_ids_from_mask
 
 
 @dataclass

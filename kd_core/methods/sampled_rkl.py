@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kd_core.lm import shared_vocab_size
+from kd_core.models.lm import shared_vocab_size
 from kd_core.losses.onpolicy_kl import sampled_kl_value, sampled_rkl_loss
 from kd_core.losses.pairwise import token_logprobs
 from kd_core.losses.tokens import reduce_tokens

@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kd_core.lm import HeadInputs
+from kd_core.models.lm import HeadInputs
 from kd_core.methods.base import (LossOutput, StepContext, fused_head_inputs, mix_with_ce, mix_with_fused_ce,
-                                  model_logits, response_positions, shifted, teacher_head_inputs, teacher_logits)
+                                  model_logits, response_positions, shifted)
 from kd_core.methods.batches import extract_prompts, generation_batch
+from kd_core.teachers.source import teacher_head_inputs, teacher_logits
 from kd_core.methods.onpolicy import OnPolicyMethod, generation_settings
 from kd_core.methods.rollouts import count_generation, sample
 

@@ -32,8 +32,8 @@ def _warm_up() -> None:
 
     for declaration in DECLARATIONS:
         importlib.import_module(f"kd_core.stages.{declaration.name}")
-    for module in ("kd_core.methods", "kd_core.training", "kd_core.evaluation.run", "kd_core.evaluation.compare",
-                   "kd_core.logit_cache", "kd_core.generation", "mlflow.transformers", "peft",
+    for module in ("kd_core.methods", "kd_core.training.trainer", "kd_core.evaluation.run", "kd_core.evaluation.compare",
+                   "kd_core.teachers.cache", "kd_core.generation", "mlflow.transformers", "peft",
                    "transformers.models.gpt2.modeling_gpt2", "transformers.models.llama.modeling_llama"):
         with contextlib.suppress(ImportError):
             importlib.import_module(module)

@@ -142,7 +142,7 @@ def check_key(stage: Stage, cfg, key: str | None) -> None:
 def run_stage(name: str, cfg, key: str | None = None) -> dict:
     """Run one stage (for one key) on the run folder of `cfg`, holding the folder's lock (`run.run_lock`)."""
     from kd_core.errors import PreflightError
-    from kd_core.preflight import check_tracking, server_lost, tracking_uri
+    from kd_core.training.preflight import check_tracking, server_lost, tracking_uri
     from kd_core.run import RunPaths, run_lock
 
     stage = get_stage(name)

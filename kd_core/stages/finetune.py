@@ -8,7 +8,7 @@ import json
 from kd_core.config import PipelineConfig
 from kd_core.io import atomic_dir, link_tree, write_json_atomic, write_text_atomic
 from kd_core.model_card import card_tags, model_card
-from kd_core.preflight import preflight
+from kd_core.training.preflight import preflight
 from kd_core.run import RunPaths, is_main_process, load_model_tokenizer, load_train_set, require, training_seed
 
 
@@ -27,8 +27,8 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     else:  # (torch, the trainer and MLflow only here: the stage of a student without fine-tuning starts light)
         from kd_core import tracking
         from kd_core.methods import get_method
-        from kd_core.models import load_checkpoint
-        from kd_core.training import train
+        from kd_core.models.build import load_checkpoint
+        from kd_core.training.trainer import train
 
         tokenizer = load_model_tokenizer(paths, student_cfg.name, src)  # the student's own (saved with it)
         model = load_checkpoint(src)

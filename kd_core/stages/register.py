@@ -92,7 +92,7 @@ def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
     version = data_version(paths)
     teacher_info = json.loads(paths.train_info(cfg.teacher.name).read_text())
     registered: dict = {"versions": {}}
-    if cfg.teacher.model.endpoint is not None:
+    if cfg.is_served(cfg.teacher.name):
         why = f"served by another process ({teacher_info['served']['url']}): no weights here, not registered"
         registered["not_registered"] = {cfg.teacher.name: why}
         log.info("%s: %s", cfg.teacher.name, why)

@@ -8,11 +8,11 @@ from kd_core.config import PipelineConfig
 from kd_core.io import atomic_dir, write_json_atomic, write_text_atomic
 from kd_core.methods import get_method
 from kd_core.model_card import card_tags, model_card
-from kd_core.models import count_parameters, make_model, set_generation_defaults
-from kd_core.preflight import preflight
+from kd_core.models.build import count_parameters, make_model, set_generation_defaults
+from kd_core.training.preflight import preflight
 from kd_core.run import (RunPaths, is_main_process, load_run_tokenizer, load_source_tokenizer, load_train_set,
                          n_positions, training_seed)
-from kd_core.training import train
+from kd_core.training.trainer import train
 
 
 def _with_lora(model, lora_cfg):
@@ -31,8 +31,8 @@ def _save(model, tokenizer, out_dir) -> None:
 def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
     """Supervised fine-tuning of the teacher (full or LoRA), or materialise a given checkpoint as is."""
     teacher_cfg = cfg.teacher
-    if teacher_cfg.model.endpoint is not None:  # served by another process: what it is, and the run's tokenizer
-        from kd_core.served_teacher import save_served_teacher
+    if cfg.is_served(teacher_cfg.name):  # served by another process: what it is, and the run's tokenizer
+        from kd_core.teachers.served import save_served_teacher
 
         return save_served_teacher(cfg, paths)
     out_dir = paths.model(teacher_cfg.name)

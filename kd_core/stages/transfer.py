@@ -15,7 +15,7 @@ from kd_core.data.tokenize import EncodedDataset, batches, encode_example, encod
 from kd_core.errors import DataError
 from kd_core.generation import generate
 from kd_core.io import read_jsonl, write_json_atomic, write_jsonl_atomic
-from kd_core.lm import response_logprobs
+from kd_core.models.lm import response_logprobs
 from kd_core.run import RunPaths, load_model, load_model_tokenizer, require
 
 

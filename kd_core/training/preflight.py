@@ -26,7 +26,7 @@ from kd_core.errors import ConfigError, KDError, PreflightError, TrackingLost, T
 HEALTH_TIMEOUT_S = 5.0
 # Adam keeps two fp32 moments per parameter: a resume checkpoint is weights + 2x weights (+ small files)
 OPTIMIZER_STATE_FACTOR = 2
-# Trainer's save_total_limit (kd_core/training.py); one more is being written when the oldest is deleted
+# Trainer's save_total_limit (kd_core/training/trainer.py); one more is being written when the oldest is deleted
 CHECKPOINTS_KEPT = 2
 DISK_MARGIN = 1.2
 
@@ -176,7 +176,7 @@ def preflight(cfg: PipelineConfig, stage: str, *, model, tokenizer, training: Tr
     """All checks before a training stage (the tracking store was checked before the stage started); raises one
     `PreflightError` naming the stage and the problem. `teacher_tokenizer`: the teacher's own, for a method that
     distils across tokenizers (each model is checked against its own tokenizer)."""
-    from kd_core.models import ModelError, check_vocab_compatible, count_parameters
+    from kd_core.models.build import ModelError, check_vocab_compatible, count_parameters
 
     try:
         check_writable(Path(out_dir).parent, Path(cfg.run_dir) / "train_info")

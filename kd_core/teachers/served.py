@@ -1,8 +1,8 @@
 """A teacher served by another process (`teacher.model.endpoint`, kd_core/config/endpoint.py): its top-k log-probs
 per response token, asked of an OpenAI-compatible `POST /v1/completions` as vLLM serves it, in the representation of
-the teacher-logit cache (:mod:`kd_core.logit_cache`): top-k log-probs in descending order, their token ids, and the
+the teacher-logit cache (:mod:`kd_core.teachers.cache`): top-k log-probs in descending order, their token ids, and the
 log of the tail mass, log(1 − Σ_topk p). The cache (`cache_teacher`) and the live `kd` / `atkd` students
-(:meth:`ServedTeacher.signal`, a :class:`~kd_core.teacher.TopKTeacherSignal`) read it the same way.
+(:meth:`ServedTeacher.signal`, a :class:`~kd_core.teachers.signal.TopKTeacherSignal`) read it the same way.
 
 What is sent: the student's token ids as token-id prompts (`prompt: [[ids], ...]`, `endpoint.batch_size` prompts a
 request), `max_tokens: 1`, and `prompt_logprobs: k` (vLLM's extension; the answer `choices[i].prompt_logprobs` has one
@@ -28,7 +28,8 @@ import torch
 
 from kd_core.data.tokenize import IGNORE_INDEX
 from kd_core.errors import EndpointError, EndpointUnreachable, UserError
-from kd_core.teacher import TopKTeacherSignal
+from kd_core.teachers.signal import TopKTeacherSignal
+from kd_core.teachers.source import TeacherSource
 
 if TYPE_CHECKING:
     from kd_core.config import PipelineConfig
@@ -36,8 +37,7 @@ if TYPE_CHECKING:
     from kd_core.data.tokenize import EncodedDataset
     from kd_core.run import RunPaths
 
-__all__ = ["ENDPOINT_FILE", "ServedTeacher", "completions_url", "save_served_teacher", "served_metrics",
-           "served_teacher"]
+__all__ = ["ENDPOINT_FILE", "ServedTeacher", "completions_url", "save_served_teacher", "served_metrics"]
 
 ENDPOINT_FILE = "endpoint.json"  # in models/<teacher>: what the train_teacher stage records of a served teacher
 Example = tuple[list[int], list[int]]  # (input_ids, labels), unpadded
@@ -55,9 +55,13 @@ def _shown(url: str) -> str:
     return urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), parts.path, "", ""))
 
 
-class ServedTeacher:
-    """The client of one endpoint. ``vocab_size``: the vocabulary shared with the student (the rows' normalisation,
-    as the cache's); a returned token id outside it is an error."""
+class ServedTeacher(TeacherSource):
+    """The client of one endpoint, a :class:`~kd_core.teachers.source.TeacherSource` (its top-k per batch, no model
+    here). ``vocab_size``: the vocabulary shared with the student (the rows' normalisation, as the cache's); a
+    returned token id outside it is an error."""
+
+    top_k_only = True
+    what = "a served teacher's top-k"
 
     def __init__(self, endpoint: EndpointConfig, vocab_size: int):
         self.endpoint, self.vocab_size = endpoint, int(vocab_size)
@@ -168,26 +172,20 @@ class ServedTeacher:
                 torch.tensor(tails, dtype=torch.float32), counts)
 
     def build_cache(self, dataset: EncodedDataset, top_k: int) -> dict[str, torch.Tensor]:
-        """:func:`kd_core.logit_cache.build_cache`'s tensors, from the endpoint."""
+        """:func:`kd_core.teachers.cache.build_cache`'s tensors, from the endpoint."""
         lps, ids, tails, counts = self.rows([(ex.input_ids, ex.labels) for ex in dataset.examples], top_k)
         return {"top_logprobs": lps, "top_ids": ids.to(torch.int32), "tail_logmass": tails,
                 "offsets": torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)}
 
     def signal(self, batch: dict[str, torch.Tensor]) -> TopKTeacherSignal:
-        """The live teacher's signal on a right-padded batch (a :class:`~kd_core.multi_teacher.TeacherEnsemble`
-        member): its top-``endpoint.top_k`` at temperature 1, on the batch's device."""
+        """The served teacher's signal on a right-padded batch: its top-``endpoint.top_k`` at temperature 1, on the
+        batch's device."""
         lengths = batch["attention_mask"].sum(1).tolist()
         ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
         lps, top_ids, tails, _ = self.rows([(ids[i, :n].tolist(), labels[i, :n].tolist())
                                             for i, n in enumerate(lengths)], self.endpoint.top_k)
         device = batch["input_ids"].device
         return TopKTeacherSignal(lps.to(device), top_ids.to(device), tails.to(device), self.vocab_size, 1.0)
-
-
-def served_teacher(cfg: PipelineConfig, name: str, vocab_size: int) -> ServedTeacher | None:
-    """The client of model `name` when it is the teacher served by another process, else None."""
-    endpoint = cfg.teacher.model.endpoint
-    return ServedTeacher(endpoint, vocab_size) if endpoint is not None and name == cfg.teacher.name else None
 
 
 def served_metrics(cfg: PipelineConfig) -> dict:

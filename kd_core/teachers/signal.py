@@ -25,8 +25,8 @@ from kd_core.losses.tokens import logprobs
 from kd_core.losses.sparse import coarsen_with_target
 
 if TYPE_CHECKING:
-    from kd_core.lm import HeadInputs
-    from kd_core.logit_cache import TeacherLogitCache
+    from kd_core.models.lm import HeadInputs
+    from kd_core.teachers.cache import TeacherLogitCache
 
 __all__ = ["TeacherSignal", "DenseTeacherSignal", "TopKTeacherSignal"]
 
@@ -47,7 +47,7 @@ class TeacherSignal:
     def fused_divergence(self, student: HeadInputs, positions: Tensor, name: str, temperature: float = 1.0,
                          **params: float) -> Tensor:
         """:meth:`divergence` from the student's last hidden states ``[B, T, H]`` and LM head
-        (:func:`kd_core.lm.lm_head_inputs`) instead of its logits: ``[B, T]``, gradients to the hidden states and
+        (:func:`kd_core.models.lm.lm_head_inputs`) instead of its logits: ``[B, T]``, gradients to the hidden states and
         the head, the batch's logits never formed (:mod:`kd_core.losses.fused`)."""
         raise NotImplementedError
 
@@ -152,7 +152,7 @@ class DenseTeacherSignal(TeacherSignal):
 
 
 class TopKTeacherSignal(TeacherSignal):
-    """The teacher's cached top-k (:mod:`kd_core.logit_cache`) for the N positions of a micro-batch:
+    """The teacher's cached top-k (:mod:`kd_core.teachers.cache`) for the N positions of a micro-batch:
     top_logprobs ``[N, k]``, top_ids ``[N, k]`` (int64), tail_logmass ``[N]`` (log of the mass outside the
     top-k, -inf when k = V), normalised over ``vocab_size`` tokens at ``temperature``. Divergences are taken
     between the teacher and the student coarsened to the k tokens + one tail bucket

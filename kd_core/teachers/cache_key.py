@@ -1,4 +1,4 @@
-"""The teacher-logit cache's key and manifest (:mod:`kd_core.logit_cache` has the format and the cache itself):
+"""The teacher-logit cache's key and manifest (:mod:`kd_core.teachers.cache` has the format and the cache itself):
 what a student's cache must have been produced from, and what a cache folder says it was. No torch here, so that
 the `cache_teacher` stage of a student without a cache (a manifest only) starts light."""
 
@@ -47,7 +47,7 @@ def cache_key(cfg: PipelineConfig, paths: RunPaths, student_name: str, teacher: 
     teacher_dir = require(paths.model(teacher), f"model {teacher!r}", "training stages of that model")
     data = require(paths.split(sc.train_data), f"data {sc.train_data!r}", "prepare (or transfer)")
     tokenizer_size = len(load_run_tokenizer(paths))
-    served = teacher == cfg.teacher.name and cfg.teacher.model.endpoint is not None  # (its tokenizer's vocabulary)
+    served = cfg.is_served(teacher)  # (its tokenizer's vocabulary)
     teacher_vocab = tokenizer_size if served else _vocab_of_checkpoint(teacher_dir)
     return {
         "format": FORMAT,

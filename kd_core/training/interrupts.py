@@ -10,7 +10,7 @@ own handler ends the flow run and sends SIGTERM again once the task threads are 
 A stage the flow runs as a process of its own (side by side with others, or under torchrun / deepspeed:
 `kd_core.launcher.run_command`) gets every SIGTERM passed on (`forwarding_sigterm`), so it stops the same way.
 
-The callbacks that act on these are in kd_core/training_callbacks.py (this module imports no torch: the CLI
+The callbacks that act on these are in kd_core/training/callbacks.py (this module imports no torch: the CLI
 installs the handler before anything heavy is loaded).
 
 Test hooks (environment variables read when training starts, naming the model folder by its trailing parts):

@@ -1,6 +1,6 @@
-"""The Trainer callbacks of `kd_core.training.train`: the method's extra trainable modules (their gradients,
+"""The Trainer callbacks of `kd_core.training.trainer.train`: the method's extra trainable modules (their gradients,
 optimizer and checkpoint files), metrics and the progress bar, cancellation (`StopAtNextStep`, see
-kd_core/interrupts.py) and the fault hooks of the tests."""
+kd_core/training/interrupts.py) and the fault hooks of the tests."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from kd_core.interrupts import (DIE_AFTER_CHECKPOINT_ENV, DISK_FULL_AFTER_CHECKPOINT_ENV,
+from kd_core.training.interrupts import (DIE_AFTER_CHECKPOINT_ENV, DISK_FULL_AFTER_CHECKPOINT_ENV,
                                 SIGTERM_AT_STEP_ENV, cancel_requested, hook_step)
 from kd_core.io import write_checksums
 from kd_core.methods.base import Method

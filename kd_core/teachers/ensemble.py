@@ -1,5 +1,5 @@
 """Several teachers of one student (`students.<name>.teachers: {model: weight}`): their signals combined into one
-:class:`~kd_core.teacher.TeacherSignal`, so that every method written against ``ctx.teacher_signal`` (and the
+:class:`~kd_core.teachers.signal.TeacherSignal`, so that every method written against ``ctx.teacher_signal`` (and the
 on-policy methods' ``ctx.signal_for(batch)``) distills from all of them unchanged.
 
 With weights w_k (> 0, normalised to Σ_k w_k = 1), teacher k's next-token distribution p_k, the student's q (all
@@ -12,7 +12,7 @@ at the method's temperature τ) and D the method's divergence (argument order of
   shared by all models). A cached teacher enters as :func:`~kd_core.losses.sparse.spread_tail` (its top-k, its tail
   mass spread evenly over its other V − k tokens), and p̄ and q are then coarsened to the union U of the cached
   teachers' top-k ids + one tail bucket (:func:`~kd_core.losses.sparse.coarsen_to`): exact when every k = V, and
-  with one teacher exactly that teacher's :class:`~kd_core.teacher.TopKTeacherSignal`.
+  with one teacher exactly that teacher's :class:`~kd_core.teachers.signal.TopKTeacherSignal`.
 
 For fkl (live teachers) the two differ by a constant: D_sum − D_mix = Σ_k w_k KL(p_k || p̄) ≥ 0, the teachers'
 disagreement, which does not depend on q, so both give the student the same gradient; for other divergences
@@ -23,7 +23,6 @@ UNC = 1 − p̄_g under either combine; its TKD/DKD parts are weighted sums (sum
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
@@ -34,10 +33,11 @@ from kd_core.losses.divergences import get_divergence
 from kd_core.losses.fused import fused_rows
 from kd_core.losses.sparse import coarsen_to, spread_tail
 from kd_core.losses.tokens import logprobs
-from kd_core.teacher import DenseTeacherSignal, TeacherSignal, TopKTeacherSignal
+from kd_core.teachers.signal import DenseTeacherSignal, TeacherSignal, TopKTeacherSignal
+from kd_core.teachers.source import TeacherSource
 
 if TYPE_CHECKING:
-    from kd_core.lm import HeadInputs
+    from kd_core.models.lm import HeadInputs
 
 __all__ = ["COMBINES", "MultiTeacherSignal", "TeacherEnsemble"]
 
@@ -47,7 +47,7 @@ Batch = dict[str, Tensor]
 
 class MultiTeacherSignal(TeacherSignal):
     """Teachers' signals (dense or top-k, any mix) with weights ``[w_k]`` (normalised here) and a combine
-    (module docstring). Positions and shapes as :class:`~kd_core.teacher.TeacherSignal`."""
+    (module docstring). Positions and shapes as :class:`~kd_core.teachers.signal.TeacherSignal`."""
 
     def __init__(self, signals: list[TeacherSignal], weights: list[float], combine: Literal["sum", "mixture"] = "sum"):
         if not signals or len(signals) != len(weights) or any(not w > 0 for w in weights):
@@ -155,33 +155,35 @@ class MultiTeacherSignal(TeacherSignal):
         return min(s.shared_vocab_size(student_vocab) for s in self.signals)
 
 
-@dataclass
-class TeacherEnsemble:
-    """A student's teachers for training, with their weights and the combine. A member is a live model (its dense
-    logits, or hidden states and head, computed on first use), a :class:`kd_core.logit_cache.TeacherLogitCache`
-    (its rows of the batch), or any object with ``signal(batch) -> TeacherSignal`` (a served teacher).
-    ``signal(batch)`` is what the trainer puts in ``ctx.teacher_signal`` and what on-policy methods get for the
-    batches they rebuild (``StepContext.signal_for``)."""
+class TeacherEnsemble(TeacherSource):
+    """A student's several teachers, with their weights (normalised by :class:`MultiTeacherSignal`) and the combine:
+    ``members``: teacher name -> its :class:`~kd_core.teachers.source.TeacherSource` (a live model, the cache, a
+    served teacher).
+    ``signal(batch)`` is their combined signal; ``model``: the one of them that samples for on-policy methods
+    (`students.<name>.teacher`) when it is a live model, else None."""
 
-    members: list
-    weights: list[float]
-    combine: Literal["sum", "mixture"] = "sum"
+    several = True
+
+    def __init__(self, members: dict[str, TeacherSource], weights: list[float],
+                 combine: Literal["sum", "mixture"] = "sum", model: torch.nn.Module | None = None):
+        self.names, self.members = list(members), list(members.values())
+        self.weights, self.combine, self.model = list(weights), combine, model
 
     @property
-    def models(self) -> list[torch.nn.Module]:
+    def top_k_only(self) -> bool:
+        return any(m.top_k_only for m in self.members)
+
+    @property
+    def live_models(self) -> list[torch.nn.Module]:
         """The live teachers (the trainer places them; each runs on every batch)."""
-        return [m for m in self.members if isinstance(m, torch.nn.Module)]
+        return [model for m in self.members for model in m.live_models]
 
     def signal(self, batch: Batch) -> MultiTeacherSignal:
-        return MultiTeacherSignal([_member_signal(m, batch) for m in self.members], self.weights, self.combine)
+        return MultiTeacherSignal([m.signal(batch) for m in self.members], self.weights, self.combine)
 
+    def using(self, model: torch.nn.Module | None) -> TeacherEnsemble:
+        return TeacherEnsemble(dict(zip(self.names, self.members)), self.weights, self.combine, model)
 
-def _member_signal(member, batch: Batch) -> TeacherSignal:
-    if isinstance(member, torch.nn.Module):
-        from kd_core.methods.base import teacher_head_inputs, teacher_logits
-
-        return DenseTeacherSignal(lambda: teacher_logits(member, batch),
-                                  head_inputs=lambda: teacher_head_inputs(member, batch))
-    if hasattr(member, "rows_for"):
-        return TopKTeacherSignal.from_cache(member, batch, batch["input_ids"].device)
-    return member.signal(batch)
+    def describe(self) -> dict:
+        return self.members[0].describe() | {"teachers": dict(zip(self.names, self.weights)),
+                                             "teacher_combine": self.combine}

@@ -9,7 +9,7 @@
   over the vocabulary shared by teacher and student (as :func:`kd_core.losses.tokens.shared_vocab`).
 * `manifest.json`: the key (what produced it: teacher weights, tokenizer and data hashes, template, which
   tokens are response tokens, temperature, k, shared vocabulary). A cache is used only when its key equals
-  the one the current config and files give (the key and the manifest: :mod:`kd_core.logit_cache_key`).
+  the one the current config and files give (the key and the manifest: :mod:`kd_core.teachers.cache_key`).
 
 Rows are read per batch by content (a hash of each row's token ids and labels), so any sampler order,
 micro-batching or data-parallel sharding finds its rows, and a row missing from the cache is an error.
@@ -29,7 +29,7 @@ from kd_core.losses.tokens import logprobs
 from kd_core.losses.sparse import top_k_with_tail
 from kd_core.errors import CacheError
 from kd_core.io import checksum_problem
-from kd_core.logit_cache_key import TENSORS, read_manifest
+from kd_core.teachers.cache_key import TENSORS, read_manifest
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -66,7 +66,7 @@ def example_key(input_ids: list[int], labels: list[int]) -> bytes:
 
 class TeacherLogitCache:
     """A student's cache in memory, indexed by example content; `rows_for(batch)` gives a batch's rows
-    (:class:`kd_core.teacher.TopKTeacherSignal` wraps them for the methods). `vocab_size`: the vocabulary
+    (:class:`kd_core.teachers.signal.TopKTeacherSignal` wraps them for the methods). `vocab_size`: the vocabulary
     the log-probs are normalised over; `temperature`: the one they are at; `key`: what produced the cache."""
 
     def __init__(self, folder: Path, dataset: EncodedDataset):

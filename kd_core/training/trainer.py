@@ -28,15 +28,13 @@ from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainingArgu
 from kd_core.config import TrainingConfig
 from kd_core.data.tokenize import IGNORE_INDEX, CausalCollator, EncodedDataset
 from kd_core.io import atomic_dir, checksum_problem, write_failure
-from kd_core.training_callbacks import (EXTRA_MODULES_FILE, ChecksumCheckpoint, ExtraModulesCheckpoint,
+from kd_core.training.callbacks import (EXTRA_MODULES_FILE, ChecksumCheckpoint, ExtraModulesCheckpoint,
                                         ExtraModulesStep, MetricsCallback, ProgressBar, StopAtNextStep, test_hooks)
 from kd_core.errors import Cancelled, TrainingDiverged
 from kd_core.methods.base import Method, StepContext
-from kd_core.teacher import TopKTeacherSignal
 
 if TYPE_CHECKING:
-    from kd_core.logit_cache import TeacherLogitCache
-    from kd_core.multi_teacher import TeacherEnsemble
+    from kd_core.teachers.source import TeacherSource
 
 
 @dataclass
@@ -51,16 +49,13 @@ class TrainResult:
 
 
 class DistillationTrainer(Trainer):
-    """Asks `method` for each micro-batch's loss. The teacher's signal in the step context comes from
-    `teacher_cache` (its rows for the batch, on the batch's device) when given, else from the live `teacher`."""
+    """Asks `method` for each micro-batch's loss; the step context's teacher is `teacher`, a
+    :class:`~kd_core.teachers.source.TeacherSource` (its signal for the batch, its model where it has one)."""
 
-    def __init__(self, *args, method: Method, teacher: PreTrainedModel | None = None,
-                 teacher_cache: TeacherLogitCache | None = None, teachers: TeacherEnsemble | None = None, **kwargs):
+    def __init__(self, *args, method: Method, teacher: TeacherSource | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
         self.teacher = teacher
-        self.teacher_cache = teacher_cache
-        self.teachers = teachers
         self.method_state: dict = {}
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
@@ -74,13 +69,11 @@ class DistillationTrainer(Trainer):
         if num_items_in_batch is None:  # e.g. called outside the training loop
             num_items_in_batch = inputs["labels"][:, 1:].ne(IGNORE_INDEX).sum()
         max_steps = max(self.state.max_steps, 1)
-        signal = (TopKTeacherSignal.from_cache(self.teacher_cache, inputs, inputs["input_ids"].device)
-                  if self.teacher_cache is not None else None)  # (None: the live teacher's, see StepContext)
-        ctx = StepContext(student=model, batch=inputs, num_items=num_items_in_batch, teacher=self.teacher,
-                          teacher_signal=signal, teachers=self.teachers, tokenizer=self.processing_class,
+        ctx = StepContext(student=model, batch=inputs, num_items=num_items_in_batch, teacher_source=self.teacher,
+                          tokenizer=self.processing_class,
                           progress=self.state.global_step / max_steps, state=self.method_state, trainer=self)
         out = self.method.compute_loss(ctx)
-        live = len(self.teachers.models) if self.teachers is not None else int(self.teacher is not None)
+        live = len(self.teacher.live_models) if self.teacher is not None else 0
         self.teacher_forward_passes += live * inputs["input_ids"].shape[0]
         loss = out.loss
         if not torch.isfinite(loss.detach()).all():
@@ -180,7 +173,7 @@ def training_arguments(cfg: TrainingConfig, out_dir: Path, seed: int, epochs: fl
         deepspeed=cfg.deepspeed,
         bf16=cfg.precision == "bf16",
         fp16=cfg.precision == "fp16",
-        disable_tqdm=True,  # no Trainer bar or printed log dicts: our ProgressBar (kd_core.training_callbacks)
+        disable_tqdm=True,  # no Trainer bar or printed log dicts: our ProgressBar (kd_core.training.callbacks)
     )
 
 
@@ -247,47 +240,45 @@ def _place_method_modules(method: Method, teacher: torch.nn.Module | None, devic
 
 
 def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: TrainingConfig, out_dir: Path, *,
-          method: Method, seed: int, teacher: PreTrainedModel | None = None,
-          teacher_cache: TeacherLogitCache | None = None, teachers: TeacherEnsemble | None = None,
-          epochs: float | None = None, learning_rate: float | None = None, on_log=None, save=True,
+          method: Method, seed: int, teacher: TeacherSource | None = None, epochs: float | None = None, learning_rate: float | None = None, on_log=None, save=True,
           data_collator=None) -> TrainResult:
     """Train `model` with `method` and save it (safetensors + tokenizer) to `out_dir` atomically.
 
-    The teacher's signal: `teacher_cache` (a :class:`kd_core.logit_cache.TeacherLogitCache` for `dataset`;
-    only for methods with `reads_teacher_cache`), else the live `teacher` model (None for methods without a
-    teacher). A method that needs the model itself (OKD, hidden states, generation) gets `teacher`. Several
-    teachers (`teachers`, kd_core/multi_teacher.py; `teacher` then the one among them that samples): their
-    combined signal replaces the single teacher's. Checkpoints (if `cfg.save_steps`) go to
+    `teacher`: where the teacher's signal comes from (:mod:`kd_core.teachers.source`: a live model, the cache, a
+    served teacher, several combined; a top-k only for methods with `reads_teacher_cache`; None for methods
+    without a teacher). A method that needs the model itself (OKD, hidden states, generation) gets
+    `teacher.model`, after its `prepare`. Checkpoints (if `cfg.save_steps`) go to
     `out_dir.parent/.<name>-checkpoints`; a run started again resumes from the latest one. `data_collator`:
     default `CausalCollator` (a paired data set of a cross-tokenizer method: `kd_core.data.paired.PairedCollator`).
     """
-    if teacher_cache is not None and not method.reads_teacher_cache:
-        raise ValueError(f"method {method.name!r} cannot train on the teacher cache: it needs the live teacher")
+    if teacher is not None and teacher.top_k_only and not method.reads_teacher_cache:
+        raise ValueError(f"method {method.name!r} cannot train on {teacher.what}: it needs the live teacher")
     out_dir = Path(out_dir)
     ckpt_dir = out_dir.parent / f".{out_dir.name}-checkpoints"
     args = training_arguments(cfg, ckpt_dir, seed, epochs, learning_rate)
     callback = MetricsCallback(on_log)
-    if teachers is not None and cfg.teacher_sharding == "zero3":
+    if teacher is not None and teacher.several and cfg.teacher_sharding == "zero3":
         raise ValueError("training.teacher_sharding: 'zero3' shards one teacher; several teachers: use 'replicate'")
-    for frozen in {id(m): m for m in [teacher, *(teachers.models if teachers else [])] if m is not None}.values():
+    models = [teacher.model, *teacher.live_models] if teacher is not None else []
+    for frozen in {id(m): m for m in models if m is not None}.values():
         # frozen: eval mode, no gradients, in no optimizer; a full copy on every rank in the training precision:
         # it needs no fp32 master copy (OKD's online module, added by the method's setup below, is created in
         # fp32 by peft)
         frozen.to(args.device, dtype=PRECISION_DTYPES[cfg.precision]).eval().requires_grad_(False)
-    teacher = method.setup(model, teacher)
-    _place_method_modules(method, teacher, args.device)
+    teacher_model = method.setup(model, teacher.model if teacher is not None else None)
+    _place_method_modules(method, teacher_model, args.device)
     extras_step = ExtraModulesStep(method, args, own_optimizer=bool(cfg.deepspeed))
     callbacks = [callback, ProgressBar()] + ([extras_step] if extras_step.params else [])
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=data_collator or CausalCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, method=method, teacher=teacher, teacher_cache=teacher_cache, teachers=teachers,
+        processing_class=tokenizer, method=method, teacher=teacher.using(teacher_model) if teacher is not None else None,
         callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # (disable_tqdm's replacement for the bar: a print per log)
-    if teacher is not None and cfg.teacher_sharding == "zero3":
-        if any(p.requires_grad for p in teacher.parameters()):
+    if teacher_model is not None and cfg.teacher_sharding == "zero3":
+        if any(p.requires_grad for p in teacher_model.parameters()):
             raise ValueError(f"training.teacher_sharding: 'zero3' shards a frozen teacher, but method "
                              f"{method.name!r} trains parameters inside it (e.g. OKD's online module): use 'replicate'")
-        trainer.teacher = zero3_inference_engine(teacher, trainer.accelerator)
+        trainer.teacher = trainer.teacher.using(zero3_inference_engine(teacher_model, trainer.accelerator))
     extras = None
     if method.trainable_modules():
         extras = ExtraModulesCheckpoint(method.trainable_modules(), extras_step.optimizer)
