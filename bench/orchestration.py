@@ -138,7 +138,8 @@ def main() -> None:
     import mlflow
 
     import kd_core  # noqa: F401
-    from kd_core import stages, tracking
+    from kd_core import stages
+    from kd_core.tracking import runs
 
     body: dict[str, float] = defaultdict(float)  # stage name -> seconds in its function
     in_mlflow: dict[str, float] = defaultdict(float)  # tracking call -> seconds

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from kd_core.config import TrainingConfig, load_config
 from kd_core.errors import CacheError
-from kd_core.interrupts import DISK_FULL_AFTER_CHECKPOINT_ENV, KILL_TRACKING_ENV
+from kd_core.faults import DISK_FULL_AFTER_CHECKPOINT_ENV, KILL_TRACKING_ENV
 from kd_core.io import CHECKSUMS, checksum_problem, tree_hash
 from kd_core.prefect_server import free_port
 from kd_core.run import RunPaths

@@ -26,7 +26,7 @@ from kd_core.config import parse_config
 from kd_core.io import tree_hash
 from kd_core.run import RunPaths
 from kd_core.stages.graph import expand
-from kd_core.interrupts import DIE_AFTER_CHECKPOINT_ENV, SIGTERM_AT_STEP_ENV
+from kd_core.faults import DIE_AFTER_CHECKPOINT_ENV, SIGTERM_AT_STEP_ENV
 from kd_core.training import last_complete_checkpoint
 from tests.conftest import dvc_project, dvc_status, registered_versions, tiny_params
 

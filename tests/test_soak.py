@@ -1,6 +1,6 @@
 """The soak (issue 18, item 3): a scheduled deployment served by `kd serve` on a real `prefect server`, tracking
 on a real `mlflow server` (both on 127.0.0.1), in a git + DVC project of the tiny config; five runs fired back to
-back with `run_deployment`, one fault injected per run by the deterministic hooks of kd_core/interrupts.py:
+back with `run_deployment`, one fault injected per run by the deterministic hooks of kd_core/faults.py:
 
 1. clean: everything trains, one version per model;
 2. rows appended to the data file, SIGTERM at fkl's distillation step 1 (a cancellation): the flow run crashes
@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd_core.interrupts import DISK_FULL_AFTER_CHECKPOINT_ENV, KILL_TRACKING_ENV, SIGTERM_AT_STEP_ENV
+from kd_core.faults import DISK_FULL_AFTER_CHECKPOINT_ENV, KILL_TRACKING_ENV, SIGTERM_AT_STEP_ENV
 from tests.test_faults import MlflowServer
 from tests.test_servers import (BIN, CRON, KD, _prefect_client, _small_params, _start, _stop, _wait_for_deployment,
                                 _wait_healthy)

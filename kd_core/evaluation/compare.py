@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from kd_core import tracking
+from kd_core.tracking import registry, store
 from kd_core.evaluation.plots import plot_unc_buckets, size_quality_plot
 from kd_core.evaluation.stats import paired_on_common_ids
 from kd_core.io import atomic_dir, read_jsonl, write_json_atomic, write_text_atomic
@@ -50,7 +50,7 @@ def format_metric(metrics: dict, key: str, fmt: str) -> str:
 
 
 def collect_rows(cfg) -> list[dict]:
-    rows = tracking.version_rows(cfg.tracking.register_teacher_as) + tracking.version_rows(cfg.tracking.registered_model)
+    rows = registry.version_rows(cfg.tracking.register_teacher_as) + registry.version_rows(cfg.tracking.registered_model)
     for r in rows:
         r["label"] = f"{r['tags'].get('kd.model', '?')} ({r['name']} v{r['version']})"
     return rows
@@ -220,13 +220,13 @@ def build_report(cfg, paths) -> dict:
     out_dir: Path = paths.reports
     rows = collect_rows(cfg)
     if not any(r["name"] == cfg.tracking.registered_model for r in rows):  # (the teacher's alone: no comparison)
-        raise LookupError(f"no registered versions of {cfg.tracking.registered_model!r} at {tracking.tracking_uri(cfg)}")
+        raise LookupError(f"no registered versions of {cfg.tracking.registered_model!r} at {store.tracking_uri(cfg)}")
     key = cfg.tracking.champion.metric
     vs_sft = _vs_sft(cfg, rows, key)
     champion_set = key.split("/", 1)[0]  # the eval set of the champion metric
     main_set = champion_set if champion_set in cfg.evaluation.eval_sets else "test"
     g = cfg.evaluation.generation
-    md = ["# Registered models", "", f"Tracking store: `{tracking.tracking_uri(cfg)}`; CI = 95% bootstrap over "
+    md = ["# Registered models", "", f"Tracking store: `{store.tracking_uri(cfg)}`; CI = 95% bootstrap over "
           f"prompts (sampled metrics: per prompt the mean over {len(cfg.evaluation.sample_seeds)} sampling seeds at "
           f"T = {g.temperature:g}, top-p {g.top_p:g}); generation metrics on the `{main_set}` eval set "
           f"(champion metric `{key}`; every evaluated set has its section below).", "",

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from kd_core import tracking
 from kd_core.config import PipelineConfig
 from kd_core.run import RunPaths
+from kd_core.tracking import store
 
 
 def compare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     """Side-by-side table of registered versions (teacher and students), markdown + JSON + plot."""
     from kd_core.evaluation.compare import build_report
 
-    tracking.setup(cfg)
+    store.setup(cfg)
     return build_report(cfg, paths)
 
 

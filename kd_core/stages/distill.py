@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kd_core import tracking
+from kd_core.tracking import runs
 from kd_core.config import PipelineConfig
 from kd_core.io import write_json_atomic
 from kd_core.methods import get_method
@@ -64,7 +64,7 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     if teachers:
         info.update(teachers=student_cfg.teacher_weights(), teacher_combine=student_cfg.teacher_combine)
     params = student_cfg.model_dump(mode="json", exclude={"finetune"})
-    with tracking.stage_run(cfg, paths.root, "distill", student_cfg.name, params=params, main_only=True):
+    with runs.stage_run(cfg, paths.root, "distill", student_cfg.name, params=params, main_only=True):
         result = train(student, ds, tokenizer, student_cfg.training, paths.distilled(student_cfg.name), method=method,
                        seed=seed, teacher=teacher if live_teacher else None, teacher_cache=teacher_cache,
                        teachers=teachers, on_log=tracking.log_step,
@@ -72,7 +72,7 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
         info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
                     teacher_forward_passes=result.teacher_forward_passes, generated_tokens=result.generated_tokens,
                     dropped_overlong=dropped)
-        tracking.log_metrics(info)
+        runs.log_metrics(info)
     if is_main_process():
         write_json_atomic(paths.train_info(f"{student_cfg.name}.distill"), info)
     return info

@@ -7,7 +7,7 @@ import json
 
 from kd_core.config import PipelineConfig
 from kd_core.io import atomic_dir, link_tree, write_json_atomic, write_text_atomic
-from kd_core.model_card import card_tags, model_card
+from kd_core.tracking.model_card import card_tags, model_card
 from kd_core.preflight import preflight
 from kd_core.run import RunPaths, is_main_process, load_model_tokenizer, load_train_set, require, training_seed
 
@@ -25,7 +25,7 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
                 # its model card (a new file: a rename, never a write through a hard link into distilled/)
                 write_text_atomic(tmp / "README.md", model_card(cfg, student_cfg.name, card_tags(cfg, student_cfg.name, info)))
     else:  # (torch, the trainer and MLflow only here: the stage of a student without fine-tuning starts light)
-        from kd_core import tracking
+        from kd_core.tracking import runs
         from kd_core.methods import get_method
         from kd_core.models import load_checkpoint
         from kd_core.training import train
@@ -36,7 +36,7 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
                   out_dir=paths.model(student_cfg.name))
         ds, _ = load_train_set(cfg, paths, tokenizer, loss_on_prompt=student_cfg.training.loss_on_prompt)
         lr = student_cfg.training.learning_rate * student_cfg.finetune.lr_scale
-        with tracking.stage_run(cfg, paths.root, "finetune", student_cfg.name, params=student_cfg.finetune.model_dump(),
+        with runs.stage_run(cfg, paths.root, "finetune", student_cfg.name, params=student_cfg.finetune.model_dump(),
                                 main_only=True):
             result = train(model, ds, tokenizer, student_cfg.training, paths.model(student_cfg.name),
                            method=get_method("sft")(student_cfg), seed=training_seed(cfg, student_cfg.training.seed),

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from kd_core import tracking
+from kd_core.tracking import runs
 from kd_core.config import PipelineConfig
 from kd_core.data.tokenize import EncodedDataset, batches, encode_example, encode_prompt
 from kd_core.errors import DataError
@@ -154,7 +154,7 @@ def transfer(cfg: PipelineConfig, paths: RunPaths, set_name: str) -> dict:
         name = cfg.students[ts.source].teacher
         teacher_scores = partial(response_scores, model=load_model(paths, name),
                                  tokenizer=load_model_tokenizer(paths, name), cfg=cfg)
-    with tracking.stage_run(cfg, paths.root, "transfer", set_name, params=ts.model_dump()):
+    with runs.stage_run(cfg, paths.root, "transfer", set_name, params=ts.model_dump()):
         out_rows = _rows(ts, writer, labeled, pool, scope, teacher_scores)
         if not out_rows:
             raise DataError(f"transfer set {set_name!r}: {ts.source!r} generated only empty responses")
@@ -164,6 +164,6 @@ def transfer(cfg: PipelineConfig, paths: RunPaths, set_name: str) -> dict:
                 "labeled_rows": sum("generated_by" not in r for r in out_rows),
                 **stats, "tokens_per_s": stats["generated_tokens"] / stats["generation_seconds"]
                 if stats["generation_seconds"] else 0.0}
-        tracking.log_metrics(info)
+        runs.log_metrics(info)
     write_json_atomic(paths.train_info(f"transfer.{set_name}"), info)
     return info

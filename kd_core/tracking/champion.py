@@ -81,13 +81,13 @@ def decide(rows: list[dict], rule: ChampionRule, paired_test: Callable[[str, str
 def paired_registry_test(old_run: str, new_run: str, seed: int, set_name: str) -> dict | None:
     """Paired bootstrap of two registered versions' per-prompt sampled ROUGE-L on the prompts both were
     evaluated on (the `eval/<set>.jsonl` artifacts of their register runs); None when either has none."""
-    from kd_core import tracking
+    from kd_core.tracking import registry, runs
     from kd_core.evaluation.compare import prompt_scores
     from kd_core.evaluation.stats import paired_on_common_ids
 
     scores = []
     for run_id in (old_run, new_run):
-        with tracking.downloaded_artifact(run_id, f"eval/{set_name}.jsonl") as local:
+        with runs.downloaded_artifact(run_id, f"eval/{set_name}.jsonl") as local:
             if local is None:  # an older version without per-prompt scores
                 return None
             scores.append(prompt_scores(local))
@@ -97,12 +97,12 @@ def paired_registry_test(old_run: str, new_run: str, seed: int, set_name: str) -
 def update_champion(cfg: PipelineConfig, pinned_hash: str | None = None) -> dict:
     """Move alias `champion` of the student model to the best version by the rule in params, among the
     versions evaluated on the prompts hashed `pinned_hash`."""
-    from kd_core import tracking
+    from kd_core.tracking import registry, runs
 
     rule = cfg.tracking.champion
-    rows = tracking.version_rows(cfg.tracking.registered_model)
+    rows = registry.version_rows(cfg.tracking.registered_model)
     decision = decide(rows, rule, lambda old, new: paired_registry_test(old, new, cfg.seed, pinned_set(rule)),
                       pinned_hash)
     if decision["moved"]:
-        tracking.set_alias(cfg.tracking.registered_model, "champion", decision["version"])
+        registry.set_alias(cfg.tracking.registered_model, "champion", decision["version"])
     return decision
