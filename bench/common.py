@@ -18,7 +18,7 @@ from kd_core.data.tokenize import load_tokenizer
 from kd_core.methods import get_method
 from kd_core.models import make_model
 from kd_core.run import RunPaths, load_model, load_train_set, n_positions
-from kd_core.stages import run_stage
+from kd_core.pipeline.execute import run_stage
 from kd_core.stages.cache_teacher import load_for_training
 from kd_core.training import train
 

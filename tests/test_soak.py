@@ -61,7 +61,7 @@ def _soak_params() -> dict:
 def soak_servers(tmp_path, empty_stores):
     """A `prefect server` and a restartable `mlflow server` (tests/test_faults.py) on loopback ports; the base
     environment of the serving processes. Both stopped at teardown, also on failure."""
-    from kd_core.prefect_server import free_port
+    from tests.conftest import free_port
 
     root = tmp_path / "servers"
     (root / "mlflow").mkdir(parents=True)
@@ -88,7 +88,7 @@ def soak_servers(tmp_path, empty_stores):
 def _finished_nodes(cfg, nodes, task_runs) -> set[str]:
     """The nodes that finished in a flow run: its completed task runs (run or `Skipped`), and the nodes run
     inline (a stage that does not apply: no task) whose producers all finished."""
-    from kd_core.stages.graph import producers
+    from kd_core.pipeline.dag import producers
 
     completed = {t.name for t in task_runs if t.state.is_completed()}
     finished: set[str] = set()
@@ -135,7 +135,7 @@ def test_soak_scheduled_runs_with_one_fault_each(soak_servers, tmp_path, monkeyp
     from kd_core.data.builtin import generate_builtin
     from kd_core.io import tree_hash, write_jsonl_atomic
     from kd_core.run import RunPaths
-    from kd_core.stages.graph import expand
+    from kd_core.pipeline.dag import expand
     from tests.conftest import dvc_project
 
     mlflow, prefect_url, env = soak_servers

@@ -5,10 +5,10 @@ line per model that fits a terminal)."""
 
 from __future__ import annotations
 
-from kd_core.tracking import runs
 from kd_core.config import PipelineConfig
 from kd_core.io import write_json_atomic
 from kd_core.run import RunPaths, require
+from kd_core.tracking import runs
 
 # (key in the summary, metric key, decimals)
 SAMPLED = ("rougeL", "rougeL_sampled_mean", 2)  # per configured eval set

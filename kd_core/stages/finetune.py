@@ -7,9 +7,9 @@ import json
 
 from kd_core.config import PipelineConfig
 from kd_core.io import atomic_dir, link_tree, write_json_atomic, write_text_atomic
-from kd_core.tracking.model_card import card_tags, model_card
 from kd_core.preflight import preflight
 from kd_core.run import RunPaths, is_main_process, load_model_tokenizer, load_train_set, require, training_seed
+from kd_core.tracking.model_card import card_tags, model_card
 
 
 def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:

@@ -8,7 +8,6 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from kd_core.tracking import runs
 from kd_core.config import PipelineConfig
 from kd_core.data.builtin import generate_builtin, generate_unlabeled
 from kd_core.data.sources import RawRow, check_report, normalize_rows, read_file, read_hub
@@ -18,6 +17,7 @@ from kd_core.data.tokenize import encode_rows, load_tokenizer, train_bpe_tokeniz
 from kd_core.errors import DataError, ModelError
 from kd_core.io import atomic_dir, file_hash, write_json_atomic, write_jsonl_atomic
 from kd_core.run import RunPaths, n_positions
+from kd_core.tracking import runs
 
 log = logging.getLogger("kd")
 

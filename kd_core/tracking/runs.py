@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from kd_core.config import PipelineConfig
 from kd_core.io import write_json_atomic
 from kd_core.run import is_main_process
-from kd_core.tracking.store import setup, tracking_uri
+from kd_core.tracking import store
 
 
 def _parent_file(run_dir: Path) -> Path:
@@ -30,7 +30,7 @@ def parent_run_id(cfg: PipelineConfig, run_dir: Path) -> str:
     """The pipeline's parent run for this run folder: the flow's own (`start_pipeline_run`), else the one the
     folder's stages share while it is running (`dvc repro`, `kd stage`); a finished one, or one of another
     store or experiment, is not reused: a new parent is started."""
-    setup(cfg)
+    store.setup(cfg)
     saved = _saved_parent(cfg, run_dir)
     return saved if saved is not None else start_pipeline_run(cfg, run_dir)
 
@@ -40,7 +40,7 @@ def _saved_parent(cfg: PipelineConfig, run_dir: Path) -> str | None:
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    if saved.get("tracking_uri") != tracking_uri(cfg) or saved.get("experiment") != cfg.tracking.experiment:
+    if saved.get("tracking_uri") != store.tracking_uri(cfg) or saved.get("experiment") != cfg.tracking.experiment:
         return None
     try:
         run = MlflowClient().get_run(saved["run_id"])
@@ -57,7 +57,7 @@ def experiment_of(run_id: str) -> str:
 def start_pipeline_run(cfg: PipelineConfig, run_dir: Path, name: str | None = None) -> str:
     """A new parent run for the pipeline of this run folder; later stages of the folder nest under it. A parent
     left RUNNING by a killed pipeline is marked KILLED, with its stage runs that were still running."""
-    setup(cfg)
+    store.setup(cfg)
     previous = _saved_parent(cfg, run_dir)
     if previous is not None:
         _close_killed_runs(previous, experiment_of(previous))
@@ -67,7 +67,7 @@ def start_pipeline_run(cfg: PipelineConfig, run_dir: Path, name: str | None = No
         exp.experiment_id, run_name=name or f"pipeline:{run_dir.name}",
         tags={"kd.role": "pipeline", "kd.run_dir": str(run_dir), "kd.params_hash": cfg.fingerprint()})
     MlflowClient().set_terminated(run.info.run_id, "RUNNING")
-    write_json_atomic(_parent_file(run_dir), {"run_id": run.info.run_id, "tracking_uri": tracking_uri(cfg),
+    write_json_atomic(_parent_file(run_dir), {"run_id": run.info.run_id, "tracking_uri": store.tracking_uri(cfg),
                                               "experiment": cfg.tracking.experiment})
     return run.info.run_id
 
