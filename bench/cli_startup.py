@@ -159,9 +159,9 @@ def measure(trees: dict[str, Path], work: Path, n: int) -> dict[str, dict]:
     return fig
 
 
-def repro_pair(runs: int, trees: dict[str, Path]) -> None:
-    """Wall time of `kd run` and of `dvc repro` on the tiny params, each in its own fresh scratch project (the
-    code and dvc.yaml of the tree measured)."""
+def repro_pair(runs: int, trees: dict[str, Path], params_file: Path | None = None) -> None:
+    """Wall time of `kd run` and of `dvc repro` on the tiny params (or `params_file`, e.g. the default
+    params.yaml), each in its own fresh scratch project (the code and dvc.yaml of the tree measured)."""
     sys.path.insert(0, str(REPO))
     from tests.conftest import TINY_PARAMS, dvc_project
 
@@ -172,7 +172,8 @@ def repro_pair(runs: int, trees: dict[str, Path]) -> None:
             for what in (list(times) if i % 2 == 0 else list(times)[::-1]):
                 with tempfile.TemporaryDirectory(prefix="kd-repro-") as tmp:
                     work = Path(tmp)
-                    dvc_project(work, copy.deepcopy(TINY_PARAMS))
+                    params = yaml.safe_load(params_file.read_text()) if params_file else copy.deepcopy(TINY_PARAMS)
+                    dvc_project(work, params)
                     shutil.copy(tree / "dvc.yaml", work / "dvc.yaml")
                     shutil.rmtree(work / "kd_core")
                     shutil.copytree(tree / "kd_core", work / "kd_core", ignore=shutil.ignore_patterns("__pycache__"))
@@ -217,10 +218,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the figures as JSON here")
     ap.add_argument("--repro", action="store_true", help="instead: the tiny pipeline by `kd run` and `dvc repro`")
     ap.add_argument("--runs", type=int, default=1, help="with --repro: pairs of runs")
+    ap.add_argument("--params", type=Path, help="with --repro: this params file instead of the tiny params")
     args = ap.parse_args()
     load0 = os.getloadavg()
     if args.repro:
-        repro_pair(args.runs, ({"before": args.tree.resolve()} if args.tree else {}) | {"after": REPO})
+        repro_pair(args.runs, ({"before": args.tree.resolve()} if args.tree else {}) | {"after": REPO},
+                   args.params.resolve() if args.params else None)
         load1 = os.getloadavg()
         print(f"load average (1 min) before / after: {load0[0]:.2f} / {load1[0]:.2f}; {os.cpu_count()} CPUs")
         return

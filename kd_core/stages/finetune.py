@@ -1,5 +1,6 @@
 """Stage `finetune`: post-distillation fine-tuning (cross-entropy at lr × lr_scale); when disabled, the distilled
-model is the final one (hard-linked, no copy). The final folder gets its model card (README.md, kd_core/model_card.py)."""
+model is the final one (hard-linked, no copy). The final folder gets its model card (README.md,
+kd_core/tracking/model_card.py)."""
 
 from __future__ import annotations
 
