@@ -67,7 +67,7 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     with runs.stage_run(cfg, paths.root, "distill", student_cfg.name, params=params, main_only=True):
         result = train(student, ds, tokenizer, student_cfg.training, paths.distilled(student_cfg.name), method=method,
                        seed=seed, teacher=teacher if live_teacher else None, teacher_cache=teacher_cache,
-                       teachers=teachers, on_log=tracking.log_step,
+                       teachers=teachers, on_log=runs.log_step,
                        data_collator=method.collator(tokenizer, teacher_tokenizer) if teacher_tokenizer else None)
         info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
                     teacher_forward_passes=result.teacher_forward_passes, generated_tokens=result.generated_tokens,

@@ -41,7 +41,7 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
                                 main_only=True):
             result = train(model, ds, tokenizer, student_cfg.training, paths.model(student_cfg.name),
                            method=get_method("sft")(student_cfg), seed=training_seed(cfg, student_cfg.training.seed),
-                           epochs=student_cfg.finetune.epochs, learning_rate=lr, on_log=tracking.log_step)
+                           epochs=student_cfg.finetune.epochs, learning_rate=lr, on_log=runs.log_step)
             info.update(finetune_time_s=result.wall_time_s, finetune_steps=result.steps)
     info["train_time_s"] = distill_info["train_time_s"] + info["finetune_time_s"]
     if is_main_process():

@@ -56,7 +56,7 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
             if lora:
                 model = _with_lora(model, teacher_cfg.lora)
             result = train(model, ds, tokenizer, teacher_cfg.training, out_dir, method=get_method("sft")(None),
-                           seed=seed, on_log=tracking.log_step, save=not lora)
+                           seed=seed, on_log=runs.log_step, save=not lora)
             if lora:  # merge the adapter so the teacher is a plain causal LM
                 _save(model.merge_and_unload(), tokenizer, out_dir)
             info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,

@@ -5,7 +5,7 @@ set, and each version carries the hash of the prompts it was evaluated on (`kd.e
 versions evaluated on this run's prompts, the best by `metric` (max or min) takes the alias when it is better
 than the current champion by more than `min_delta` and, with `significance` set, when a paired bootstrap over
 those prompts gives p < significance. A champion evaluated on other prompts is not compared: the alias stays
-and the decision says why. The decision is a pure function of the versions' rows (`tracking.version_rows`) and
+and the decision says why. The decision is a pure function of the versions' rows (`registry.version_rows`) and
 a paired test; MLflow is read and written through `kd_core.tracking` only.
 """
 
@@ -81,9 +81,9 @@ def decide(rows: list[dict], rule: ChampionRule, paired_test: Callable[[str, str
 def paired_registry_test(old_run: str, new_run: str, seed: int, set_name: str) -> dict | None:
     """Paired bootstrap of two registered versions' per-prompt sampled ROUGE-L on the prompts both were
     evaluated on (the `eval/<set>.jsonl` artifacts of their register runs); None when either has none."""
-    from kd_core.tracking import registry, runs
     from kd_core.evaluation.compare import prompt_scores
     from kd_core.evaluation.stats import paired_on_common_ids
+    from kd_core.tracking import runs
 
     scores = []
     for run_id in (old_run, new_run):
@@ -97,7 +97,7 @@ def paired_registry_test(old_run: str, new_run: str, seed: int, set_name: str) -
 def update_champion(cfg: PipelineConfig, pinned_hash: str | None = None) -> dict:
     """Move alias `champion` of the student model to the best version by the rule in params, among the
     versions evaluated on the prompts hashed `pinned_hash`."""
-    from kd_core.tracking import registry, runs
+    from kd_core.tracking import registry
 
     rule = cfg.tracking.champion
     rows = registry.version_rows(cfg.tracking.registered_model)
