@@ -23,9 +23,7 @@ from kd_core.pipeline.launcher import launched_result, launcher_for, run_as_proc
 from kd_core.pipeline.lock import run_lock
 from kd_core.run import RunPaths
 from kd_core.stages import check_key, get_stage
-from kd_core.stages.compare import saved_report
-from kd_core.tracking import runs, store
-from kd_core.tracking.lineage import git_revision
+from kd_core.tracking import store
 
 # the stages that may run alongside others (every stage between `train_teacher` and `register`, `train_teacher`
 # alongside a transfer set's or another teacher's): with `orchestration.max_parallel_students` > 1 each runs as a
@@ -118,6 +116,8 @@ class PipelineRun:
         """Hold the run folder's lock (one pipeline at a time per folder; its stages and launched ranks pass) and
         open the MLflow parent run while the block runs. On failure the stages that finished stay recorded in DVC
         (the rerun skips them) and the parent run is closed as FAILED; an error doing that is logged, not raised."""
+        from kd_core.tracking import runs  # (MLflow: not imported by a `kd stage` that runs `run_stage` only)
+
         dvc = DvcBook.for_run(params_path, overrides)
         if not dvc.enabled:
             log.info("DVC bookkeeping off: %s; every stage runs", dvc.reason)
@@ -165,6 +165,10 @@ class PipelineRun:
         stages were skipped), `dvc push` to a configured remote, the MLflow parent run closed with the resolved
         config, tags and files. The run's summary: run folder, registered versions, report, skipped nodes, DVC,
         the tracking store and the MLflow run (with its page: `console.mlflow_ui`)."""
+        from kd_core.stages.compare import saved_report
+        from kd_core.tracking import runs
+        from kd_core.tracking.lineage import git_revision
+
         cfg, paths, dvc = self.cfg, self.paths, self.dvc
         skipped = [name for name, r in results.items() if isinstance(r, dict) and r.get("skipped")]
         registered = results["register"] if "register" not in skipped else json.loads(paths.registry.read_text())
