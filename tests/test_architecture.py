@@ -3,7 +3,6 @@ declaration per stage from which dvc.yaml, the CLI and the flow follow."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
@@ -96,20 +95,12 @@ def layer_of(path: Path) -> int:
 
 
 def _every_import(path: Path) -> set[Path]:
-    """The project files `path` imports, lazily and `if TYPE_CHECKING:` too (a type-only import is a dependency)."""
-    found: set[Path] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            target = dvcfile.module_file(name)
-            own_package = target is not None and target.name == "__init__.py" and target.parent in path.parents
-            if target is not None and target != path and not own_package:
-                found.add(target)
-    return found
+    """The project files `path` imports, lazily and `if TYPE_CHECKING:` too (a type-only import is a dependency),
+    without the packages that hold them (its own, and those of the modules it imports: a package's __init__.py runs
+    first, but the import names the module)."""
+    targets = {dvcfile.module_file(name) for name in dvcfile.imports_of(path, typing_too=True)} - {None, path}
+    holders = {t for t in targets if t.name == "__init__.py" and any(t.parent in o.parents for o in (targets | {path}) - {t})}
+    return targets - holders
 
 
 # helper A's half of issue 27 (the teachers/ package: no teacher module imports the methods) removes it:
@@ -124,12 +115,14 @@ def upward_imports(files: list[Path]) -> list[str]:
 
 
 def test_the_layer_rule_finds_an_upward_import(monkeypatch):
-    """A stage module importing the pipeline (layer 9 -> 10) is reported; the pipeline importing a stage is not."""
+    """A stage module importing the pipeline (layer 9 -> 10), at run time or for types only, is reported; the
+    stage's own imports (downwards) are not."""
     stage = ROOT / "kd_core/stages/compare.py"
     assert upward_imports([stage]) == []
     monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: "from kd_core.pipeline import execute\n")
-    assert upward_imports([stage]) == ["kd_core/stages/compare.py (9) -> kd_core/pipeline/__init__.py (10)",
-                                       "kd_core/stages/compare.py (9) -> kd_core/pipeline/execute.py (10)"]
+    assert upward_imports([stage]) == ["kd_core/stages/compare.py (9) -> kd_core/pipeline/execute.py (10)"]
+    monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: "if TYPE_CHECKING:\n    import kd_core.pipeline\n")
+    assert upward_imports([stage]) == ["kd_core/stages/compare.py (9) -> kd_core/pipeline/__init__.py (10)"]
 
 
 def test_no_import_from_a_lower_layer_up_to_a_higher_one():
