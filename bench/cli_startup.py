@@ -20,11 +20,9 @@ from just before the process starts:
 with the same interpreter and packages: before/after within one run, the trees taking turns (A B A B ...).
 
 `--repro`: the whole tiny pipeline (the suite's tiny params) two ways, each in a fresh scratch project (git + DVC,
-its own MLflow store and Prefect home): `kd run` (one process, a temporary Prefect server, the flow driving DVC)
-and `dvc repro` twice: as it runs by default (each stage in a child of the warm stage worker, kd_core/stage_worker/,
-whose start and imports count in full) and with KD_STAGE_WORKER=0 (one `kd stage` process per stage instance, each
-timed by a `kd` shim on DVC's PATH: the whole process, its start-up and the stage function); `--runs` rounds, the
-order reversed every other round.
+its own MLflow store and Prefect home): `kd run` (one process, Prefect's temporary server, the flow driving DVC)
+and `dvc repro` (one `kd stage` process per stage instance, each timed by a `kd` shim on DVC's PATH: the whole
+process, its start-up and the stage function); `--runs` rounds, the order reversed every other round.
 
 Prints the load average (shared machine).
 """
@@ -50,7 +48,6 @@ REPO = Path(__file__).resolve().parents[1]
 KD = [str(Path(sys.executable).with_name("kd"))]
 HEAVY = ("torch", "transformers", "mlflow", "prefect", "dvc")
 # the probe's key for each per-model stage (the tiny params' students, teacher and the transfer set added below)
-NO_WORKER = "dvc repro without the worker"
 KEYS = {"transfer": "gen", "cache_teacher": "fkl", "distill": "fkl", "finetune": "fkl", "evaluate": "fkl"}
 
 
@@ -162,20 +159,21 @@ def measure(trees: dict[str, Path], work: Path, n: int) -> dict[str, dict]:
     return fig
 
 
-def repro_pair(runs: int, trees: dict[str, Path]) -> None:
-    """Wall time of `kd run` and of `dvc repro` on the tiny params, each in its own fresh scratch project (the
-    code and dvc.yaml of the tree measured)."""
+def repro_pair(runs: int, trees: dict[str, Path], params_file: Path | None = None) -> None:
+    """Wall time of `kd run` and of `dvc repro` on the tiny params (or `params_file`, e.g. the default
+    params.yaml), each in its own fresh scratch project (the code and dvc.yaml of the tree measured)."""
     sys.path.insert(0, str(REPO))
     from tests.conftest import TINY_PARAMS, dvc_project
 
     bin_dir = Path(sys.executable).parent
     for label, tree in trees.items():
-        times: dict[str, list[float]] = {"kd run": [], "dvc repro": [], NO_WORKER: []}
+        times: dict[str, list[float]] = {"kd run": [], "dvc repro": []}
         for i in range(runs):
             for what in (list(times) if i % 2 == 0 else list(times)[::-1]):
                 with tempfile.TemporaryDirectory(prefix="kd-repro-") as tmp:
                     work = Path(tmp)
-                    dvc_project(work, copy.deepcopy(TINY_PARAMS))
+                    params = yaml.safe_load(params_file.read_text()) if params_file else copy.deepcopy(TINY_PARAMS)
+                    dvc_project(work, params)
                     shutil.copy(tree / "dvc.yaml", work / "dvc.yaml")
                     shutil.rmtree(work / "kd_core")
                     shutil.copytree(tree / "kd_core", work / "kd_core", ignore=shutil.ignore_patterns("__pycache__"))
@@ -183,31 +181,30 @@ def repro_pair(runs: int, trees: dict[str, Path]) -> None:
                                PREFECT_HOME=str(work / ".prefect"), DVC_SITE_CACHE_DIR=str(work / ".dvc-site-cache"),
                                MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}")
                     cmd = [*KD, "run"] if what == "kd run" else [str(bin_dir / "dvc"), "repro"]
-                    if what == NO_WORKER:  # `kd` on DVC's PATH: a shim that times each stage process
-                        env["KD_STAGE_WORKER"] = "0"
+                    if what == "dvc repro":  # `kd` on DVC's PATH: a shim that times each stage process
                         (work / ".shim").mkdir()
                         (work / ".shim" / "kd").write_text(SHIM.format(python=sys.executable, script=__file__))
                         (work / ".shim" / "kd").chmod(0o755)
                         env.update(PATH=f"{work / '.shim'}{os.pathsep}{env['PATH']}", KD_BENCH_LOG=str(work / "t.jsonl"))
                     wall, _ = run(cmd, work, env)
-                    if what == NO_WORKER:
+                    if what == "dvc repro":
                         breakdown: dict[str, dict] = {}
                         for line in (work / "t.jsonl").read_text().splitlines():
                             row = json.loads(line)
                             breakdown.setdefault(row.pop("stage").removeprefix("stage "), {}).update(row)
                     times[what].append(wall)
                     print(f"{label} {what}: {wall:.1f} s", flush=True)
-        kd, dvc, cold = (statistics.median(times[k]) for k in ("kd run", "dvc repro", NO_WORKER))
-        print(f"{label}: median kd run {kd:.1f} s, dvc repro {dvc:.1f} s (warm stage worker), {cold:.1f} s (one process "
-              f"per stage, KD_STAGE_WORKER=0): dvc repro / kd run = {dvc / kd:.2f} and {cold / kd:.2f}")
-        print(f"{label}, the last {NO_WORKER}'s stage processes (s): process = start-up + stage function + exit")
+        kd, dvc = (statistics.median(times[k]) for k in ("kd run", "dvc repro"))
+        print(f"{label}: median kd run {kd:.1f} s, dvc repro {dvc:.1f} s (one process per stage): "
+              f"dvc repro / kd run = {dvc / kd:.2f}")
+        print(f"{label}, the last dvc repro's stage processes (s): process = start-up + stage function + exit")
         for name, row in breakdown.items():
             print(f"  {name:<28} process {row.get('process', 0):6.1f}  start-up {row.get('start_up', 0):5.1f}  "
                   f"stage function {row.get('body', 0):6.1f}")
         total = {k: sum(r.get(k, 0) for r in breakdown.values()) for k in ("process", "start_up", "body")}
         print(f"  {'all ' + str(len(breakdown)) + ' processes':<28} process {total['process']:6.1f}  start-up "
               f"{total['start_up']:5.1f}  stage function {total['body']:6.1f}; DVC itself (the rest of dvc repro) "
-              f"{times[NO_WORKER][-1] - total['process']:.1f}")
+              f"{times['dvc repro'][-1] - total['process']:.1f}")
 
 
 def main() -> None:
@@ -221,10 +218,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the figures as JSON here")
     ap.add_argument("--repro", action="store_true", help="instead: the tiny pipeline by `kd run` and `dvc repro`")
     ap.add_argument("--runs", type=int, default=1, help="with --repro: pairs of runs")
+    ap.add_argument("--params", type=Path, help="with --repro: this params file instead of the tiny params")
     args = ap.parse_args()
     load0 = os.getloadavg()
     if args.repro:
-        repro_pair(args.runs, ({"before": args.tree.resolve()} if args.tree else {}) | {"after": REPO})
+        repro_pair(args.runs, ({"before": args.tree.resolve()} if args.tree else {}) | {"after": REPO},
+                   args.params.resolve() if args.params else None)
         load1 = os.getloadavg()
         print(f"load average (1 min) before / after: {load0[0]:.2f} / {load1[0]:.2f}; {os.cpu_count()} CPUs")
         return

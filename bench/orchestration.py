@@ -6,10 +6,9 @@ Runs the default pipeline once, in this process, exactly as `kd run` does (`flow
 a temporary local Prefect server, tasks, MLflow tracking), in a scratch copy of the project (git HEAD
 plus the working tree's tracked files) so nothing of the checkout is touched, and measures:
 
-- total: wall time of the flow call plus the start of `kd run`'s temporary Prefect server (kd_core.prefect_server;
-  counted in full, though `kd run` overlaps it with its imports); with `--server`, a server started beforehand,
-  as scheduled deployments use, outside the timing;
-- stage bodies: wall time inside each stage function (`kd_core.stages.run_stage`), summed;
+- total: wall time of the flow call, the start of Prefect's temporary server included (as in `kd run`); with
+  `--server`, a server started beforehand, as scheduled deployments use, outside the timing;
+- stage bodies: wall time inside each stage function (`kd_core.pipeline.execute.run_stage`), summed;
 - MLflow inside the stage bodies: time in the tracking calls (stage runs opened/closed, params, metrics,
   per-step metrics, artifacts, model logging and registration, registry queries);
 - Prefect = total − stage bodies; MLflow as above; their sum is the orchestration share;
@@ -79,7 +78,7 @@ def start_prefect_server(work: Path) -> subprocess.Popen:
     """A `prefect server` on a free local port, healthy before the timing starts; PREFECT_API_URL points at it."""
     import urllib.request
 
-    from kd_core.prefect_server import free_port
+    from tests.conftest import free_port
 
     port = free_port()
     log = open(work / "prefect-server.log", "wb")
@@ -126,19 +125,12 @@ def main() -> None:
     # a fresh PREFECT_HOME on a loaded machine can take longer than the default 20 s to start its server
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     server = start_prefect_server(work) if args.server else None
-    boot = 0.0
-    if server is None:  # as `kd run` does: its temporary server (kd_core.prefect_server), started before the imports
-        from kd_core.prefect_server import TemporaryServer
-
-        boot_start = time.perf_counter()
-        temporary = TemporaryServer.start()
-        temporary.wait_healthy()  # (`kd run` imports the pipeline meanwhile; counted here in full)
-        boot = time.perf_counter() - boot_start
 
     import mlflow
 
     import kd_core  # noqa: F401
-    from kd_core import stages, tracking
+    from kd_core.pipeline import execute
+    from kd_core.tracking import registry, runs, store
 
     body: dict[str, float] = defaultdict(float)  # stage name -> seconds in its function
     in_mlflow: dict[str, float] = defaultdict(float)  # tracking call -> seconds
@@ -167,7 +159,7 @@ def main() -> None:
                 return fn(*a, **kw)
         return wrapper
 
-    stage_run = tracking.stage_run
+    stage_run = runs.stage_run
 
     @contextlib.contextmanager
     def timed_stage_run(*a, **kw):
@@ -184,20 +176,21 @@ def main() -> None:
             with measure(in_mlflow, "stage_run exit"):
                 cm.__exit__(None, None, None)
 
-    tracking.stage_run = timed_stage_run
-    for name in ("log_step", "log_model_and_register", "version_rows", "set_alias", "setup"):
-        setattr(tracking, name, timed(in_mlflow, name, getattr(tracking, name)))
+    runs.stage_run = timed_stage_run
+    for module, name in ((runs, "log_step"), (registry, "log_model_and_register"), (registry, "version_rows"),
+                         (registry, "set_alias"), (store, "setup")):
+        setattr(module, name, timed(in_mlflow, name, getattr(module, name)))
     for name in ("log_metrics", "log_params", "log_artifact", "log_metric", "set_tags"):
         setattr(mlflow, name, timed(in_mlflow, f"mlflow.{name}", getattr(mlflow, name)))
-    run_stage = stages.run_stage
+    run_stage = execute.run_stage
 
     def timed_run_stage(name, *a, **kw):
         with measure(body, name):
             return run_stage(name, *a, **kw)
 
-    stages.run_stage = timed_run_stage
+    execute.run_stage = timed_run_stage
 
-    from flows.pipeline import kd_pipeline  # after the patches: it imports run_stage by name
+    from flows.pipeline import kd_pipeline
 
     load0 = os.getloadavg()
     start = time.perf_counter()
@@ -205,7 +198,7 @@ def main() -> None:
 
     overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.sets)} or None
     kd_pipeline(params_path=args.params, overrides=overrides)
-    total = time.perf_counter() - start + boot
+    total = time.perf_counter() - start
     load1 = os.getloadavg()
     if server is not None:
         server.terminate()

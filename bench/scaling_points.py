@@ -261,7 +261,7 @@ def cache_points(args) -> None:
 
 def wire_points(args) -> None:
     from kd_core.config.endpoint import EndpointConfig
-    from kd_core.served_teacher import ServedTeacher
+    from kd_core.teachers.served import ServedTeacher
     from tests.vllm_stub import score
 
     V = 32000
@@ -317,15 +317,19 @@ def _collective_rank(rank: int, world: int, port: int, nbytes: int, out) -> None
 
 
 def comm_points(nbytes: int = 256 * MiB, world: int = 2) -> None:
+    import socket
+
     import torch.multiprocessing as mp
 
-    from kd_core.prefect_server import free_port
+    with socket.socket() as sock:  # a free loopback port for the gloo rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
 
     print(f"\ncollectives of {nbytes / MiB:.0f} MiB between {world} gloo processes on loopback: the bytes every rank "
           "sends (the loopback counter over all ranks, / ranks; other processes' loopback traffic included)")
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_collective_rank, args=(world, free_port(), nbytes, out), nprocs=world)
+        mp.spawn(_collective_rank, args=(world, port, nbytes, out), nprocs=world)
         sent = dict(out)
     share = (world - 1) / world
     line("all-gather (ZeRO-3's weights), bytes sent per rank", sent["all_gather"] / world / MiB, nbytes * share / MiB,

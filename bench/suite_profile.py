@@ -32,7 +32,6 @@ PYTEST = [str(REPO / ".venv/bin/pytest"), "-n", "auto", "--maxprocesses", "4", "
           "-p", "no:cacheprovider"]
 # (kind, a piece of its command line), first match wins
 KINDS = [("pytest worker (tests in process)", "exec(eval(sys.stdin"), ("pytest", "bin/pytest"),
-         ("stage worker + its stages", "kd_core.stage_worker.server"),
          ("Prefect server (kd run's, the harness's)", "uvicorn"), ("Prefect server", "prefect server start"),
          ("MLflow server", "mlflow server"), ("MLflow server", "gunicorn"), ("MLflow server", "huey"),
          ("kd serve: a flow run", "multiprocessing.spawn"), ("kd run", "/kd run"), ("kd serve", "/kd serve"),

@@ -22,7 +22,7 @@ import kd_core  # noqa: F401  (applies the offline defaults before the stack is 
 from kd_core.config import PipelineConfig, load_config
 from kd_core.config.load import yaml_value
 from kd_core.errors import ConfigError, exit_code, is_reported
-from kd_core.launcher import print_error_line
+from kd_core.pipeline.launcher import print_error_line
 from kd_core.stages import STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
@@ -80,7 +80,7 @@ SetOpt = typer.Option(None, "--set", "-S", help="override a key, e.g. -S teacher
 @app.command()
 def validate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Validate params.yaml and print the resolved configuration."""
-    from kd_core.lineage import local_data_files, untracked_inputs
+    from kd_core.pipeline.dvc import local_data_files, untracked_inputs
 
     cfg = _load(params, set_)
     missing = [f"{params}: {key}: {path!r}: file not found" for key, path in local_data_files(cfg)
@@ -98,15 +98,8 @@ def stage(name: str = typer.Argument(..., help=" | ".join(STAGES)),
                                               help="the student, model or transfer set of a per-model stage"),
           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Run one stage (this is what dvc.yaml calls)."""
-    from kd_core import stage_worker
-
-    if stage_worker.wanted():  # under DVC: in the warm worker when there is one (kd_core/stage_worker/)
-        argv = ["stage", name, *(["--model", model] if model else []), "--params", str(params)]
-        code = stage_worker.run_in_worker(argv + [a for s in set_ or [] for a in ("--set", s)])
-        if code is not None:
-            raise typer.Exit(code)
+    from kd_core.pipeline.execute import run_stage
     from kd_core.progress import stage_bar
-    from kd_core.stages import run_stage
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = _load(params, set_)
@@ -157,18 +150,16 @@ def _exit_now() -> None:
 
 @app.command()
 def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
-    """Run the whole pipeline as a Prefect flow (a temporary local Prefect server unless PREFECT_API_URL is set)."""
+    """Run the whole pipeline as a Prefect flow (Prefect's temporary local server unless PREFECT_API_URL is set)."""
     from kd_core.training.interrupts import on_sigterm
-    from kd_core.prefect_server import TemporaryServer
 
     cfg = _load(params, set_)  # validate before starting anything
     on_sigterm()  # SIGTERM (Prefect's cancel): the running training stage checkpoints and stops, exit 143
-    server = TemporaryServer.start()  # no PREFECT_API_URL: boots while the pipeline's code is imported (ends at exit)
     from flows.pipeline import kd_pipeline
+    from kd_core.pipeline.prefect_server import die_with_this_process
 
+    die_with_this_process()  # Prefect's temporary server (no PREFECT_API_URL) ends with this process, even killed
     with _reported():
-        if server:
-            server.wait_healthy()
         result = kd_pipeline(params_path=str(params), overrides=_overrides(set_))
     print_summary(result, cfg.tracking.registered_model)
 
@@ -176,7 +167,7 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
 def print_summary(result: dict, registered_model: str) -> None:
     """After `kd run`: the table, the champion, where everything is, and UI commands that work as printed (the
     venv's own `mlflow` / `prefect`, the project's Prefect home)."""
-    from kd_core import console
+    from kd_core.pipeline import console
 
     print_table(result["compare"])
     mlflow_ui = result.get("mlflow_run") or console.mlflow_ui(result["tracking_uri"])
@@ -193,8 +184,8 @@ def print_summary(result: dict, registered_model: str) -> None:
 @app.command()
 def compare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Table of the registered versions in MLflow (any tracking URI), with report and plot."""
-    from kd_core.training.preflight import sqlite_file, tracking_uri
-    from kd_core.stages import run_stage
+    from kd_core.pipeline.execute import run_stage
+    from kd_core.tracking.store import sqlite_file, tracking_uri
 
     cfg = _load(params, set_)
     with _reported():
@@ -220,12 +211,12 @@ def serve(params: Path = ParamsOpt, cron: str = typer.Option("0 3 * * *", help="
 def lineage(spec: str = typer.Argument(..., help="MODEL@alias, MODEL:version or MODEL (newest), e.g. kd-student@champion"),
             params: Path = ParamsOpt) -> None:
     """Where a registered version came from: data and model hashes (DVC), params, code revision, teacher chain."""
-    from kd_core import tracking
+    from kd_core.tracking import registry, store
 
     cfg = _load(params, None)
     with _reported():
-        tracking.setup(cfg)
-        v = tracking.get_version(spec)
+        store.setup(cfg)
+        v = registry.get_version(spec)
     t = v["tags"]
     typer.echo(f"{v['name']} v{v['version']}" + (f" ({', '.join(v['aliases'])})" if v["aliases"] else ""))
     chain = [t.get("kd.model", "?")]
@@ -245,9 +236,9 @@ def lineage(spec: str = typer.Argument(..., help="MODEL@alias, MODEL:version or 
 
 
 def _teacher_of(cfg: PipelineConfig, model: str, params_hash: str | None) -> str:
-    from kd_core import tracking
+    from kd_core.tracking import registry
 
-    for row in tracking.version_rows(cfg.tracking.registered_model):
+    for row in registry.version_rows(cfg.tracking.registered_model):
         if row["tags"].get("kd.model") == model and row["tags"].get("kd.params_hash") == params_hash:
             return row["tags"].get("kd.teacher", "")
     return ""
@@ -256,20 +247,20 @@ def _teacher_of(cfg: PipelineConfig, model: str, params_hash: str | None) -> str
 @app.command()
 def checkout(spec: str = typer.Argument(..., help="MODEL@alias, MODEL:version or MODEL"), params: Path = ParamsOpt) -> None:
     """Restore a registered version's data splits and model folder into the run folder (DVC cache or remote)."""
-    from kd_core import lineage as dvc_lineage
-    from kd_core import tracking
+    from kd_core.pipeline import dvc
+    from kd_core.tracking import registry, runs, store
 
     cfg = _load(params, None)
     with _reported():
-        tracking.setup(cfg)
-        v = tracking.get_version(spec)
-        with tracking.downloaded_artifact(v["run_id"], "lineage/dvc.lock") as lock:
+        store.setup(cfg)
+        v = registry.get_version(spec)
+        with runs.downloaded_artifact(v["run_id"], "lineage/dvc.lock") as lock:
             if lock is None:
                 raise LookupError(f"{spec}: version {v['version']} was not versioned with DVC (no lineage/dvc.lock)")
             lock_text = lock.read_text(encoding="utf-8")
         name = v["tags"]["kd.model"]
         stage = "train_teacher" if v["tags"].get("kd.role") == "teacher" else f"finetune@{name}"
-        restored = dvc_lineage.checkout(Path.cwd(), lock_text, ["prepare", stage])
+        restored = dvc.checkout(Path.cwd(), lock_text, ["prepare", stage])
     typer.echo(f"{v['name']} v{v['version']}: restored {len(restored)} path(s)")
     for path in restored:
         typer.echo(f"  {path}")
@@ -278,7 +269,7 @@ def checkout(spec: str = typer.Argument(..., help="MODEL@alias, MODEL:version or
 @app.command("dvc-yaml")
 def dvc_yaml(check: bool = typer.Option(False, "--check", help="only check: exit 1 when dvc.yaml is out of date")) -> None:
     """Write dvc.yaml from the stage declarations (kd_core/stages/__init__.py)."""
-    from kd_core.stages import dvcfile
+    from kd_core.pipeline import dvcfile
 
     if check:
         current = dvcfile.ROOT / "dvc.yaml"

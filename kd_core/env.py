@@ -35,7 +35,7 @@ DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 # Prefect at its default WARNING: its console handler shows warnings and errors only (the stage lines are printed
-# by kd_core.console), while the run loggers log at INFO to the server (the UI's logs: stage lines, a launched
+# by kd_core.pipeline.console), while the run loggers log at INFO to the server (the UI's logs: stage lines, a launched
 # stage's output, task states). Another PREFECT_LOGGING_LEVEL is Prefect's own behaviour: its console at that level.
 PREFECT_LEVEL = "WARNING"
 PREFECT_QUIET = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",

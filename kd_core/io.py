@@ -79,6 +79,15 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> Path:
     return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def probe_write(folder: str | Path) -> None:
+    """Create `folder` if needed and write (then remove) a file in it: permissions, read-only mounts, quotas."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".kd-preflight-", dir=folder)
+    os.close(fd)
+    os.unlink(name)
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     with Path(path).open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

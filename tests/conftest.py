@@ -208,6 +208,15 @@ def project(tmp_path, monkeypatch, empty_stores, request):  # noqa: D103
     mlflow.set_tracking_uri(None)
 
 
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (the OS picks it; the caller binds it soon after)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def write_params(folder: Path, params: dict) -> Path:
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -268,8 +277,8 @@ def _prepare_project(root: Path, empty_stores: EmptyStores) -> None:
     import mlflow
 
     from kd_core.config import parse_config
-    from kd_core.lineage import DvcBook
-    from kd_core.stages import run_stage
+    from kd_core.pipeline.dvc import DvcBook
+    from kd_core.pipeline.execute import run_stage
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

@@ -14,13 +14,13 @@ from typer.testing import CliRunner
 
 from kd_core.cli import app
 from kd_core.config import ConfigError, TrainingConfig, load_config, parse_config
-from kd_core.training.preflight import (PreflightError, TrackingUnreachable, check_disk, check_tracking, checkpoint_bytes,
-                               preflight)
+from kd_core.errors import PreflightError, TrackingUnreachable
+from kd_core.training.preflight import check_disk, checkpoint_bytes, preflight
 from kd_core.run import RunPaths
 from kd_core.stages.prepare import prepare
 from kd_core.stages.train_teacher import train_teacher
-from kd_core.prefect_server import free_port
-from tests.conftest import tiny_params, write_params
+from kd_core.tracking.store import check_tracking
+from tests.conftest import free_port, tiny_params, write_params
 
 
 def _kd(*args: str):
@@ -363,7 +363,7 @@ def test_ordinary_keys_are_not_taken_for_secrets():
 
 
 def test_password_in_env_tracking_uri_is_refused(project, monkeypatch):
-    from kd_core.tracking import tracking_uri
+    from kd_core.tracking.store import tracking_uri
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:hunter2@127.0.0.1:5000")
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI contains a password.*MLFLOW_TRACKING_USERNAME"):

@@ -1,4 +1,4 @@
-"""The champion rule (kd_core/champion.py): the decision as a pure function, and on a real sqlite MLflow store
+"""The champion rule (kd_core/tracking/champion.py): the decision as a pure function, and on a real sqlite MLflow store
 with fake registered versions (runs with metrics, per-prompt artifacts and tags)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from kd_core.champion import decide, paired_registry_test, prompts_hash, prompts_tag, update_champion
 from kd_core.config import ChampionRule, parse_config
+from kd_core.tracking.champion import decide, paired_registry_test, prompts_hash, prompts_tag, update_champion
 from tests.conftest import tiny_params
 
 TAG = prompts_tag("test")

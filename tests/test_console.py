@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from kd_core import console
 from kd_core.config import parse_config
 from kd_core.env import quiet_libraries
+from kd_core.pipeline import console
+from kd_core.pipeline.dag import expand
 from kd_core.progress import Progress, bars_enabled, stage_bar
-from kd_core.stages.graph import expand
 from tests.conftest import dvc_project, dvc_status, tiny_params
 
 NOISE = ("Loading weights", "Writing model shards", "Successfully registered", "Created version",

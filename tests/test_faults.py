@@ -24,13 +24,12 @@ from safetensors.torch import load_file
 
 from kd_core.config import TrainingConfig, load_config
 from kd_core.errors import CacheError
-from kd_core.training.interrupts import DISK_FULL_AFTER_CHECKPOINT_ENV, KILL_TRACKING_ENV
+from kd_core.faults import DISK_FULL_AFTER_CHECKPOINT_ENV, KILL_TRACKING_ENV
 from kd_core.io import CHECKSUMS, checksum_problem, tree_hash
-from kd_core.prefect_server import free_port
+from kd_core.pipeline.execute import run_stage
 from kd_core.run import RunPaths
-from kd_core.stages import run_stage
 from kd_core.training.trainer import last_complete_checkpoint
-from tests.conftest import TINY_MODEL, TINY_TRAINING, EmptyStores, tiny_params, write_params
+from tests.conftest import TINY_MODEL, TINY_TRAINING, EmptyStores, free_port, tiny_params, write_params
 from tests.test_servers import BIN, _small_params, _start, _stop, _wait_healthy
 
 KD = str(Path(sys.executable).with_name("kd"))
@@ -99,7 +98,7 @@ def _kd_stage(folder: Path, *args: str, **env: str) -> subprocess.CompletedProce
 def test_mlflow_server_killed_mid_registration_then_rerun_completes_it(on_server, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    from kd_core.stages.graph import expand
+    from kd_core.pipeline.dag import expand
 
     params = _small_params("runs/faulty")
     params["tracking"] = {"experiment": "faults", "registered_model": "kd-f-student",

@@ -23,10 +23,10 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from kd_core.config import parse_config
+from kd_core.faults import DIE_AFTER_CHECKPOINT_ENV, SIGTERM_AT_STEP_ENV
 from kd_core.io import tree_hash
+from kd_core.pipeline.dag import expand
 from kd_core.run import RunPaths
-from kd_core.stages.graph import expand
-from kd_core.training.interrupts import DIE_AFTER_CHECKPOINT_ENV, SIGTERM_AT_STEP_ENV
 from kd_core.training.trainer import last_complete_checkpoint
 from tests.conftest import dvc_project, dvc_status, registered_versions, tiny_params
 
@@ -75,7 +75,7 @@ def _uninterrupted_fkl(folder: Path, params: dict, inputs: RunPaths, monkeypatch
     """fkl's stages (teacher cache, distill, finetune) run in-process without a kill in `folder`, on copies of
     the data, tokenizer and teacher of the resumed project (outputs of the stages that finished before the kill).
     Its MLflow runs go to the current store (the checks of the resumed project's store are done by then)."""
-    from kd_core.stages import run_stage
+    from kd_core.pipeline.execute import run_stage
     from tests.conftest import write_params
 
     cfg = parse_config(params)

@@ -148,11 +148,11 @@ def test_prefect_server_and_worker_match_prefect_yaml_and_the_code():
     # prefect.yaml's pull step changes into KD_PROJECT_DIR: the project is mounted there
     assert "{{ $KD_PROJECT_DIR }}" in (REPO / "prefect.yaml").read_text()
     assert f"..:{env['KD_PROJECT_DIR']}" in worker["volumes"]
-    # MLflow: the URI the pipeline reads (kd_core/tracking.py) and the basic-auth login MLflow's client reads
+    # MLflow: the URI the pipeline reads (kd_core/tracking/store.py) and the basic-auth login MLflow's client reads
     from mlflow.environment_variables import (MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_URI,
                                               MLFLOW_TRACKING_USERNAME)
 
-    assert "MLFLOW_TRACKING_URI" in (REPO / "kd_core/tracking.py").read_text()
+    assert "MLFLOW_TRACKING_URI" in (REPO / "kd_core/tracking/store.py").read_text()
     assert env[MLFLOW_TRACKING_URI.name] == "http://mlflow:5000"
     assert env[MLFLOW_TRACKING_USERNAME.name] == "admin"
     assert env[MLFLOW_TRACKING_PASSWORD.name] == _service_env("mlflow")["MLFLOW_AUTH_ADMIN_PASSWORD"]

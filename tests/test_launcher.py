@@ -1,4 +1,4 @@
-"""Training stages launched from the flow (`training.launcher`, kd_core/launcher.py): the launcher's command
+"""Training stages launched from the flow (`training.launcher`, kd_core/pipeline/launcher.py): the launcher's command
 line, the child's error mapped back to the in-process error class, and the flow running a student's
 distillation as two gloo processes under `torchrun`."""
 
@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from kd_core import launcher
 from kd_core.config import ConfigError, load_config, parse_config
 from kd_core.config.schema import LauncherConfig
 from kd_core.errors import DataError, KDError, MissingInput, Transient, UserError, exit_code, is_retryable
-from kd_core.launcher import (error_from_record, launch_command, launcher_for, parse_error_line, print_error_line,
-                              run_launched)
-from kd_core.prefect_server import free_port
-from tests.conftest import tiny_params, write_params
+from kd_core.pipeline import launcher
+from kd_core.pipeline.launcher import (error_from_record, launch_command, launcher_for, parse_error_line,
+                                      print_error_line, run_launched)
+from tests.conftest import free_port, tiny_params, write_params
 
 BIN = Path(sys.executable).parent
 
@@ -236,7 +235,7 @@ def test_launcher_reports_without_a_kd_error_line():
     """A worker that crashed (torchrun then stops the others with SIGTERM: not a kill) is the in-process crash,
     a RuntimeError; a worker killed by a signal, as torchrun's root cause or DeepSpeed's launcher says, is
     Transient."""
-    from kd_core.launcher import launch_error
+    from kd_core.pipeline.launcher import launch_error
 
     crashed = TORCHRUN_REPORT.format(code=1, traceback="To enable traceback see: https://pytorch.org").splitlines()
     err = launch_error(1, [], crashed, "distill --model fkl under torchrun")
@@ -304,7 +303,7 @@ def _launched_params(port: int) -> dict:
 def test_flow_task_fails_with_the_in_process_error(project, harness, monkeypatch):
     """distill launched before its inputs exist: the task fails with the error and message of in process."""
     from flows.pipeline import stage_task
-    from kd_core.stages import run_stage
+    from kd_core.pipeline.execute import run_stage
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     path = write_params(project, _launched_params(free_port()))
@@ -318,18 +317,20 @@ def test_flow_task_fails_with_the_in_process_error(project, harness, monkeypatch
 
 @pytest.mark.slow
 def test_flow_runs_a_student_as_two_torchrun_processes(project, harness, monkeypatch):
-    import flows.pipeline as pipeline
     from mlflow.tracking import MlflowClient
+
+    import flows.pipeline as pipeline
+    from kd_core.pipeline import execute
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     streamed: list[ListLog] = []
-    real = pipeline.run_launched
+    real = execute.run_launched
 
     def capturing(stage, key, params_path, overrides, launcher_cfg, log):
         streamed.append(ListLog(forward=log))
         return real(stage, key, params_path, overrides, launcher_cfg, streamed[-1])
 
-    monkeypatch.setattr(pipeline, "run_launched", capturing)
+    monkeypatch.setattr(execute, "run_launched", capturing)
     params = _launched_params(free_port())
     path = write_params(project, params)
     result = pipeline.kd_pipeline(params_path=str(path))

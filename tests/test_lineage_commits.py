@@ -1,4 +1,4 @@
-"""Background `dvc commit`s (kd_core.lineage): queued in order, waited for by readers of dvc.lock, errors kept."""
+"""Background `dvc commit`s (kd_core.pipeline.dvc): queued in order, waited for by readers of dvc.lock, errors kept."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kd_core import lineage
-from kd_core.lineage import DvcBook
+from kd_core.pipeline import dvc
+from kd_core.pipeline.dvc import DvcBook
+from kd_core.tracking import lineage
 
 DVC = str(Path(sys.executable).parent / "dvc")
 
@@ -31,7 +32,8 @@ def test_background_commits_are_in_dvc_lock_when_it_is_read(tmp_path, monkeypatc
     book = DvcBook(tmp_path)
     book.record("make", background=True)
     book.record("copy", background=True)
-    text = lineage.read_lock(tmp_path)  # waits for both
+    dvc.settle_commits()  # waits for both
+    text = lineage.read_lock(tmp_path)
     assert set(lineage.lock_outputs(text)) == {"make", "copy"}
     assert book.changed() == set()
 
@@ -42,8 +44,8 @@ def test_a_failed_background_commit_raises_when_settled(tmp_path, monkeypatch):
     _dvc_project(tmp_path)  # out.txt does not exist: committing `make` fails
     DvcBook(tmp_path).record("make", background=True)
     with pytest.raises(Exception, match="out.txt"):
-        lineage.settle_commits()
-    lineage.settle_commits()  # reported once: nothing pending afterwards
+        dvc.settle_commits()
+    dvc.settle_commits()  # reported once: nothing pending afterwards
 
 
 def test_recording_a_stage_leaves_its_outputs_in_place(tmp_path, monkeypatch):

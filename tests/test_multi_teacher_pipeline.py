@@ -10,8 +10,8 @@ import torch
 
 from kd_core.config import load_config, parse_config
 from kd_core.errors import ConfigError
+from kd_core.pipeline.dag import expand, producers
 from kd_core.run import RunPaths
-from kd_core.stages.graph import expand, producers
 from tests.conftest import TINY_MODEL, TINY_TRAINING, tiny_params, write_params
 
 STEPS = dict(TINY_TRAINING, max_steps=3)

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from kd_core.config import parse_config
+from kd_core.pipeline.dag import expand, producers
 from kd_core.run import RunPaths
-from kd_core.stages.graph import expand, producers
 from tests.conftest import PREPARED_STAGES, copy_prepared, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,8 @@ def _outputs(paths: RunPaths, name: str) -> tuple[dict, dict]:
 def test_parallel_students_overlap_wait_for_producers_and_match_a_sequential_run(
         project, prepared_project, empty_stores, tmp_path_factory, monkeypatch):
     import flows.pipeline as pipeline
-    from kd_core.stages import run_stage
+    from kd_core.pipeline import execute
+    from kd_core.pipeline.execute import run_stage
 
     params = _params(workers=2)
     copy_prepared(prepared_project, project, params)
@@ -74,8 +75,8 @@ def test_parallel_students_overlap_wait_for_producers_and_match_a_sequential_run
                     events.append(("end", node))
         return wrapper
 
-    monkeypatch.setattr(pipeline, "run_as_process", traced(pipeline.run_as_process, 0))  # (stage, key, params, ...)
-    monkeypatch.setattr(pipeline, "run_stage", traced(run_stage, 1))  # (stage, cfg, key)
+    monkeypatch.setattr(execute, "run_as_process", traced(execute.run_as_process, 0))  # (stage, key, params, ...)
+    monkeypatch.setattr(execute, "run_stage", traced(run_stage, 1))  # (stage, cfg, key)
     with empty_stores.prefect_harness():
         result = pipeline.kd_pipeline(params_path="params.yaml")
     assert set(result["registered"]["versions"]) == {"teacher", *STUDENTS}

@@ -194,7 +194,7 @@ def test_flow_records_in_dvc_skips_what_is_up_to_date_and_checks_out_a_version(p
     from flows.pipeline import kd_pipeline
     from kd_core.cli import app
     from kd_core.io import tree_hash
-    from kd_core.stages.graph import expand
+    from kd_core.pipeline.dag import expand
 
     params = tiny_params()
     dvc_project(project, params)

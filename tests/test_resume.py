@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from kd_core.config import load_config
+from kd_core.faults import DIE_AFTER_CHECKPOINT_ENV, SIGTERM_AT_STEP_ENV
 from kd_core.run import RunPaths
 from kd_core.stages.prepare import prepare
 from kd_core.stages.train_teacher import train_teacher
+from kd_core.faults import DIE_AFTER_CHECKPOINT_ENV, SIGTERM_AT_STEP_ENV
 from kd_core.teachers.source import LiveTeacher
-from kd_core.training.interrupts import DIE_AFTER_CHECKPOINT_ENV, SIGTERM_AT_STEP_ENV
 from kd_core.training.trainer import last_complete_checkpoint
 from tests.conftest import tiny_params, write_params
 

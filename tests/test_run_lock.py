@@ -1,4 +1,4 @@
-"""One pipeline at a time per run folder (kd_core.run.run_lock): a second one is refused with a message naming
+"""One pipeline at a time per run folder (kd_core.pipeline.lock.run_lock): a second one is refused with a message naming
 the holder; the holder's own threads and the processes it launches pass; a killed holder releases it."""
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ from pathlib import Path
 import pytest
 
 from kd_core.errors import RunFolderBusy, exit_code, is_retryable
-from kd_core.run import LOCK_ENV, RunPaths, lock_file, run_lock
+from kd_core.pipeline.lock import LOCK_ENV, lock_file, run_lock
+from kd_core.run import RunPaths
 from tests.conftest import tiny_params, write_params
 
 KD = str(Path(sys.executable).with_name("kd"))
 HOLD = """
 import sys, time
 from pathlib import Path
-from kd_core.run import RunPaths, run_lock
+from kd_core.pipeline.lock import run_lock
+from kd_core.run import RunPaths
 with run_lock(RunPaths(Path(sys.argv[1]))):
     print("held", flush=True)
     time.sleep(120)

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 
 from kd_core.config import ConfigError, parse_config
 from kd_core.config.load import load_config
+from kd_core.data.tokenize import batches
 from kd_core.errors import EndpointError, EndpointUnreachable, is_retryable
 from kd_core.teachers.cache import TeacherLogitCache
 from kd_core.teachers.cache_key import TENSORS
 from kd_core.methods.base import prediction_positions
 from kd_core.models.build import build_from_config
-from kd_core.prefect_server import free_port
 from kd_core.run import RunPaths, load_run_tokenizer, load_train_set
 from kd_core.teachers.served import ServedTeacher
 from kd_core.stages.cache_teacher import cache_teacher
@@ -27,7 +27,7 @@ from kd_core.stages.prepare import prepare
 from kd_core.stages.train_teacher import train_teacher
 from kd_core.data.tokenize import batches
 from kd_core.teachers.signal import TopKTeacherSignal
-from tests.conftest import TINY_MODEL, tiny_params, write_params
+from tests.conftest import TINY_MODEL, free_port, tiny_params, write_params
 from tests.vllm_stub import serving
 
 K = 8

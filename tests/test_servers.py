@@ -24,8 +24,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, tiny_params, write_params
-from kd_core.prefect_server import free_port
+from tests.conftest import REPO, free_port, tiny_params, write_params
 
 KD = str(Path(sys.executable).with_name("kd"))
 BIN = Path(sys.executable).parent
@@ -147,7 +146,8 @@ def _login(monkeypatch, env: dict) -> None:
 
 
 def test_mlflow_server_requires_basic_auth(servers, monkeypatch):
-    from kd_core.training.preflight import PreflightError, check_tracking
+    from kd_core.errors import PreflightError
+    from kd_core.tracking.store import check_tracking
 
     mlflow_url, _, env, _ = servers
     with pytest.raises(urllib.error.HTTPError) as err:

@@ -1,6 +1,6 @@
 """The soak (issue 18, item 3): a scheduled deployment served by `kd serve` on a real `prefect server`, tracking
 on a real `mlflow server` (both on 127.0.0.1), in a git + DVC project of the tiny config; five runs fired back to
-back with `run_deployment`, one fault injected per run by the deterministic hooks of kd_core/training/interrupts.py:
+back with `run_deployment`, one fault injected per run by the deterministic hooks of kd_core/faults.py:
 
 1. clean: everything trains, one version per model;
 2. rows appended to the data file, SIGTERM at fkl's distillation step 1 (a cancellation): the flow run crashes
@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd_core.training.interrupts import DISK_FULL_AFTER_CHECKPOINT_ENV, KILL_TRACKING_ENV, SIGTERM_AT_STEP_ENV
+from kd_core.faults import DISK_FULL_AFTER_CHECKPOINT_ENV, KILL_TRACKING_ENV, SIGTERM_AT_STEP_ENV
 from tests.test_faults import MlflowServer
 from tests.test_servers import (BIN, CRON, KD, _prefect_client, _small_params, _start, _stop, _wait_for_deployment,
                                 _wait_healthy)
@@ -61,7 +61,7 @@ def _soak_params() -> dict:
 def soak_servers(tmp_path, empty_stores):
     """A `prefect server` and a restartable `mlflow server` (tests/test_faults.py) on loopback ports; the base
     environment of the serving processes. Both stopped at teardown, also on failure."""
-    from kd_core.prefect_server import free_port
+    from tests.conftest import free_port
 
     root = tmp_path / "servers"
     (root / "mlflow").mkdir(parents=True)
@@ -88,7 +88,7 @@ def soak_servers(tmp_path, empty_stores):
 def _finished_nodes(cfg, nodes, task_runs) -> set[str]:
     """The nodes that finished in a flow run: its completed task runs (run or `Skipped`), and the nodes run
     inline (a stage that does not apply: no task) whose producers all finished."""
-    from kd_core.stages.graph import producers
+    from kd_core.pipeline.dag import producers
 
     completed = {t.name for t in task_runs if t.state.is_completed()}
     finished: set[str] = set()
@@ -135,7 +135,7 @@ def test_soak_scheduled_runs_with_one_fault_each(soak_servers, tmp_path, monkeyp
     from kd_core.data.builtin import generate_builtin
     from kd_core.io import tree_hash, write_jsonl_atomic
     from kd_core.run import RunPaths
-    from kd_core.stages.graph import expand
+    from kd_core.pipeline.dag import expand
     from tests.conftest import dvc_project
 
     mlflow, prefect_url, env = soak_servers

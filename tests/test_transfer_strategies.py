@@ -102,7 +102,7 @@ def _ranked(rows: list[dict], score, fraction: float, *, lowest: bool) -> list[s
 
 # ----------------------------------------------------------------------------------------------- selection
 def test_select_keeps_the_k_best_or_hardest_rows():
-    from kd_core.stages.transfer import select
+    from kd_core.data.transfer_strategies import select
 
     rows = [{"id": c} for c in "abcde"]
     scores = {0: -1.0, 1: -0.5, 2: -3.0, 3: -0.5, 4: -2.0}
@@ -212,7 +212,7 @@ def test_confidence_over_the_original_rows(run, hand_score):
 
 # ----------------------------------------------------------------------------------------------- hard examples
 def test_hard_examples_are_exactly_the_rows_the_teacher_finds_least_likely(run, hand_score, monkeypatch):
-    from kd_core.stages import transfer as stage
+    from kd_core.data import transfer_strategies
 
     train = _split(run, "train")
     hard, info = _make(run, "hard")
@@ -224,7 +224,8 @@ def test_hard_examples_are_exactly_the_rows_the_teacher_finds_least_likely(run, 
     assert max(scores) <= min(others)
 
     # answers: both: the hard rows, then the model's answers to those prompts (here a stand-in model)
-    monkeypatch.setattr(stage._Writer, "_texts", lambda self, rows, seed: [f"R{seed} {r['instruction']}" for r in rows])
+    monkeypatch.setattr(transfer_strategies.Writer, "_texts",
+                        lambda self, rows, seed: [f"R{seed} {r['instruction']}" for r in rows])
     rows, info = _make(run, "hard_both")
     assert rows == hard + [dict(r, response=f"R0 {r['instruction']}", id=f"{r['id']}~hard_both0", generated_by="teacher")
                            for r in hard]
@@ -261,7 +262,7 @@ def test_hard_examples_by_gap_need_a_student_source():
 def test_paraphrase_answers_model_made_paraphrases_and_keeps_the_originals(run, monkeypatch):
     """A stand-in model: a paraphrase request gets `P<seed> <instruction>` (empty for the first prompt's
     second paraphrase), any other prompt `R<seed> <instruction>`."""
-    from kd_core.stages import transfer as stage
+    from kd_core.data import transfer_strategies
 
     request = "Say differently: "
 
@@ -272,7 +273,7 @@ def test_paraphrase_answers_model_made_paraphrases_and_keeps_the_originals(run, 
             out[0] = ""
         return out
 
-    monkeypatch.setattr(stage._Writer, "_texts", texts)
+    monkeypatch.setattr(transfer_strategies.Writer, "_texts", texts)
     rows, info = _make(run, "para_fake")
     train, pool = _split(run, "train"), _split(run, "unlabeled")
     paraphrased = [dict(r, instruction=f"P{j} {r['instruction'].strip()}", response="", id=f"{r['id']}~p{j}",

@@ -78,7 +78,7 @@ def test_unlabeled_settings_are_validated():
 
 
 def test_the_transfer_stage_depends_on_the_unlabeled_split_that_prepare_writes():
-    from kd_core.stages.graph import expand, producers
+    from kd_core.pipeline.dag import expand, producers
 
     p = tiny_params(transfer_sets={"gen": {"source": "teacher", "prompts": "both"}})
     p["data"]["builtin_unlabeled"] = 50

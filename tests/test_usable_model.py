@@ -26,8 +26,7 @@ import pytest
 from kd_core.config import parse_config
 from kd_core.io import read_jsonl
 from kd_core.run import RunPaths, n_positions
-from tests.conftest import REPO, dvc_project, tiny_params, write_params
-from kd_core.prefect_server import free_port
+from tests.conftest import REPO, dvc_project, free_port, tiny_params, write_params
 
 BIN = Path(sys.executable).parent
 SERVE_START_S = 240  # import torch + transformers, load the model (2 shared CPU cores)

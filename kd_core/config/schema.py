@@ -104,7 +104,7 @@ def _deepspeed_stage(path: str) -> int | None:
 class LauncherConfig(StrictModel):
     """How the flow runs a training stage as several processes: `kind` is the launcher (`torchrun`, or DeepSpeed's
     `deepspeed`), started by the stage's Prefect task as `<launcher> ... kd stage NAME --model KEY`
-    (kd_core/launcher.py). On several nodes, each node runs the flow with its own `node_rank` (the `deepspeed`
+    (kd_core/pipeline/launcher.py). On several nodes, each node runs the flow with its own `node_rank` (the `deepspeed`
     launcher also needs a hostfile there: `extra_args: [--hostfile, PATH]`)."""
 
     kind: Literal["torchrun", "deepspeed"]

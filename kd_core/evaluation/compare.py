@@ -10,7 +10,6 @@ import json
 import math
 from pathlib import Path
 
-from kd_core import tracking
 from kd_core.evaluation.plots import plot_unc_buckets, size_quality_plot
 from kd_core.evaluation.stats import paired_on_common_ids
 from kd_core.io import atomic_dir, read_jsonl, write_json_atomic, write_text_atomic
@@ -49,11 +48,9 @@ def format_metric(metrics: dict, key: str, fmt: str) -> str:
     return text
 
 
-def collect_rows(cfg) -> list[dict]:
-    rows = tracking.version_rows(cfg.tracking.register_teacher_as) + tracking.version_rows(cfg.tracking.registered_model)
-    for r in rows:
-        r["label"] = f"{r['tags'].get('kd.model', '?')} ({r['name']} v{r['version']})"
-    return rows
+def labelled(versions: list[dict]) -> list[dict]:
+    """The registered versions, each with its table label: `<model> (<registered name> v<version>)`."""
+    return [r | {"label": f"{r['tags'].get('kd.model', '?')} ({r['name']} v{r['version']})"} for r in versions]
 
 
 def _vs_sft(cfg, rows: list[dict], key: str) -> list[dict]:
@@ -213,20 +210,21 @@ def _reference_line(refs: dict) -> list[str]:
                 f"{refs['max_new_tokens']:.0f} new tokens."]
 
 
-def build_report(cfg, paths) -> dict:
+def build_report(cfg, paths, versions: list[dict], tracking_uri: str) -> dict:
     """The comparison report (`reports/compare.md` and `.json`, plots): the registered versions on the champion
     metric's eval set, the KD students against the SFT student, then a section per evaluated set (its metrics per
-    version and the paired comparison with the SFT student on its prompts)."""
+    version and the paired comparison with the SFT student on its prompts). `versions`: the teacher's and the
+    students' registered versions (`kd_core.tracking.registry.version_rows`), in the store at `tracking_uri`."""
     out_dir: Path = paths.reports
-    rows = collect_rows(cfg)
+    rows = labelled(versions)
     if not any(r["name"] == cfg.tracking.registered_model for r in rows):  # (the teacher's alone: no comparison)
-        raise LookupError(f"no registered versions of {cfg.tracking.registered_model!r} at {tracking.tracking_uri(cfg)}")
+        raise LookupError(f"no registered versions of {cfg.tracking.registered_model!r} at {tracking_uri}")
     key = cfg.tracking.champion.metric
     vs_sft = _vs_sft(cfg, rows, key)
     champion_set = key.split("/", 1)[0]  # the eval set of the champion metric
     main_set = champion_set if champion_set in cfg.evaluation.eval_sets else "test"
     g = cfg.evaluation.generation
-    md = ["# Registered models", "", f"Tracking store: `{tracking.tracking_uri(cfg)}`; CI = 95% bootstrap over "
+    md = ["# Registered models", "", f"Tracking store: `{tracking_uri}`; CI = 95% bootstrap over "
           f"prompts (sampled metrics: per prompt the mean over {len(cfg.evaluation.sample_seeds)} sampling seeds at "
           f"T = {g.temperature:g}, top-p {g.top_p:g}); generation metrics on the `{main_set}` eval set "
           f"(champion metric `{key}`; every evaluated set has its section below).", "",

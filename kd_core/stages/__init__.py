@@ -3,8 +3,9 @@ depends on, what it writes. Each stage is a plain function in the module of the 
 (`kd_core/stages/<name>.py`): `fn(cfg, paths)`, or `fn(cfg, paths, key)` for a per-model stage.
 
 The CLI (`kd stage NAME [--model KEY]`), the Prefect flow (`flows/pipeline.py`, which expands the declarations
-into one task per stage and key, ordered by what each reads and writes: `kd_core.stages.graph`) and `dvc.yaml`
-(generated from them: `kd dvc-yaml`, see `kd_core.stages.dvcfile`) all follow from `STAGES`. A new stage is one
+into one task per stage and key, ordered by what each reads and writes: `kd_core.pipeline.dag`) and `dvc.yaml`
+(generated from them: `kd dvc-yaml`, see `kd_core.pipeline.dvcfile`) all follow from `STAGES`. A stage runs through
+`kd_core.pipeline.execute.run_stage` (the tracking store checked, the run folder locked). A new stage is one
 declaration here plus its module.
 
 Paths and params use dvc.yaml's template syntax: `${run_dir}`, `${teacher.name}`, and for per-model stages
@@ -138,21 +139,3 @@ def check_key(stage: Stage, cfg, key: str | None) -> None:
         what = {"student": "student", "model": "model", "transfer_set": "transfer set"}[stage.per]
         raise KeyError(f"stage {stage.name!r}: no {what} named {key!r} (allowed: {', '.join(allowed) or 'none'})")
 
-
-def run_stage(name: str, cfg, key: str | None = None) -> dict:
-    """Run one stage (for one key) on the run folder of `cfg`, holding the folder's lock (`run.run_lock`)."""
-    from kd_core.errors import PreflightError
-    from kd_core.training.preflight import check_tracking, server_lost, tracking_uri
-    from kd_core.run import RunPaths, run_lock
-
-    stage = get_stage(name)
-    check_key(stage, cfg, key)
-    label = f"{name} {key}" if key else name
-    try:  # a store that cannot be used stops the stage before it writes anything
-        check_tracking(tracking_uri(cfg))
-    except PreflightError as err:
-        raise type(err)(f"preflight of {label}: {err}") from None
-    paths = RunPaths.of(cfg)
-    # one pipeline at a time per run folder; an MLflow server gone mid-stage: one retryable line
-    with run_lock(paths), server_lost(cfg, label):
-        return stage.function(cfg, paths, key) if stage.per else stage.function(cfg, paths)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from kd_core import tracking
 from kd_core.config import PipelineConfig
 from kd_core.run import RunPaths
+from kd_core.tracking import registry, store
 
 
 def compare(cfg: PipelineConfig, paths: RunPaths) -> dict:
     """Side-by-side table of registered versions (teacher and students), markdown + JSON + plot."""
     from kd_core.evaluation.compare import build_report
 
-    tracking.setup(cfg)
-    return build_report(cfg, paths)
+    uri = store.setup(cfg)
+    names = (cfg.tracking.register_teacher_as, cfg.tracking.registered_model)
+    versions = [row for name in names for row in registry.version_rows(name)]
+    return build_report(cfg, paths, versions, uri)
 
 
 def saved_report(paths: RunPaths) -> dict:

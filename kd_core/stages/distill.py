@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kd_core import tracking
+from kd_core.tracking import runs
 from kd_core.config import PipelineConfig
 from kd_core.io import write_json_atomic
 from kd_core.methods import get_method
@@ -41,14 +41,14 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
                   "parameters": count_parameters(student), "teacher_cache_top_k": 0}
     info |= source.describe() if source is not None else {}
     params = student_cfg.model_dump(mode="json", exclude={"finetune"})
-    with tracking.stage_run(cfg, paths.root, "distill", student_cfg.name, params=params, main_only=True):
+    with runs.stage_run(cfg, paths.root, "distill", student_cfg.name, params=params, main_only=True):
         result = train(student, ds, tokenizer, student_cfg.training, paths.distilled(student_cfg.name), method=method,
-                       seed=seed, teacher=source, on_log=tracking.log_step,
+                       seed=seed, teacher=source, on_log=runs.log_step,
                        data_collator=method.collator(tokenizer, teacher_tokenizer) if teacher_tokenizer else None)
         info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
                     teacher_forward_passes=result.teacher_forward_passes, generated_tokens=result.generated_tokens,
                     dropped_overlong=dropped)
-        tracking.log_metrics(info)
+        runs.log_metrics(info)
     if is_main_process():
         write_json_atomic(paths.train_info(f"{student_cfg.name}.distill"), info)
     return info

@@ -5,10 +5,10 @@ line per model that fits a terminal)."""
 
 from __future__ import annotations
 
-from kd_core import tracking
 from kd_core.config import PipelineConfig
 from kd_core.io import write_json_atomic
 from kd_core.run import RunPaths, require
+from kd_core.tracking import runs
 
 # (key in the summary, metric key, decimals)
 SAMPLED = ("rougeL", "rougeL_sampled_mean", 2)  # per configured eval set
@@ -47,9 +47,9 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths, model_name: str) -> dict:
     from kd_core.evaluation.run import evaluate_model
 
     model_dir = require(paths.model(model_name), f"model for {model_name!r}", "training stages of that model")
-    with tracking.stage_run(cfg, paths.root, "evaluate", model_name):
+    with runs.stage_run(cfg, paths.root, "evaluate", model_name):
         metrics = evaluate_model(cfg, paths, model_name, model_dir)
-        tracking.log_metrics(metrics)
+        runs.log_metrics(metrics)
     write_json_atomic(paths.metrics(model_name), metrics)
     write_json_atomic(summary_path(paths, model_name), summary(cfg, metrics))
     return metrics

@@ -8,7 +8,6 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from kd_core import tracking
 from kd_core.config import PipelineConfig
 from kd_core.data.builtin import generate_builtin, generate_unlabeled
 from kd_core.data.sources import RawRow, check_report, normalize_rows, read_file, read_hub
@@ -18,6 +17,7 @@ from kd_core.data.tokenize import encode_rows, load_tokenizer, train_bpe_tokeniz
 from kd_core.errors import DataError, ModelError
 from kd_core.io import atomic_dir, file_hash, write_json_atomic, write_jsonl_atomic
 from kd_core.run import RunPaths, n_positions
+from kd_core.tracking import runs
 
 log = logging.getLogger("kd")
 
@@ -194,10 +194,10 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
                "data_version": file_hash(*(paths.split(n) for n in ("train", "val", "test", "unlabeled")))}
     write_json_atomic(paths.data_report, summary)
     log.info("prepared data: %s, unlabeled prompts: %d", summary["splits"], len(unlabeled))
-    with tracking.stage_run(cfg, paths.root, "prepare"):
-        tracking.log_params({"data.source": cfg.data.source, "data.version": summary["data_version"]})
-        tracking.log_metrics({f"rows_{k}": v for k, v in summary["splits"].items()} | {"rows_bad": report.total - report.kept}
+    with runs.stage_run(cfg, paths.root, "prepare"):
+        runs.log_params({"data.source": cfg.data.source, "data.version": summary["data_version"]})
+        runs.log_metrics({f"rows_{k}": v for k, v in summary["splits"].items()} | {"rows_bad": report.total - report.kept}
                              | {"rows_unlabeled": len(unlabeled)}
                              | {f"rows_overlong_{k}": v for k, v in overlong.items()})
-        tracking.log_dict(summary, "data_report.json")
+        runs.log_dict(summary, "data_report.json")
     return summary

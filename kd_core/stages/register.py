@@ -11,14 +11,14 @@ import logging
 import re
 from pathlib import Path
 
-from kd_core import lineage, tracking
-from kd_core.champion import pinned_set, prompts_hash, prompts_tag, update_champion
 from kd_core.config import PipelineConfig
 from kd_core.data.template import format_prompt
 from kd_core.errors import MissingInput
 from kd_core.io import read_jsonl, tree_hash, write_json_atomic
-from kd_core.model_card import model_card
 from kd_core.run import RunPaths, data_version
+from kd_core.tracking import lineage, registry, runs
+from kd_core.tracking.champion import pinned_set, prompts_hash, prompts_tag, update_champion
+from kd_core.tracking.model_card import model_card
 
 log = logging.getLogger("kd")
 
@@ -98,7 +98,7 @@ def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
         log.info("%s: %s", cfg.teacher.name, why)
         names.remove(cfg.teacher.name)
     lock = Path("dvc.lock")
-    lock_text = lineage.read_lock()  # the stages before this one are recorded (the flow commits in the background)
+    lock_text = lineage.read_lock()  # the stages before this one are recorded (a flow settles its commits first)
     for name in names:
         info = json.loads(paths.train_info(name).read_text())
         metrics = json.loads(paths.metrics(name).read_text())
@@ -106,26 +106,26 @@ def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
         reg_name = cfg.tracking.register_teacher_as if name == cfg.teacher.name else cfg.tracking.registered_model
         tags["kd.model_hash"] = tree_hash(paths.model(name))
         tags |= lineage_tags(cfg, name, lock_text) | eval_prompt_tags(cfg, paths, name)
-        existing = tracking.version_with_tag(reg_name, "kd.model_hash", tags["kd.model_hash"])
+        existing = registry.version_with_tag(reg_name, "kd.model_hash", tags["kd.model_hash"])
         if existing is not None:  # the same weights: no duplicate version
-            pending = tracking.is_pending(reg_name, existing)
+            pending = registry.is_pending(reg_name, existing)
             if pending:  # cut off by a failure (a server gone) after it was created: completed now
-                tracking.complete_version(reg_name, existing, model_card(cfg, name, tags, metrics))
-            tracking.tag_version(reg_name, existing, {"kd.last_seen_params_hash": tags["kd.params_hash"],
+                registry.complete_version(reg_name, existing, model_card(cfg, name, tags, metrics))
+            registry.tag_version(reg_name, existing, {"kd.last_seen_params_hash": tags["kd.params_hash"],
                                                       "kd.last_seen_run_dir": tags["kd.run_dir"]})
             registered["versions"][name] = {"registered_model": reg_name, "version": existing, "new": pending}
             continue
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         numeric |= {"train_time_s": info.get("train_time_s", 0.0), "parameters": info["parameters"]}
         card = model_card(cfg, name, tags, metrics)  # the folder's README.md, now with metrics and the version's tags
-        with tracking.stage_run(cfg, paths.root, "register", name, params=_version_params(cfg, name)):
+        with runs.stage_run(cfg, paths.root, "register", name, params=_version_params(cfg, name)):
             for set_name in cfg.evaluation.eval_sets:  # per-prompt scores: the champion's paired test reads them
                 per_prompt = paths.generations(name) / f"{set_name}.jsonl"
                 if per_prompt.is_file():
-                    tracking.log_artifact(per_prompt, "eval")
+                    runs.log_artifact(per_prompt, "eval")
             if any(k.startswith("kd.dvc.") for k in tags):  # what `kd checkout` restores
-                tracking.log_artifact(lock, "lineage")
-            number = tracking.log_model_and_register(
+                runs.log_artifact(lock, "lineage")
+            number = registry.log_model_and_register(
                 paths.model(name), reg_name, tags, numeric, artifact_name=name, card=card,
                 prompt_template=format_prompt({"instruction": "{prompt}"}, cfg.data.template),
                 generation={"max_new_tokens": cfg.evaluation.generation.max_new_tokens, "do_sample": False,

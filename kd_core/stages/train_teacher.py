@@ -3,11 +3,11 @@ folder is a complete Hugging Face model (chat template, context length, generati
 
 from __future__ import annotations
 
-from kd_core import tracking
+from kd_core.tracking import runs
 from kd_core.config import PipelineConfig
 from kd_core.io import atomic_dir, write_json_atomic, write_text_atomic
 from kd_core.methods import get_method
-from kd_core.model_card import card_tags, model_card
+from kd_core.tracking.model_card import card_tags, model_card
 from kd_core.models.build import count_parameters, make_model, set_generation_defaults
 from kd_core.training.preflight import preflight
 from kd_core.run import (RunPaths, is_main_process, load_run_tokenizer, load_source_tokenizer, load_train_set,
@@ -46,7 +46,7 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
     preflight(cfg, "train_teacher", model=model, tokenizer=tokenizer, training=teacher_cfg.training, out_dir=out_dir)
     info: dict = {"name": teacher_cfg.name, "parameters": count_parameters(model), "trained": teacher_cfg.train,
                   "finetune": teacher_cfg.finetune}
-    with tracking.stage_run(cfg, paths.root, "train_teacher", teacher_cfg.name, params=teacher_cfg.model_dump(mode="json")):
+    with runs.stage_run(cfg, paths.root, "train_teacher", teacher_cfg.name, params=teacher_cfg.model_dump(mode="json")):
         if not teacher_cfg.train:
             _save(model, tokenizer, out_dir)
             info.update(train_time_s=0.0, steps=0)
@@ -56,12 +56,12 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
             if lora:
                 model = _with_lora(model, teacher_cfg.lora)
             result = train(model, ds, tokenizer, teacher_cfg.training, out_dir, method=get_method("sft")(None),
-                           seed=seed, on_log=tracking.log_step, save=not lora)
+                           seed=seed, on_log=runs.log_step, save=not lora)
             if lora:  # merge the adapter so the teacher is a plain causal LM
                 _save(model.merge_and_unload(), tokenizer, out_dir)
             info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
                         dropped_overlong=dropped)
-        tracking.log_metrics(info)
+        runs.log_metrics(info)
     if is_main_process():  # the folder's model card (this stage writes the folder: a DVC output of it)
         write_text_atomic(out_dir / "README.md", model_card(cfg, teacher_cfg.name, card_tags(cfg, teacher_cfg.name, info)))
     write_json_atomic(paths.train_info(teacher_cfg.name), info)

@@ -1,18 +1,17 @@
 """The Trainer callbacks of `kd_core.training.trainer.train`: the method's extra trainable modules (their gradients,
 optimizer and checkpoint files), metrics and the progress bar, cancellation (`StopAtNextStep`, see
-kd_core/training/interrupts.py) and the fault hooks of the tests."""
+kd_core/training/interrupts.py) and the fault hooks of the tests (kd_core/faults.py)."""
 
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from kd_core.training.interrupts import (DIE_AFTER_CHECKPOINT_ENV, DISK_FULL_AFTER_CHECKPOINT_ENV,
-                                SIGTERM_AT_STEP_ENV, cancel_requested, hook_step)
+from kd_core.faults import TrainingFaults
+from kd_core.training.interrupts import cancel_requested
 from kd_core.io import write_checksums
 from kd_core.methods.base import Method
 from kd_core.progress import Progress
@@ -150,59 +149,16 @@ class StopAtNextStep(TrainerCallback):
         return control
 
 
-class _DieAfterCheckpoint(TrainerCallback):
-    """SIGKILL this process right after the checkpoint of `step` is complete. Added after every other
-    callback, so their `on_save` (the extra modules' file) has run too."""
+class FaultHooks(TrainerCallback):
+    """The tests' fault hooks on this model folder (kd_core/faults.py; nothing outside the tests). Added after
+    every other callback but `StopAtNextStep`: a checkpoint is complete when they act on it, and a SIGTERM at a
+    step's end is seen by `StopAtNextStep` at that step."""
 
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            if args.world_size > 1:
-                import torch.distributed as dist
-
-                dist.barrier()  # every rank has written its part of the checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class _SigtermAtStep(TrainerCallback):
-    """Send this process SIGTERM at the end of `step` (before `StopAtNextStep` looks at the flag)."""
-
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, out_dir: Path):
+        self.faults = TrainingFaults(out_dir)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-class _DiskFullAfterCheckpoint(TrainerCallback):
-    """Once the checkpoint of `step` is complete, every later write of this process that grows a file fails with
-    EFBIG (as on a full disk): RLIMIT_FSIZE 0, with SIGXFSZ ignored so that the write raises instead of killing
-    the process. Added after the checksums' callback: the checkpoint is complete."""
-
-    def __init__(self, step: int):
-        self.step = step
+        self.faults.step_end(state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            import resource
-
-            # Python ignores SIGXFSZ from the start; set only where something changed that (signal.signal works in
-            # the main thread only, and in a flow the stage trains in a task's thread)
-            if signal.getsignal(signal.SIGXFSZ) != signal.SIG_IGN:
-                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-
-def test_hooks(out_dir: Path) -> list[TrainerCallback]:
-    """The fault hooks the environment asks for on this model folder (none outside the tests)."""
-    hooks: list[TrainerCallback] = []
-    if (step := hook_step(out_dir, SIGTERM_AT_STEP_ENV)) is not None:
-        hooks.append(_SigtermAtStep(step))
-    if (step := hook_step(out_dir, DIE_AFTER_CHECKPOINT_ENV)) is not None:
-        hooks.append(_DieAfterCheckpoint(step))
-    if (step := hook_step(out_dir, DISK_FULL_AFTER_CHECKPOINT_ENV)) is not None:
-        hooks.append(_DiskFullAfterCheckpoint(step))
-    return hooks
+        self.faults.checkpoint_saved(state.global_step, args.world_size)

@@ -1,4 +1,4 @@
-"""Interruptions of a training run: cancellation (SIGTERM) and the deterministic fault hooks of the tests.
+"""Interruptions of a training run: cancellation (SIGTERM), passed on to the stages a flow runs as processes.
 
 Cancellation. Prefect cancels a flow run, and a cluster preempts a node, by sending SIGTERM. `kd run` and
 `kd stage` install `on_sigterm` in their main thread: the first SIGTERM only sets a flag; training stops at
@@ -8,37 +8,20 @@ the stage resumes from that checkpoint. A second SIGTERM while the first is bein
 once, also with 143 (`SystemExit`), as a user pressing Ctrl-C twice expects. In a flow (`kd run`), Prefect's
 own handler ends the flow run and sends SIGTERM again once the task threads are done: that second one exits.
 A stage the flow runs as a process of its own (side by side with others, or under torchrun / deepspeed:
-`kd_core.launcher.run_command`) gets every SIGTERM passed on (`forwarding_sigterm`), so it stops the same way.
+`kd_core.pipeline.launcher.run_command`) gets every SIGTERM passed on (`forwarding_sigterm`), so it stops the same way.
 
-The callbacks that act on these are in kd_core/training/callbacks.py (this module imports no torch: the CLI
+The callback that acts on it is in kd_core/training/callbacks.py (this module imports no torch: the CLI
 installs the handler before anything heavy is loaded).
-
-Test hooks (environment variables read when training starts, naming the model folder by its trailing parts):
-- `KD_TEST_DIE_AFTER_CHECKPOINT=<model folder>:<step>`: SIGKILL the process right after the checkpoint of
-  `step` is complete (a preempted machine that dies without warning);
-- `KD_TEST_SIGTERM_AT_STEP=<model folder>:<step>`: the process sends itself SIGTERM at the end of `step` (a
-  cancellation, delivered at a known step so the test is deterministic);
-- `KD_TEST_DISK_FULL_AFTER_CHECKPOINT=<model folder>:<step>`: once the checkpoint of `step` is complete, every
-  write that grows a file fails with EFBIG, as on a full disk (RLIMIT_FSIZE 0);
-- `KD_TEST_KILL_TRACKING_SERVER=<process group>`: register SIGKILLs that process group (the test's MLflow
-  server) right after the first version is created, before the rest of its registration (`kill_tracking_server`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import threading
-from pathlib import Path
 
 from kd_core.errors import Cancelled
-
-DIE_AFTER_CHECKPOINT_ENV = "KD_TEST_DIE_AFTER_CHECKPOINT"
-SIGTERM_AT_STEP_ENV = "KD_TEST_SIGTERM_AT_STEP"
-DISK_FULL_AFTER_CHECKPOINT_ENV = "KD_TEST_DISK_FULL_AFTER_CHECKPOINT"
-KILL_TRACKING_ENV = "KD_TEST_KILL_TRACKING_SERVER"
 
 _requested = threading.Event()
 _children: set[subprocess.Popen] = set()  # stage processes started by this one: SIGTERM is passed on to them
@@ -92,34 +75,3 @@ def on_sigterm(chain: bool = False) -> None:
 
 def cancel_requested() -> bool:
     return _requested.is_set()
-
-
-def hook_step(out_dir: Path, env: str) -> int | None:
-    """The step of test hook `env` when it names this model folder (its trailing path parts), else None."""
-    target, _, step = os.environ.get(env, "").rpartition(":")
-    parts = Path(target).parts
-    if not parts or out_dir.parts[-len(parts):] != parts:
-        return None
-    return int(step)
-
-
-def kill_tracking_server() -> None:
-    """The test hook `KD_TEST_KILL_TRACKING_SERVER`: SIGKILL that process group once (the variable is cleared) and
-    return when none of its processes is alive (their sockets are closed: the next request is refused)."""
-    group = os.environ.pop(KILL_TRACKING_ENV, "")
-    if not group:
-        return
-    os.killpg(int(group), signal.SIGKILL)
-    while _group_alive(int(group)):
-        os.sched_yield()
-
-
-def _group_alive(group: int) -> bool:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:  # ended meanwhile
-            continue
-        if int(fields[2]) == group and fields[0] not in ("Z", "X"):  # (state, ppid, pgrp): alive, not a zombie
-            return True
-    return False

@@ -29,7 +29,7 @@ from kd_core.config import TrainingConfig
 from kd_core.data.tokenize import IGNORE_INDEX, CausalCollator, EncodedDataset
 from kd_core.io import atomic_dir, checksum_problem, write_failure
 from kd_core.training.callbacks import (EXTRA_MODULES_FILE, ChecksumCheckpoint, ExtraModulesCheckpoint,
-                                        ExtraModulesStep, MetricsCallback, ProgressBar, StopAtNextStep, test_hooks)
+                                        ExtraModulesStep, FaultHooks, MetricsCallback, ProgressBar, StopAtNextStep)
 from kd_core.errors import Cancelled, TrainingDiverged
 from kd_core.methods.base import Method, StepContext
 
@@ -285,8 +285,8 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
         trainer.add_callback(extras)
     trainer.add_callback(ChecksumCheckpoint())  # after every other file of the checkpoint is written
     stop = StopAtNextStep()  # SIGTERM: a checkpoint at the next step boundary, then `Cancelled`
-    for hook in [*test_hooks(out_dir), stop]:  # (the test hooks: none outside the tests)
-        trainer.add_callback(hook)
+    trainer.add_callback(FaultHooks(out_dir))  # (the tests' fault hooks: nothing outside the tests)
+    trainer.add_callback(stop)
     resume = last_complete_checkpoint(ckpt_dir, (EXTRA_MODULES_FILE,) if extras else ())
     if resume and extras:
         extras.load(resume)

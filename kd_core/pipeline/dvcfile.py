@@ -47,14 +47,15 @@ def module_file(module: str) -> Path | None:
     return None
 
 
-def imports_of(path: Path) -> set[str]:
-    """kd_core modules a file imports when it runs (top level or inside functions; not `if TYPE_CHECKING:`), with
-    their parent packages."""
+def imports_of(path: Path, typing_too: bool = False) -> set[str]:
+    """kd_core modules a file imports when it runs (top level or inside functions; not `if TYPE_CHECKING:`, unless
+    `typing_too`), with their parent packages."""
     found: set[str] = set()
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
-                   for n in ast.walk(block)}  # `if TYPE_CHECKING:` imports never run
+    typing_only = set() if typing_too else {
+        id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+        and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+        for n in ast.walk(block)}  # `if TYPE_CHECKING:` imports never run
     for node in ast.walk(tree):
         if id(node) in typing_only:
             continue

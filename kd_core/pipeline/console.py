@@ -1,7 +1,7 @@
 """The console of `kd run`: one line per stage start and end (`▶ distill fkl`, `✓ distill fkl 47.3 s`,
 `· distill fkl up to date (DVC)`), written to stderr above the stage's progress bar (a terminal only:
 `kd_core.progress.progress`) and to the Prefect run log (the UI's logs); the summary lines after the run (the
-champion, the UI commands). Only the flow and the CLI use it (no stage imports it).
+champion, the UI commands). Only the pipeline (`execute`), the flow and the CLI use it (no stage imports it).
 """
 
 from __future__ import annotations
@@ -128,13 +128,11 @@ def mlflow_ui(tracking_uri: str, experiment_id: str | None = None, run_id: str |
 
 def prefect_ui(flow_run_id: str | None = None) -> dict:
     """Where to look at a flow run in Prefect: {"url", "command"}: the configured server's UI, or, when `kd run`
-    used a temporary server on the project's Prefect home, the command that starts one on that home."""
+    used Prefect's temporary server on the project's Prefect home, the command that starts one on that home."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_UI_URL
 
-    from kd_core.prefect_server import is_temporary
-
     page = f"runs/flow-run/{flow_run_id}" if flow_run_id else ""
-    if PREFECT_API_URL.value() and not is_temporary(PREFECT_API_URL.value()):
+    if PREFECT_API_URL.value():
         ui = PREFECT_UI_URL.value() or re.sub(r"/api/?$", "", PREFECT_API_URL.value())
         return {"url": _public(ui).rstrip("/") + "/" + page, "command": ""}
     home = str(Path(PREFECT_HOME.value()).expanduser().resolve())

@@ -5,7 +5,7 @@ set, and each version carries the hash of the prompts it was evaluated on (`kd.e
 versions evaluated on this run's prompts, the best by `metric` (max or min) takes the alias when it is better
 than the current champion by more than `min_delta` and, with `significance` set, when a paired bootstrap over
 those prompts gives p < significance. A champion evaluated on other prompts is not compared: the alias stays
-and the decision says why. The decision is a pure function of the versions' rows (`tracking.version_rows`) and
+and the decision says why. The decision is a pure function of the versions' rows (`registry.version_rows`) and
 a paired test; MLflow is read and written through `kd_core.tracking` only.
 """
 
@@ -81,13 +81,13 @@ def decide(rows: list[dict], rule: ChampionRule, paired_test: Callable[[str, str
 def paired_registry_test(old_run: str, new_run: str, seed: int, set_name: str) -> dict | None:
     """Paired bootstrap of two registered versions' per-prompt sampled ROUGE-L on the prompts both were
     evaluated on (the `eval/<set>.jsonl` artifacts of their register runs); None when either has none."""
-    from kd_core import tracking
     from kd_core.evaluation.compare import prompt_scores
     from kd_core.evaluation.stats import paired_on_common_ids
+    from kd_core.tracking import runs
 
     scores = []
     for run_id in (old_run, new_run):
-        with tracking.downloaded_artifact(run_id, f"eval/{set_name}.jsonl") as local:
+        with runs.downloaded_artifact(run_id, f"eval/{set_name}.jsonl") as local:
             if local is None:  # an older version without per-prompt scores
                 return None
             scores.append(prompt_scores(local))
@@ -97,12 +97,12 @@ def paired_registry_test(old_run: str, new_run: str, seed: int, set_name: str) -
 def update_champion(cfg: PipelineConfig, pinned_hash: str | None = None) -> dict:
     """Move alias `champion` of the student model to the best version by the rule in params, among the
     versions evaluated on the prompts hashed `pinned_hash`."""
-    from kd_core import tracking
+    from kd_core.tracking import registry
 
     rule = cfg.tracking.champion
-    rows = tracking.version_rows(cfg.tracking.registered_model)
+    rows = registry.version_rows(cfg.tracking.registered_model)
     decision = decide(rows, rule, lambda old, new: paired_registry_test(old, new, cfg.seed, pinned_set(rule)),
                       pinned_hash)
     if decision["moved"]:
-        tracking.set_alias(cfg.tracking.registered_model, "champion", decision["version"])
+        registry.set_alias(cfg.tracking.registered_model, "champion", decision["version"])
     return decision
