@@ -284,6 +284,18 @@ class EvaluationConfig(StrictModel):
                                                                 description="ExAccErr(l) for these l")
     exaccerr_prompts: int = Field(32, ge=0, description="prompts of the test split used for ExAccErr (0: off)")
     exaccerr_samples: int = Field(2, ge=1, description="prefixes sampled per prompt and model")
+    answers: dict[str, metrics.AnswerRule] = Field(
+        default_factory=dict, description="eval set -> answer extraction rule (gsm8k, last_number, boxed, choice): "
+                                          "answer_match and pass@k on its final answers (kd_core/evaluation/answers.py)")
+    pass_at_k: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="k of pass@k over the sample seeds on the sets of `answers` (null: 1 and len(sample_seeds))")
+
+    @property
+    def pass_ks(self) -> list[int]:
+        """The k of the pass@k metrics: `pass_at_k`, or 1 and the number of sample seeds; none without seeds."""
+        if not self.sample_seeds:
+            return []
+        return sorted(set(self.pass_at_k if self.pass_at_k is not None else (1, len(self.sample_seeds))))
 
     @model_validator(mode="after")
     def _some_generation(self) -> EvaluationConfig:
