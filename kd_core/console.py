@@ -79,6 +79,14 @@ def stage(name: str, log=None):
         log)
 
 
+def size_text(n: int) -> str:
+    """A byte count for people: 812 B, 3.4 KiB, 12.1 MiB, 2.0 GiB."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def note(stage_name: str, result, champion_metric: str) -> str:
     """A stage's result in a few words for its end line: the final training loss, the champion metric."""
     if not isinstance(result, dict):
@@ -94,6 +102,8 @@ def note(stage_name: str, result, champion_metric: str) -> str:
         served = "".join(f"; {name} not registered (served by another process)" for name in
                          result.get("not_registered") or {})
         return f"{new} new version(s) of {len(result['versions'])}{served}"
+    if stage_name == "cache_teacher" and isinstance(result.get("bytes_per_token"), (int, float)):
+        return f"{result.get('source', '')} · {size_text(result['bytes'])}, {result['bytes_per_token']:.0f} bytes per token"
     if stage_name == "transfer" and "rows" in result:
         return f"{result['rows']} rows"
     return ""

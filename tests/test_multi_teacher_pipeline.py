@@ -100,7 +100,7 @@ def test_a_teacher_and_a_teacher_assistant_teach_one_student(project):
     from kd_core.stages.train_teacher import train_teacher
     from kd_core.data.tokenize import CausalCollator
 
-    everything = {"top_k": 4096}  # >= the vocabulary: the cache is exact
+    everything = {"top_k": 4096, "logprobs": "float32"}  # >= the vocabulary, full precision: the cache is exact
     params = params_with(
         live={},
         cached={"teacher_combine": "mixture", "teacher_cache": everything},

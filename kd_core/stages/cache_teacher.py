@@ -9,9 +9,10 @@ import time
 from typing import TYPE_CHECKING
 
 from kd_core.config import PipelineConfig
+from kd_core.console import size_text
 from kd_core.errors import CacheError
 from kd_core.io import CHECKSUMS, atomic_dir, checksum_problem, link_or_copy, write_checksums, write_json_atomic
-from kd_core.logit_cache_key import MANIFEST, TENSORS, cache_key, read_manifest, stale_fields
+from kd_core.logit_cache_key import MANIFEST, TENSORS, cache_key, is_old_format, read_manifest, stale_fields
 from kd_core.run import RunPaths, load_model, load_run_tokenizer, load_train_set
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def cache_teacher(cfg: PipelineConfig, paths: RunPaths, student_name: str, teach
     changed = stale_fields(current, key)
     if not changed and (out / TENSORS).is_file():
         if (problem := checksum_problem(out)) is None:
-            return info | {"source": "current"}
+            return info | {"source": "current"} | current.get("stats", {})
         log.warning("teacher cache of %s is damaged: %s: rebuilding it", student_cfg.name, problem)
         current, changed = None, []
     root = paths.teacher_cache(student_cfg.name).parent  # every student's caches, and their teachers'
@@ -54,8 +55,12 @@ def cache_teacher(cfg: PipelineConfig, paths: RunPaths, student_name: str, teach
                     if (other / name).is_file():
                         link_or_copy(other / name, tmp / name)
             log.info("teacher cache of %s: reusing %s's (same key)", student_cfg.name, other.name)
-            return info | {"source": f"linked from {other.name}"}
-    if current is not None:
+            return info | {"source": f"linked from {other.name}"} | manifest.get("stats", {})
+    if is_old_format(current) and changed == ["logprobs"]:
+        log.info("teacher cache of %s is in the format before the compact one (float32 log-probs, int32 ids): "
+                 "rebuilding it with %s log-probs (teacher_cache.logprobs: float32 reads it as it is)",
+                 student_cfg.name, key["logprobs"])
+    elif current is not None:
         log.info("teacher cache of %s is stale (%s changed): rebuilding", student_cfg.name, ", ".join(changed))
     import torch
 
@@ -84,17 +89,25 @@ def cache_teacher(cfg: PipelineConfig, paths: RunPaths, student_name: str, teach
 
 
 def _save(out, key: dict, info: dict, student: str, tensors: dict, examples: int, start: float) -> dict:
-    """Write a built cache (tensors, manifest, checksums) into `out`, atomically; the stage's result."""
+    """Write a built cache (tensors in the stored types of `key["logprobs"]`, manifest with their `encoding`, size
+    and bytes per response token, checksums) into `out`, atomically; the stage's result."""
     from safetensors.torch import save_file
 
+    from kd_core.logit_cache_encoding import encode, encoding_of
+
     seconds = time.perf_counter() - start
+    tensors = encode(tensors, key["logprobs"], key["vocab_size"])
     stats = {"examples": examples, "tokens": int(tensors["offsets"][-1]), "seconds": round(seconds, 3)}
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / TENSORS))
-        write_json_atomic(tmp / MANIFEST, {"enabled": True, "key": key, "stats": stats})
+        stats["bytes"] = (tmp / TENSORS).stat().st_size
+        stats["bytes_per_token"] = round(stats["bytes"] / max(stats["tokens"], 1), 1)
+        write_json_atomic(tmp / MANIFEST, {"enabled": True, "key": key, "encoding": encoding_of(tensors),
+                                           "stats": stats})
         write_checksums(tmp)  # verified whenever the cache is used again
-    stats["bytes"] = (out / TENSORS).stat().st_size
-    log.info("teacher cache of %s: %d tokens, k=%d, %.1f s", student, stats["tokens"], key["top_k"], seconds)
+    log.info("teacher cache of %s: %d tokens, k=%d, %s log-probs and %s ids, %s (%.0f bytes per token), %.1f s",
+             student, stats["tokens"], key["top_k"], key["logprobs"], str(tensors["top_ids"].dtype).removeprefix(
+                 "torch."), size_text(stats["bytes"]), stats["bytes_per_token"], seconds)
     return info | {"source": "built"} | stats
 
 
