@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--loss-batches", type=int, default=4, help="batches of 8 for the loss and gradient check")
+    ap.add_argument("--cache-file", help="keep the float32 cache here (safetensors): built once, read on later runs")
     args = ap.parse_args()
 
     import torch
@@ -55,7 +56,14 @@ def main() -> None:
     ds, dropped = encode_rows(rows, tok, "chatml", args.max_length, "truncate")
     vocab = teacher.get_output_embeddings().weight.shape[0]
     start = time.perf_counter()
-    f32 = build_cache(teacher, ds, tok.pad_token_id, vocab, 1.0, args.top_k, batch_size=8)
+    if args.cache_file and Path(args.cache_file).is_file():
+        from safetensors.torch import load_file
+
+        f32 = load_file(args.cache_file)
+    else:
+        f32 = build_cache(teacher, ds, tok.pad_token_id, vocab, 1.0, args.top_k, batch_size=8)
+        if args.cache_file:
+            save_file(f32, args.cache_file)
     n = int(f32["offsets"][-1])
     print(f"{len(ds)} rows, {n} response tokens, vocabulary {vocab}, k = {args.top_k}; teacher pass "
           f"{time.perf_counter() - start:.0f} s", flush=True)
@@ -106,7 +114,7 @@ def loss_check(teacher, ds, tok, f32, decoded, vocab, n_batches, batches) -> Non
             m = int(mask.sum())
             signal = TopKTeacherSignal(*(t[offset:offset + m] for t in rows), vocab, 1.0)
             offset += m
-            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             loss = signal.divergence(logits, prediction_positions(mask), "fkl").sum()
             loss.backward()
             total, count = total + float(loss.detach()), count + m

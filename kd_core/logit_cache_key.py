@@ -61,7 +61,7 @@ def cache_key(cfg: PipelineConfig, paths: RunPaths, student_name: str, teacher: 
         "vocab_size": min(teacher_vocab, _student_vocab(sc, tokenizer_size, teacher_vocab)),
         "top_k": min(sc.teacher_cache.top_k, teacher_vocab),
         "logprobs": sc.teacher_cache.logprobs,
-    }
+    } | ({"route": sc.route.model_dump(mode="json")} if sc.route is not None else {})  # (over its own rows)
 
 
 def stale_fields(manifest: dict | None, key: dict) -> list[str]:

@@ -19,6 +19,7 @@ from kd_core.config import graph, methods, metrics
 from kd_core.config.base import StrictModel
 from kd_core.config.data_source import UnlabeledConfig, check_fields
 from kd_core.config.model_source import ModelSource
+from kd_core.config.routing import RouteConfig, check_routes, with_route_teachers
 from kd_core.config.tokenizers import check_shared_vocabulary
 from kd_core.config.tracking_store import unknown_scheme
 from kd_core.config.transfer_rules import TransferSetConfig
@@ -212,9 +213,8 @@ class TeacherCacheConfig(StrictModel):
     enabled: bool = False
     top_k: int = Field(64, ge=1, description="teacher tokens kept per position (capped at the vocabulary size)")
     batch_size: int = Field(32, ge=1, description="teacher batch size while building the cache")
-    logprobs: Literal["float16", "float32"] = Field(
-        "float16", description="stored precision of the top-k log-probs (ids: uint16 up to 65536 tokens, else int32): "
-                               "float16 ~260 bytes per token at k = 64, float32 ~516 and exact at k = V")
+    logprobs: Literal["float16", "float32"] = Field("float16", description="stored log-probs: float16 (~260 bytes "
+                                                    "per token at k = 64) or float32 (~516, exact at k = V)")
 
 
 class StudentConfig(StrictModel):
@@ -239,6 +239,7 @@ class StudentConfig(StrictModel):
                           "models before it in its chain (kd_core/multi_teacher.py)")
     teacher_combine: Literal["sum", "mixture"] = Field(
         "sum", description="with `teachers`: sum = Σ_k w_k D(p_k || q), mixture = D(Σ_k w_k p_k || q)")
+    route: RouteConfig | None = Field(None, description="per-row teacher by a data field (kd_core/config/routing.py)")
 
     def teacher_weights(self) -> dict[str, float]:
         """Every teacher of the student with its normalised weight (one teacher: {teacher: 1.0})."""
@@ -250,7 +251,7 @@ class StudentConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _method_default_divergence(cls, data: Any) -> Any:
-        return methods.with_default_divergence(data)
+        return methods.with_default_divergence(with_route_teachers(data))
 
     @model_validator(mode="after")
     def _registered_names(self) -> StudentConfig:
@@ -287,18 +288,15 @@ class EvaluationConfig(StrictModel):
                                                                 description="ExAccErr(l) for these l")
     exaccerr_prompts: int = Field(32, ge=0, description="prompts of the test split used for ExAccErr (0: off)")
     exaccerr_samples: int = Field(2, ge=1, description="prefixes sampled per prompt and model")
-    answers: dict[str, metrics.AnswerRule] = Field(
-        default_factory=dict, description="eval set -> answer extraction rule (gsm8k, last_number, boxed, choice): "
-                                          "answer_match and pass@k on its final answers (kd_core/evaluation/answers.py)")
-    pass_at_k: list[Annotated[int, Field(ge=1)]] | None = Field(
-        None, description="k of pass@k over the sample seeds on the sets of `answers` (null: 1 and len(sample_seeds))")
+    answers: dict[str, metrics.AnswerRule] = Field(default_factory=dict, description="eval set -> answer rule: "
+                                                   "answer match and pass@k (kd_core/evaluation/answers.py)")
+    pass_at_k: list[Annotated[int, Field(ge=1)]] | None = Field(None, description="k of pass@k (null: 1, #seeds)")
 
     @property
     def pass_ks(self) -> list[int]:
         """The k of the pass@k metrics: `pass_at_k`, or 1 and the number of sample seeds; none without seeds."""
-        if not self.sample_seeds:
-            return []
-        return sorted(set(self.pass_at_k if self.pass_at_k is not None else (1, len(self.sample_seeds))))
+        ks = self.pass_at_k if self.pass_at_k is not None else (1, len(self.sample_seeds))
+        return sorted(set(ks)) if self.sample_seeds else []
 
     @model_validator(mode="after")
     def _some_generation(self) -> EvaluationConfig:
@@ -374,6 +372,7 @@ class PipelineConfig(StrictModel):
     def _cross_checks(self) -> PipelineConfig:
         """Rules over several sections, first failure reported: model names and references, chains (no
         cycle), layer indices of students cut from their teacher, then evaluation (eval sets, champion)."""
+        check_routes(self)
         graph.check_references(self)
         graph.chain_order(self)
         graph.check_teachers(self)

@@ -69,8 +69,7 @@ def cache_teacher(cfg: PipelineConfig, paths: RunPaths, student_name: str, teach
 
     tokenizer = load_run_tokenizer(paths)
     if (served := served_teacher(cfg, teacher, key["vocab_size"])) is not None:  # another process serves it
-        ds, _ = load_train_set(cfg, paths, tokenizer, student_cfg.train_data,
-                               loss_on_prompt=student_cfg.training.loss_on_prompt)
+        ds = _train_rows(cfg, paths, tokenizer, student_cfg, teacher)
         start = time.perf_counter()
         return _save(out, key, info, student_cfg.name, served.build_cache(ds, key["top_k"]), len(ds), start)
     teacher_name, teacher = teacher, load_model(paths, teacher).eval()
@@ -80,12 +79,23 @@ def cache_teacher(cfg: PipelineConfig, paths: RunPaths, student_name: str, teach
     if rows != key["teacher_vocab"]:
         raise CacheError(f"{paths.model(teacher_name)}: output layer has {rows} rows, config says "
                          f"{key['teacher_vocab']}")
-    ds, _ = load_train_set(cfg, paths, tokenizer, student_cfg.train_data,
-                           loss_on_prompt=student_cfg.training.loss_on_prompt)
+    ds = _train_rows(cfg, paths, tokenizer, student_cfg, teacher_name)
     start = time.perf_counter()
     tensors = build_cache(teacher, ds, tokenizer.pad_token_id, key["vocab_size"], student_cfg.temperature,
                           key["top_k"], student_cfg.teacher_cache.batch_size)
     return _save(out, key, info, student_cfg.name, tensors, len(ds), start)
+
+
+def _train_rows(cfg: PipelineConfig, paths: RunPaths, tokenizer, student_cfg, teacher: str):
+    """The student's training examples the cache of `teacher` covers: all of them, or with a `route` the rows
+    routed to that teacher (kd_core/routing.py)."""
+    ds, _ = load_train_set(cfg, paths, tokenizer, student_cfg.train_data,
+                           loss_on_prompt=student_cfg.training.loss_on_prompt)
+    if student_cfg.route is None:
+        return ds
+    from kd_core.routing import route_rows, routed_subset
+
+    return routed_subset(ds, route_rows(cfg, paths, student_cfg, tokenizer), teacher)
 
 
 def _save(out, key: dict, info: dict, student: str, tensors: dict, examples: int, start: float) -> dict:

@@ -45,7 +45,9 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
                                             with_offsets=method.needs_text_offsets)
     teacher_cache, teachers = None, None
     shared_vocab = min(len(tokenizer), student.get_output_embeddings().weight.shape[0])  # (a served teacher's)
-    if student_cfg.teachers:  # several: each one's cache (teacher_cache/<student>/<name>) or live model
+    if student_cfg.route is not None:  # each row its own teacher (kd_core/routing.py)
+        teachers = _routed_teachers(cfg, paths, student_cfg, tokenizer, ds, student, teacher, cached, shared_vocab)
+    elif student_cfg.teachers:  # several: each one's cache (teacher_cache/<student>/<name>) or live model
         weights = student_cfg.teacher_weights()
         members = [load_for_training(cfg, paths, student_cfg.name, ds, student, name) if cached
                    else teacher if name == student_cfg.teacher and teacher is not None
@@ -61,7 +63,9 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
                   "teacher": student_cfg.teacher, "train_data": student_cfg.train_data,
                   "parameters": count_parameters(student),
                   "teacher_cache_top_k": first_cache.key["top_k"] if cached else 0}
-    if teachers:
+    if student_cfg.route is not None:
+        info.update(route=student_cfg.route.model_dump(mode="json"))
+    elif teachers:
         info.update(teachers=student_cfg.teacher_weights(), teacher_combine=student_cfg.teacher_combine)
     params = student_cfg.model_dump(mode="json", exclude={"finetune"})
     with tracking.stage_run(cfg, paths.root, "distill", student_cfg.name, params=params, main_only=True):
@@ -76,3 +80,22 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     if is_main_process():
         write_json_atomic(paths.train_info(f"{student_cfg.name}.distill"), info)
     return info
+
+
+def _routed_teachers(cfg, paths, student_cfg, tokenizer, ds, student, teacher, cached: bool, shared_vocab: int):
+    """The student's routed teachers: each one's cache over its own rows, or its live (or served) model."""
+    from kd_core.routed_signal import RoutedTeachers
+    from kd_core.routing import route_rows, routed_subset
+
+    routed = route_rows(cfg, paths, student_cfg, tokenizer)
+    names = student_cfg.route.teachers()
+    members = []
+    for name in names:
+        if cached:
+            members.append(load_for_training(cfg, paths, student_cfg.name, routed_subset(ds, routed, name), student,
+                                             name))
+        elif name == student_cfg.teacher and teacher is not None:
+            members.append(teacher)
+        else:
+            members.append(served_teacher(cfg, name, shared_vocab) or load_model(paths, name))
+    return RoutedTeachers(members, names, routed)
