@@ -214,3 +214,23 @@ def test_dvc_sees_the_same_graph_as_the_flow_for_a_routed_student(project):
         assert sorted(deps) == sorted(node.deps), node.name
     assert "runs/tiny/models/ta" in {str(d) for d in stages["cache_teacher@routed"].deps}
     assert cfg.chain_order() == ["ta", "routed"] and set(cfg.dependencies("routed")) == {"ta", "teacher"}
+
+
+@pytest.mark.parametrize("method", ["kd", "atkd"])
+def test_two_routes_to_the_same_teacher_give_that_teachers_loss(method):
+    """The plumbing of every signal call (positions, targets and ATKD's per-position weights split by row and put
+    back): rows split between two copies of one teacher give exactly the single-teacher loss and gradient."""
+    student, teacher = _gpt2(0), _teacher(1)
+    batch, routed, _ = _batch()
+    cfg = student_config(method, temperature=1.3, fused_lm_head=False)
+    n = batch["labels"][:, 1:].ne(IG).sum()
+    results = []
+    for kwargs in ({"teachers": RoutedTeachers([teacher, teacher], ["a", "b"], routed)}, {"teacher": teacher}):
+        student.zero_grad()
+        loss = get_method(method)(cfg, cfg.method_args).compute_loss(
+            StepContext(student=student, batch=batch, num_items=n, **kwargs)).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
