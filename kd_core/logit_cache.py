@@ -4,7 +4,8 @@
 
 * `top_k.safetensors`: for every response token of the training set, in data set order, the teacher's k
   largest log-probabilities at the student's temperature (`top_logprobs` [N, k], float16 or float32), their token
-  ids (`top_ids` [N, k], uint16 or int32: :mod:`kd_core.logit_cache_encoding`), the log of the remaining mass (`tail_logmass` float32 [N], -inf when k = V), and
+  ids (`top_ids` [N, k], uint16 or int32: :mod:`kd_core.logit_cache_encoding`), the log of the remaining mass
+  (`tail_logmass` float32 [N], -inf when k = V), and
   `offsets` int64 [E + 1] (example e owns rows offsets[e]:offsets[e + 1]). Log-probabilities are normalised
   over the vocabulary shared by teacher and student (as :func:`kd_core.losses.tokens.shared_vocab`).
 * `manifest.json`: the key (what produced it: teacher weights, tokenizer and data hashes, template, which

@@ -69,7 +69,7 @@ def stale_fields(manifest: dict | None, key: dict) -> list[str]:
     manifest without `logprobs` was written before the compact cache: float32 log-probs (`OLD_LOGPROBS`)."""
     stored = (manifest or {}).get("key") or {}
     stored = {"logprobs": OLD_LOGPROBS, **stored} if stored else stored
-    return [k for k in key if stored.get(k) != key[k]]
+    return [k for k in key if stored.get(k) != key[k]] + [k for k in stored if k not in key]  # (e.g. a route)
 
 
 def is_old_format(manifest: dict | None) -> bool:

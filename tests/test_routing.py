@@ -234,3 +234,12 @@ def test_two_routes_to_the_same_teacher_give_that_teachers_loss(method):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_a_routed_cache_is_stale_for_the_same_student_without_its_route():
+    """A cache over one teacher's rows never serves (nor is linked to) a student that needs all rows."""
+    from kd_core.logit_cache_key import stale_fields
+
+    key = {"teacher": "teacher", "top_k": 8, "logprobs": "float16"}
+    routed = {"key": key | {"route": {"field": "category", "domains": {"arithmetic": "teacher"}, "default": "ta"}}}
+    assert stale_fields(routed, key) == ["route"] and stale_fields({"key": key}, key) == []
