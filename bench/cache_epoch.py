@@ -1,13 +1,15 @@
-"""A KD epoch on the teacher-logit cache vs an SFT epoch and a live-teacher KD epoch, same data and student.
+"""A KD epoch on the teacher-logit cache (compact and float32) vs an SFT epoch and a live-teacher KD epoch, same data
+and student.
 
     OMP_NUM_THREADS=1 python bench/cache_epoch.py [--params params.yaml] [--examples 1200] [--rounds 5] [--top-k 64]
 
 The stage functions build a temporary run folder (bench/common.py): `prepare`, `train_teacher` (with `train: false`, so the
 teacher is params.yaml's architecture at its initial weights: its outputs do not change the cost) and
-`cache_teacher` (timed: one teacher pass over the data). Then three one-epoch trainings of the same student
+`cache_teacher` (timed: one teacher pass over the data). Then four one-epoch trainings of the same student
 (params.yaml's `sft` student: model, batch size, lr) through `kd_core.training.trainer.train`: `sft`, `kd` (fkl)
-with the live teacher, and `kd` (fkl) on the cache. Each is timed in wall-clock and in this process's CPU
-time (`time.process_time`, less sensitive to other processes on a shared machine). The three are
+with the live teacher, `kd` (fkl) on the cache in its default compact format (float16 log-probs, uint16 ids:
+`kd-cache`) and on a float32 one (`kd-cache-f32`, the format before). Each is timed in wall-clock and in this process's CPU
+time (`time.process_time`, less sensitive to other processes on a shared machine). The four are
 interleaved and rotated each round (A B C, B C A, ...); reported are the medians, and the median over rounds
 of the ratio within a round (the load is closest within a round).
 """
@@ -42,17 +44,21 @@ def run(args, tmp) -> None:
         "kd-live": one_epoch_student(args.params, method="kd", divergence="fkl"),
         "kd-cache": one_epoch_student(args.params, method="kd", divergence="fkl",
                                       teacher_cache={"enabled": True, "top_k": args.top_k}),
+        "kd-cache-f32": one_epoch_student(args.params, method="kd", divergence="fkl",
+                                          teacher_cache={"enabled": True, "top_k": args.top_k, "logprobs": "float32"}),
     }
     cfg, paths = prepared_run(args.params, tmp, students, **{"data.builtin_examples": args.examples})
     start = time.perf_counter()
     built = cache_teacher(cfg, paths, "kd-cache")
     cache_s = time.perf_counter() - start
+    built32 = cache_teacher(cfg, paths, "kd-cache-f32")
     times = EpochTimes(cfg, paths, tmp / "out")
     times.run(args.rounds)
 
     print(f"\n{built['examples']} training examples, {built['tokens']} response tokens, vocabulary "
           f"{built['vocab_size']}, k = {built['top_k']}; cache built in {cache_s:.1f} s wall "
-          f"({built['bytes'] / 2**20:.1f} MiB); batch {cfg.student('sft').training.batch_size}; load average "
+          f"({built['bytes'] / 2**20:.1f} MiB, {built['bytes_per_token']:.0f} bytes per token; float32: "
+          f"{built32['bytes'] / 2**20:.1f} MiB, {built32['bytes_per_token']:.0f}); batch {cfg.student('sft').training.batch_size}; load average "
           f"{times.load_range()}; {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print("| epoch | median wall s | median CPU s | wall runs | wall / SFT (paired) | CPU / SFT (paired) |")
     print("|---|---|---|---|---|---|")
@@ -62,7 +68,9 @@ def run(args, tmp) -> None:
               f"{times.paired('cpu', name, 'sft'):.2f} |")
     print(f"\nKD on the cache / SFT: {times.paired('wall', 'kd-cache', 'sft'):.2f} wall, "
           f"{times.paired('cpu', 'kd-cache', 'sft'):.2f} CPU (target <= 1.15); KD on the cache / live-teacher KD: "
-          f"{times.paired('wall', 'kd-cache', 'kd-live'):.2f} wall, {times.paired('cpu', 'kd-cache', 'kd-live'):.2f} CPU")
+          f"{times.paired('wall', 'kd-cache', 'kd-live'):.2f} wall, {times.paired('cpu', 'kd-cache', 'kd-live'):.2f} CPU; "
+          f"compact cache / float32 cache: {times.paired('wall', 'kd-cache', 'kd-cache-f32'):.2f} wall, "
+          f"{times.paired('cpu', 'kd-cache', 'kd-cache-f32'):.2f} CPU")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ class CacheError(UserError):
     """A teacher cache that does not fit the data or the models it is used with."""
 
 
+class TeacherSupportError(ModelError):
+    """The teacher gives probability 0 to a token the student sampled (an infinite reverse KL): the message names
+    the token and where it was sampled."""
+
+
 class MissingInput(UserError, FileNotFoundError):
     """A stage run before the stage that makes its input: the message names the stage to run first."""
 

@@ -184,3 +184,11 @@ def checksum_problem(folder: str | Path) -> str | None:
         if file_digest(path) != want["sha256"]:
             return f"{path}: corrupted (sha256 differs from the one recorded when it was written)"
     return None
+
+
+def size_text(n: int) -> str:
+    """A byte count for people: 812 B, 3.4 KiB, 12.1 MiB, 2.0 GiB."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

@@ -250,6 +250,25 @@ def dvc_status(project: Path) -> dict:
         return repo.status()
 
 
+def dvc_stages_matching_the_flow(project: Path) -> dict:
+    """The DVC stages of the project's dvc.yaml and params.yaml ({name: stage}), checked to be the flow's nodes with
+    the same data dependencies (code and params dependencies aside)."""
+    from dvc.repo import Repo
+
+    from kd_core.config import load_config
+    from kd_core.pipeline.dag import expand
+
+    nodes = expand(load_config(project / "params.yaml"))
+    with Repo(str(project)) as repo:
+        stages = {s.addressing: s for s in repo.index.stages}
+    assert {n.name for n in nodes} == set(stages)
+    for node in nodes:
+        deps = [str(d) for d in stages[node.name].deps
+                if not str(d).startswith("kd_core") and type(d).__name__ != "ParamsDependency"]
+        assert sorted(deps) == sorted(node.deps), node.name
+    return stages
+
+
 def registered_versions(name: str) -> list:
     """The versions of registered model `name` in the current MLflow store ([] when there is none; an
     unreadable store raises instead of passing for an empty one)."""

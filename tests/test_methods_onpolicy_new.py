@@ -12,6 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kd_core.data.tokenize import IGNORE_INDEX
+from kd_core.errors import TeacherSupportError
 from kd_core.losses.chunked import chunked_token_divergence
 from kd_core.losses.divergences import fkl, get_divergence, rkl
 from kd_core.losses.fused import fused_token_divergence
@@ -280,6 +281,35 @@ def test_sampled_rkl_fused_path_reads_only_the_sampled_tokens_of_the_teacher():
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_teacher_probability_of_zero_at_a_sampled_token_is_an_error_naming_it_never_nan():
+    """A -inf teacher logit at a sampled token (KL(q || p) = +inf; the surrogate would be inf + inf · 0 = NaN):
+    the loss function and the method raise TeacherSupportError naming the token and its place; other tokens with
+    a -inf teacher logit that were not sampled change nothing (the loss stays the finite brute-force value)."""
+    lq = torch.log_softmax(torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.5, -1.0]], dtype=torch.float64), -1)
+    lp = torch.tensor([[-1.0, -0.7, -2.0], [-0.4, float("-inf"), -1.2]], dtype=torch.float64)
+    tokens = torch.tensor([[7, 8, 9], [10, 11, 12]])
+    for estimator in ("k1", "k3"):
+        with pytest.raises(TeacherSupportError, match=r"sampled token 11 \('tok11'\) probability 0 .*\[1, 1\]"):
+            sampled_rkl_loss(lq, lp, estimator, tokens=tokens, decode=lambda t: f"tok{t}")
+    with pytest.raises(TeacherSupportError, match=r"a sampled token probability 0 .*index \[1, 1\]"):
+        sampled_rkl_loss(lq.requires_grad_(True), lp)
+    # through the method: the teacher masks token 4; a response that samples 4 is refused, one that does not is finite
+    theta = torch.tensor([0.2, -0.1, 0.4, 0.0, float("-inf"), 0.3], dtype=torch.float64)
+    student, teacher = UnigramLM(torch.zeros(6, dtype=torch.float64)), UnigramLM(theta, trainable=False)
+    reference = collate_rows([([2, 3, 4], [IG, IG, 4])], PAD)
+    method = _method("sampled_rkl", method_args={"estimator": "k3"})
+    ctx = StepContext(student=student, batch=reference, num_items=1, teacher=teacher,
+                      tokenizer=SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD, decode=lambda t: f"<{t}>"))
+    with pytest.raises(TeacherSupportError, match=r"sampled token 4 \('<4>'\) probability 0"):
+        method.loss_on(ctx, generation_batch(Generation([[2, 3]], [[5, 4]], [False]), EOS, PAD))
+    loss, _ = method.loss_on(ctx, generation_batch(Generation([[2, 3]], [[5]], [False]), EOS, PAD))
+    loss.backward()
+    lp5 = float(torch.log_softmax(theta, -1)[5])
+    r = lp5 - math.log(1 / 6)
+    assert float(loss.detach()) == pytest.approx(math.expm1(r) - r, rel=1e-12)
+    assert torch.isfinite(student.theta.grad).all() and float(student.theta.grad.abs().sum()) > 0
 
 
 # ----------------------------------------------------------------------------------------------- entropy_aware_opd

@@ -40,8 +40,9 @@ STUDENT = {"method": "kd", "teacher": "teacher", "train_data": "train", "diverge
 def _params(tmp, name: str, teacher_model: dict) -> dict:
     params = tiny_params(run_dir=str(tmp / "runs" / name))
     params["teacher"] = {**params["teacher"], "model": teacher_model, "train": False}
-    params["students"] = {"cached": copy.deepcopy(STUDENT) | {"teacher_cache": {"enabled": True, "top_k": K}},
-                          "live": copy.deepcopy(STUDENT)}
+    params["students"] = {"cached": copy.deepcopy(STUDENT) | {"teacher_cache": {"enabled": True, "top_k": K,
+                                                                                "logprobs": "float32"}},
+                          "live": copy.deepcopy(STUDENT)}  # (float32: compared with the live teacher at 1e-5)
     return params
 
 

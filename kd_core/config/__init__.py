@@ -11,13 +11,13 @@ source); `load`: YAML, overrides, the credentials scan, error lines; `graph`: wh
 layer indices); `metrics`: which metrics the configured evaluation produces.
 """
 
+from kd_core.config.data import DataConfig, EvalSetConfig, SplitConfig
 from kd_core.config.data_source import UnlabeledConfig
 from kd_core.config.load import find_secrets, load_config, parse_config
 from kd_core.config.model_source import ArchConfig, ModelSource
-from kd_core.config.schema import (ChampionRule, DataConfig, EvalSetConfig, EvaluationConfig, FinetuneConfig,
-                                   GenerationConfig, LoraConfig, OrchestrationConfig, PipelineConfig, SplitConfig,
-                                   StudentConfig, TeacherCacheConfig, TeacherConfig, TokenizerConfig, TrackingConfig,
-                                   TrainingConfig, TransferSetConfig)
+from kd_core.config.schema import (ChampionRule, EvaluationConfig, FinetuneConfig, GenerationConfig, LoraConfig,
+                                   OrchestrationConfig, PipelineConfig, StudentConfig, TeacherCacheConfig, TeacherConfig,
+                                   TokenizerConfig, TrackingConfig, TrainingConfig, TransferSetConfig)
 from kd_core.errors import ConfigError
 
 __all__ = ["ArchConfig", "ChampionRule", "ConfigError", "DataConfig", "EvalSetConfig", "EvaluationConfig",

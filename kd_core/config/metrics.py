@@ -9,9 +9,12 @@ against these patterns.
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from kd_core.config.base import PipelineConfigLike
 
+# how a final answer is extracted from a text (evaluation.answers; the rules: kd_core/evaluation/answers.py)
+AnswerRule = Literal["gsm8k", "last_number", "boxed", "choice"]
 REGISTER_METRICS = ("parameters", "train_time_s")
 SPLIT_METRIC = re.compile(r"loss|ppl")  # val/ and test/: teacher-forced on the splits, whatever eval_sets says
 GREEDY_METRIC = re.compile(r"(rougeL|exact_match)_greedy(_ci_low|_ci_high)?|gen_tokens_per_s")
@@ -21,12 +24,17 @@ AGREEMENT_METRIC = re.compile(r"top1_agreement(_tokens)?|kl_teacher_student(_top
 SERVED_METRIC = re.compile(r"top1_agreement(_tokens)?|kl_teacher_student_topk")  # those of a served teacher's students
 UNC_METRIC = re.compile(r"unc_bucket(\d+)_(top1_agreement|kl|logit_std)")  # test/, students only
 EXACCERR_METRIC = re.compile(r"exaccerr_l(\d+)(_ci_low|_ci_high)?")  # test/, students only
+# eval sets with an answer rule (evaluation.answers)
+ANSWER_GREEDY_METRIC = re.compile(r"answer_match_greedy(_ci_low|_ci_high)?")
+ANSWER_SAMPLED_METRIC = re.compile(r"answer_match_sampled_(mean|std|ci_low|ci_high)|pass_at_(\d+)(_ci_low|_ci_high)?")
 ALLOWED = ("parameters, train_time_s, {val,test}/{loss,ppl}, <eval set>/{rougeL,exact_match}_greedy[_ci_low|"
            "_ci_high], <eval set>/gen_tokens_per_s, <eval set>/{rougeL,exact_match}_sampled_{mean,std,ci_low,ci_high}, "
            "<eval set>/{distinct_1,distinct_2,self_bleu,n_prompts,max_new_tokens,ref_tokens_{p50,p90,p95,max}}, "
            "test/{top1_agreement,top1_agreement_tokens,kl_teacher_student}, test/kl_teacher_student_topk (a served "
            "teacher), "
-           "test/unc_bucket<i>_{top1_agreement,kl,logit_std}, test/exaccerr_l<l>[_ci_low|_ci_high]")
+           "test/unc_bucket<i>_{top1_agreement,kl,logit_std}, test/exaccerr_l<l>[_ci_low|_ci_high], "
+           "<answer set>/answer_match_greedy[_ci_low|_ci_high], <answer set>/answer_match_sampled_{mean,std,ci_low,"
+           "ci_high}, <answer set>/pass_at_<k>[_ci_low|_ci_high] (sets of evaluation.answers)")
 
 
 def check_evaluation(cfg: PipelineConfigLike) -> None:
@@ -38,6 +46,15 @@ def check_evaluation(cfg: PipelineConfigLike) -> None:
         if name not in known:
             raise ValueError(f"evaluation.eval_sets[{i}]: unknown eval set {name!r} "
                              f"(allowed: {', '.join(sorted(known))})")
+    for name in ev.answers:
+        if name not in ev.eval_sets:
+            raise ValueError(f"evaluation.answers.{name}: not an evaluated set (evaluation.eval_sets; allowed: "
+                             f"{', '.join(ev.eval_sets) or 'none, evaluation.eval_sets is empty'})")
+    for i, k in enumerate(ev.pass_at_k or ()):
+        if k > len(ev.sample_seeds):
+            raise ValueError(f"evaluation.pass_at_k[{i}]: pass@{k} needs at least {k} samples per prompt and "
+                             f"evaluation.sample_seeds has {len(ev.sample_seeds)} (allowed: 1 to "
+                             f"{len(ev.sample_seeds)})")
     if problem := metric_problem(cfg, rule.metric):
         raise ValueError(f"tracking.champion.metric: {problem}")
     if rule.significance is not None and ("test" not in ev.eval_sets or not ev.sample_seeds):
@@ -52,7 +69,8 @@ def metric_problem(cfg: PipelineConfigLike, metric: str) -> str | None:
     - `val/{loss,ppl}`, `test/{loss,ppl}`: when that split is not empty (data.split.<split>_fraction > 0).
     - `<set>/<generation metric>`: `<set>` in evaluation.eval_sets; `*_greedy[_ci_*]` and `gen_tokens_per_s`
       need evaluation.greedy; `*_sampled_*`, `distinct_*`, `self_bleu` need evaluation.sample_seeds;
-      `n_prompts`, `max_new_tokens`, `ref_tokens_*` need the set only.
+      `n_prompts`, `max_new_tokens`, `ref_tokens_*` need the set only; `answer_match_*` and `pass_at_<k>[_ci_*]`
+      need `<set>` in evaluation.answers (and k in `EvaluationConfig.pass_ks`).
     - `test/top1_agreement[_tokens]`, `test/kl_teacher_student`, `test/unc_bucket<i>_*` (i < evaluation.unc_buckets),
       `test/exaccerr_l<l>[_ci_low|_ci_high]` (l in evaluation.exaccerr_lengths, exaccerr_prompts > 0):
       agreement with the teacher on the test split; with a teacher served by another process (teacher.model.endpoint)
@@ -67,16 +85,25 @@ def metric_problem(cfg: PipelineConfigLike, metric: str) -> str | None:
     if set_name == "test" and (AGREEMENT_METRIC.fullmatch(name) or UNC_METRIC.fullmatch(name)
                                or EXACCERR_METRIC.fullmatch(name)):
         return _split_problem(cfg, "test", metric) or _agreement_problem(cfg, name, metric)
-    greedy, sampled = GREEDY_METRIC.fullmatch(name), SAMPLED_METRIC.fullmatch(name)
+    answer = ANSWER_GREEDY_METRIC.fullmatch(name) or ANSWER_SAMPLED_METRIC.fullmatch(name)
+    greedy = GREEDY_METRIC.fullmatch(name) or ANSWER_GREEDY_METRIC.fullmatch(name)
+    sampled = SAMPLED_METRIC.fullmatch(name) or ANSWER_SAMPLED_METRIC.fullmatch(name)
     if not (greedy or sampled or SET_METRIC.fullmatch(name)):
         return f"unknown metric {metric!r} (allowed: {ALLOWED})"
     if set_name not in ev.eval_sets:
         allowed = ", ".join(ev.eval_sets) or "none, evaluation.eval_sets is empty"
         return f"eval set {set_name!r} of {metric!r} is not evaluated (evaluation.eval_sets; allowed: {allowed})"
+    if answer and set_name not in ev.answers:
+        allowed = ", ".join(ev.answers) or "none, evaluation.answers is empty"
+        return (f"{metric!r} is an answer-checking metric and eval set {set_name!r} has no answer rule "
+                f"(evaluation.answers; sets with one: {allowed})")
     if greedy and not ev.greedy:
         return f"{metric!r} is a greedy metric and evaluation.greedy is false (allowed: true)"
     if sampled and not ev.sample_seeds:
         return f"{metric!r} is a sampled metric and evaluation.sample_seeds is empty (give seeds, e.g. [0])"
+    if sampled and sampled.re is ANSWER_SAMPLED_METRIC and sampled.group(2) is not None \
+            and int(sampled.group(2)) not in ev.pass_ks:
+        return f"{metric!r}: pass@{sampled.group(2)} is not computed (allowed k: {', '.join(map(str, ev.pass_ks))})"
     return _split_problem(cfg, set_name, metric) if set_name == "test" else None
 
 

@@ -17,83 +17,14 @@ from pydantic import Field, StrictFloat, field_validator, model_validator
 
 from kd_core.config import graph, methods, metrics
 from kd_core.config.base import StrictModel
-from kd_core.config.data_source import UnlabeledConfig, check_fields
+from kd_core.config.data import DataConfig
 from kd_core.config.model_source import ModelSource
+from kd_core.config.routing import RouteConfig, check_routes, with_route_teachers
 from kd_core.config.tokenizers import check_shared_vocabulary
 from kd_core.config.tracking_store import unknown_scheme
 from kd_core.config.transfer_rules import TransferSetConfig
 
 
-# ----------------------------------------------------------------------------------------------- data
-class SplitConfig(StrictModel):
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _fractions(self) -> SplitConfig:
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError("val_fraction + test_fraction must be < 1")
-        return self
-
-
-class EvalSetConfig(StrictModel):
-    """A named extra evaluation set read from a local file. Its `field_map` (our field -> source column; null:
-    the main data's `data.field_map`) maps e.g. an `instruction / input / output` file with
-    `{context: input, response: output}`; a list of strings in the response column is several references."""
-
-    path: str
-    limit: int | None = Field(None, ge=1, description="keep the first N valid rows")
-    filter_field: str | None = Field(None, description="keep only rows whose field is true (a boolean; absent: false)")
-    field_map: dict[str, str] | None = Field(None, description="our field -> source column (null: data.field_map)")
-
-    @field_validator("field_map")
-    @classmethod
-    def _known_fields(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        return None if v is None else check_fields(v, {"instruction", "context", "response", "category"})
-
-
-class DataConfig(StrictModel):
-    source: Literal["builtin", "file", "hub"] = "builtin"
-    builtin_examples: int = Field(3000, ge=10)
-    builtin_unlabeled: int = Field(0, ge=0, description="source builtin: unlabeled prompts generated besides the "
-                                   "labeled rows, disjoint from them and from the eval sets (data/unlabeled.jsonl)")
-    builtin_seed: int = 0
-    path: str | None = None
-    hub_name: str | None = None
-    hub_split: str = "train"
-    field_map: dict[str, str] = Field(default_factory=dict, description="our field -> source column")
-    max_chars: int = Field(4000, ge=16, description="rows whose prompt+response exceed this are bad")
-    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    split: SplitConfig = SplitConfig()
-    template: Literal["alpaca", "minimal", "chatml"] = "alpaca"
-    max_rows: int | None = Field(None, ge=1, description="keep the first N valid rows of the source (subsampling)")
-    unlabeled: UnlabeledConfig | None = Field(None, description="prompts without responses from a file or the hub")
-    eval_sets: dict[str, EvalSetConfig] = Field(default_factory=dict)
-
-    @field_validator("field_map")
-    @classmethod
-    def _known_fields(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_fields(v, {"instruction", "context", "response", "category"})
-
-    @model_validator(mode="after")
-    def _source_args(self) -> DataConfig:
-        if self.source == "file" and not self.path:
-            raise ValueError("path: required when source is 'file'")
-        if self.source == "hub" and not self.hub_name:
-            raise ValueError("hub_name: required when source is 'hub'")
-        if self.builtin_unlabeled and self.source != "builtin":
-            raise ValueError(f"builtin_unlabeled: only with source 'builtin' (source is {self.source!r}; for "
-                             f"prompts of your own: data.unlabeled: {{path: FILE}})")
-        return self
-
-    @property
-    def has_unlabeled(self) -> bool:
-        """Whether `prepare` writes a non-empty unlabeled pool source (built-in prompts or a prompts-only source)."""
-        return bool(self.builtin_unlabeled) or self.unlabeled is not None
-
-
-# -------------------------------------------------------------------------------- models (sources: model_source)
 def _deepspeed_stage(path: str) -> int | None:
     try:
         return json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage")
@@ -212,6 +143,8 @@ class TeacherCacheConfig(StrictModel):
     enabled: bool = False
     top_k: int = Field(64, ge=1, description="teacher tokens kept per position (capped at the vocabulary size)")
     batch_size: int = Field(32, ge=1, description="teacher batch size while building the cache")
+    logprobs: Literal["float16", "float32"] = Field("float16", description="stored log-probs: float16 (~260 bytes "
+                                                    "per token at k = 64) or float32 (~516, exact at k = V)")
 
 
 class StudentConfig(StrictModel):
@@ -236,6 +169,7 @@ class StudentConfig(StrictModel):
                           "models before it in its chain (kd_core/teachers/ensemble.py)")
     teacher_combine: Literal["sum", "mixture"] = Field(
         "sum", description="with `teachers`: sum = Σ_k w_k D(p_k || q), mixture = D(Σ_k w_k p_k || q)")
+    route: RouteConfig | None = Field(None, description="per-row teacher by a data field (kd_core/config/routing.py)")
 
     def teacher_weights(self) -> dict[str, float]:
         """Every teacher of the student with its normalised weight (one teacher: {teacher: 1.0})."""
@@ -247,7 +181,7 @@ class StudentConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _method_default_divergence(cls, data: Any) -> Any:
-        return methods.with_default_divergence(data)
+        return methods.with_default_divergence(with_route_teachers(data))
 
     @model_validator(mode="after")
     def _registered_names(self) -> StudentConfig:
@@ -284,6 +218,15 @@ class EvaluationConfig(StrictModel):
                                                                 description="ExAccErr(l) for these l")
     exaccerr_prompts: int = Field(32, ge=0, description="prompts of the test split used for ExAccErr (0: off)")
     exaccerr_samples: int = Field(2, ge=1, description="prefixes sampled per prompt and model")
+    answers: dict[str, metrics.AnswerRule] = Field(default_factory=dict, description="eval set -> answer rule: "
+                                                   "answer match and pass@k (kd_core/evaluation/answers.py)")
+    pass_at_k: list[Annotated[int, Field(ge=1)]] | None = Field(None, description="k of pass@k (null: 1, #seeds)")
+
+    @property
+    def pass_ks(self) -> list[int]:
+        """The k of the pass@k metrics: `pass_at_k`, or 1 and the number of sample seeds; none without seeds."""
+        ks = self.pass_at_k if self.pass_at_k is not None else (1, len(self.sample_seeds))
+        return sorted(set(ks)) if self.sample_seeds else []
 
     @model_validator(mode="after")
     def _some_generation(self) -> EvaluationConfig:
@@ -359,6 +302,7 @@ class PipelineConfig(StrictModel):
     def _cross_checks(self) -> PipelineConfig:
         """Rules over several sections, first failure reported: model names and references, chains (no
         cycle), layer indices of students cut from their teacher, then evaluation (eval sets, champion)."""
+        check_routes(self)
         graph.check_references(self)
         graph.chain_order(self)
         graph.check_teachers(self)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from kd_core.evaluation.plots import plot_unc_buckets, size_quality_plot
@@ -101,11 +102,22 @@ def markdown_table(rows: list[dict], eval_set: str = "test") -> str:
 
 def set_table(rows: list[dict], eval_set: str) -> str:
     """One eval set's generation metrics, one row per version evaluated on it (markdown)."""
-    keys = [(f"{eval_set}/{k}", h, f) for k, h, f in SET_COLUMNS]
+    keys = [(f"{eval_set}/{k}", h, f) for k, h, f in SET_COLUMNS] + answer_columns(rows, eval_set)
     header = ["model"] + [h for _, h, _ in keys]
     cells = [[r["label"]] + [format_metric(r["metrics"], k, f) for k, _, f in keys]
              for r in rows if any(k in r["metrics"] for k, _, _ in keys)]
     return _markdown(header, cells) if cells else "(no registered version was evaluated on this set)"
+
+
+def answer_columns(rows: list[dict], eval_set: str) -> list[tuple[str, str, str]]:
+    """The answer-checking columns of an eval set with an answer rule (evaluation.answers), those some version
+    has: answer match sampled and greedy, pass@k by k."""
+    present = {k for r in rows for k in r["metrics"] if k.startswith(f"{eval_set}/")}
+    ks = sorted(int(m[1]) for k in present if (m := re.fullmatch(rf"{re.escape(eval_set)}/pass_at_(\d+)", k)))
+    cols = [("answer_match_sampled_mean", "answer % (T=1)", "{:.1f}"), ("answer_match_greedy", "answer % greedy",
+                                                                       "{:.1f}")]
+    cols += [(f"pass_at_{k}", f"pass@{k}", "{:.1f}") for k in ks]
+    return [(f"{eval_set}/{k}", h, f) for k, h, f in cols if f"{eval_set}/{k}" in present]
 
 
 def prompt_scores(path, key: str = "rougeL_sampled_mean") -> dict:

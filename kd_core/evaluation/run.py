@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from kd_core.data.tokenize import batches, encode_prompt, encode_rows
+from kd_core.evaluation.answers import answer_match, check_references, extract_answer, pass_at_k
 from kd_core.evaluation.stats import bootstrap_mean, summarize
 from kd_core.evaluation.text_metrics import distinct_n, exact_match, references, rouge_l, self_bleu
 from kd_core.generation import generate
@@ -105,7 +106,41 @@ def _generation_metrics(cfg, model, tokenizer, set_name: str, rows: list[dict], 
         for i, item in enumerate(per_prompt):
             item.update(rougeL_samples=rouge[:, i].tolist(), rougeL_sampled_mean=float(rouge[:, i].mean()),
                         exact_match_sampled_mean=float(em[:, i].mean()))
+    if set_name in ev.answers:
+        metrics |= _answer_metrics(cfg, set_name, per_prompt)
     write_jsonl_atomic(out_file, per_prompt)
+    return metrics
+
+
+def _answer_metrics(cfg, set_name: str, per_prompt: list[dict]) -> dict:
+    """Answer checking on a set of `evaluation.answers` (kd_core/evaluation/answers.py), 0-100: the greedy
+    generation's extracted answer equal to the reference's (`answer_match_greedy`), the same per sample averaged
+    over seeds then prompts (`answer_match_sampled_*`, as the other sampled metrics), and pass@k per prompt over
+    the sample seeds (`pass_at_<k>`); each mean with its bootstrap interval over prompts. Per prompt: the extracted
+    answers, matches and pass@k (added to `per_prompt`)."""
+    ev, rule = cfg.evaluation, cfg.evaluation.answers[set_name]
+    metrics: dict[str, float] = {}
+    for item in per_prompt:
+        item["answer_reference"] = [extract_answer(r, rule) for r in references(item["reference"])]
+    if ev.greedy:
+        for item in per_prompt:
+            item.update(answer_greedy=extract_answer(item["greedy"], rule),
+                        answer_match_greedy=100 * answer_match(item["greedy"], item["reference"], rule))
+        _mean_with_ci(metrics, f"{set_name}/answer_match_greedy", [i["answer_match_greedy"] for i in per_prompt],
+                      cfg.seed)
+    if ev.sample_seeds:
+        match = np.array([[answer_match(t, i["reference"], rule) for t in i["samples"]] for i in per_prompt])
+        _mean_with_ci(metrics, f"{set_name}/answer_match_sampled_mean", 100 * match.mean(axis=1), cfg.seed)
+        metrics[f"{set_name}/answer_match_sampled_std"] = summarize(100 * match.mean(axis=0))["std"]
+        correct = match.sum(axis=1).astype(int)
+        for k in ev.pass_ks:
+            scores = [100 * pass_at_k(len(ev.sample_seeds), int(c), k) for c in correct]
+            _mean_with_ci(metrics, f"{set_name}/pass_at_{k}", scores, cfg.seed)
+            for item, score in zip(per_prompt, scores):
+                item[f"pass_at_{k}"] = score
+        for item, row in zip(per_prompt, match):
+            item.update(answer_samples=[extract_answer(t, rule) for t in item["samples"]],
+                        answer_match_samples=(100 * row).tolist())
     return metrics
 
 
@@ -133,6 +168,8 @@ def evaluate_model(cfg, paths, model_name: str, model_dir) -> dict:
     for set_name in cfg.evaluation.eval_sets:
         rows = read_jsonl(paths.eval_set(set_name))
         rows = rows[: cfg.evaluation.limit] if cfg.evaluation.limit else rows
+        if set_name in cfg.evaluation.answers:
+            check_references(rows, cfg.evaluation.answers[set_name], f"evaluation.answers.{set_name}")
         if rows:
             metrics |= _generation_metrics(cfg, model, tokenizer, set_name, rows,
                                            paths.generations(model_name) / f"{set_name}.jsonl")

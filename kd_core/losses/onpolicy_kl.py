@@ -15,6 +15,9 @@ sum is k1 grad log q), so k1 and k3 give the same gradient per sample and differ
 Not used: differentiating k3 through log q only (TorchRL's DistillationLoss), whose expectation is
 sum_y (q - p) grad log q = grad KL(p || q), the *forward* KL's gradient; nor k1 that way (expectation 0).
 The context c (the sampled prefix) is held fixed: the sampling distribution of the prefix is not differentiated.
+A sampled token the teacher gives probability 0 (log p(y|c) = -inf, a masked teacher logit) makes KL(q || p)
+infinite and the surrogate NaN (k = +inf, inf · 0 in the gradient term): :func:`sampled_rkl_loss` raises
+:class:`kd_core.errors.TeacherSupportError` naming the token instead (no finite value would be the KL).
 
 Entropy-aware on-policy distillation (Jin et al. 2026, arXiv:2603.07079, "EOPD"): per position,
 
@@ -25,12 +28,15 @@ with the full next-token distributions (:func:`entropy_gated_kl`); the gate carr
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
+from kd_core.errors import TeacherSupportError
 from kd_core.losses.divergences import _weighted_kl, rkl, upcast
 
-__all__ = ["ESTIMATORS", "sampled_kl_value", "sampled_rkl_loss", "entropy", "entropy_gated_kl"]
+__all__ = ["ESTIMATORS", "check_teacher_support", "sampled_kl_value", "sampled_rkl_loss", "entropy", "entropy_gated_kl"]
 
 ESTIMATORS = ("k1", "k3")
 _NEG_INF = float("-inf")
@@ -45,13 +51,37 @@ def sampled_kl_value(log_ratio: Tensor, estimator: str) -> Tensor:
     raise ValueError(f"unknown estimator {estimator!r} (allowed: {', '.join(ESTIMATORS)})")
 
 
-def sampled_rkl_loss(student_logq: Tensor, teacher_logp: Tensor, estimator: str = "k3") -> Tensor:
+def sampled_rkl_loss(student_logq: Tensor, teacher_logp: Tensor, estimator: str = "k3",
+                     tokens: Tensor | None = None, decode: Callable[[int], str] | None = None) -> Tensor:
     """Per sampled token: value ``k`` (k1 or k3 of r = log p(y) - log q(y)), gradient ``k1 · grad log q(y)``
     (module docstring), i.e. ``sg(k) + sg(k1) · (log q - sg(log q))``. ``[...]``, ``[...]`` -> ``[...]``; the
-    teacher's log-probs carry no gradient."""
+    teacher's log-probs carry no gradient. A teacher log-prob of -inf raises :class:`TeacherSupportError` naming
+    its index and, given ``tokens`` (the sampled ids, same shape) and ``decode``, the token."""
+    check_teacher_support(teacher_logp, tokens, decode)
     lq = upcast(student_logq)
     r = (upcast(teacher_logp) - lq).detach()
     return sampled_kl_value(r, estimator) - r * (lq - lq.detach())
+
+
+def check_teacher_support(teacher_logp: Tensor, tokens: Tensor | None = None,
+                          decode: Callable[[int], str] | None = None) -> None:
+    """Raise :class:`TeacherSupportError` if the teacher gives a sampled token probability 0 (log-prob -inf):
+    there KL(q || p) = +inf and the sampled estimator's value and gradient are NaN."""
+    zero = torch.isneginf(teacher_logp.detach())
+    if not bool(zero.any()):
+        return
+    index = tuple(int(i) for i in zero.nonzero()[0])
+    where = f"at index {list(index)} of the sampled tokens"
+    what = "a sampled token"
+    if tokens is not None:
+        token = int(tokens[index])
+        shown = f" ({decode(token)!r})" if decode is not None else ""
+        what = f"the sampled token {token}{shown}"
+    raise TeacherSupportError(
+        f"the teacher gives {what} probability 0 (log-prob -inf) {where}, {int(zero.sum())} such token(s) in the "
+        "batch: the reverse KL KL(student || teacher) is infinite there and its sampled estimate NaN; the teacher "
+        "masks a token the student can sample: mask it in the student as well, or distill with a divergence "
+        "that stays finite there (e.g. kd with jsd)")
 
 
 def entropy(logprobs_: Tensor) -> Tensor:

@@ -9,7 +9,8 @@ log q(y_t|y_<t,x) (p = teacher, q = student, both at τ = `temperature`, over th
 
 Value: the k estimate of KL(q || p) per token; gradient: k1_t · ∇ log q(y_t), the REINFORCE estimator whose
 expectation over y_t ~ q is ∇ KL(q(·|y_<t,x) || p(·|y_<t,x)) (prefix held fixed). Why, and why not TorchRL's
-pathwise k3: :mod:`kd_core.losses.onpolicy_kl`. Details: docs/methods_onpolicy.md.
+pathwise k3: :mod:`kd_core.losses.onpolicy_kl`. A sampled token the teacher gives probability 0 (an infinite
+reverse KL) stops training with a `TeacherSupportError` naming it, never a NaN. Details: docs/methods_onpolicy.md.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class SampledRKL(StudentSampledMethod):
         with torch.no_grad():  # the teacher's log-probability of the sampled tokens only
             logp = token_logprobs(teacher_outputs(ctx.teacher, batch, fused), positions, targets, vocab,
                                   cfg.temperature)
-        per_token = sampled_rkl_loss(logq, logp, self.args.estimator)
+        per_token = sampled_rkl_loss(logq, logp, self.args.estimator, tokens=targets,
+                                     decode=getattr(ctx.tokenizer, "decode", None))
         kd = token_mean_scaled(per_token, positions, reference_token_count(ctx.batch), ctx.num_items)
         r = (logp - logq).detach()
         logs = {"k1": float(reduce_tokens(sampled_kl_value(r, "k1"), positions)),

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from kd_core.io import size_text
 from kd_core.progress import stage_bar
 
 MARKS = {"start": ("▶", ">"), "done": ("✓", "+"), "skip": ("·", "-"), "fail": ("✗", "x")}
@@ -79,6 +80,8 @@ def stage(name: str, log=None):
         log)
 
 
+
+
 def note(stage_name: str, result, champion_metric: str) -> str:
     """A stage's result in a few words for its end line: the final training loss, the champion metric."""
     if not isinstance(result, dict):
@@ -94,6 +97,8 @@ def note(stage_name: str, result, champion_metric: str) -> str:
         served = "".join(f"; {name} not registered (served by another process)" for name in
                          result.get("not_registered") or {})
         return f"{new} new version(s) of {len(result['versions'])}{served}"
+    if stage_name == "cache_teacher" and isinstance(result.get("bytes_per_token"), (int, float)):
+        return f"{result.get('source', '')} · {size_text(result['bytes'])}, {result['bytes_per_token']:.0f} bytes per token"
     if stage_name == "transfer" and "rows" in result:
         return f"{result['rows']} rows"
     return ""

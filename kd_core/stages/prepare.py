@@ -15,6 +15,7 @@ from kd_core.data.split import split_rows
 from kd_core.data.template import chat_template, format_prompt, prompt_key
 from kd_core.data.tokenize import encode_rows, load_tokenizer, train_bpe_tokenizer
 from kd_core.errors import DataError, ModelError
+from kd_core.evaluation.answers import check_references
 from kd_core.io import atomic_dir, file_hash, write_json_atomic, write_jsonl_atomic
 from kd_core.run import RunPaths, n_positions
 from kd_core.tracking import runs
@@ -68,6 +69,15 @@ def _eval_sets(cfg: PipelineConfig) -> tuple[dict[str, list[dict]], dict[str, di
         eval_rows[name] = erows[: es.limit] if es.limit else erows
         reports[name] = erep.to_dict() | {"filtered_out": filtered_out, "written": len(eval_rows[name])}
     return eval_rows, reports
+
+
+def _check_answer_references(cfg: PipelineConfig, splits: dict, eval_rows: dict) -> None:
+    """Every evaluated reference of a set of `evaluation.answers` has an answer by its rule (before any training;
+    the evaluate stage checks again: DVC reruns it, not this stage, when only `evaluation` changes)."""
+    for name, rule in cfg.evaluation.answers.items():
+        rows = splits["test"] if name == "test" else eval_rows.get(name, [])
+        check_references(rows[: cfg.evaluation.limit] if cfg.evaluation.limit else rows, rule,
+                         f"evaluation.answers.{name}")
 
 
 def _flagged(row: RawRow, field: str, set_name: str) -> bool:
@@ -164,6 +174,7 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict:
         if not part and (name == "train" or getattr(cfg.data.split, f"{name}_fraction", 1) > 0):
             raise DataError(f"split {name!r} is empty after validation ({len(rows)} valid rows): "
                             f"use more data or change data.split")
+    _check_answer_references(cfg, splits, eval_rows)
     unlabeled, unlabeled_report = load_unlabeled_rows(
         cfg, {prompt_key(r) for r in [*rows, *(r for part in eval_rows.values() for r in part)]})
     if cfg.data.has_unlabeled and not unlabeled:

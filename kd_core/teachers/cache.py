@@ -3,8 +3,9 @@
 `<run_dir>/teacher_cache/<student>/` (written by the `cache_teacher` stage, kd_core/stages/cache_teacher.py):
 
 * `top_k.safetensors`: for every response token of the training set, in data set order, the teacher's k
-  largest log-probabilities at the student's temperature (`top_logprobs` float32 [N, k]), their token ids
-  (`top_ids` int32 [N, k]), the log of the remaining mass (`tail_logmass` float32 [N], -inf when k = V), and
+  largest log-probabilities at the student's temperature (`top_logprobs` [N, k], float16 or float32), their token
+  ids (`top_ids` [N, k], uint16 or int32: :mod:`kd_core.teachers.cache_encoding`), the log of the remaining mass
+  (`tail_logmass` float32 [N], -inf when k = V), and
   `offsets` int64 [E + 1] (example e owns rows offsets[e]:offsets[e + 1]). Log-probabilities are normalised
   over the vocabulary shared by teacher and student (as :func:`kd_core.losses.tokens.shared_vocab`).
 * `manifest.json`: the key (what produced it: teacher weights, tokenizer and data hashes, template, which
@@ -29,6 +30,7 @@ from kd_core.losses.tokens import logprobs
 from kd_core.losses.sparse import top_k_with_tail
 from kd_core.errors import CacheError
 from kd_core.io import checksum_problem
+from kd_core.teachers.cache_encoding import decode_rows
 from kd_core.teachers.cache_key import TENSORS, read_manifest
 
 
@@ -95,7 +97,8 @@ class TeacherLogitCache:
     def rows_for(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cached rows for the response positions of a right-padded batch, in row-major order (as
         ``labels[:, 1:] != IGNORE_INDEX`` nonzero), on the CPU (the trainer places them): top_logprobs [N, k]
-        float32, top_ids [N, k] int64, tail_logmass [N] float32. A row not in the cache raises CacheError."""
+        float32, top_ids [N, k] int64, tail_logmass [N] float32, decoded from the stored types
+        (:func:`kd_core.teachers.cache_encoding.decode_rows`). A row not in the cache raises CacheError."""
         ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
         lengths = batch["attention_mask"].sum(1).tolist()
         pieces = []
@@ -106,4 +109,4 @@ class TeacherLogitCache:
                                  "it was built from other data; run `kd stage cache_teacher` again")
             pieces.append(torch.arange(int(self.offsets[e]), int(self.offsets[e + 1])))
         rows = torch.cat(pieces)
-        return self.top_logprobs[rows], self.top_ids[rows].long(), self.tail[rows]
+        return decode_rows(self.top_logprobs[rows], self.top_ids[rows], self.tail[rows])

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from kd_core.run import RunPaths
 
 
-FORMAT = 1
+FORMAT = 1  # the tensors' names and layout; their dtypes are the manifest's `encoding` (kd_core/teachers/cache_encoding.py)
+OLD_LOGPROBS = "float32"  # what a manifest without `logprobs` in its key holds
 TENSORS = "top_k.safetensors"
 MANIFEST = "manifest.json"
 
@@ -59,13 +60,22 @@ def cache_key(cfg: PipelineConfig, paths: RunPaths, student_name: str, teacher: 
         "temperature": sc.temperature,
         "vocab_size": min(teacher_vocab, _student_vocab(sc, tokenizer_size, teacher_vocab)),
         "top_k": min(sc.teacher_cache.top_k, teacher_vocab),
-    }
+        "logprobs": sc.teacher_cache.logprobs,
+    } | ({"route": sc.route.model_dump(mode="json")} if sc.route is not None else {})  # (over its own rows)
 
 
 def stale_fields(manifest: dict | None, key: dict) -> list[str]:
-    """Key fields whose value differs between a stored manifest and the expected key (all if none stored)."""
+    """Key fields whose value differs between a stored manifest and the expected key (all if none stored). A
+    manifest without `logprobs` was written before the compact cache: float32 log-probs (`OLD_LOGPROBS`)."""
     stored = (manifest or {}).get("key") or {}
-    return [k for k in key if stored.get(k) != key[k]]
+    stored = {"logprobs": OLD_LOGPROBS, **stored} if stored else stored
+    return [k for k in key if stored.get(k) != key[k]] + [k for k in stored if k not in key]  # (e.g. a route)
+
+
+def is_old_format(manifest: dict | None) -> bool:
+    """A cache written before the compact format (float32 log-probs, int32 ids, no `logprobs` in its key)."""
+    stored = (manifest or {}).get("key") or {}
+    return bool(stored) and "logprobs" not in stored
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 
 from kd_core.config import PipelineConfig
 from kd_core.errors import CacheError, ModelError
-from kd_core.io import CHECKSUMS, atomic_dir, checksum_problem, link_or_copy, write_checksums, write_json_atomic
+from kd_core.io import (CHECKSUMS, atomic_dir, checksum_problem, link_or_copy, size_text, write_checksums,
+                        write_json_atomic)
 from kd_core.run import RunPaths, load_model, load_run_tokenizer, load_train_set
-from kd_core.teachers.cache_key import MANIFEST, TENSORS, cache_key, read_manifest, stale_fields
+from kd_core.teachers.cache_key import MANIFEST, TENSORS, cache_key, is_old_format, read_manifest, stale_fields
 
 if TYPE_CHECKING:
     import torch
@@ -72,16 +73,26 @@ def teacher_source(cfg: PipelineConfig, paths: RunPaths, student_cfg: StudentCon
 
     cached = student_cfg.teacher_cache.enabled
     shared_vocab = min(len(tokenizer), student.get_output_embeddings().weight.shape[0])
+    routed = None
+    if student_cfg.route is not None:  # each row its own teacher (kd_core/teachers/routing.py)
+        from kd_core.teachers.routing import route_rows, routed_subset
+
+        routed = route_rows(cfg, paths, student_cfg, tokenizer)
     if student_cfg.teachers:
         weights = student_cfg.teacher_weights()
         members = {}
         for name in weights:
             if cached:
-                members[name] = CachedTeacher(load_cache(cfg, paths, student_cfg.name, dataset, student, name))
+                rows = dataset if routed is None else routed_subset(dataset, routed, name)
+                members[name] = CachedTeacher(load_cache(cfg, paths, student_cfg.name, rows, student, name))
             elif name == student_cfg.teacher and model is not None:
                 members[name] = LiveTeacher(model)
             else:
                 members[name] = teacher_of(cfg, paths, name, shared_vocab)
+        if routed is not None:
+            from kd_core.teachers.routed import RoutedTeachers
+
+            return RoutedTeachers(members, routed, student_cfg.route.model_dump(mode="json"))
         live = model if needs_teacher and not cached else None
         return TeacherEnsemble(members, list(weights.values()), student_cfg.teacher_combine, live)
     if cached:
@@ -117,7 +128,7 @@ def ensure_cache(cfg: PipelineConfig, paths: RunPaths, student_name: str, teache
     changed = stale_fields(current, key)
     if not changed and (out / TENSORS).is_file():
         if (problem := checksum_problem(out)) is None:
-            return info | {"source": "current"}
+            return info | {"source": "current"} | current.get("stats", {})
         log.warning("teacher cache of %s is damaged: %s: rebuilding it", student_cfg.name, problem)
         current, changed = None, []
     root = paths.teacher_cache(student_cfg.name).parent  # every student's caches, and their teachers'
@@ -130,8 +141,12 @@ def ensure_cache(cfg: PipelineConfig, paths: RunPaths, student_name: str, teache
                     if (other / name).is_file():
                         link_or_copy(other / name, tmp / name)
             log.info("teacher cache of %s: reusing %s's (same key)", student_cfg.name, other.name)
-            return info | {"source": f"linked from {other.name}"}
-    if current is not None:
+            return info | {"source": f"linked from {other.name}"} | manifest.get("stats", {})
+    if is_old_format(current) and changed == ["logprobs"]:
+        log.info("teacher cache of %s is in the format before the compact one (float32 log-probs, int32 ids): "
+                 "rebuilding it with %s log-probs (teacher_cache.logprobs: float32 reads it as it is)",
+                 student_cfg.name, key["logprobs"])
+    elif current is not None:
         log.info("teacher cache of %s is stale (%s changed): rebuilding", student_cfg.name, ", ".join(changed))
     import torch
 
@@ -140,8 +155,7 @@ def ensure_cache(cfg: PipelineConfig, paths: RunPaths, student_name: str, teache
     tokenizer = load_run_tokenizer(paths)
     source = teacher_of(cfg, paths, teacher, key["vocab_size"])
     if source.model is None:  # served by another process: its top-k, asked of the endpoint
-        ds, _ = load_train_set(cfg, paths, tokenizer, student_cfg.train_data,
-                               loss_on_prompt=student_cfg.training.loss_on_prompt)
+        ds = _train_rows(cfg, paths, tokenizer, student_cfg, teacher)
         start = time.perf_counter()
         return _save(out, key, info, student_cfg.name, source.build_cache(ds, key["top_k"]), len(ds), start)
     teacher_name, teacher = teacher, source.model.eval()
@@ -151,26 +165,46 @@ def ensure_cache(cfg: PipelineConfig, paths: RunPaths, student_name: str, teache
     if rows != key["teacher_vocab"]:
         raise CacheError(f"{paths.model(teacher_name)}: output layer has {rows} rows, config says "
                          f"{key['teacher_vocab']}")
-    ds, _ = load_train_set(cfg, paths, tokenizer, student_cfg.train_data,
-                           loss_on_prompt=student_cfg.training.loss_on_prompt)
+    ds = _train_rows(cfg, paths, tokenizer, student_cfg, teacher_name)
     start = time.perf_counter()
     tensors = build_cache(teacher, ds, tokenizer.pad_token_id, key["vocab_size"], student_cfg.temperature,
                           key["top_k"], student_cfg.teacher_cache.batch_size)
     return _save(out, key, info, student_cfg.name, tensors, len(ds), start)
 
 
+def _train_rows(cfg: PipelineConfig, paths: RunPaths, tokenizer, student_cfg, teacher: str):
+    """The student's training examples the cache of `teacher` covers: all of them, or with a `route` the rows
+    routed to that teacher (kd_core/teachers/routing.py)."""
+    ds, _ = load_train_set(cfg, paths, tokenizer, student_cfg.train_data,
+                           loss_on_prompt=student_cfg.training.loss_on_prompt)
+    if student_cfg.route is None:
+        return ds
+    from kd_core.teachers.routing import route_rows, routed_subset
+
+    return routed_subset(ds, route_rows(cfg, paths, student_cfg, tokenizer), teacher)
+
+
 def _save(out, key: dict, info: dict, student: str, tensors: dict, examples: int, start: float) -> dict:
-    """Write a built cache (tensors, manifest, checksums) into `out`, atomically; the stage's result."""
+    """Write a built cache (tensors in the stored types of `key["logprobs"]`, manifest with their `encoding`, size
+    and bytes per response token, checksums) into `out`, atomically; the stage's result."""
     from safetensors.torch import save_file
 
+    from kd_core.teachers.cache_encoding import encode, encoding_of
+
     seconds = time.perf_counter() - start
+    tensors = encode(tensors, key["logprobs"], key["vocab_size"])
     stats = {"examples": examples, "tokens": int(tensors["offsets"][-1]), "seconds": round(seconds, 3)}
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / TENSORS))
-        write_json_atomic(tmp / MANIFEST, {"enabled": True, "key": key, "stats": stats})
+        stats["bytes"] = (tmp / TENSORS).stat().st_size
+        stats["bytes_per_token"] = round(stats["bytes"] / max(stats["tokens"], 1), 1)
+        write_json_atomic(tmp / MANIFEST, {"enabled": True, "key": key, "encoding": encoding_of(tensors),
+                                           "stats": stats})
         write_checksums(tmp)  # verified whenever the cache is used again
-    stats["bytes"] = (out / TENSORS).stat().st_size
-    log.info("teacher cache of %s: %d tokens, k=%d, %.1f s", student, stats["tokens"], key["top_k"], seconds)
+    ids_type = str(tensors["top_ids"].dtype).removeprefix("torch.")
+    log.info("teacher cache of %s: %d tokens, k=%d, %s log-probs and %s ids, %s (%.0f bytes per token), %.1f s",
+             student, stats["tokens"], key["top_k"], key["logprobs"], ids_type, size_text(stats["bytes"]),
+             stats["bytes_per_token"], seconds)
     return info | {"source": "built"} | stats
 
 

@@ -12,6 +12,8 @@ evaluated, how well it does (with CIs). One builder for both places it lives:
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
 from kd_core.config import PipelineConfig
@@ -54,7 +56,8 @@ def _metric_lines(metrics: dict) -> list[str]:
         ci = f" (95% CI {lo:.2f} to {hi:.2f})" if lo is not None and hi is not None else ""
         lines.append(f"| {base} | {metrics[key]:.2f}{ci} |")
     for key in sorted(k for k in metrics if k.endswith(("rougeL_greedy", "exact_match_greedy", "/ppl",
-                                                         "top1_agreement"))):
+                                                         "top1_agreement", "answer_match_greedy"))
+                      or re.search(r"/pass_at_\d+$", k)):
         lines.append(f"| {key} | {metrics[key]:.4g} |")
     return lines
 

@@ -1,0 +1,69 @@
+"""Per-sample teacher routing (`students.<name>.route`, kd_core/config/routing.py): each training row is distilled
+from the teacher of its domain, the value of its `route.field` (a domain not in `route.domains` goes to
+`route.default`).
+
+The loss of a micro-batch is, per response position of row b (teacher r(b), divergence D of the method, p = that
+teacher, q = the student):
+
+    D_b,t = D(p_r(b)(·|y_<t, x_b) || q(·|y_<t, x_b))          (nothing combined: one teacher per row)
+
+and the method normalises Σ_b,t D_b,t as it does for one teacher. A row's domain is found by its content (the hash
+of its token ids and labels, as the teacher cache finds its rows), so any sampler order, micro-batching or
+data-parallel sharding routes it the same. Each teacher sees only its rows: a live teacher runs on the sub-batch
+of its rows, a cached one has a cache over its own rows (`teacher_cache/<student>/<teacher>/`, keyed by the route).
+Methods that read the teacher's signal on their reference batches only (kd, atkd) can be routed. Here: which
+rows go to which teacher; the teachers' signal on a batch: :mod:`kd_core.teachers.routed`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from kd_core.data.tokenize import EncodedDataset, encode_example
+from kd_core.errors import DataError
+from kd_core.teachers.cache import example_key
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["route_rows", "routed_subset", "batch_keys"]
+
+
+def route_rows(cfg, paths, student_cfg, tokenizer) -> dict[bytes, str]:
+    """{content key of each training example: its teacher}, the rows of the student's `train_data` encoded as
+    :func:`kd_core.run.load_train_set` encodes them. DataError for a domain of `route.domains` without rows and
+    for rows of another domain when `route.default` is null (the message names the student, the domain, a row)."""
+    from kd_core.io import read_jsonl
+
+    route, where = student_cfg.route, f"students.{student_cfg.name}.route"
+    rows = read_jsonl(paths.split(student_cfg.train_data))
+    domains = Counter(str(r.get(route.field, "")) for r in rows)
+    for domain in route.domains:
+        if not domains.get(domain):
+            raise DataError(f"{where}.domains.{domain}: no row of {student_cfg.train_data!r} has {route.field} "
+                            f"{domain!r} (its {route.field} values: {', '.join(map(repr, sorted(domains)))})")
+    routed: dict[bytes, str] = {}
+    for row in rows:
+        domain = str(row.get(route.field, ""))
+        teacher = route.domains.get(domain, route.default)
+        if teacher is None:
+            raise DataError(f"{where}: rows of {route.field} {domain!r} (e.g. row {row.get('id', '?')!r}) have no "
+                            f"teacher: add {domain!r} to {where}.domains or set {where}.default")
+        ex = encode_example(row, tokenizer, cfg.data.template, cfg.tokenizer.max_length, cfg.tokenizer.overlong,
+                            student_cfg.training.loss_on_prompt)
+        if ex is not None:
+            routed.setdefault(example_key(ex.input_ids, ex.labels), teacher)
+    return routed
+
+
+def routed_subset(dataset: EncodedDataset, routed: dict[bytes, str], teacher: str) -> EncodedDataset:
+    """The examples of `dataset` routed to `teacher`, in order (what its cache is built over and read with)."""
+    return EncodedDataset([ex for ex in dataset.examples if routed.get(example_key(ex.input_ids, ex.labels)) == teacher])
+
+
+def batch_keys(batch: dict[str, Tensor]) -> list[bytes]:
+    """The content key of each row of a right-padded batch."""
+    ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
+    return [example_key(ids[i, :n].tolist(), labels[i, :n].tolist())
+            for i, n in enumerate(batch["attention_mask"].sum(1).tolist())]
