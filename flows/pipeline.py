@@ -35,8 +35,7 @@ from kd_core.config import load_config
 from kd_core.errors import is_retryable
 from kd_core.pipeline import console
 from kd_core.pipeline.dag import producers
-from kd_core.pipeline.dvc import DvcBook
-from kd_core.pipeline.execute import PipelineRun, run_node
+from kd_core.pipeline.execute import PipelineRun, run_task
 
 console.quiet_reported_errors()  # bad input: its one line, not Prefect's traceback of it
 
@@ -53,11 +52,9 @@ def _retry_transient(task, task_run, state) -> bool:
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_transient)
 def stage_task(stage: str, node: str, params_path: str, overrides: dict | None = None, key: str | None = None,
                dvc_root: str | None = None, verdict: str = "ask"):
-    """One stage for one key as a Prefect task (`execute.run_node`); it ends as `Skipped` when DVC finds the stage
+    """One stage for one key as a Prefect task (`execute.run_task`); it ends as `Skipped` when DVC finds the stage
     up to date."""
-    cfg = load_config(params_path, overrides)
-    dvc = DvcBook(Path(dvc_root)) if dvc_root else DvcBook.off("")
-    result = run_node(stage, node, key, cfg, params_path, overrides, dvc, verdict, get_run_logger())
+    result = run_task(stage, node, params_path, overrides, key, dvc_root, verdict, get_run_logger())
     if isinstance(result, dict) and result.get("skipped"):
         return Completed(name="Skipped", message="up to date (DVC)", data=result)
     return result
@@ -105,18 +102,14 @@ def _run_nodes(run: PipelineRun) -> dict[str, dict]:
     with ThreadPoolTaskRunner(max_workers=workers) as runner:
         for node in run.nodes:  # in dependency order: every producer is submitted (or run inline) before its readers
             waits = [futures[p.name] for p in producers(node, run.nodes) if p.name in futures]
-            if node.stage.applies is not None and not node.stage.applies(cfg, node.key):
+            if not node.stage.works_for(cfg, node.key):
                 _wait_turn(waits, list(futures.values()), workers)
-                inline[node.name] = run_node(node.stage.name, node.name, node.key, cfg, run.params_path, run.overrides,
-                                             run.dvc, verdicts[node.name], run.log)
+                inline[node.name] = run.run_inline(node, verdicts[node.name])
                 continue
             run_name = f"{node.stage.name}-{node.key}" if node.key else node.stage.name  # e.g. distill-fkl
             configured = stage_task.with_options(name=node.stage.name, task_run_name=run_name,
                                                  retries=cfg.orchestration.retries)
-            args = {"stage": node.stage.name, "node": node.name, "params_path": run.params_path,
-                    "overrides": run.overrides, "key": node.key, "verdict": verdicts[node.name],
-                    "dvc_root": str(run.dvc.root) if run.dvc.enabled else None}
-            futures[node.name] = runner.submit(configured, args, wait_for=waits)
+            futures[node.name] = runner.submit(configured, run.task_args(node, verdicts[node.name]), wait_for=waits)
         done = {name: future.result() for name, future in futures.items()}
     return {n.name: done[n.name] if n.name in done else inline[n.name] for n in run.nodes}
 

@@ -1,6 +1,6 @@
 """A light CLI (issue 16): `kd --help` and `kd validate` import no torch, transformers, MLflow, Prefect or DVC,
 nor any stage module or the method registry; params are checked against light name tables
-(`kd_core.config.methods`, `kd_core.losses.catalog`, `ArchConfig.arch`), which these tests keep equal to the
+(`kd_core.config.methods`, `kd_core.config.divergence_params`, `ArchConfig.arch`), which these tests keep equal to the
 registries behind them. Speed figures: bench/cli_startup.py and docs/performance.md (no timing here)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from kd_core.config import ArchConfig
 from kd_core.config.methods import METHOD_SPECS
-from kd_core.losses.catalog import DIVERGENCE_PARAMS
+from kd_core.config.divergence_params import DIVERGENCE_PARAMS
 from tests.conftest import TINY_MODEL, TINY_TRAINING, tiny_params, write_params
 
 # what the light path must not import: the heavy stack, the stage modules, the method and divergence code

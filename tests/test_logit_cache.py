@@ -23,7 +23,8 @@ from kd_core.teachers.factory import load_cache
 from kd_core.teachers.source import CachedTeacher, LiveTeacher
 from kd_core.losses.chunked import chunked_token_divergence
 from kd_core.methods import get_method
-from kd_core.models.build import ModelError, build_from_config, check_vocab_compatible
+from kd_core.models.build import ModelError, build_from_config
+from kd_core.training.preflight import check_vocab_compatible
 from kd_core.run import RunPaths, load_model
 from kd_core.run import load_train_set as _train_set
 from kd_core.stages.cache_teacher import cache_teacher

@@ -212,7 +212,7 @@ def test_confidence_over_the_original_rows(run, hand_score):
 
 # ----------------------------------------------------------------------------------------------- hard examples
 def test_hard_examples_are_exactly_the_rows_the_teacher_finds_least_likely(run, hand_score, monkeypatch):
-    from kd_core.data import transfer_strategies
+    from kd_core.stages import transfer as transfer_stage
 
     train = _split(run, "train")
     hard, info = _make(run, "hard")
@@ -224,7 +224,7 @@ def test_hard_examples_are_exactly_the_rows_the_teacher_finds_least_likely(run, 
     assert max(scores) <= min(others)
 
     # answers: both: the hard rows, then the model's answers to those prompts (here a stand-in model)
-    monkeypatch.setattr(transfer_strategies.Writer, "_texts",
+    monkeypatch.setattr(transfer_stage.Writer, "_texts",
                         lambda self, rows, seed: [f"R{seed} {r['instruction']}" for r in rows])
     rows, info = _make(run, "hard_both")
     assert rows == hard + [dict(r, response=f"R0 {r['instruction']}", id=f"{r['id']}~hard_both0", generated_by="teacher")
@@ -262,7 +262,7 @@ def test_hard_examples_by_gap_need_a_student_source():
 def test_paraphrase_answers_model_made_paraphrases_and_keeps_the_originals(run, monkeypatch):
     """A stand-in model: a paraphrase request gets `P<seed> <instruction>` (empty for the first prompt's
     second paraphrase), any other prompt `R<seed> <instruction>`."""
-    from kd_core.data import transfer_strategies
+    from kd_core.stages import transfer as transfer_stage
 
     request = "Say differently: "
 
@@ -273,7 +273,7 @@ def test_paraphrase_answers_model_made_paraphrases_and_keeps_the_originals(run, 
             out[0] = ""
         return out
 
-    monkeypatch.setattr(transfer_strategies.Writer, "_texts", texts)
+    monkeypatch.setattr(transfer_stage.Writer, "_texts", texts)
     rows, info = _make(run, "para_fake")
     train, pool = _split(run, "train"), _split(run, "unlabeled")
     paraphrased = [dict(r, instruction=f"P{j} {r['instruction'].strip()}", response="", id=f"{r['id']}~p{j}",

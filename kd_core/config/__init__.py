@@ -3,8 +3,8 @@
 Every stage takes a `PipelineConfig`. Unknown keys are errors (a typo must not silently fall back to a
 default), and every error names the file, the key path and the allowed values. Methods and divergences are
 checked by name against light tables (`methods`: what each method needs and its `method_args` model;
-`kd_core.losses.catalog`: the divergences and their parameters), so that validating imports no torch; the code
-behind each name (`kd_core.methods`, `kd_core.losses.divergences`) is imported when a stage runs.
+`divergence_params`: the divergences and their parameters), so that validating imports no torch; the code behind
+each name (`kd_core.methods`, `kd_core.losses.divergences`) is imported when a stage runs.
 
 `schema`: the sections (`model_source`: how a model is made; `data_source`: field maps, the prompts-only
 source); `load`: YAML, overrides, the credentials scan, error lines; `graph`: who teaches whom (order, cycles,

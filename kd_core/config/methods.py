@@ -1,7 +1,7 @@
 """The distillation methods as params know them: each method's name, what it needs from the pipeline and the
 model of its `method_args`, in one table (`METHOD_SPECS`) that imports no torch, so that validating params
 (`kd validate`, every stage's start) stays light; and the checks of a student's method, divergence and their
-args against it and against the divergences' table (`kd_core.losses.catalog`).
+args against it and against the divergences' table (`kd_core.config.divergence_params`).
 
 A method's training code is the class registered under the same name in :mod:`kd_core.methods` (imported when a
 stage trains): `register_method` gives it its spec's flags and `Args`, and a test keeps the two name lists
@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
 
 from kd_core.config.base import StudentConfigLike
-from kd_core.losses.catalog import DIVERGENCE_PARAMS
+from kd_core.config.divergence_params import DIVERGENCE_PARAMS
 
 
 

@@ -6,7 +6,7 @@ else, for a model cut `from_teacher_layers`, its teacher's; else (built from `co
 which is the teacher checkpoint's (the teacher's `model.tokenizer` if it names one) or, with a teacher built from
 config, the byte-level BPE `prepare` trains (`RUN_BPE`). Only a difference that a `model.tokenizer` key makes is
 refused here: two checkpoints may well share one tokenizer (SmolLM2-135M and -360M do), which only their files
-tell: the distill stage's preflight compares them (`kd_core.models.build.check_vocab_compatible`).
+tell: the distill stage's preflight compares them (`kd_core.training.preflight.check_vocab_compatible`).
 """
 
 from __future__ import annotations

@@ -17,10 +17,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from kd_core.data.tokenize import IGNORE_INDEX
+
 __all__ = ["IGNORE_INDEX", "NOT_TEXT", "Prefix", "SpanAlignment", "positional_alignment", "align_spans",
            "text_alignment"]
 
-IGNORE_INDEX = -100  # (kd_core.data.tokenize.IGNORE_INDEX; not imported: this module needs torch only)
 NOT_TEXT = -1  # the text end of a token that is no text of the response (prompt, padding, EOS)
 
 

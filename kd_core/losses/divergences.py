@@ -25,8 +25,8 @@ Conventions
 
 Registry: :func:`register_divergence` / :func:`get_divergence`; a :class:`Divergence` fills parameter
 defaults and checks their ranges when called (``get_divergence("jsd")(student_lp, teacher_lp, beta=0.9)``).
-The names and parameters of the built-in divergences live in :mod:`kd_core.losses.catalog` (no torch: params
-are validated against it).
+The names and parameters of the built-in divergences live in :mod:`kd_core.config.divergence_params` (no torch:
+params are validated against it).
 The training loop's token-level helpers (log-probabilities at a temperature, shared vocabulary, masked
 reductions) are in :mod:`kd_core.losses.tokens`.
 """
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_core.losses.catalog import DIVERGENCE_PARAMS, ParamSpec
+from kd_core.config.divergence_params import DIVERGENCE_PARAMS, ParamSpec
 
 _NEG_INF = float("-inf")
 
@@ -85,7 +85,8 @@ def register_divergence(
     name: str, params: dict[str, ParamSpec] | None = None
 ) -> Callable[[DivergenceFn], DivergenceFn]:
     """Decorator registering ``fn`` in :data:`DIVERGENCES` under ``name`` (docstring becomes ``doc``); its
-    parameters are ``params``, by default those of ``name`` in :data:`kd_core.losses.catalog.DIVERGENCE_PARAMS`.
+    parameters are ``params``, by default those of ``name`` in
+    :data:`kd_core.config.divergence_params.DIVERGENCE_PARAMS`.
 
     The decorated function is returned unchanged, so it stays directly callable.
     """

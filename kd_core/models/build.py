@@ -89,50 +89,6 @@ def make_model(source: ModelSource, tokenizer: PreTrainedTokenizerBase, n_positi
     return student_from_teacher_layers(teacher, source.from_teacher_layers or [])
 
 
-def check_vocab_compatible(teacher: PreTrainedModel | None, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                           student_source: ModelSource | None = None,
-                           teacher_tokenizer: PreTrainedTokenizerBase | None = None) -> None:
-    """The models must cover the run's tokenizer (extra padded embedding rows are fine: losses slice to the
-    shared vocabulary, `kd_core.losses.tokens.shared_vocab`), and a student checkpoint must come with
-    the run's tokenizer: token-level distillation compares distributions over the same token ids, so a
-    different tokenizer is an error, not something to slice. A method that distils across tokenizers gives the
-    teacher's own (`teacher_tokenizer`): each model must then cover its own tokenizer, and they may differ."""
-    for role, model, tok in (("teacher", teacher, teacher_tokenizer or tokenizer), ("student", student, tokenizer)):
-        if model is None:
-            continue
-        size = model.get_output_embeddings().weight.shape[0]
-        if size < len(tok):
-            raise ModelError(f"{role} vocabulary ({size}) is smaller than the tokenizer's ({len(tok)}): "
-                             + ("it was built for another tokenizer" if teacher_tokenizer is not None
-                                else "teacher and student must share a tokenizer"))
-    if student_source is not None and student_source.checkpoint is not None and teacher_tokenizer is None \
-            and student_source.tokenizer is None:  # (a `tokenizer` key replaces the checkpoint's files)
-        _check_same_tokenizer(tokenizer, student_source)
-
-
-def _check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, source: ModelSource) -> None:
-    from kd_core.data.tokenize import load_tokenizer
-
-    try:
-        own = load_tokenizer(source.checkpoint, source.trust_remote_code, gguf_file=source.gguf_file)
-    except (OSError, ValueError):  # no tokenizer files in the checkpoint: the size check is all there is
-        return
-    run_vocab, own_vocab = tokenizer.get_vocab(), own.get_vocab()
-    differ = sorted((i, t) for t, i in run_vocab.items() if own_vocab.get(t) != i)
-    if differ:
-        i, t = differ[0]
-        raise ModelError(f"student checkpoint {source.checkpoint!r} has another tokenizer than the run's (the "
-                         f"teacher's): {len(differ)} of {len(run_vocab)} tokens have other ids (e.g. {t!r}: id {i} "
-                         f"vs {own_vocab.get(t)}); teacher and student must share a tokenizer, or use a "
-                         f"method that distils across tokenizers: {', '.join(_cross_tokenizer_methods())}")
-
-
-def _cross_tokenizer_methods() -> list[str]:
-    from kd_core.config.methods import METHOD_SPECS
-
-    return sorted(name for name, spec in METHOD_SPECS.items() if spec.cross_tokenizer)
-
-
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

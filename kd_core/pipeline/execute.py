@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from kd_core.config import load_config
 from kd_core.errors import PreflightError
 from kd_core.pipeline import console
 from kd_core.pipeline.dag import Node, expand, producers
@@ -41,12 +42,13 @@ def run_stage(name: str, cfg, key: str | None = None) -> dict:
     stage = get_stage(name)
     check_key(stage, cfg, key)
     label = f"{name} {key}" if key else name
+    uri = store.tracking_uri(cfg)
     try:
-        store.check_tracking(store.tracking_uri(cfg))
+        store.check_tracking(uri)
     except PreflightError as err:
         raise type(err)(f"preflight of {label}: {err}") from None
     paths = RunPaths.of(cfg)
-    with run_lock(paths), store.server_lost(cfg, label):
+    with run_lock(paths), store.server_lost(uri, label):
         return stage.function(cfg, paths, key) if stage.per else stage.function(cfg, paths)
 
 
@@ -80,8 +82,7 @@ def run_node(stage: str, node: str, key: str | None, cfg, params_path: str, over
         return {"skipped": True, "stage": node}
     if stage in READS_DVC_LOCK:
         settle_commits()
-    declared = get_stage(stage)
-    if declared.applies is None or declared.applies(cfg, key):
+    if get_stage(stage).works_for(cfg, key):
         with console.stage(name, log) as lines:  # ▶ / ✓ lines (console and run log), the stage's progress bar
             result = launch(stage, key, cfg, params_path, overrides, log)
             dvc.record(node, background=True)  # committed while the next stage runs; readers of dvc.lock wait
@@ -94,6 +95,15 @@ def run_node(stage: str, node: str, key: str | None, cfg, params_path: str, over
     took = console.seconds(time.perf_counter() - start)
     console.say(f"{console.mark('skip')} {name} not configured (no task, {took})")
     return result
+
+
+def run_task(stage: str, node: str, params_path: str, overrides: dict | None, key: str | None, dvc_root: str | None,
+             verdict: str, log) -> dict:
+    """`run_node` from a task's plain arguments (`PipelineRun.task_args`): the config read again from the params
+    file and overrides, DVC's bookkeeping at `dvc_root` (None: off)."""
+    cfg = load_config(params_path, overrides)
+    dvc = DvcBook(Path(dvc_root)) if dvc_root else DvcBook.off("")
+    return run_node(stage, node, key, cfg, params_path, overrides, dvc, verdict, log)
 
 
 @dataclass
@@ -134,6 +144,17 @@ class PipelineRun:
                 run._quietly(lambda: runs.end_pipeline_run(run.parent, status="FAILED"),
                              f"MLflow pipeline run {run.parent} not closed: %s")
                 raise
+
+    def run_inline(self, node: Node, verdict: str) -> dict:
+        """`node` run in this process, in its turn (`run_node`): a node whose stage does no work for its key."""
+        return run_node(node.stage.name, node.name, node.key, self.cfg, self.params_path, self.overrides, self.dvc,
+                        verdict, self.log)
+
+    def task_args(self, node: Node, verdict: str) -> dict:
+        """What a node's task (another thread or process) needs to run it: `run_task`'s arguments, all plain values."""
+        return {"stage": node.stage.name, "node": node.name, "params_path": self.params_path,
+                "overrides": self.overrides, "key": node.key, "verdict": verdict,
+                "dvc_root": str(self.dvc.root) if self.dvc.enabled else None}
 
     def _quietly(self, fn, message: str) -> None:
         """`fn()` while a run fails: its own error is logged (the run's error is the one to report)."""

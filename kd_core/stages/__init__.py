@@ -46,6 +46,10 @@ class Stage:
     # keep the DVC pipeline whole, but the flow runs it inline, as no Prefect task
     applies: Callable[..., bool] | None = None
 
+    def works_for(self, cfg, key: str | None) -> bool:
+        """Whether the stage does work for `key` under `cfg` (`applies`; always without one)."""
+        return self.applies is None or self.applies(cfg, key)
+
     @property
     def function(self) -> Callable[..., dict]:
         """The stage function (its module is imported on first use: `kd --help` stays light)."""

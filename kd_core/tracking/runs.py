@@ -30,17 +30,18 @@ def parent_run_id(cfg: PipelineConfig, run_dir: Path) -> str:
     """The pipeline's parent run for this run folder: the flow's own (`start_pipeline_run`), else the one the
     folder's stages share while it is running (`dvc repro`, `kd stage`); a finished one, or one of another
     store or experiment, is not reused: a new parent is started."""
-    store.setup(cfg)
-    saved = _saved_parent(cfg, run_dir)
+    uri = store.setup(cfg)
+    saved = _saved_parent(run_dir, uri, cfg.tracking.experiment)
     return saved if saved is not None else start_pipeline_run(cfg, run_dir)
 
 
-def _saved_parent(cfg: PipelineConfig, run_dir: Path) -> str | None:
+def _saved_parent(run_dir: Path, uri: str, experiment: str) -> str | None:
+    """The parent run saved in the run folder, while it is RUNNING in this store (`uri`) and `experiment`."""
     path = _parent_file(run_dir)
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    if saved.get("tracking_uri") != store.tracking_uri(cfg) or saved.get("experiment") != cfg.tracking.experiment:
+    if saved.get("tracking_uri") != uri or saved.get("experiment") != experiment:
         return None
     try:
         run = MlflowClient().get_run(saved["run_id"])
@@ -57,8 +58,8 @@ def experiment_of(run_id: str) -> str:
 def start_pipeline_run(cfg: PipelineConfig, run_dir: Path, name: str | None = None) -> str:
     """A new parent run for the pipeline of this run folder; later stages of the folder nest under it. A parent
     left RUNNING by a killed pipeline is marked KILLED, with its stage runs that were still running."""
-    store.setup(cfg)
-    previous = _saved_parent(cfg, run_dir)
+    uri = store.setup(cfg)
+    previous = _saved_parent(run_dir, uri, cfg.tracking.experiment)
     if previous is not None:
         _close_killed_runs(previous, experiment_of(previous))
         MlflowClient().set_terminated(previous, "KILLED")
@@ -67,7 +68,7 @@ def start_pipeline_run(cfg: PipelineConfig, run_dir: Path, name: str | None = No
         exp.experiment_id, run_name=name or f"pipeline:{run_dir.name}",
         tags={"kd.role": "pipeline", "kd.run_dir": str(run_dir), "kd.params_hash": cfg.fingerprint()})
     MlflowClient().set_terminated(run.info.run_id, "RUNNING")
-    write_json_atomic(_parent_file(run_dir), {"run_id": run.info.run_id, "tracking_uri": store.tracking_uri(cfg),
+    write_json_atomic(_parent_file(run_dir), {"run_id": run.info.run_id, "tracking_uri": uri,
                                               "experiment": cfg.tracking.experiment})
     return run.info.run_id
 

@@ -45,25 +45,29 @@ def sqlite_file(uri: str) -> Path:
 
 
 def check_tracking(uri: str) -> None:
-    """The MLflow tracking store exists and answers: a scheme MLflow has a store for; http(s) -> GET /health;
-    sqlite / file -> its folder is writable."""
-    if problem := unknown_scheme(uri):
-        raise PreflightError(f"MLflow tracking store {uri}: {problem}")
+    """The MLflow tracking store exists and answers: http(s) -> GET /health; else a scheme MLflow has a store for,
+    and for sqlite / file its folder is writable."""
     if uri.startswith(("http://", "https://")):
         _check_server(uri.rstrip("/"))
         return
-    if uri.startswith("sqlite:///"):
-        folder = sqlite_file(uri).expanduser().parent
-    elif uri.startswith("file:"):
-        folder = Path(uri.removeprefix("file://").removeprefix("file:"))
-    elif "://" not in uri:  # a plain path is a file store
-        folder = Path(uri)
-    else:  # databricks, postgresql, ...: MLflow's own client reports problems
+    folder = _store_folder(uri)
+    if problem := unknown_scheme(uri):
+        raise PreflightError(f"MLflow tracking store {uri}: {problem}")
+    if folder is None:  # databricks, postgresql, ...: MLflow's own client reports problems
         return
     try:
         probe_write(folder)
     except OSError as err:
         raise PreflightError(f"MLflow tracking store {uri}: cannot write in {folder} ({err.strerror or err})") from None
+
+
+def _store_folder(uri: str) -> Path | None:
+    """The folder a sqlite or file store writes in (a plain path is a file store); None for a server or database."""
+    if uri.startswith("sqlite:///"):
+        return sqlite_file(uri).expanduser().parent
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file://").removeprefix("file:"))
+    return Path(uri) if "://" not in uri else None
 
 
 def _check_server(uri: str) -> None:
@@ -98,15 +102,14 @@ def _check_server(uri: str) -> None:
 
 
 @contextlib.contextmanager
-def server_lost(cfg: PipelineConfig, what: str):
-    """A stage (`what`) failing while its MLflow server has gone (it passed the check when the stage started):
+def server_lost(uri: str, what: str):
+    """A stage (`what`) failing while its MLflow server (`uri`) has gone (it passed the check when the stage started):
     whatever MLflow's client raised becomes one `TrackingLost` line (exit 75, retried by the flow). The server is
     asked again (GET /health) only after an error that is not ours."""
     try:
         yield
     except Exception as err:
-        uri = tracking_uri(cfg) if not isinstance(err, KDError) else ""
-        if not uri.startswith(("http://", "https://")):
+        if isinstance(err, KDError) or not uri.startswith(("http://", "https://")):
             raise
         uri = uri.rstrip("/")
         try:
