@@ -34,3 +34,48 @@ def test_kd_run_in_a_project_copy_without_git(project, empty_stores):
     assert not (project / "dvc.lock").exists()  # nothing recorded
     assert {v.tags["kd.model"] for v in registered_versions("kd-student")} == {"sft", "fkl"}
     assert any(line.startswith("champion:") for line in shown.splitlines())
+
+
+# the registry: a handful of tags on a version, its full lineage one JSON document on its run, `kd lineage` reads it
+LINEAGE = {"kd.role": "student", "kd.model": "fkl", "kd.method": "kd", "kd.divergence": "fkl", "kd.teacher": "teacher",
+           "kd.root_teacher": "teacher", "kd.train_data": "train", "kd.teacher_parameters": "61000",
+           "kd.parameters": "24416", "kd.params_hash": "p123", "kd.data_version": "d456", "kd.run_dir": "runs/tiny",
+           "kd.finetuned": "true", "kd.model_hash": "m789", "kd.git_commit": "abc", "kd.git_dirty": "false",
+           "kd.dvc.data.runs/tiny/data/train.jsonl": "0f1e", "kd.dvc.model.runs/tiny/models/fkl": "9a8b.dir",
+           "kd.eval_prompts.test": "e1e1"}
+
+
+def test_a_version_shows_a_handful_of_tags_and_kd_lineage_reads_the_rest(project):
+    """Version 1 registered the old way (every fact a version tag), version 2 the new way (`VERSION_TAGS` on the
+    version, the rest in its run's `kd.lineage`): `kd lineage` prints the same facts for both, and the registry
+    rows (the champion rule, `kd compare`) see the same tags."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from kd_core.cli import app
+    from kd_core.tracking import registry
+    from tests.conftest import write_params
+
+    write_params(project, tiny_params())
+    client = MlflowClient()
+    experiment = client.create_experiment("tiny", artifact_location=str(project / "artifacts"))
+    client.create_registered_model("kd-student")
+    old_run = client.create_run(experiment, tags=LINEAGE).info.run_id
+    client.create_model_version("kd-student", source=f"runs:/{old_run}/fkl", run_id=old_run, tags=LINEAGE)
+    shown = {k: v for k, v in LINEAGE.items() if k in registry.VERSION_TAGS}
+    new_run = client.create_run(experiment, tags=shown | {registry.LINEAGE_TAG: json.dumps(LINEAGE)}).info.run_id
+    client.create_model_version("kd-student", source=f"runs:/{new_run}/fkl", run_id=new_run, tags=shown)
+
+    assert len(client.get_model_version("kd-student", "2").tags) == len(registry.VERSION_TAGS) <= 10
+    assert [r["tags"] for r in registry.version_rows("kd-student")] == [LINEAGE, LINEAGE]
+    printed = []
+    for version in (1, 2):
+        out = CliRunner().invoke(app, ["lineage", f"kd-student:{version}"])
+        assert out.exit_code == 0, (out.output, out.exception)
+        printed.append(out.stdout.splitlines()[1:])  # (the first line names the version)
+    assert printed[0] == printed[1]
+    text = "\n".join(printed[1])
+    assert "data.runs/tiny/data/train.jsonl: 0f1e" in text and "model.runs/tiny/models/fkl: 9a8b.dir" in text
+    assert "params hash:  p123" in text and "git abc" in text and "weights hash: m789" in text
