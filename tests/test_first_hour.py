@@ -79,3 +79,49 @@ def test_a_version_shows_a_handful_of_tags_and_kd_lineage_reads_the_rest(project
     text = "\n".join(printed[1])
     assert "data.runs/tiny/data/train.jsonl: 0f1e" in text and "model.runs/tiny/models/fkl: 9a8b.dir" in text
     assert "params hash:  p123" in text and "git abc" in text and "weights hash: m789" in text
+
+
+# README's table: generated from a run's report, written between its markers
+def test_readme_table_is_generated_from_a_run_report_and_written_between_the_markers(tmp_path):
+    import json
+
+    from kd_core.evaluation import readme_table
+    from tests.conftest import REPO
+
+    run_dir = tmp_path / "runs/default"
+    (run_dir / "reports").mkdir(parents=True)
+
+    def row(model, name, version, method, divergence, mean, low, high):
+        return {"name": name, "version": version, "tags": {"kd.model": model, "kd.method": method,
+                                                           "kd.divergence": divergence, "kd.git_commit": "412d2cf9e0"},
+                "metrics": {"pinned/rougeL_sampled_mean": mean, "pinned/rougeL_sampled_ci_low": low,
+                            "pinned/rougeL_sampled_ci_high": high}}
+    rows = [row("teacher", "kd-teacher", 3, "teacher-sft", "", 26.82, 25.1, 28.4),
+            row("sft", "kd-student", 9, "sft", "", 10.55, 9.7, 11.4),
+            row("sft", "kd-student", 5, "sft", "", 99.0, 98.0, 99.5),  # an older run's version: not in the table
+            row("jsd_transfer", "kd-student", 10, "kd", "jsd", 6.44, 5.6, 7.3)]
+    paired = [{"model": "teacher", "mean_diff": 16.27, "ci_low": 14.9, "ci_high": 17.6, "p_value": 0.0002},
+              {"model": "jsd_transfer", "mean_diff": -4.11, "ci_low": -5.55, "ci_high": -2.78, "p_value": 0.0004}]
+    (run_dir / "reports/compare.json").write_text(json.dumps(
+        {"rows": rows, "paired_vs_sft": paired, "metric": "pinned/rougeL_sampled_mean", "paired_set": "pinned",
+         "eval_sets": {"pinned": {"n_prompts": 500}}}))
+    (run_dir / "registry.json").write_text(json.dumps({"versions": {
+        "teacher": {"registered_model": "kd-teacher", "version": 3}, "sft": {"registered_model": "kd-student", "version": 9},
+        "jsd_transfer": {"registered_model": "kd-student", "version": 10}}}))
+    table = readme_table.run_table(run_dir)
+    assert table.splitlines()[2:5] == [
+        "| teacher | teacher-sft | 26.82 [25.10, 28.40] | +16.27 [+14.90, +17.60] | < 0.001 |",
+        "| sft | sft | 10.55 [9.70, 11.40] | — | — |",
+        "| jsd_transfer | kd (jsd) | 6.44 [5.60, 7.30] | -4.11 [-5.55, -2.78] | < 0.001 |"]
+    assert "`pinned` eval set, 500 prompts" in table and "git 412d2cf" in table
+
+    readme = tmp_path / "README.md"
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert text.count(readme_table.BEGIN) == 1 and text.count(readme_table.END) == 1
+    assert len(text.split(readme_table.BEGIN)[0].splitlines()) < 30  # the table is on the first screen
+    readme.write_text(text, encoding="utf-8")
+    readme_table.write_into(readme, table)
+    written = readme.read_text(encoding="utf-8")
+    assert f"{readme_table.BEGIN}\n{table}\n{readme_table.END}" in written
+    assert written.split(readme_table.BEGIN)[0] == text.split(readme_table.BEGIN)[0]
+    assert written.split(readme_table.END)[1] == text.split(readme_table.END)[1]
