@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup run test dvc-repro clean
+.PHONY: setup run test dvc-repro readme-table clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -27,6 +27,10 @@ test: setup
 
 dvc-repro: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro
+
+# README's table from the default run's report (runs/default/reports/compare.json): after `make run`
+readme-table: setup
+	$(PY) -m kd_core.evaluation.readme_table runs/default README.md
 
 clean:
 	rm -rf runs mlflow.db mlartifacts .prefect

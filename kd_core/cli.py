@@ -281,14 +281,17 @@ def dvc_yaml(check: bool = typer.Option(False, "--check", help="only check: exit
 
 
 def print_table(result: dict) -> None:
+    """The registered versions in their console form (`compare.table(console=True)`: within 120 columns; the
+    report, reports/compare.md, has every column) on the champion metric's eval set, then each model against SFT."""
     from rich.console import Console
     from rich.measure import Measurement
     from rich.table import Table
 
     from kd_core.evaluation.compare import table as version_table
 
-    table = Table(title="registered models")
-    header, cells = version_table(result["rows"], roles=False)
+    eval_set = result.get("paired_set") or "test"
+    table = Table(title=f"registered models ({eval_set} prompts; every column in the report)")
+    header, cells = version_table(result["rows"], console=True, eval_set=eval_set)
     for col in header:
         table.add_column(col)
     for row in cells:

@@ -16,7 +16,7 @@ ROOT = dvcfile.ROOT
 MAX_LINES = 400
 MAX_TOP_LEVEL_MODULES = 10
 
-# the layers, low -> high (docs: README "Layout"): a module imports only from its own layer or a lower one
+# the layers, low -> high (docs: docs/guide.md "Layout"): a module imports only from its own layer or a lower one
 LAYERS: dict[str, int] = {
     "kd_core/__init__.py": 1, "kd_core/errors.py": 1, "kd_core/io.py": 1, "kd_core/env.py": 1,
     "kd_core/progress.py": 1, "kd_core/faults.py": 1,

@@ -36,12 +36,12 @@ SCORES = {
     "teacher": [("p1", 15.0), ("p2", 25.0), ("p3", 35.0), ("p4", 45.0)],
     "fkl": [("p4", 36.0), ("p6", 90.0), ("p2", 16.0), ("p1", 14.0), ("p3", 34.0)],
 }
-EXPECTED_ROWS = [
-    ["teacher (kd-teacher v1)", "sft", "61000", "30.00", "–", "–", "–", "9.88", "–", "12", ""],
-    ["sft (kd-student v1)", "sft", "24416", "20.00 [18.50, 21.25]", "–", "–", "–", "14.02", "0.417", "–", ""],
-    ["fkl (kd-student v2)", "kd (fkl)", "24416", "22.00 [21.00, 23.50]", "18.25", "5.0", "–", "12.35", "0.583", "8",
-     "champion"],
+EXPECTED_ROWS = [  # the console's short form (kd_core.evaluation.compare.table(console=True)); the report has every column
+    ["teacher v1", "sft", "61k", "30.00", "–", "–", "9.9", "–", ""],
+    ["sft v1", "sft", "24k", "20.00 [18.50, 21.25]", "–", "–", "14.0", "0.42", ""],
+    ["fkl v2", "kd (fkl)", "24k", "22.00 [21.00, 23.50]", "18.25", "5.0", "12.3", "0.58", "champion"],
 ]
+REPORT_ROW = "| fkl (kd-student v2) | student | kd (fkl) | 24416 | 22.00 [21.00, 23.50] | 18.25 | 5.0 | – | 12.35 | 0.583 | 8 | champion |"
 # constant differences: every resampled mean is the mean, so the CI is [+5, +5] and p its smallest value 1/(R+1);
 # ±4 alternately: mean 0 (p = 1), and the 2.5 % / 97.5 % quantiles are the extremes −4 / +4 (each has mass 1/16)
 TEACHER_LINE = "       teacher vs sft: ΔROUGE-L +5.00 [+5.00, +5.00], p = 0.000 over 4 test prompts"
@@ -113,6 +113,7 @@ def test_compare_prints_the_versions_table_and_the_paired_tests(registry):
     assert paired == [TEACHER_LINE, FKL_LINE]
     report = json.loads((registry / "runs/tiny/reports/compare.json").read_text())
     assert [(r["tags"]["kd.model"], r["version"]) for r in report["rows"]] == [("teacher", 1), ("sft", 1), ("fkl", 2)]
+    assert REPORT_ROW in (registry / "runs/tiny/reports/compare.md").read_text().splitlines()
 
     # a model without its per-prompt scores has no paired test (and is no error)
     (registry / "runs/tiny/generations/fkl/test.jsonl").unlink()

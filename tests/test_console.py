@@ -164,6 +164,47 @@ def test_table_fits_the_terminal_or_takes_its_width_in_a_pipe(monkeypatch, capsy
     assert max(len(line) for line in wide) > 90  # a pipe: the table's own width, no cell cut
 
 
+def _default_run_rows() -> list[dict]:
+    """Registered versions shaped as the default run's (teacher, SFT, three KD students; long names, two-digit
+    versions), evaluated on `test` and `pinned` (every metric with its CI where the evaluation gives one)."""
+    rows = []
+    models = [("teacher", "kd-teacher", "teacher-sft", "", "3612345"), ("sft", "kd-student", "sft", "", "612345"),
+              ("seqkd", "kd-student", "seqkd", "", "612345"), ("jsd_transfer", "kd-student", "kd", "jsd", "612345"),
+              ("jsd_labeled", "kd-student", "kd", "jsd", "612345")]
+    for version, (model, name, method, divergence, parameters) in enumerate(models, start=41):
+        metrics = {"parameters": float(parameters), "train_time_s": 112.0, "val/ppl": 1186.23,
+                   "test/top1_agreement": 0.581}
+        for eval_set in ("test", "pinned"):
+            metrics |= {f"{eval_set}/rougeL_greedy": 17.12, f"{eval_set}/exact_match_greedy": 11.0}
+            for key in (f"{eval_set}/rougeL_sampled", f"{eval_set}/exact_match_sampled"):
+                metrics |= {f"{key}_mean": 10.63, f"{key}_ci_low": 9.81, f"{key}_ci_high": 11.42}
+        tags = {"kd.model": model, "kd.role": "teacher" if model == "teacher" else "student", "kd.method": method,
+                "kd.divergence": divergence, "kd.parameters": parameters}
+        rows.append({"name": name, "version": version, "label": f"{model} ({name} v{version})", "tags": tags,
+                     "aliases": ["champion"] if model == "seqkd" else [], "metrics": metrics})
+    return rows
+
+
+def test_console_table_of_the_default_run_fits_120_columns_and_the_report_keeps_every_column(monkeypatch, capsys):
+    from kd_core.cli import print_table
+    from kd_core.evaluation.compare import COLUMNS, markdown_table
+
+    rows = _default_run_rows()
+    paired = [{"model": r["tags"]["kd.model"], "vs": "sft", "mean_diff": -4.12, "ci_low": -5.61, "ci_high": -2.63,
+               "p_value": 0.0004, "n_prompts": 500, "set": "pinned"} for r in rows if r["tags"]["kd.model"] != "sft"]
+    monkeypatch.delenv("COLUMNS", raising=False)  # a pipe: the table at its own width
+    print_table({"rows": rows, "paired_vs_sft": paired, "metric": "pinned/rougeL_sampled_mean",
+                 "paired_set": "pinned"})
+    shown = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in shown) <= 120, "\n".join(shown)
+    jsd = next(line for line in shown if "jsd_transfer v44" in line)
+    assert "10.63 [9.81, 11.42]" in jsd and "612k" in jsd and "kd (jsd)" in jsd  # the champion set's ROUGE-L, CI
+    assert "pinned prompts" in shown[0]
+    report = markdown_table(rows, "pinned").splitlines()
+    assert all(header in report[0] for _, header, _ in COLUMNS)  # the report: every column, every CI
+    assert "| jsd_transfer (kd-student v44) | student | kd (jsd) | 612345 | 10.63 [9.81, 11.42] |" in report[5]
+
+
 def test_no_progress_bar_off_a_terminal_and_one_labelled_bar_per_stage_on_one(monkeypatch, capsys):
     assert not bars_enabled()  # pytest captures stderr: not a terminal
     with stage_bar("distill fkl") as bar:

@@ -178,7 +178,9 @@ def test_teacher_assistant_chain_and_seqkd_through_the_flow(project, empty_store
     assert 0 < len(transfer) <= n_train + 1 and all(r["generated_by"] == "teacher" for r in transfer)
     info = json.loads((project / "runs/tiny/train_info/small.json").read_text())
     assert info["teacher"] == "ta"
-    versions = {v.tags["kd.model"]: v.tags for v in registered_versions("kd-student")}
+    from kd_core.tracking.registry import version_rows  # a version's tags and its lineage (kd.train_data) merged
+
+    versions = {r["tags"]["kd.model"]: r["tags"] for r in version_rows("kd-student")}
     assert versions["ta"]["kd.role"] == "assistant" and versions["small"]["kd.teacher"] == "ta"
     assert versions["seq"]["kd.train_data"] == "teacher_samples" and versions["seq"]["kd.method"] == "seqkd"
 

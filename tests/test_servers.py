@@ -387,7 +387,8 @@ def test_scheduled_deployment_three_runs_skip_and_champion(servers, tmp_path, mo
         assert len(after_third[name]) == 2 and after_third[name][0] in after_first[name], after_third
     new_students = {max(after_third[name]) for name in params["students"]}
     # every version was evaluated on the same pinned prompts (so all of them are compared)
-    tags = {int(v.version): v.tags for v in client.search_model_versions(f"name='{student_model}'")}
+    tags = {int(v.version): json.loads(client.get_run(v.run_id).data.tags["kd.lineage"]) | v.tags  # (the lineage:
+            for v in client.search_model_versions(f"name='{student_model}'")}                        # prompts' hash)
     assert len({t["kd.eval_prompts.pinned"] for t in tags.values()}) == 1, tags
 
     decision = json.loads(registry.read_text())["champion"]

@@ -138,17 +138,26 @@ def _post(url: str, body: dict, timeout: float = 120) -> dict:
 
 @pytest.fixture
 def served_champion(run, tmp_path):
-    """`mlflow models serve` of kd-student@champion on a free loopback port: its base URL; stopped (its whole
-    process group) at teardown, whatever the test did."""
+    """The serving command that the champion's model card prints (its MLflow description), run as printed from the
+    project folder by a shell without the virtual environment on PATH and without MLflow settings (the store is
+    MLflow's default: mlflow.db in the project folder), on a free port instead of 5001; the project's `.venv` is
+    the tests' environment. Its base URL; stopped (its whole process group) at teardown, whatever the test did."""
+    from mlflow.tracking import MlflowClient
+
     project, _, _ = run
+    card = MlflowClient().get_model_version_by_alias("kd-student", "champion").description
+    (command,) = [line for line in card.splitlines() if " models serve " in line]
+    assert command.endswith(" --port 5001"), command
     port = free_port()
+    command = command.removesuffix("5001") + str(port)
+    venv = project / ".venv"
+    venv.symlink_to(BIN.parent, target_is_directory=True)
     log = tmp_path / "serve.log"
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}",
-               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != BIN.resolve())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PATH": path}
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/kd-student@champion",
-                                 "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(["bash", "-c", command], cwd=project, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVE_START_S
@@ -173,6 +182,7 @@ def served_champion(run, tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=20)
+        venv.unlink()
 
 
 @pytest.mark.slow
@@ -217,6 +227,31 @@ def test_registered_version_has_card_signature_and_example(run):
     card = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=f"{name}/README.md")
     readme = Path(card).read_text(encoding="utf-8")
     assert readme.startswith("---\n") and readme.endswith(version.description)
+
+
+@pytest.mark.slow
+def test_registered_version_has_a_handful_of_tags_and_kd_lineage_reads_its_run(run):
+    """The registry's list shows a few tags per version (`registry.VERSION_TAGS`); the full lineage (the DVC hashes
+    of the data and the model, the eval prompts' hashes) is the `kd.lineage` document of its run, which `kd
+    lineage` prints."""
+    import json as json_
+
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from kd_core.cli import app
+    from kd_core.tracking.registry import LINEAGE_TAG, VERSION_TAGS
+
+    project, cfg, _ = run
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("kd-student", "champion")
+    assert set(version.tags) <= set(VERSION_TAGS) and len(version.tags) <= 10, version.tags
+    lineage = json_.loads(client.get_run(version.run_id).data.tags[LINEAGE_TAG])
+    data = [k for k in lineage if k.startswith("kd.dvc.data.")]
+    assert data and any(k.startswith("kd.dvc.model.") for k in lineage) and "kd.eval_prompts.pinned" in lineage
+    out = CliRunner().invoke(app, ["lineage", "kd-student@champion"])
+    assert out.exit_code == 0, (out.output, out.exception)
+    assert all(f"{k.removeprefix('kd.dvc.')}: {lineage[k]}" in out.stdout for k in data), out.stdout
 
 
 # ------------------------------------------------------------------------------------------------ item 6

@@ -36,12 +36,14 @@ def columns(eval_set: str = "test") -> list[tuple[str, str, str]]:
 COLUMNS = columns("test")
 
 
-def format_metric(metrics: dict, key: str, fmt: str) -> str:
-    """A metric formatted with `fmt`, with its 95% CI when it has one (`<base>_ci_low` / `<base>_ci_high`, base =
-    the key without a trailing `_mean`: `test/rougeL_sampled_mean`, `test/rougeL_greedy`); "–" when absent."""
+def format_metric(metrics: dict, key: str, fmt: str, ci: bool = True) -> str:
+    """A metric formatted with `fmt`, with its 95% CI when it has one and `ci` (`<base>_ci_low` / `<base>_ci_high`,
+    base = the key without a trailing `_mean`: `test/rougeL_sampled_mean`, `test/rougeL_greedy`); "–" when absent."""
     if key not in metrics:
         return "–"
     text = fmt.format(metrics[key])
+    if not ci:
+        return text
     base = key.removesuffix("_mean")
     lo, hi = f"{base}_ci_low", f"{base}_ci_high"
     if lo in metrics and hi in metrics:
@@ -74,19 +76,47 @@ def _vs_sft(cfg, rows: list[dict], key: str) -> list[dict]:
     return out
 
 
-def table(rows: list[dict], *, roles: bool = True, eval_set: str = "test") -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the registered-versions table: model, role (when `roles`), method (divergence),
-    parameters, the metrics of `columns(eval_set)` (`format_metric`) and the aliases, one row per version."""
-    cols = columns(eval_set)
-    header = ["model"] + (["role"] if roles else []) + ["method", "params"] + [h for _, h, _ in cols] + ["aliases"]
+# the console's table after `kd run` / `kd compare` (within 120 columns): the champion set's sampled ROUGE-L with its
+# CI, its greedy ROUGE-L and sampled exact match, perplexity and agreement; the report has every column
+CONSOLE_SET_COLUMNS = [("rougeL_sampled_mean", "ROUGE-L T=1 [95% CI]", "{:.2f}"), ("rougeL_greedy", "greedy", "{:.2f}"),
+                       ("exact_match_sampled_mean", "EM % T=1", "{:.1f}")]
+CONSOLE_RUN_COLUMNS = [("val/ppl", "val ppl", "{:.1f}"), ("test/top1_agreement", "top-1", "{:.2f}")]
+
+
+def _parameters(tags: dict) -> str:
+    """`3.6M`, `612k` from the `kd.parameters` tag (as it is when not a number)."""
+    text = tags.get("kd.parameters", "")
+    if not text.isdigit():
+        return text
+    for scale, suffix, fmt in ((1e9, "B", "{:.1f}"), (1e6, "M", "{:.1f}"), (1e3, "k", "{:.0f}")):
+        if int(text) >= scale:
+            return fmt.format(int(text) / scale) + suffix
+    return text
+
+
+def table(rows: list[dict], *, console: bool = False, eval_set: str = "test") -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the registered-versions table, one row per version: model, role, method (divergence),
+    parameters, the metrics of `columns(eval_set)` (`format_metric`) and the aliases. `console`: the short form
+    printed after a run (`<model> v<version>`, no role, parameters in k/M/B, the `CONSOLE_*` metrics only: the
+    CI of the sampled ROUGE-L alone)."""
+    if console:
+        cols = [(f"{eval_set}/{key}", header, fmt) for key, header, fmt in CONSOLE_SET_COLUMNS] + CONSOLE_RUN_COLUMNS
+    else:
+        cols = columns(eval_set)
+    header = ["model"] + ([] if console else ["role"]) + ["method", "params"] + [h for _, h, _ in cols] + ["aliases"]
     cells = []
     for r in rows:
         t = r["tags"]
         method = t.get("kd.method", "")
         if t.get("kd.divergence"):
             method += f" ({t['kd.divergence']})"
-        row = [r["label"]] + ([t.get("kd.role", "")] if roles else []) + [method, t.get("kd.parameters", "")]
-        cells.append(row + [format_metric(r["metrics"], k, f) for k, _, f in cols] + [", ".join(r["aliases"])])
+        if console:
+            row = [f"{t.get('kd.model', '?')} v{r['version']}", method, _parameters(t)]
+            metrics = [format_metric(r["metrics"], k, f, ci=k.endswith("rougeL_sampled_mean")) for k, _, f in cols]
+        else:
+            row = [r["label"], t.get("kd.role", ""), method, t.get("kd.parameters", "")]
+            metrics = [format_metric(r["metrics"], k, f) for k, _, f in cols]
+        cells.append(row + metrics + [", ".join(r["aliases"])])
     return header, cells
 
 

@@ -3,8 +3,9 @@ into the DVC cache, `dvc.lock` updated), push to the default remote, restore a r
 so a flow run leaves the same `dvc.lock` as `dvc repro` and either one skips what the other has done.
 
 Bookkeeping is on when the run's config is the project's DVC pipeline: the working directory holds `.dvc/` and
-`dvc.yaml`, the params file is its `params.yaml`, and no `--set` override changes it (DVC reads params.yaml
-only: use `dvc exp run -S` or edit the file). Otherwise `DvcBook.off(reason)` records nothing and skips nothing.
+`dvc.yaml`, DVC can open it (a git repository, or `core.no_scm` set), the params file is its `params.yaml`, and
+no `--set` override changes it (DVC reads params.yaml only: use `dvc exp run -S` or edit the file). Otherwise
+`DvcBook.off(reason)` records nothing and skips nothing; the reason says how to turn it on.
 """
 
 from __future__ import annotations
@@ -61,11 +62,15 @@ class DvcBook:
         """Bookkeeping for a run of `params_path` (+ overrides) started in the working directory."""
         root = Path.cwd().resolve()
         if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
-            return cls.off(f"{root} is not a DVC project (no .dvc/ or dvc.yaml)")
+            return cls.off(f"{root} is not a DVC project (no .dvc/ or dvc.yaml; `dvc init` and `kd dvc-yaml` "
+                           "make it one)")
         if Path(params_path).resolve() != root / "params.yaml":
-            return cls.off(f"the params file {params_path} is not the DVC pipeline's params.yaml")
+            return cls.off(f"the params file {params_path} is not the DVC pipeline's params.yaml (run with "
+                           "params.yaml to record the run)")
         if overrides:
             return cls.off("--set overrides are not in params.yaml (use `dvc exp run -S` to version them)")
+        if not _has_scm(root):
+            return cls.off(f"{root} is not a git repository (DVC needs one): `git init` here turns it on")
         return cls(root)
 
     @property
@@ -132,6 +137,19 @@ class DvcBook:
             pushed = repo.push()
             return f"DVC: pushed {pushed} file(s) to remote {remote!r}"
         return self._call(push)
+
+
+def _has_scm(root: Path) -> bool:
+    """DVC can open the project at `root`: it is in a git repository, or DVC is set to work without one
+    (`core.no_scm`)."""
+    from dvc.repo import Repo
+    from dvc.scm import SCMError
+
+    try:
+        with Repo(str(root)):
+            return True
+    except SCMError:
+        return False
 
 
 def settle_commits() -> None:

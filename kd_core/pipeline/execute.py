@@ -130,7 +130,7 @@ class PipelineRun:
 
         dvc = DvcBook.for_run(params_path, overrides)
         if not dvc.enabled:
-            log.info("DVC bookkeeping off: %s; every stage runs", dvc.reason)
+            console.say(f"DVC bookkeeping off: {dvc.reason}; every stage runs", log)
         for line in untracked_inputs(cfg):
             log.warning(line)
         run = PipelineRun(cfg, str(params_path), overrides, dvc, expand(cfg), RunPaths.of(cfg), log=log)

@@ -1,6 +1,7 @@
 """Stage `register`: log every model of the run to MLflow as a transformers model, register a version of each
-(tags: role, method, divergence, teacher chain, sizes, params hash, data version, weights hash), then apply the
-champion rule. A model whose weights are already registered (same `kd.model_hash`) is not registered again: its
+(its facts: role, method, divergence, teacher chain, sizes, params hash, data version, weights hash, git and DVC
+lineage, eval prompts; a few as version tags, all in its run's lineage: `kd_core.tracking.registry`), then apply
+the champion rule. A model whose weights are already registered (same `kd.model_hash`) is not registered again: its
 version is tagged with this run instead. Idempotent under failures: a version cut off after its creation (the
 MLflow server gone) keeps the tag `kd.pending` and is completed by the rerun, never registered twice."""
 

@@ -1,7 +1,7 @@
 """The champion rule: which registered student version holds the alias `champion` (`tracking.champion`).
 
 Versions are compared only on identical prompts: the eval set named by `metric` (`<set>/<name>`) is the pinned
-set, and each version carries the hash of the prompts it was evaluated on (`kd.eval_prompts.<set>`). Among the
+set, and each version's lineage holds the hash of the prompts it was evaluated on (`kd.eval_prompts.<set>`). Among the
 versions evaluated on this run's prompts, the best by `metric` (max or min) takes the alias when it is better
 than the current champion by more than `min_delta` and, with `significance` set, when a paired bootstrap over
 those prompts gives p < significance. A champion evaluated on other prompts is not compared: the alias stays

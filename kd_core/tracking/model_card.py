@@ -163,9 +163,10 @@ def model_card(cfg: PipelineConfig, name: str, tags: dict[str, str], metrics: di
              'print(chat[0]["generated_text"][-1]["content"])', "```", "",
              f"Registered in MLflow (as `{registered}`), the model answers plain instructions (the template is "
              "applied for you; params `max_new_tokens`, `do_sample`, `temperature`, `top_p`); "
-             f"`models:/{registered}/<version>` serves one version:", "", "```",
-             f"mlflow models serve -m models:/{registered}@champion --env-manager local --port 5001"
-             if not is_teacher else f"mlflow models serve -m models:/{registered}/latest --env-manager local --port 5001",
+             f"`models:/{registered}/<version>` serves one version. From the project folder (MLflow starts "
+             "`uvicorn` from PATH: the project's virtual environment goes first):", "", "```bash",
+             f'PATH="$PWD/.venv/bin:$PATH" .venv/bin/mlflow models serve -m models:/{registered}'
+             f'{"/latest" if is_teacher else "@champion"} --env-manager local --port 5001',
              "curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\",
              f"  -d '{{\"inputs\": [\"{EXAMPLE_INSTRUCTION}\"], \"params\": {{\"max_new_tokens\": {gen.max_new_tokens}}}}}'",
              "```", "", "## Evaluation", ""]

@@ -1,6 +1,13 @@
 """The MLflow model registry: a model logged and registered as a version (with its model card), the versions of a
 registered model with their tags, metrics and aliases, and a version looked up by alias, number or tag.
 
+A version carries the few tags people filter the registry's list by (`VERSION_TAGS`: role, model, method,
+divergence, teacher, data version, params hash, git commit, run folder, weights hash); its full lineage (those and
+every other `kd.*` fact: DVC hashes of its data and model, hashes of its eval prompts, teacher chain, sizes) is
+one JSON document, the tag `kd.lineage` of the version's run (its *Source run* in the UI). `version_rows` and
+`get_version` return both merged, so readers see one dict of `kd.*` tags, for versions registered either way
+(older versions carry every fact as a version tag).
+
 The champion rule that moves the `champion` alias: `kd_core.tracking.champion`; the DVC hashes a version came
 from: `kd_core.tracking.lineage`.
 """
@@ -8,6 +15,7 @@ from: `kd_core.tracking.lineage`.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from pathlib import Path
 
@@ -16,6 +24,9 @@ from mlflow.tracking import MlflowClient
 
 from kd_core import faults
 
+VERSION_TAGS = ("kd.role", "kd.model", "kd.method", "kd.divergence", "kd.teacher", "kd.data_version",
+                "kd.params_hash", "kd.git_commit", "kd.run_dir", "kd.model_hash")
+LINEAGE_TAG = "kd.lineage"  # a tag of the version's run: the version's full `kd.*` facts as one JSON object
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
 GENERATION_PARAMS = ("max_new_tokens", "do_sample", "temperature", "top_p")  # the params schema of a logged model
 
@@ -24,8 +35,8 @@ def log_model_and_register(model_dir: Path, registered_name: str, tags: dict[str
                            *, artifact_name: str = "model", card: str | None = None, prompt_template: str | None = None,
                            generation: dict | None = None, example: str | None = None) -> int:
     """Log the saved model as an MLflow transformers model (`artifact_name`) in the active run, register a
-    version with `tags`, and with a model `card` (markdown): log it as `<artifact_name>/README.md` and make it
-    the version's description.
+    version with the `VERSION_TAGS` of `tags` (every one of `tags` in the run's `LINEAGE_TAG`), and with a model
+    `card` (markdown): log it as `<artifact_name>/README.md` and make it the version's description.
 
     The served model (pyfunc, `mlflow models serve`) answers plain instructions as the evaluation's greedy
     answers: `prompt_template` (with `{prompt}` where the instruction goes) wraps each input as the model was
@@ -47,7 +58,8 @@ def log_model_and_register(model_dir: Path, registered_name: str, tags: dict[str
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-    mlflow.set_tags(tags)
+    shown = {k: tags[k] for k in VERSION_TAGS if k in tags}
+    mlflow.set_tags(shown | {LINEAGE_TAG: json.dumps(tags, sort_keys=True)})
     params = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_p": 1.0} | (generation or {})
     params = {k: params[k] for k in GENERATION_PARAMS}
     # fixed settings of the served pipeline (not request params): the evaluation's prompt encoding and sampling
@@ -62,7 +74,7 @@ def log_model_and_register(model_dir: Path, registered_name: str, tags: dict[str
         signature=infer_signature(inputs, ["an answer"], params=params), model_config=model_config)
     if card is not None:
         mlflow.log_text(card, f"{artifact_name}/README.md")
-    version = mlflow.register_model(info.model_uri, registered_name, tags=tags | {PENDING_TAG: "true"})
+    version = mlflow.register_model(info.model_uri, registered_name, tags=shown | {PENDING_TAG: "true"})
     faults.kill_tracking_server()  # (a test hook: the server dies between the registry's calls)
     complete_version(registered_name, int(version.version), card)
     return int(version.version)
@@ -100,10 +112,18 @@ def version_rows(registered_name: str) -> list[dict]:
             aliases.setdefault(str(ver), []).append(alias)
     rows = []
     for v in sorted(versions, key=lambda v: int(v.version)):
-        metrics = client.get_run(v.run_id).data.metrics if v.run_id else {}
-        rows.append({"name": registered_name, "version": int(v.version), "run_id": v.run_id, "tags": dict(v.tags),
-                     "metrics": dict(metrics), "aliases": aliases.get(str(v.version), [])})
+        run = client.get_run(v.run_id) if v.run_id else None
+        rows.append({"name": registered_name, "version": int(v.version), "run_id": v.run_id,
+                     "tags": _all_tags(v.tags, run), "metrics": dict(run.data.metrics) if run else {},
+                     "aliases": aliases.get(str(v.version), [])})
     return rows
+
+
+def _all_tags(version_tags: dict, run) -> dict[str, str]:
+    """A version's `kd.*` facts: its run's `LINEAGE_TAG` document (none for a version registered before it
+    existed) under the version's own tags (those set later win: `kd.last_seen_*`, the pending mark)."""
+    lineage = json.loads(run.data.tags.get(LINEAGE_TAG, "{}")) if run is not None else {}
+    return lineage | dict(version_tags)
 
 
 def set_alias(registered_name: str, alias: str, version: int) -> None:
@@ -145,4 +165,6 @@ def get_version(spec: str) -> dict:
         known = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
         raise LookupError(f"no registered version {spec!r} (registered models: {known})") from None
     aliases = [a for a, ver in client.get_registered_model(name).aliases.items() if str(ver) == str(v.version)]
-    return {"name": name, "version": int(v.version), "run_id": v.run_id, "tags": dict(v.tags), "aliases": aliases}
+    run = client.get_run(v.run_id) if v.run_id else None
+    return {"name": name, "version": int(v.version), "run_id": v.run_id, "tags": _all_tags(v.tags, run),
+            "aliases": aliases}
