@@ -36,6 +36,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from kd_core import console, tracking
 from kd_core.config import load_config
 from kd_core.errors import is_retryable
+from kd_core.cluster import check_cluster, run_training_job, training_on_ray
 from kd_core.launcher import launched_result, launcher_for, run_as_process, run_launched
 from kd_core.lineage import DvcBook, git_revision, settle_commits, untracked_inputs
 from kd_core.run import RunPaths, run_lock
@@ -80,7 +81,11 @@ def stage_task(stage: str, node: str, params_path: str, overrides: dict | None =
     cfg = load_config(params_path, overrides)
     with console.stage(name, log) as lines:  # ▶ / ✓ lines (console and run log), the stage's progress bar
         launcher = launcher_for(stage, cfg, key)  # training.launcher set: torchrun / deepspeed (kd_core.launcher)
-        if launcher:
+        on_ray = training_on_ray(stage, cfg, key)  # execution.stages names it: a Ray Train job (kd_core.cluster)
+        if on_ray:
+            run_training_job(stage, key, params_path, overrides, cfg, on_ray, log)
+            result = launched_result(stage, cfg, key)
+        elif launcher:
             run_launched(stage, key, params_path, overrides, launcher, log)
             result = launched_result(stage, cfg, key)
         elif cfg.orchestration.max_parallel_students > 1 and stage in SIDE_BY_SIDE:
@@ -146,6 +151,7 @@ def kd_pipeline(params_path: str = "params.yaml", overrides: dict | None = None)
     cfg = load_config(params_path, overrides)
     console.quiet_mlflow_registry()
     log = get_run_logger()
+    check_cluster(cfg)  # execution.engine ray: the cluster answers and can hold each stage's workers
     _config_artifact(cfg, params_path, overrides)
     dvc = DvcBook.for_run(params_path, overrides)
     if not dvc.enabled:

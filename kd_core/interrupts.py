@@ -15,7 +15,8 @@ installs the handler before anything heavy is loaded).
 
 Test hooks (environment variables read when training starts, naming the model folder by its trailing parts):
 - `KD_TEST_DIE_AFTER_CHECKPOINT=<model folder>:<step>`: SIGKILL the process right after the checkpoint of
-  `step` is complete (a preempted machine that dies without warning);
+  `step` is complete (a preempted machine that dies without warning); with `KD_TEST_DIE_RANK=<rank>` only that
+  rank dies (one lost worker of a distributed job), the others go on;
 - `KD_TEST_SIGTERM_AT_STEP=<model folder>:<step>`: the process sends itself SIGTERM at the end of `step` (a
   cancellation, delivered at a known step so the test is deterministic);
 - `KD_TEST_DISK_FULL_AFTER_CHECKPOINT=<model folder>:<step>`: once the checkpoint of `step` is complete, every
@@ -36,6 +37,7 @@ from pathlib import Path
 from kd_core.errors import Cancelled
 
 DIE_AFTER_CHECKPOINT_ENV = "KD_TEST_DIE_AFTER_CHECKPOINT"
+DIE_RANK_ENV = "KD_TEST_DIE_RANK"
 SIGTERM_AT_STEP_ENV = "KD_TEST_SIGTERM_AT_STEP"
 DISK_FULL_AFTER_CHECKPOINT_ENV = "KD_TEST_DISK_FULL_AFTER_CHECKPOINT"
 KILL_TRACKING_ENV = "KD_TEST_KILL_TRACKING_SERVER"

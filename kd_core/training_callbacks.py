@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from kd_core.interrupts import (DIE_AFTER_CHECKPOINT_ENV, DISK_FULL_AFTER_CHECKPOINT_ENV,
+from kd_core.interrupts import (DIE_AFTER_CHECKPOINT_ENV, DIE_RANK_ENV, DISK_FULL_AFTER_CHECKPOINT_ENV,
                                 SIGTERM_AT_STEP_ENV, cancel_requested, hook_step)
 from kd_core.io import write_checksums
 from kd_core.methods.base import Method
@@ -163,7 +163,8 @@ class _DieAfterCheckpoint(TrainerCallback):
                 import torch.distributed as dist
 
                 dist.barrier()  # every rank has written its part of the checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
+            if os.environ.get(DIE_RANK_ENV, str(args.process_index)) == str(args.process_index):
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _SigtermAtStep(TrainerCallback):

@@ -140,7 +140,9 @@ def check_key(stage: Stage, cfg, key: str | None) -> None:
 
 
 def run_stage(name: str, cfg, key: str | None = None) -> dict:
-    """Run one stage (for one key) on the run folder of `cfg`, holding the folder's lock (`run.run_lock`)."""
+    """Run one stage (for one key) on the run folder of `cfg`, holding the folder's lock (`run.run_lock`); an
+    inference stage that `execution` puts on Ray shares its batches out among Ray workers (`cluster.stage_shards`)."""
+    from kd_core.cluster import stage_shards
     from kd_core.errors import PreflightError
     from kd_core.preflight import check_tracking, server_lost, tracking_uri
     from kd_core.run import RunPaths, run_lock
@@ -154,5 +156,5 @@ def run_stage(name: str, cfg, key: str | None = None) -> dict:
         raise type(err)(f"preflight of {label}: {err}") from None
     paths = RunPaths.of(cfg)
     # one pipeline at a time per run folder; an MLflow server gone mid-stage: one retryable line
-    with run_lock(paths), server_lost(cfg, label):
+    with run_lock(paths), server_lost(cfg, label), stage_shards(cfg, name):
         return stage.function(cfg, paths, key) if stage.per else stage.function(cfg, paths)
