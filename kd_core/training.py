@@ -297,6 +297,8 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
     for hook in [*test_hooks(out_dir), stop]:  # (the test hooks: none outside the tests)
         trainer.add_callback(hook)
     resume = last_complete_checkpoint(ckpt_dir, (EXTRA_MODULES_FILE,) if extras else ())
+    if resume:
+        log.info("resuming from %s", resume)
     if resume and extras:
         extras.load(resume)
     start = time.perf_counter()

@@ -104,6 +104,9 @@ def _worker(config: dict) -> None:
     saved = sys.stdout, sys.stderr
     sys.stdout = sys.stderr = stream
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=stream, force=True)
+    context = train.get_context()
+    print(f"worker {rank} of {context.get_world_size()} on node {ray.get_runtime_context().get_node_id()[:8]} "
+          f"(pid {os.getpid()}, {config['threads']} threads)", file=stream)
     try:
         from kd_core.config import load_config
         from kd_core.stages import run_stage
