@@ -36,7 +36,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from kd_core import console, tracking
 from kd_core.config import load_config
 from kd_core.errors import is_retryable
-from kd_core.cluster import check_cluster, run_training_job, training_on_ray
+from kd_core.cluster.dispatch import check_cluster, run_training_job, training_on_ray
 from kd_core.launcher import launched_result, launcher_for, run_as_process, run_launched
 from kd_core.lineage import DvcBook, git_revision, settle_commits, untracked_inputs
 from kd_core.run import RunPaths, run_lock

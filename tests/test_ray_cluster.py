@@ -198,7 +198,7 @@ def test_sharded_teacher_cache_equals_one_process(ray_cluster, prepared_project,
 def test_a_killed_worker_restarts_and_training_resumes(ray_run, prepared_project, tmp_path, monkeypatch):
     """Rank 1 SIGKILLed right after the checkpoint of step 2: Ray restarts the worker group, the stage resumes from
     checkpoint-2 and ends with the weights of the uninterrupted run."""
-    from kd_core.cluster import run_training_job, training_on_ray
+    from kd_core.cluster.dispatch import run_training_job, training_on_ray
     from kd_core.stages import run_stage
 
     root, _, _ = ray_run

@@ -141,8 +141,8 @@ def check_key(stage: Stage, cfg, key: str | None) -> None:
 
 def run_stage(name: str, cfg, key: str | None = None) -> dict:
     """Run one stage (for one key) on the run folder of `cfg`, holding the folder's lock (`run.run_lock`); an
-    inference stage that `execution` puts on Ray shares its batches out among Ray workers (`cluster.stage_shards`)."""
-    from kd_core.cluster import stage_shards
+    inference stage that `execution` puts on Ray shares its batches out among Ray workers (`cluster.sharding`)."""
+    from kd_core.cluster.sharding import stage_shards
     from kd_core.errors import PreflightError
     from kd_core.preflight import check_tracking, server_lost, tracking_uri
     from kd_core.run import RunPaths, run_lock

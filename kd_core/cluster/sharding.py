@@ -1,0 +1,20 @@
+"""Whether the stage about to run shares its batches out among Ray workers: what `run_stage` asks (no Ray imported
+for engine local)."""
+
+from __future__ import annotations
+
+import contextlib
+
+
+@contextlib.contextmanager
+def stage_shards(cfg, stage: str):
+    """While a stage runs: its shard pool when `execution` puts this inference stage on Ray, else nothing."""
+    from kd_core.config.execution import SHARDED_STAGES
+
+    if stage not in SHARDED_STAGES or cfg.execution.on_ray(stage) is None:
+        yield
+        return
+    from kd_core.cluster.shards import sharded
+
+    with sharded(cfg, stage):
+        yield
