@@ -10,7 +10,7 @@ def training_on_ray(stage: str, cfg, key: str | None):
     false`, run in process as always)."""
     from kd_core.config.execution import TRAINING_STAGES
 
-    resources = cfg.execution.on_ray(stage)
+    resources = cfg.execution.on_ray(stage, key)
     if resources is None or stage not in TRAINING_STAGES:
         return None
     if stage == "train_teacher":
@@ -38,4 +38,8 @@ def check_cluster(cfg) -> None:
     problems = cluster_problems(cfg)
     if problems:
         raise ClusterUnreachable("\n".join(problems))
+    if cfg.execution.stages:  # joined (or started) once, here: the stages' own processes join the same Ray
+        from kd_core.cluster.connect import connect
+
+        connect(cfg.execution)
 

@@ -7,14 +7,15 @@ import contextlib
 
 
 @contextlib.contextmanager
-def stage_shards(cfg, stage: str):
-    """While a stage runs: its shard pool when `execution` puts this inference stage on Ray, else nothing."""
+def stage_shards(cfg, stage: str, key: str | None = None):
+    """While a stage runs (for `key`): its shard pool when `execution` puts this inference stage on Ray, else
+    nothing."""
     from kd_core.config.execution import SHARDED_STAGES
 
-    if stage not in SHARDED_STAGES or cfg.execution.on_ray(stage) is None:
+    if stage not in SHARDED_STAGES or cfg.execution.on_ray(stage, key) is None:
         yield
         return
     from kd_core.cluster.shards import sharded
 
-    with sharded(cfg, stage):
+    with sharded(cfg, stage, key):
         yield

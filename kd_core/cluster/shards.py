@@ -151,11 +151,11 @@ def _unsharded():
 
 
 @contextlib.contextmanager
-def sharded(cfg, stage: str):
-    """The stage's generation and teacher forwards go to a `ShardPool` of its `execution` resources while the block
-    runs (this thread); the actors end with it."""
+def sharded(cfg, stage: str, key: str | None = None):
+    """The stage's generation and teacher forwards go to a `ShardPool` of its `execution` resources (for `key`) while
+    the block runs (this thread); the actors end with it."""
     connect(cfg.execution)
-    pool = ShardPool(cfg.execution.on_ray(stage), stage)
+    pool = ShardPool(cfg.execution.on_ray(stage, key), stage)
     token = SHARDS.set(pool)
     try:
         yield pool

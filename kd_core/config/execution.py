@@ -7,6 +7,7 @@ Ray cluster (`engine: ray`), with the resources of each stage that runs there.
       max_failures: 2             # a training stage's lost workers restarted this often (resuming from a checkpoint)
       stages:                     # a stage not named here runs as with engine local
         distill: {workers: 2, cpus_per_worker: 1}
+        distill@big: {workers: 4, gpus_per_worker: 1}   # one student's own resources (`stage@key` first)
         evaluate: {workers: 2, cpus_per_worker: 1}
 
 A training stage named here (`train_teacher`, `distill`, `finetune`) runs as a Ray Train job of `workers`
@@ -21,14 +22,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kd_core.config.base import StrictModel
 
 TRAINING_STAGES = ("train_teacher", "distill", "finetune")
 SHARDED_STAGES = ("transfer", "cache_teacher", "evaluate")
 RAY_STAGES = TRAINING_STAGES + SHARDED_STAGES
-RayStage = Literal["train_teacher", "distill", "finetune", "transfer", "cache_teacher", "evaluate"]
 
 
 class StageResources(StrictModel):
@@ -55,26 +55,51 @@ class ExecutionConfig(StrictModel):
                                                       "RAY_ADDRESS when set, else a local Ray started for the run")
     max_failures: int = Field(2, ge=0, description="a training stage's worker group restarted this often after a "
                                                    "lost worker (it resumes from the last checkpoint)")
-    stages: dict[RayStage, StageResources] = Field(default_factory=dict,
-                                                   description="stage name -> its Ray workers; others run locally")
+    stages: dict[str, StageResources] = Field(
+        default_factory=dict, description="stage name (every key of it), or `stage@key` (that student, model or "
+                                          "transfer set alone) -> its Ray workers; others run locally")
 
-    def on_ray(self, stage: str) -> StageResources | None:
-        """The resources of `stage` when it runs on Ray (engine ray and the stage named), else None."""
-        return self.stages.get(stage) if self.engine == "ray" else None  # type: ignore[call-overload]
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: dict) -> dict:
+        for name in v:
+            if name.partition("@")[0] not in RAY_STAGES:
+                raise ValueError(f"{name!r}: not a stage that runs on Ray (allowed: {', '.join(RAY_STAGES)}, "
+                                 f"or <stage>@<key>)")
+        return v
+
+    def on_ray(self, stage: str, key: str | None = None) -> StageResources | None:
+        """The resources of `stage` (for `key`) when it runs on Ray: engine ray and `stage@key` or `stage` named
+        (the former first), else None."""
+        if self.engine != "ray":
+            return None
+        return self.stages.get(f"{stage}@{key}") or self.stages.get(stage)
 
 
-def check_launchers(cfg) -> None:
-    """A training stage runs on Ray or under its `training.launcher` (torchrun / deepspeed), not both: a ValueError
-    naming both keys when a stage on Ray has a launcher set."""
+def _keys(cfg, stage: str) -> list[str]:
+    """The keys a stage runs for (as kd_core.stages.stage_keys, without importing the stages)."""
+    if stage in ("cache_teacher", "distill", "finetune"):
+        return list(cfg.students)
+    if stage == "evaluate":
+        return [cfg.teacher.name, *cfg.students]
+    return list(cfg.transfer_sets) if stage == "transfer" else []
+
+
+def check_execution(cfg) -> None:
+    """`stage@key` names a key of that stage; a training stage runs on Ray or under its `training.launcher`
+    (torchrun / deepspeed), not both: a ValueError naming the keys."""
     ex = cfg.execution
+    for name in ex.stages:
+        stage, _, key = name.partition("@")
+        if key and key not in _keys(cfg, stage):
+            raise ValueError(f"execution.stages.{name}: {stage} has no key {key!r} "
+                             f"(allowed: {', '.join(_keys(cfg, stage)) or 'none'})")
     if ex.engine != "ray":
         return
-    sections = {"train_teacher": [("teacher", cfg.teacher.training)] if "train_teacher" in ex.stages else []}
-    for stage in ("distill", "finetune"):
-        if stage in ex.stages:
-            sections.setdefault(stage, []).extend((f"students.{k}", s.training) for k, s in cfg.students.items())
-    for stage, trainings in sections.items():
-        for where, training in trainings:
-            if training.launcher is not None:
-                raise ValueError(f"execution.stages.{stage}: runs on Ray, but {where}.training.launcher is set too "
-                                 f"(allowed: one of them)")
+    trainings = [("train_teacher", None, "teacher", cfg.teacher.training)]
+    trainings += [(stage, k, f"students.{k}", s.training) for stage in ("distill", "finetune")
+                  for k, s in cfg.students.items()]
+    for stage, key, where, training in trainings:
+        if ex.on_ray(stage, key) is not None and training.launcher is not None:
+            raise ValueError(f"execution.stages.{stage}: runs on Ray, but {where}.training.launcher is set too "
+                             f"(allowed: one of them)")

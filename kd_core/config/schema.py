@@ -18,7 +18,7 @@ from pydantic import Field, StrictFloat, field_validator, model_validator
 from kd_core.config import graph, methods, metrics
 from kd_core.config.base import StrictModel
 from kd_core.config.data_source import UnlabeledConfig, check_fields
-from kd_core.config.execution import ExecutionConfig, check_launchers
+from kd_core.config.execution import ExecutionConfig, check_execution
 from kd_core.config.model_source import ModelSource
 from kd_core.config.tokenizers import check_shared_vocabulary
 from kd_core.config.tracking_store import unknown_scheme
@@ -368,7 +368,7 @@ class PipelineConfig(StrictModel):
         graph.check_layer_indices(self)
         check_shared_vocabulary(self)  # token-level methods: one tokenizer for teacher and student
         metrics.check_evaluation(self)
-        check_launchers(self)  # a training stage runs under a launcher or on Ray, not both
+        check_execution(self)  # stage@key keys exist; a training stage runs under a launcher or on Ray, not both
         return self
 
     # ---- helpers

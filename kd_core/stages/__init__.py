@@ -156,5 +156,5 @@ def run_stage(name: str, cfg, key: str | None = None) -> dict:
         raise type(err)(f"preflight of {label}: {err}") from None
     paths = RunPaths.of(cfg)
     # one pipeline at a time per run folder; an MLflow server gone mid-stage: one retryable line
-    with run_lock(paths), server_lost(cfg, label), stage_shards(cfg, name):
+    with run_lock(paths), server_lost(cfg, label), stage_shards(cfg, name, key):
         return stage.function(cfg, paths, key) if stage.per else stage.function(cfg, paths)
