@@ -232,5 +232,5 @@ def test_lineage_matches_the_local_run(ray_run, reproduced_project):
         assert a["cmd"] == b["cmd"]
         assert [d["path"] for d in a.get("deps", [])] == [d["path"] for d in b.get("deps", [])]
         assert [o["path"] for o in a.get("outs", [])] == [o["path"] for o in b.get("outs", [])]
-    for name in ("prepare", "train_teacher", "evaluate@teacher"):
+    for name in ("prepare", "train_teacher", "evaluate_teacher"):
         assert ours[name] == local[name], name
