@@ -220,7 +220,7 @@ def test_lineage_matches_the_local_run(ray_run, reproduced_project):
     """`dvc status` is clean after the run on Ray, and its dvc.lock is the local run's (`dvc repro` of the same
     params): the same stages, commands, dependencies, params and outputs; the stages that do not depend on fkl's
     batch size (the only param that differs: 8 per worker × 2 workers vs 16) with the same hashes, the teacher's
-    sharded evaluation included."""
+    sharded evaluation included (but its metrics file, which holds a tokens/s)."""
     root, _, _ = ray_run
     local_root, _ = reproduced_project
     assert dvc_status(root) == {}
@@ -232,5 +232,7 @@ def test_lineage_matches_the_local_run(ray_run, reproduced_project):
         assert a["cmd"] == b["cmd"]
         assert [d["path"] for d in a.get("deps", [])] == [d["path"] for d in b.get("deps", [])]
         assert [o["path"] for o in a.get("outs", [])] == [o["path"] for o in b.get("outs", [])]
+    timed = "runs/tiny/metrics/teacher.json"  # (its gen_tokens_per_s differs from run to run)
     for name in ("prepare", "train_teacher", "evaluate_teacher"):
-        assert ours[name] == local[name], name
+        a, b = (dict(e, outs=[o for o in e.get("outs", []) if o["path"] != timed]) for e in (ours[name], local[name]))
+        assert a == b, name
