@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import prepared_run, scratch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+JOB_PARAMS: list[Path] = []  # the jobs' params file, in the scratch folder (set by main)
 
 
 class Lines:
@@ -56,8 +57,8 @@ def _job_config(params: dict):
 
     from kd_core.config import load_config
 
-    Path("bench-params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return load_config("bench-params.yaml")
+    JOB_PARAMS[0].write_text(yaml.safe_dump(params, sort_keys=False))
+    return load_config(JOB_PARAMS[0])
 
 
 def _distill(cfg, workers: int, steps: int, batch: int) -> tuple[float, dict]:
@@ -74,7 +75,7 @@ def _distill(cfg, workers: int, steps: int, batch: int) -> tuple[float, dict]:
     params["execution"] = {"engine": "ray", "stages": {"distill": {"workers": workers, "cpus_per_worker": 1}}}
     job_cfg = _job_config(params)
     start = time.perf_counter()
-    run_training_job("distill", "fkl", "bench-params.yaml", None, job_cfg, training_on_ray("distill", job_cfg, "fkl"),
+    run_training_job("distill", "fkl", JOB_PARAMS[0], None, job_cfg, training_on_ray("distill", job_cfg, "fkl"),
                      Lines())
     total = time.perf_counter() - start
     return total, json.loads(RunPaths.of(job_cfg).train_info("fkl.distill").read_text())
@@ -168,7 +169,7 @@ def bench_submit(cfg, rounds: int) -> dict:
     try:
         for _ in range(rounds):
             start = time.perf_counter()
-            run_training_job("distill", "fkl", "bench-params.yaml", None, job_cfg, resources, Lines())
+            run_training_job("distill", "fkl", JOB_PARAMS[0], None, job_cfg, resources, Lines())
             noop.append(time.perf_counter() - start)
     finally:
         train_job._worker = real
@@ -189,8 +190,8 @@ def main() -> None:
     import ray
 
     load_before = os.getloadavg()
-    with scratch("kd-bench-ray-") as tmp:
-        os.chdir(tmp)
+    with scratch("kd-bench-ray-") as tmp:  # (run from the project root: the data's eval sets are read from it)
+        JOB_PARAMS.append(tmp / "bench-params.yaml")
         base = __import__("kd_core.config", fromlist=["load_config"]).load_config(REPO / "params.yaml")
         student = base.students["sft"].model_dump(mode="json", include={"model", "training"})
         students = {"fkl": {"method": "kd", "divergence": "fkl", "teacher": base.teacher.name, "train_data": "train",

@@ -32,7 +32,8 @@ log = logging.getLogger("kd")
 class ShardWorker:
     """One actor of a stage: its models by folder, loaded on first use and kept for the stage's later calls."""
 
-    def __init__(self, cwd: str, threads: int):
+    def __init__(self, cwd: str, env: dict[str, str], threads: int):
+        os.environ.update(env)
         os.chdir(cwd)
         torch.set_num_threads(threads)
         self.models: dict[str, torch.nn.Module] = {}
@@ -89,12 +90,12 @@ class ShardPool:
     def _actors(self) -> list:
         if not self.actors:
             r = self.resources
-            options = dict(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
-                           runtime_env={"env_vars": worker_env()})
+            options = dict(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)
             if r.accelerator_type:
                 options["accelerator_type"] = r.accelerator_type
             threads = max(1, int(r.cpus_per_worker))
-            self.actors = [ShardWorker.options(**options).remote(os.getcwd(), threads) for _ in range(r.workers)]
+            env = worker_env()
+            self.actors = [ShardWorker.options(**options).remote(os.getcwd(), env, threads) for _ in range(r.workers)]
             log.info("%s: %d Ray workers (%s CPU, %s GPU each)", self.stage, r.workers, r.cpus_per_worker,
                      r.gpus_per_worker)
         return self.actors

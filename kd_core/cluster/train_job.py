@@ -4,7 +4,8 @@ process, HF Trainer / DeepSpeed inside) with torch.distributed set up by Ray (gl
 torchrun variables (RANK, WORLD_SIZE, ...) set, so rank 0 writes the outputs as under torchrun.
 
 - Where: the cluster of `execution` (kd_core/cluster/connect.py); each worker works in the submitting process's
-  folder, which every node must see at the same path (a shared volume), with its environment (`worker_env`).
+  folder, which every node must see at the same path (a shared volume), with its environment (`worker_env`, set
+  by the worker itself, so that Ray may give the job its idle worker processes).
 - Log: every line a worker prints or logs (prefixed `[rank N]:`) is streamed through a `LogChannel` actor into the
   stage task's log, as a launched stage's lines are (kd_core/launcher.py).
 - Failure: a worker's error is recorded in the channel and raised by `run_training_job` as the error the stage
@@ -98,6 +99,7 @@ def _worker(config: dict) -> None:
     channel, rank = config["channel"], train.get_context().get_world_rank()
     if ray.get(channel.failure.remote())[1]:
         return  # a restart after an error that fails the same way again: the submitter raises it
+    os.environ.update(config["env"])  # (here, not as a runtime env: Ray can then use its idle worker processes)
     os.chdir(config["cwd"])
     torch.set_num_threads(config["threads"])
     stream = _LineStream(channel, f"[rank{rank}]: ")
@@ -133,7 +135,11 @@ def _raised(records: list[dict], what: str, cause: BaseException | None) -> Base
 
     if records:
         return error_from_record(next((r for r in reversed(records) if r.get("rank") == 0), records[0]))
-    reason = str(cause).splitlines()[0] if cause is not None else "no error recorded"
+    failures = getattr(cause, "worker_failures", None) or {}
+    reason = "; ".join(f"rank {rank}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:200]}"
+                       for rank, e in sorted(failures.items()))
+    if not reason:
+        reason = (str(cause).strip().splitlines() or ["no error recorded"])[0] if cause is not None else "no error"
     return errors.Transient(f"{what}: Ray workers lost ({reason}); a rerun resumes from the last checkpoint")
 
 
@@ -155,15 +161,15 @@ def run_training_job(stage: str, key: str | None, params_path: str | os.PathLike
     name = f"{stage}-{key or 'run'}-{uuid.uuid4().hex[:8]}"
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"channel": channel, "cwd": os.getcwd(), "threads": max(1, int(r.cpus_per_worker)),
+        train_loop_config={"channel": channel, "cwd": os.getcwd(), "env": worker_env(),
+                           "threads": max(1, int(r.cpus_per_worker)),
                            "stage": stage, "key": key, "params_path": str(Path(params_path).resolve()),
                            "overrides": overrides},
         torch_config=TorchConfig(backend="nccl" if r.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=bool(r.gpus_per_worker),
                                      resources_per_worker=per_worker, accelerator_type=r.accelerator_type),
         run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=cfg.execution.max_failures),
-                             worker_runtime_env={"env_vars": worker_env()}))
+                             failure_config=FailureConfig(max_failures=cfg.execution.max_failures)))
     out.info("submitting %s: %d workers (%s CPU, %s GPU each) to %s", what, r.workers, r.cpus_per_worker,
              r.gpus_per_worker, address)
     stop = threading.Event()
