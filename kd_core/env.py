@@ -37,6 +37,9 @@ DEFAULTS = {
     # home folder (a cluster that wants it: set RAY_AUTH_MODE=token where the pipeline runs)
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
+    # a local Ray started for the run runs its workers at the run's priority (Ray's default is niceness 15: on a
+    # busy machine the stages' Ray workers then got a fraction of the CPU a local stage gets)
+    "RAY_worker_niceness": "0",
 }
 # Prefect at its default WARNING: its console handler shows warnings and errors only (the stage lines are printed
 # by kd_core.console), while the run loggers log at INFO to the server (the UI's logs: stage lines, a launched

@@ -16,7 +16,7 @@ import yaml
 
 from kd_core.config import load_config, parse_config
 from kd_core.config.schema import LauncherConfig
-from tests.conftest import copy_prepared, dvc_status, reproduced_params, tiny_params
+from tests.conftest import copy_prepared, dvc_status, reproduced_params, write_params
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -214,6 +214,24 @@ def test_a_killed_worker_restarts_and_training_resumes(ray_run, prepared_project
     assert any(line.endswith("resuming from runs/tiny/distilled/.fkl-checkpoints/checkpoint-2") for line in log.lines), \
         log.lines[-30:]
     _assert_same_weights(root / "runs/tiny/distilled/fkl", tmp_path / "runs/tiny/distilled/fkl")
+
+
+def test_a_bad_input_fails_once_with_the_in_process_error(ray_cluster, project):
+    """distill on Ray before its inputs exist: the job raises the error, message and exit status of the stage in
+    process, and is not run again (Ray's restart finds the recorded error and ends at once)."""
+    from kd_core.cluster.dispatch import run_training_job, training_on_ray
+    from kd_core.errors import MissingInput, exit_code
+    from kd_core.stages import run_stage
+
+    cfg = load_config(write_params(project, _params(engine="ray", stages=RAY_STAGES)))
+    with pytest.raises(MissingInput) as in_process:
+        run_stage("distill", cfg, "fkl")
+    log = ListLog()
+    with pytest.raises(MissingInput) as on_ray:
+        run_training_job("distill", "fkl", "params.yaml", None, cfg, training_on_ray("distill", cfg, "fkl"), log)
+    assert str(on_ray.value) == str(in_process.value) and exit_code(on_ray.value) == 2
+    assert sum(line.startswith("[rank0]: worker 0 of 2") for line in log.lines) == 1, log.lines
+    assert f"[rank0]: error: {in_process.value}" in log.lines
 
 
 def test_lineage_matches_the_local_run(ray_run, reproduced_project):
