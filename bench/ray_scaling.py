@@ -19,7 +19,8 @@ local Ray of 2 CPUs started here. Every worker and the one-process baselines use
   placement, worker process, torch.distributed), and a 1-step distill's total minus its training time (Ray's part
   plus the worker's imports and model loading, which a `torchrun` launch pays too).
 
-Prints the figures and the load average before and after (the machine is shared).
+Prints the figures, the load average before and after, and a control: the speed-up 2 plain processes get over 1
+on pure-Python work at that time (2.0 on 2 idle cores), since the machine is shared.
 """
 
 from __future__ import annotations
@@ -45,6 +46,30 @@ class Lines:
 
     def info(self, msg, *args):
         self.lines.append(msg % args if args else msg)
+
+
+def _spin(n: int) -> float:
+    start = time.perf_counter()
+    total = 0
+    for i in range(n):
+        total += i * i
+    return time.perf_counter() - start
+
+
+def machine_parallelism(n: int = 4_000_000) -> float:
+    """The control: how much faster 2 plain processes do two units of pure-Python work than 1 process does them one
+    after the other, right now (2.0 on 2 idle cores; less when other work holds the cores)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_spin, [1000, 1000]))  # started
+        start = time.perf_counter()
+        list(pool.map(_spin, [n]))
+        list(pool.map(_spin, [n]))
+        serial = time.perf_counter() - start
+        start = time.perf_counter()
+        list(pool.map(_spin, [n, n]))
+        return serial / (time.perf_counter() - start)
 
 
 def _noop_worker(config: dict) -> None:
@@ -199,14 +224,19 @@ def main() -> None:
         cfg, _ = prepared_run(str(REPO / "params.yaml"), tmp, students)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        control = [machine_parallelism()]
         results = {"submit": bench_submit(cfg, args.rounds),
-                   "evaluation": bench_generation(cfg, args.prompts, args.rounds),
-                   "distill": bench_distill(cfg, args.steps, args.rounds)}
+                   "evaluation": bench_generation(cfg, args.prompts, args.rounds)}
+        control.append(machine_parallelism())
+        results["distill"] = bench_distill(cfg, args.steps, args.rounds)
+        control.append(machine_parallelism())
         ray.shutdown()
     load_after = os.getloadavg()
     d, e, s = results["distill"], results["evaluation"], results["submit"]
     print(f"\nload average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
-          f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f} ({os.cpu_count()} cores)")
+          f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f} ({os.cpu_count()} cores); the machine's "
+          f"parallelism (2 processes vs 1, pure Python; 2.0 when idle) before / between / after: "
+          f"{' / '.join(f'{c:.2f}x' for c in control)}")
     print(f"distill: 1 worker {d['one_worker_tokens_s']:.0f} tokens/s, 2 workers {d['two_workers_tokens_s']:.0f} "
           f"tokens/s: {d['speedup']:.2f}x (target >= 1.7); job wall {d['job_s']}; {d['tokens_per_step']:.0f} "
           f"tokens/step; final loss {d['final_loss']}")
