@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, TemperatureLogitsWarper, TopPLogitsWarper
 
-from kd_core.cluster.context import SHARDS
 from kd_core.data.tokenize import left_pad
 from kd_core.progress import progress
 from kd_core.lm import model_device
@@ -27,6 +27,10 @@ class Generations:
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
+
+# the shard pool of the stage running in this thread (kd_core/cluster/shards.py: a stage on Ray), or None: `generate`
+# and the teacher cache's `build_cache` share their batches out among its Ray workers
+SHARDS: ContextVar = ContextVar("kd_shards", default=None)
 
 STATIC_CACHE_BUCKET = 32  # prompt widths are padded to a multiple of this: one compiled decode graph per bucket
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from kd_core.cluster.context import SHARDS
+from kd_core.generation import SHARDS
 from kd_core.data.tokenize import IGNORE_INDEX, EncodedDataset, batches
 from kd_core.losses.tokens import logprobs
 from kd_core.losses.sparse import top_k_with_tail

@@ -11,6 +11,7 @@
   run;
 - `check`: what `kd validate` asks the cluster (it answers; a node can offer each stage's workers).
 
-`dispatch` is what the flow and `run_stage` call (it imports no Ray for engine local); `context` is what
-`generate` and `build_cache` read. Importing this package imports nothing.
+`dispatch` is what the flow calls and `sharding` what `run_stage` calls (neither imports Ray for engine local);
+`kd_core.generation.SHARDS` is where `generate` and `build_cache` find the stage's shard pool. Importing this package
+imports nothing.
 """

@@ -22,7 +22,7 @@ import ray
 import torch
 
 from kd_core.cluster.connect import connect, worker_env
-from kd_core.cluster.context import SHARDS
+from kd_core.generation import SHARDS
 from kd_core.errors import Transient
 
 log = logging.getLogger("kd")
