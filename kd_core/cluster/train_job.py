@@ -96,7 +96,8 @@ def _worker(config: dict) -> None:
     import torch
     from ray import train
 
-    channel, rank = config["channel"], train.get_context().get_world_rank()
+    context = train.get_context()
+    channel, rank = config["channel"], context.get_world_rank()
     if ray.get(channel.failure.remote())[1]:
         return  # a restart after an error that fails the same way again: the submitter raises it
     os.environ.update(config["env"])  # (here, not as a runtime env: Ray can then use its idle worker processes)
@@ -106,7 +107,6 @@ def _worker(config: dict) -> None:
     saved = sys.stdout, sys.stderr
     sys.stdout = sys.stderr = stream
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=stream, force=True)
-    context = train.get_context()
     print(f"worker {rank} of {context.get_world_size()} on node {ray.get_runtime_context().get_node_id()[:8]} "
           f"(pid {os.getpid()}, {config['threads']} threads)", file=stream)
     try:
