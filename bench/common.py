@@ -18,7 +18,7 @@ from kd_core.data.tokenize import load_tokenizer
 from kd_core.methods import get_method
 from kd_core.models.build import make_model
 from kd_core.run import RunPaths, load_model, load_train_set, n_positions
-from kd_core.pipeline.execute import run_stage
+from kd_core.pipeline.one_stage import run_stage
 from kd_core.teachers.factory import load_cache
 from kd_core.teachers.source import CachedTeacher, LiveTeacher
 from kd_core.training.trainer import train

@@ -35,7 +35,7 @@ from kd_core.config import load_config
 from kd_core.evaluation.compare import prompt_scores
 from kd_core.evaluation.stats import paired_bootstrap
 from kd_core.run import RunPaths
-from kd_core.pipeline.execute import run_stage
+from kd_core.pipeline.one_stage import run_stage
 
 EVAL_SET = "pinned"
 # label -> student settings on top of params.yaml's `sft` student (model and training)

@@ -8,7 +8,7 @@ plus the working tree's tracked files) so nothing of the checkout is touched, an
 
 - total: wall time of the flow call, the start of Prefect's temporary server included (as in `kd run`); with
   `--server`, a server started beforehand, as scheduled deployments use, outside the timing;
-- stage bodies: wall time inside each stage function (`kd_core.pipeline.execute.run_stage`), summed;
+- stage bodies: wall time inside each stage function (`kd_core.pipeline.one_stage.run_stage`), summed;
 - MLflow inside the stage bodies: time in the tracking calls (stage runs opened/closed, params, metrics,
   per-step metrics, artifacts, model logging and registration, registry queries);
 - Prefect = total − stage bodies; MLflow as above; their sum is the orchestration share;

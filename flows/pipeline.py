@@ -31,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from kd_core.cluster.dispatch import check_cluster
 from kd_core.config import load_config
 from kd_core.errors import is_retryable
 from kd_core.pipeline import console
@@ -82,6 +83,7 @@ def kd_pipeline(params_path: str = "params.yaml", overrides: dict | None = None)
     cfg = load_config(params_path, overrides)
     console.quiet_mlflow_registry()
     log = get_run_logger()
+    check_cluster(cfg)  # execution.engine ray: the cluster answers and can hold each stage's workers
     _config_artifact(cfg, params_path, overrides)
     with PipelineRun.start(cfg, params_path, overrides, f"flow run {flow_run.name}", log) as run:
         summary = run.finish(_run_nodes(run), f"{flow_run.name} ({flow_run.id})")

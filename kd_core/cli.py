@@ -87,6 +87,10 @@ def validate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> No
                if not Path(path).is_file()]
     if missing:  # known before anything runs (`prepare` says the same); the other commands may run without data
         _fail(ConfigError("\n".join(missing)))
+    from kd_core.cluster.check import cluster_problems
+
+    if problems := cluster_problems(cfg):  # execution.engine ray: the cluster answers, its nodes hold the workers
+        _fail(ConfigError("\n".join(f"{params}: {line}" for line in problems)))
     for line in untracked_inputs(cfg):
         typer.echo(f"warning: {params}: {line}", err=True)
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
@@ -98,7 +102,7 @@ def stage(name: str = typer.Argument(..., help=" | ".join(STAGES)),
                                               help="the student, model or transfer set of a per-model stage"),
           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Run one stage (this is what dvc.yaml calls)."""
-    from kd_core.pipeline.execute import run_stage
+    from kd_core.pipeline.one_stage import run_stage
     from kd_core.progress import stage_bar
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -184,7 +188,7 @@ def print_summary(result: dict, registered_model: str) -> None:
 @app.command()
 def compare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Table of the registered versions in MLflow (any tracking URI), with report and plot."""
-    from kd_core.pipeline.execute import run_stage
+    from kd_core.pipeline.one_stage import run_stage
     from kd_core.tracking.store import sqlite_file, tracking_uri
 
     cfg = _load(params, set_)

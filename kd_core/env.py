@@ -33,6 +33,13 @@ DEFAULTS = {
     # `kd run` without a server starts a temporary one (20 s allowed by default); two runs starting at once in
     # one project migrate the same .prefect database, and on a loaded machine the second timed out
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # Ray (execution.engine: ray): no usage report; no token authentication, whose token Ray 2.60 writes into the
+    # home folder (a cluster that wants it: set RAY_AUTH_MODE=token where the pipeline runs)
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    # a local Ray started for the run runs its workers at the run's priority (Ray's default is niceness 15: on a
+    # busy machine the stages' Ray workers then got a fraction of the CPU a local stage gets)
+    "RAY_worker_niceness": "0",
 }
 # Prefect at its default WARNING: its console handler shows warnings and errors only (the stage lines are printed
 # by kd_core.pipeline.console), while the run loggers log at INFO to the server (the UI's logs: stage lines, a launched

@@ -140,3 +140,10 @@ class EndpointUnreachable(Transient):
 class EndpointError(ModelError):
     """A served teacher's endpoint answers, but not as asked (a client error status such as a wrong model name or
     key, a response without log-probs or with a wrong number of tokens): the message names the URL; never retried."""
+
+
+class ClusterUnreachable(PreflightError, Transient):
+    """The Ray cluster that `execution` names does not answer, or cannot offer a stage's workers: reported like any
+    preflight error (exit 2); the flow retries the unreachable case, since the cluster may be back."""
+
+    exit_code = 2

@@ -4,7 +4,8 @@ registration); with no hook set (outside the tests) every call does nothing.
 
 The hooks (environment variables read when training starts, naming the model folder by its trailing parts):
 - `KD_TEST_DIE_AFTER_CHECKPOINT=<model folder>:<step>`: SIGKILL the process right after the checkpoint of
-  `step` is complete (a preempted machine that dies without warning);
+  `step` is complete (a preempted machine that dies without warning); with `KD_TEST_DIE_RANK=<rank>` only that
+  rank dies (one lost worker of a distributed job), the others go on;
 - `KD_TEST_SIGTERM_AT_STEP=<model folder>:<step>`: the process sends itself SIGTERM at the end of `step` (a
   cancellation, delivered at a known step so the test is deterministic);
 - `KD_TEST_DISK_FULL_AFTER_CHECKPOINT=<model folder>:<step>`: once the checkpoint of `step` is complete, every
@@ -20,6 +21,7 @@ import signal
 from pathlib import Path
 
 DIE_AFTER_CHECKPOINT_ENV = "KD_TEST_DIE_AFTER_CHECKPOINT"
+DIE_RANK_ENV = "KD_TEST_DIE_RANK"
 SIGTERM_AT_STEP_ENV = "KD_TEST_SIGTERM_AT_STEP"
 DISK_FULL_AFTER_CHECKPOINT_ENV = "KD_TEST_DISK_FULL_AFTER_CHECKPOINT"
 KILL_TRACKING_ENV = "KD_TEST_KILL_TRACKING_SERVER"
@@ -47,7 +49,7 @@ class TrainingFaults:
         if step == self.sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def checkpoint_saved(self, step: int, world_size: int) -> None:
+    def checkpoint_saved(self, step: int, world_size: int, rank: int = 0) -> None:
         """Once the checkpoint of `step` is complete (every other callback has written its part, checksums
         included): SIGKILL this process, or make every later write that grows a file fail with EFBIG (a full disk:
         RLIMIT_FSIZE 0, with SIGXFSZ ignored so that the write raises instead of killing the process)."""
@@ -56,7 +58,8 @@ class TrainingFaults:
                 import torch.distributed as dist
 
                 dist.barrier()  # every rank has written its part of the checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
+            if os.environ.get(DIE_RANK_ENV, str(rank)) == str(rank):
+                os.kill(os.getpid(), signal.SIGKILL)
         if step == self.disk_full_after:
             import resource
 

@@ -1,12 +1,15 @@
-"""Batched generation shared by evaluation and on-policy methods: KV cache, left padding, stop at EOS."""
+"""Batched generation shared by evaluation and on-policy methods: KV cache, left padding, stop at EOS; sampling
+seeded per row."""
 
 from __future__ import annotations
 
+import hashlib
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, TemperatureLogitsWarper, TopPLogitsWarper
 
 from kd_core.data.tokenize import left_pad
 from kd_core.progress import progress
@@ -24,6 +27,10 @@ class Generations:
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
+
+# the shard pool of the stage running in this thread (kd_core/cluster/shards.py: a stage on Ray), or None: `generate`
+# and the teacher cache's `build_cache` share their batches out among its Ray workers
+SHARDS: ContextVar = ContextVar("kd_shards", default=None)
 
 STATIC_CACHE_BUCKET = 32  # prompt widths are padded to a multiple of this: one compiled decode graph per bucket
 
@@ -56,29 +63,80 @@ def new_tokens(model: PreTrainedModel, prompts: list[list[int]], *, max_new_toke
     return rows
 
 
+def row_seed(seed: int, row: int) -> int:
+    """The sampling seed of row `row` of a generation with seed `seed`: 63 bits of blake2b("seed:row"), so that
+    rows and seeds never share a random stream."""
+    digest = hashlib.blake2b(f"{seed}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class RowSeededSampling(LogitsProcessor):
+    """Sampling that gives each row its own random stream: greedy decoding of the scores plus Gumbel(0, 1) noise
+    drawn from the row's generator (seeded with `row_seed`). argmax_v (s_v + G_v) with G_v i.i.d. Gumbel is a draw
+    from softmax(s) (the Gumbel-max trick), so after the temperature and top-p warpers this is the usual sampling,
+    while a row's tokens depend only on its seed and its own scores: not on which rows share its batch, how many
+    batches or workers came before it, or the global RNG."""
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        vocab, tiny = scores.shape[1], torch.finfo(torch.float32).tiny
+        u = torch.stack([torch.rand(vocab, generator=g, device=scores.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 1e-7)))
+        return scores + gumbel.to(scores.dtype)
+
+
+def sampling_processors(seed: int, rows: range, temperature: float, top_p: float, device) -> LogitsProcessorList:
+    """Temperature, nucleus (top-p) and `RowSeededSampling` for the rows `rows` of a generation (top_k = 0: no
+    top-k cut), to decode greedily."""
+    processors = LogitsProcessorList()
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    processors.append(RowSeededSampling([row_seed(seed, r) for r in rows], device))
+    return processors
+
+
 @torch.inference_mode()
+def generate_ids(model: PreTrainedModel, prompts: list[list[int]], *, max_new_tokens: int, eos_token_id: int,
+                 pad_token_id: int, do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 batch_size: int = 32, first_row: int = 0) -> list[list[int]]:
+    """Per prompt, its new token ids (EOS cut off), in batches of `batch_size`. Prompt i is row `first_row + i` of
+    the whole generation: its sampling seed is `row_seed(seed, first_row + i)` (`RowSeededSampling`), so a shard of
+    the prompts cut on batch boundaries gives exactly the rows the whole run gives."""
+    model.eval()
+    static_cache = model_device(model).type == "cuda"
+    out_ids: list[list[int]] = []
+    with progress(len(prompts), "prompts") as bar:  # the stage's progress bar, on a terminal (kd_core.env)
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i:i + batch_size]
+            processors = (sampling_processors(seed, range(first_row + i, first_row + i + len(batch)), temperature,
+                                              top_p, model_device(model)) if do_sample else None)
+            for row in new_tokens(model, batch, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                  pad_token_id=pad_token_id, static_cache=static_cache, logits_processor=processors,
+                                  do_sample=False):
+                out_ids.append(row[:-1] if row and row[-1] == eos_token_id else row)
+                bar.update()
+    return out_ids
+
+
 def generate(model: PreTrainedModel, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
              do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              batch_size: int = 32) -> Generations:
-    """Generate for each prompt (token ids). Sampling uses top_k=0 (pure temperature / nucleus sampling);
-    the RNG is seeded once, so the same seed and prompts give the same outputs. On a GPU the decode step
-    runs on a static KV cache (`new_tokens`)."""
-    model.eval()
-    torch.manual_seed(seed)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    static_cache = model_device(model).type == "cuda"
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
-    out_ids: list[list[int]] = []
-    n_new, start = 0, time.perf_counter()
-    with progress(len(prompts), "prompts") as bar:  # the stage's progress bar, on a terminal (kd_core.env)
-        for i in range(0, len(prompts), batch_size):
-            for row in new_tokens(model, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                  pad_token_id=pad, static_cache=static_cache, **sampling):
-                if row and row[-1] == eos:
-                    row = row[:-1]
-                out_ids.append(row)
-                n_new += len(row)
-                bar.update()
+    """Generate for each prompt (token ids). Sampling is pure temperature / nucleus sampling (top_k = 0), seeded
+    per row (`generate_ids`): the same seed and prompts give the same outputs, whatever the batching across
+    workers. Inside a stage that runs on Ray (`execution`), the batches are shared out among the stage's workers
+    (kd_core/cluster/shards.py) and their rows merged in order: the same outputs. On a GPU the decode step runs on
+    a static KV cache (`new_tokens`)."""
+    args = dict(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                seed=seed, batch_size=batch_size)
+    start = time.perf_counter()
+    shards = SHARDS.get()
+    out_ids = shards.generate_ids(model, prompts, **args) if shards is not None else generate_ids(model, prompts,
+                                                                                                   **args)
     seconds = time.perf_counter() - start
     texts = tokenizer.batch_decode(out_ids, skip_special_tokens=True)
-    return Generations(out_ids, [t.strip() for t in texts], n_new, seconds)
+    return Generations(out_ids, [t.strip() for t in texts], sum(len(r) for r in out_ids), seconds)

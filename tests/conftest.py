@@ -297,7 +297,7 @@ def _prepare_project(root: Path, empty_stores: EmptyStores) -> None:
 
     from kd_core.config import parse_config
     from kd_core.pipeline.dvc import DvcBook
-    from kd_core.pipeline.execute import run_stage
+    from kd_core.pipeline.one_stage import run_stage
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

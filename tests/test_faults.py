@@ -26,7 +26,7 @@ from kd_core.config import TrainingConfig, load_config
 from kd_core.errors import CacheError
 from kd_core.faults import DISK_FULL_AFTER_CHECKPOINT_ENV, KILL_TRACKING_ENV
 from kd_core.io import CHECKSUMS, checksum_problem, tree_hash
-from kd_core.pipeline.execute import run_stage
+from kd_core.pipeline.one_stage import run_stage
 from kd_core.run import RunPaths
 from kd_core.training.trainer import last_complete_checkpoint
 from tests.conftest import TINY_MODEL, TINY_TRAINING, EmptyStores, free_port, tiny_params, write_params

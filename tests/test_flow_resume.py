@@ -75,7 +75,7 @@ def _uninterrupted_fkl(folder: Path, params: dict, inputs: RunPaths, monkeypatch
     """fkl's stages (teacher cache, distill, finetune) run in-process without a kill in `folder`, on copies of
     the data, tokenizer and teacher of the resumed project (outputs of the stages that finished before the kill).
     Its MLflow runs go to the current store (the checks of the resumed project's store are done by then)."""
-    from kd_core.pipeline.execute import run_stage
+    from kd_core.pipeline.one_stage import run_stage
     from tests.conftest import write_params
 
     cfg = parse_config(params)

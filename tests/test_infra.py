@@ -51,7 +51,7 @@ def _service_env(name: str) -> dict[str, str]:
 
 def test_compose_has_the_team_services():
     assert set(SERVICES) == {"mlflow-db", "prefect-db", "minio", "minio-init", "mlflow", "prefect-server",
-                             "prefect-worker"}
+                             "prefect-worker", "ray-head", "ray-worker"}
     for name, svc in SERVICES.items():
         for dep in svc.get("depends_on", {}):
             assert dep in SERVICES, f"{name} depends on unknown service {dep}"
@@ -189,3 +189,86 @@ def test_kubernetes_work_pool_template_is_what_prefect_accepts():
     assert container["envFrom"] == [{"secretRef": {"name": "kd-pipeline-credentials"}}]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert not any(re.search(r"PASSWORD|SECRET|TOKEN", k) for k in container["env"]), "credentials via the Secret only"
+
+
+# ------------------------------------------------------------------------------------------- Ray (execution.engine: ray)
+RAY_PIN = re.search(r'ray = \["ray\[train\]==([\d.]+)"\]', (REPO / "pyproject.toml").read_text()).group(1)
+
+
+def _ray_start(args: list[str]) -> dict:
+    """`ray start ARGS` parsed by Ray's own CLI: its parameters."""
+    import pytest
+
+    pytest.importorskip("ray")
+    from ray.scripts.scripts import start
+
+    assert args[:2] == ["ray", "start"] or args[0].endswith("/ray") and args[1] == "start", args
+    return start.make_context("start", args[2:]).params
+
+
+def _exec_line(service: str) -> list[str]:
+    """The `exec ...` command at the end of a service's `sh -c` script, interpolated and split."""
+    import shlex
+
+    script = _interpolate(SERVICES[service]["command"][-1], _env_example())
+    return shlex.split(script.rsplit("exec ", 1)[1])
+
+
+def test_compose_ray_nodes_parse_with_ray_and_join_one_head():
+    """The head and worker nodes' `ray start` lines parse with Ray's CLI; the worker and the Prefect worker (a node
+    without CPUs, the flow's driver) join the head's port; every node mounts the checkout where the Prefect worker
+    does (the run folders at one path on every node) and runs the project's `ray` extra (one Ray version)."""
+    head = _ray_start(_exec_line("ray-head"))
+    assert head["head"] and head["block"] and head["num_cpus"] == int(_env_example()["RAY_HEAD_CPUS"])
+    address = f"ray-head:{head['port']}"
+    worker = _ray_start([_interpolate(str(a), _env_example()) for a in SERVICES["ray-worker"]["command"]])
+    assert worker["address"] == address and worker["block"]
+    assert _service_env("prefect-worker")["RAY_ADDRESS"] == address
+    joined = " ".join(SERVICES["prefect-worker"]["command"])
+    assert '/venv/bin/ray start --address "$$RAY_ADDRESS" --num-cpus 0' in joined
+    for service in ("prefect-worker", "ray-head"):  # the project with its ray extra: the pinned Ray everywhere
+        assert '"/project[ray]"' in " ".join(SERVICES[service]["command"])
+    assert SERVICES["ray-worker"]["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
+    project = next(v for v in SERVICES["prefect-worker"]["volumes"] if v.startswith(".."))
+    for service in ("ray-head", "ray-worker"):
+        assert project in SERVICES[service]["volumes"]
+        assert _service_env(service)["RAY_AUTH_MODE"] == "disabled"
+
+
+def test_kuberay_cluster_and_job_match_the_project():
+    """The KubeRay RayCluster runs the pinned Ray in the work pool's image, a CPU and a GPU worker group whose Ray
+    GPUs are the pod's, the run folders' claim mounted at one path on every pod; the RayJob targets that cluster
+    and runs `kd run` with an override that the project's own config loader accepts."""
+    import shlex
+
+    from kd_core.cli import _overrides
+    from kd_core.config import load_config
+
+    cluster = yaml.safe_load((INFRA / "k8s" / "raycluster.yaml").read_text())
+    job = yaml.safe_load((INFRA / "k8s" / "rayjob.yaml").read_text())
+    pool = json.loads((INFRA / "k8s" / "work-pool-template.json").read_text())["variables"]["properties"]
+    assert (cluster["apiVersion"], cluster["kind"], job["apiVersion"], job["kind"]) == \
+        ("ray.io/v1", "RayCluster", "ray.io/v1", "RayJob")
+    assert cluster["spec"]["rayVersion"] == RAY_PIN
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}
+    pods = [cluster["spec"]["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in groups.values()]
+    for pod in pods:
+        container = pod["containers"][0]
+        assert container["image"] == pool["image"]["default"]
+        assert {"name": "runs", "mountPath": "/project/runs"} in container["volumeMounts"]
+        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+        assert claims["runs"] == pool["runs_volume_claim"]["default"]
+    gpu = groups["gpu"]
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == \
+        int(gpu["rayStartParams"]["num-gpus"])
+    for params in [cluster["spec"]["headGroupSpec"]["rayStartParams"], *(g["rayStartParams"] for g in groups.values())]:
+        args = [a for k, v in params.items() for a in ([f"--{k}"] if v == "true" else [f"--{k}", v])]
+        _ray_start(["ray", "start", "--address", "x:6379", *args])  # each key is one of `ray start`'s options
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    assert job["metadata"]["namespace"] == cluster["metadata"]["namespace"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["kd", "run"]
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "-S"]
+    cfg = load_config(REPO / argv[argv.index("--params") + 1], _overrides(sets))
+    assert cfg.execution.engine == "ray"

@@ -48,8 +48,8 @@ def test_launcher_config_defaults_and_which_stages():
     params = _with_launcher(tiny_params(), "fkl", {"kind": "torchrun", "nproc_per_node": 2})
     cfg = parse_config(params)
     lc = cfg.student("fkl").training.launcher
-    assert (lc.kind, lc.nproc_per_node, lc.nnodes, lc.node_rank, lc.master_addr, lc.master_port, lc.extra_args) == \
-        ("torchrun", 2, 1, 0, "127.0.0.1", 29500, [])
+    assert (lc.kind, lc.nproc_per_node, lc.master_addr, lc.master_port, lc.extra_args) == \
+        ("torchrun", 2, "127.0.0.1", 29500, [])
     assert cfg.student("sft").training.launcher is None and cfg.teacher.training.launcher is None
     assert launcher_for("distill", cfg, "fkl") is lc
     assert launcher_for("finetune", cfg, "fkl") is lc  # fkl fine-tunes (finetune.enabled)
@@ -73,8 +73,8 @@ def test_launcher_config_defaults_and_which_stages():
     ({"kind": "mpirun", "nproc_per_node": 2}, "students.fkl.training.launcher.kind: "),
     ({"kind": "torchrun", "nproc_per_node": 0}, "students.fkl.training.launcher.nproc_per_node: "),
     ({"kind": "torchrun"}, "students.fkl.training.launcher.nproc_per_node: Field required"),
-    ({"kind": "torchrun", "nproc_per_node": 2, "nnodes": 2, "node_rank": 2},
-     "students.fkl.training.launcher.node_rank: 2 is not a node of nnodes=2"),
+    ({"kind": "torchrun", "nproc_per_node": 2, "nnodes": 2, "node_rank": 1},
+     "students.fkl.training.launcher.nnodes: the per-node mode is gone; several nodes: execution.engine: ray"),
     ({"kind": "torchrun", "nproc_per_node": 2, "master_port": 70000}, "students.fkl.training.launcher.master_port: "),
 ])
 def test_bad_launcher_config_names_the_key(bad, expected):
@@ -94,17 +94,15 @@ def test_torchrun_command():
     lc = LauncherConfig(kind="torchrun", nproc_per_node=2, extra_args=["--tee", "3"])
     cmd = launch_command("distill", "fkl", "params.yaml", {"students.fkl.training.max_steps": 3,
                                                           "students.fkl.method": "kd", "evaluation.limit": None}, lc)
-    assert cmd == [str(BIN / "torchrun"), "--nproc_per_node", "2", "--nnodes", "1", "--node_rank", "0",
+    assert cmd == [str(BIN / "torchrun"), "--nproc_per_node", "2",
                    "--master_addr", "127.0.0.1", "--master_port", "29500", "--tee", "3",
                    str(BIN / "kd"), "stage", "distill", "--model", "fkl", "--params", "params.yaml",
                    "-S", "students.fkl.training.max_steps=3", "-S", 'students.fkl.method="kd"',
                    "-S", "evaluation.limit=null"]
-    two_nodes = LauncherConfig(kind="torchrun", nproc_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.1",
-                               master_port=29600)
-    cmd = launch_command("train_teacher", None, Path("p.yaml"), None, two_nodes)
-    assert cmd[1:11] == ["--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1",
-                         "--master_port", "29600"]
-    assert cmd[11:] == [str(BIN / "kd"), "stage", "train_teacher", "--params", "p.yaml"]  # no --model
+    other = LauncherConfig(kind="torchrun", nproc_per_node=8, master_addr="10.0.0.1", master_port=29600)
+    cmd = launch_command("train_teacher", None, Path("p.yaml"), None, other)
+    assert cmd[1:7] == ["--nproc_per_node", "8", "--master_addr", "10.0.0.1", "--master_port", "29600"]
+    assert cmd[7:] == [str(BIN / "kd"), "stage", "train_teacher", "--params", "p.yaml"]  # no --model
 
 
 def test_overrides_reach_the_child_unchanged():
@@ -123,11 +121,10 @@ def test_deepspeed_command():
     cmd = launch_command("distill", "fkl", "params.yaml", None, lc)
     assert cmd == [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", "29601",
                    str(BIN / "kd"), "stage", "distill", "--model", "fkl", "--params", "params.yaml"]
-    lc = LauncherConfig(kind="deepspeed", nproc_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.1",
-                        extra_args=["--hostfile", "hosts"])
-    cmd = launch_command("distill", "fkl", "params.yaml", None, lc)
-    assert cmd[:13] == [str(BIN / "deepspeed"), "--num_gpus", "8", "--master_addr", "10.0.0.1", "--master_port",
-                        "29500", "--num_nodes", "2", "--node_rank", "1", "--no_ssh", "--hostfile"]
+    lc = LauncherConfig(kind="deepspeed", nproc_per_node=8, master_addr="10.0.0.1", extra_args=["--hostfile", "hosts"])
+    cmd = launch_command("distill", "fkl", "params.yaml", None, lc)  # the hostfile's nodes: DeepSpeed reaches them
+    assert cmd[:9] == [str(BIN / "deepspeed"), "--num_gpus", "8", "--master_addr", "10.0.0.1", "--master_port",
+                       "29500", "--hostfile", "hosts"]
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -303,7 +300,7 @@ def _launched_params(port: int) -> dict:
 def test_flow_task_fails_with_the_in_process_error(project, harness, monkeypatch):
     """distill launched before its inputs exist: the task fails with the error and message of in process."""
     from flows.pipeline import stage_task
-    from kd_core.pipeline.execute import run_stage
+    from kd_core.pipeline.one_stage import run_stage
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     path = write_params(project, _launched_params(free_port()))

@@ -43,7 +43,7 @@ def test_parallel_students_overlap_wait_for_producers_and_match_a_sequential_run
         project, prepared_project, empty_stores, tmp_path_factory, monkeypatch):
     import flows.pipeline as pipeline
     from kd_core.pipeline import execute
-    from kd_core.pipeline.execute import run_stage
+    from kd_core.pipeline.one_stage import run_stage
 
     params = _params(workers=2)
     copy_prepared(prepared_project, project, params)

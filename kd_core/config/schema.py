@@ -18,6 +18,7 @@ from pydantic import Field, StrictFloat, field_validator, model_validator
 from kd_core.config import graph, methods, metrics
 from kd_core.config.base import StrictModel
 from kd_core.config.data import DataConfig
+from kd_core.config.execution import ExecutionConfig, check_execution
 from kd_core.config.model_source import ModelSource
 from kd_core.config.routing import RouteConfig, check_routes, with_route_teachers
 from kd_core.config.tokenizers import check_shared_vocabulary
@@ -33,25 +34,26 @@ def _deepspeed_stage(path: str) -> int | None:
 
 
 class LauncherConfig(StrictModel):
-    """How the flow runs a training stage as several processes: `kind` is the launcher (`torchrun`, or DeepSpeed's
-    `deepspeed`), started by the stage's Prefect task as `<launcher> ... kd stage NAME --model KEY`
-    (kd_core/pipeline/launcher.py). On several nodes, each node runs the flow with its own `node_rank` (the `deepspeed`
-    launcher also needs a hostfile there: `extra_args: [--hostfile, PATH]`)."""
+    """How the flow runs a training stage as several processes of this machine: `kind` is the launcher (`torchrun`,
+    or DeepSpeed's `deepspeed`), started by the stage's Prefect task as `<launcher> ... kd stage NAME --model KEY`
+    (kd_core/pipeline/launcher.py). Several nodes: `execution.engine: ray` (a Ray Train job, kd_core/cluster), or DeepSpeed's
+    own launcher reaching the other nodes over ssh with a hostfile (`extra_args: [--hostfile, PATH]`, `master_addr`
+    this node's address)."""
 
     kind: Literal["torchrun", "deepspeed"]
     nproc_per_node: int = Field(ge=1, description="processes per node (one per GPU)")
-    nnodes: int = Field(1, ge=1)
-    node_rank: int = Field(0, ge=0)
     master_addr: str = "127.0.0.1"
     master_port: int = Field(29500, ge=1, le=65535)
     extra_args: list[str] = Field(default_factory=list, description="more launcher arguments, e.g. [--tee, '3']")
 
-    @model_validator(mode="after")
-    def _node_rank_below_nnodes(self) -> LauncherConfig:
-        if self.node_rank >= self.nnodes:
-            raise ValueError(f"node_rank: {self.node_rank} is not a node of nnodes={self.nnodes} "
-                             f"(0 .. {self.nnodes - 1})")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _nodes_moved_to_ray(cls, v):
+        gone = [k for k in ("nnodes", "node_rank") if isinstance(v, dict) and k in v]
+        if gone:
+            raise ValueError(f"{gone[0]}: the per-node mode is gone; several nodes: execution.engine: ray with "
+                             f"execution.stages.<stage>.workers (or kind deepspeed with extra_args [--hostfile, PATH])")
+        return v
 
 
 class TrainingConfig(StrictModel):
@@ -285,6 +287,7 @@ class PipelineConfig(StrictModel):
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    execution: ExecutionConfig = ExecutionConfig()
 
     @field_validator("students", mode="before")
     @classmethod
@@ -309,6 +312,7 @@ class PipelineConfig(StrictModel):
         graph.check_layer_indices(self)
         check_shared_vocabulary(self)  # token-level methods: one tokenizer for teacher and student
         metrics.check_evaluation(self)
+        check_execution(self)  # stage@key keys exist; a training stage runs under a launcher or on Ray, not both
         return self
 
     # ---- helpers
@@ -331,5 +335,7 @@ class PipelineConfig(StrictModel):
         return graph.chain_order(self)
 
     def fingerprint(self) -> str:
-        """Short hash of the whole config: tags registered models with the params that produced them."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+        """Short hash of the whole config but `execution` (where stages run changes nothing they produce): tags
+        registered models with the params that produced them."""
+        params = self.model_dump(mode="json", exclude={"execution"})
+        return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]

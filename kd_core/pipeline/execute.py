@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from kd_core.cluster.dispatch import run_training_job, training_on_ray
 from kd_core.config import load_config
-from kd_core.errors import PreflightError
 from kd_core.pipeline import console
 from kd_core.pipeline.dag import Node, expand, producers
 from kd_core.pipeline.dvc import DvcBook, settle_commits, untracked_inputs
 from kd_core.pipeline.launcher import launched_result, launcher_for, run_as_process, run_launched
 from kd_core.pipeline.lock import run_lock
+from kd_core.pipeline.one_stage import run_stage
 from kd_core.run import RunPaths
-from kd_core.stages import check_key, get_stage
+from kd_core.stages import get_stage
 from kd_core.tracking import store
 
 # the stages that may run alongside others (every stage between `train_teacher` and `register`, `train_teacher`
@@ -35,27 +36,14 @@ SIDE_BY_SIDE = {"train_teacher", "transfer", "cache_teacher", "distill", "finetu
 READS_DVC_LOCK = {"register"}
 
 
-def run_stage(name: str, cfg, key: str | None = None) -> dict:
-    """Run one stage (for one key) on the run folder of `cfg`: the tracking store checked first (a store that cannot
-    be used stops the stage before it writes anything), the folder's lock held (`run_lock`), an MLflow server
-    lost mid-stage reported as one retryable line (`store.server_lost`)."""
-    stage = get_stage(name)
-    check_key(stage, cfg, key)
-    label = f"{name} {key}" if key else name
-    uri = store.tracking_uri(cfg)
-    try:
-        store.check_tracking(uri)
-    except PreflightError as err:
-        raise type(err)(f"preflight of {label}: {err}") from None
-    paths = RunPaths.of(cfg)
-    with run_lock(paths), store.server_lost(uri, label):
-        return stage.function(cfg, paths, key) if stage.per else stage.function(cfg, paths)
-
-
 def launch(stage: str, key: str | None, cfg, params_path: str, overrides: dict | None, log) -> dict:
-    """Run a stage of the flow where it runs: under its launcher (`training.launcher`: torchrun / deepspeed), as a
+    """Run a stage of the flow where it runs: as a Ray Train job (`execution.stages`), under its launcher (`training.launcher`: torchrun / deepspeed), as a
     `kd stage` process of its own when stages run side by side (torch's RNG is per process, not per thread), else
     in this process."""
+    on_ray = training_on_ray(stage, cfg, key)  # execution.stages names it: a Ray Train job (kd_core.cluster)
+    if on_ray:
+        run_training_job(stage, key, params_path, overrides, cfg, on_ray, log)
+        return launched_result(stage, cfg, key)
     launcher = launcher_for(stage, cfg, key)
     if launcher:
         run_launched(stage, key, params_path, overrides, launcher, log)

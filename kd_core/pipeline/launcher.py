@@ -88,19 +88,17 @@ def _override_args(overrides: dict | None) -> list[str]:
 
 def launch_command(stage: str, key: str | None, params_path: str | os.PathLike, overrides: dict | None,
                    launcher_cfg) -> list[str]:
-    """The launcher's command line for one stage: `torchrun --nproc_per_node N --nnodes M --node_rank R
-    --master_addr A --master_port P [extra] kd stage STAGE [--model KEY] --params PARAMS [-S k=v ...]`, or
-    `deepspeed --num_gpus N --master_addr A --master_port P [--num_nodes M --node_rank R --no_ssh] [extra] kd ...`
-    (DeepSpeed's launcher on CPU: `--num_gpus N` starts N processes, gloo between them)."""
+    """The launcher's command line for one stage: `torchrun --nproc_per_node N --master_addr A --master_port P
+    [extra] kd stage STAGE [--model KEY] --params PARAMS [-S k=v ...]`, or `deepspeed --num_gpus N --master_addr A
+    --master_port P [extra] kd ...` (DeepSpeed's launcher on CPU: `--num_gpus N` starts N processes, gloo between
+    them; with `--hostfile` in `extra`, it starts the other nodes' processes itself over ssh)."""
     lc = launcher_cfg
     if lc.kind == "torchrun":
-        cmd = [_bin("torchrun"), "--nproc_per_node", str(lc.nproc_per_node), "--nnodes", str(lc.nnodes),
-               "--node_rank", str(lc.node_rank), "--master_addr", lc.master_addr, "--master_port", str(lc.master_port)]
+        cmd = [_bin("torchrun"), "--nproc_per_node", str(lc.nproc_per_node), "--master_addr", lc.master_addr,
+               "--master_port", str(lc.master_port)]
     elif lc.kind == "deepspeed":
         cmd = [_bin("deepspeed"), "--num_gpus", str(lc.nproc_per_node), "--master_addr", lc.master_addr,
                "--master_port", str(lc.master_port)]
-        if lc.nnodes > 1:  # each node launches its own processes (the flow runs there): no ssh from node 0
-            cmd += ["--num_nodes", str(lc.nnodes), "--node_rank", str(lc.node_rank), "--no_ssh"]
     else:
         raise ValueError(f"launcher.kind: unknown launcher {lc.kind!r} (allowed: torchrun, deepspeed)")
     return cmd + list(lc.extra_args) + stage_command(stage, key, params_path, overrides)

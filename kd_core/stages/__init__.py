@@ -5,7 +5,7 @@ depends on, what it writes. Each stage is a plain function in the module of the 
 The CLI (`kd stage NAME [--model KEY]`), the Prefect flow (`flows/pipeline.py`, which expands the declarations
 into one task per stage and key, ordered by what each reads and writes: `kd_core.pipeline.dag`) and `dvc.yaml`
 (generated from them: `kd dvc-yaml`, see `kd_core.pipeline.dvcfile`) all follow from `STAGES`. A stage runs through
-`kd_core.pipeline.execute.run_stage` (the tracking store checked, the run folder locked). A new stage is one
+`kd_core.pipeline.one_stage.run_stage` (the tracking store checked, the run folder locked). A new stage is one
 declaration here plus its module.
 
 Paths and params use dvc.yaml's template syntax: `${run_dir}`, `${teacher.name}`, and for per-model stages

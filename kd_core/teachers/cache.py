@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from kd_core.generation import SHARDS
 from kd_core.data.tokenize import IGNORE_INDEX, EncodedDataset, batches
 from kd_core.losses.tokens import logprobs
 from kd_core.losses.sparse import top_k_with_tail
@@ -41,8 +42,11 @@ def build_cache(teacher: torch.nn.Module, dataset: EncodedDataset, pad_token_id:
     """Run the teacher over `dataset` in order; top-k log-probs, ids and tail log-mass per response token.
 
     Position t of an example predicts token t + 1; the response tokens are those with labels[t + 1] !=
-    IGNORE_INDEX, exactly the positions the training losses use.
+    IGNORE_INDEX, exactly the positions the training losses use. Inside a stage that runs on Ray (`execution`),
+    the batches are shared out among the stage's workers and their rows merged in order (kd_core/cluster/shards.py).
     """
+    if (shards := SHARDS.get()) is not None:
+        return shards.build_cache(teacher, dataset, pad_token_id, vocab_size, temperature, top_k, batch_size)
     device = next(teacher.parameters()).device
     top_lp, top_ids, tails, counts = [], [], [], []
     for batch in batches(dataset, pad_token_id, batch_size):

@@ -3,7 +3,7 @@ writes anything, and MLflow pointed at it with the run's experiment selected.
 
 The store defaults to a sqlite file in the working directory (no server); `tracking.tracking_uri` in params or
 `MLFLOW_TRACKING_URI` points it at a real server. `check_tracking` runs before every stage
-(`kd_core.pipeline.execute.run_stage`); a store that cannot be used is a `PreflightError` (`kd` exits with
+(`kd_core.pipeline.one_stage.run_stage`); a store that cannot be used is a `PreflightError` (`kd` exits with
 status 2, the flow does not retry it), except an MLflow server that does not answer (`TrackingUnreachable`:
 transient); a server lost during a stage is one `TrackingLost` line (`server_lost`).
 """

@@ -161,4 +161,4 @@ class FaultHooks(TrainerCallback):
         self.faults.step_end(state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
-        self.faults.checkpoint_saved(state.global_step, args.world_size)
+        self.faults.checkpoint_saved(state.global_step, args.world_size, args.process_index)

@@ -288,6 +288,8 @@ def train(model: PreTrainedModel, dataset: EncodedDataset, tokenizer, cfg: Train
     trainer.add_callback(FaultHooks(out_dir))  # (the tests' fault hooks: nothing outside the tests)
     trainer.add_callback(stop)
     resume = last_complete_checkpoint(ckpt_dir, (EXTRA_MODULES_FILE,) if extras else ())
+    if resume:
+        log.info("resuming from %s", resume)
     if resume and extras:
         extras.load(resume)
     start = time.perf_counter()
