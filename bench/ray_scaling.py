@@ -12,7 +12,7 @@ local Ray of 2 CPUs started here. Every worker and the one-process baselines use
   batches / the training's own wall time (`train_info.train_time_s`, measured inside rank 0 around the Trainer's
   loop: no start-up, no model loading). Jobs alternate 1, 2, 1, 2, ... for `--rounds` rounds; the median is kept.
 - evaluation: `generate` over `--prompts` test prompts (greedy, then two sampling seeds, as evaluate does; batches
-  of 16, max 24 new tokens) in this process vs sharded over 2 actors (`kd_core.cluster.shards`), warm (actors
+  of 16, max 24 new tokens) in this process vs sharded over 2 actors (`kd_core.pipeline.cluster.shards`), warm (actors
   started, model loaded: the state after a stage's first call) and cold (the stage's first call: actors started
   and the model loaded inside the timing); the outputs are checked equal.
 - submit cost: a Ray Train job of 1 worker whose function returns at once (Ray's part of a stage: controller,
@@ -90,7 +90,7 @@ def _distill(cfg, workers: int, steps: int, batch: int) -> tuple[float, dict]:
     """One distill job on Ray; (its total wall seconds, its train_info)."""
     import json
 
-    from kd_core.cluster.dispatch import run_training_job, training_on_ray
+    from kd_core.pipeline.cluster.dispatch import run_training_job, training_on_ray
     from kd_core.run import RunPaths
 
     params = cfg.model_dump(mode="json")
@@ -138,7 +138,7 @@ def bench_distill(cfg, steps: int, rounds: int) -> dict:
 def bench_generation(cfg, n_prompts: int, rounds: int) -> dict:
     import torch
 
-    from kd_core.cluster.shards import sharded
+    from kd_core.pipeline.cluster.shards import sharded
     from kd_core.config import parse_config
     from kd_core.data.tokenize import encode_prompt, load_tokenizer
     from kd_core.generation import generate
@@ -181,8 +181,8 @@ def bench_generation(cfg, n_prompts: int, rounds: int) -> dict:
 
 
 def bench_submit(cfg, rounds: int) -> dict:
-    from kd_core.cluster import train_job
-    from kd_core.cluster.dispatch import run_training_job, training_on_ray
+    from kd_core.pipeline.cluster import train_job
+    from kd_core.pipeline.cluster.dispatch import run_training_job, training_on_ray
 
     params = cfg.model_dump(mode="json")
     params["execution"] = {"engine": "ray", "stages": {"distill": {"workers": 1, "cpus_per_worker": 1}}}

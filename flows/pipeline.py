@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from kd_core.cluster.dispatch import check_cluster
+from kd_core.pipeline.cluster.dispatch import check_cluster
 from kd_core.config import load_config
 from kd_core.errors import is_retryable
 from kd_core.pipeline import console

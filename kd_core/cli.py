@@ -87,7 +87,7 @@ def validate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> No
                if not Path(path).is_file()]
     if missing:  # known before anything runs (`prepare` says the same); the other commands may run without data
         _fail(ConfigError("\n".join(missing)))
-    from kd_core.cluster.check import cluster_problems
+    from kd_core.pipeline.cluster.check import cluster_problems
 
     if problems := cluster_problems(cfg):  # execution.engine ray: the cluster answers, its nodes hold the workers
         _fail(ConfigError("\n".join(f"{params}: {line}" for line in problems)))

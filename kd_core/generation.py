@@ -28,7 +28,7 @@ class Generations:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-# the shard pool of the stage running in this thread (kd_core/cluster/shards.py: a stage on Ray), or None: `generate`
+# the shard pool of the stage running in this thread (kd_core/pipeline/cluster/shards.py: a stage on Ray), or None: `generate`
 # and the teacher cache's `build_cache` share their batches out among its Ray workers
 SHARDS: ContextVar = ContextVar("kd_shards", default=None)
 
@@ -128,7 +128,7 @@ def generate(model: PreTrainedModel, tokenizer, prompts: list[list[int]], *, max
     """Generate for each prompt (token ids). Sampling is pure temperature / nucleus sampling (top_k = 0), seeded
     per row (`generate_ids`): the same seed and prompts give the same outputs, whatever the batching across
     workers. Inside a stage that runs on Ray (`execution`), the batches are shared out among the stage's workers
-    (kd_core/cluster/shards.py) and their rows merged in order: the same outputs. On a GPU the decode step runs on
+    (kd_core/pipeline/cluster/shards.py) and their rows merged in order: the same outputs. On a GPU the decode step runs on
     a static KV cache (`new_tokens`)."""
     args = dict(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id, do_sample=do_sample, temperature=temperature, top_p=top_p,

@@ -28,7 +28,7 @@ LAYERS: dict[str, int] = {
     "kd_core/evaluation": 7,
     "kd_core/tracking": 8,
     "kd_core/stages": 9,
-    "kd_core/pipeline": 10, "kd_core/cluster": 10,
+    "kd_core/pipeline": 10,
     "flows": 11, "kd_core/cli.py": 11,
 }
 

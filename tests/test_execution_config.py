@@ -1,5 +1,5 @@
 """The `execution` section (kd_core/config/execution.py) and what `kd validate` asks the cluster about it
-(kd_core/cluster/check.py): one-line errors naming the key and the allowed values; no cluster needed."""
+(kd_core/pipeline/cluster/check.py): one-line errors naming the key and the allowed values; no cluster needed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import socket
 import pytest
 from typer.testing import CliRunner
 
-from kd_core.cluster.check import resource_problems
+from kd_core.pipeline.cluster.check import resource_problems
 from kd_core.config import ConfigError, parse_config
 from tests.conftest import tiny_params, write_params
 

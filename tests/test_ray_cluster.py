@@ -1,4 +1,4 @@
-"""The pipeline on a Ray cluster (`execution.engine: ray`, kd_core/cluster) of two nodes on 127.0.0.1 (Ray's own
+"""The pipeline on a Ray cluster (`execution.engine: ray`, kd_core/pipeline/cluster) of two nodes on 127.0.0.1 (Ray's own
 test cluster: a head and a worker node, one CPU each): the tiny pipeline through the flow with fkl's distillation
 as a Ray Train job of 2 workers and the evaluation sharded over 2 actors; its weights against a 2-process torchrun
 run of the same seeds and global batch, its sharded outputs against one process's, one worker killed mid-distill,
@@ -173,7 +173,7 @@ def test_sharded_teacher_cache_equals_one_process(ray_cluster, prepared_project,
     """The teacher cache's forward passes over 2 actors (batches of 8, 3 batches: 2 + 1): the tensors of one process."""
     import torch
 
-    from kd_core.cluster.shards import sharded
+    from kd_core.pipeline.cluster.shards import sharded
     from kd_core.teachers.cache import build_cache
     from kd_core.run import RunPaths, load_model, load_run_tokenizer, load_train_set
 
@@ -198,7 +198,7 @@ def test_sharded_teacher_cache_equals_one_process(ray_cluster, prepared_project,
 def test_a_killed_worker_restarts_and_training_resumes(ray_run, prepared_project, tmp_path, monkeypatch):
     """Rank 1 SIGKILLed right after the checkpoint of step 2: Ray restarts the worker group, the stage resumes from
     checkpoint-2 and ends with the weights of the uninterrupted run."""
-    from kd_core.cluster.dispatch import run_training_job, training_on_ray
+    from kd_core.pipeline.cluster.dispatch import run_training_job, training_on_ray
     from kd_core.pipeline.one_stage import run_stage
 
     root, _, _ = ray_run
@@ -219,7 +219,7 @@ def test_a_killed_worker_restarts_and_training_resumes(ray_run, prepared_project
 def test_a_bad_input_fails_once_with_the_in_process_error(ray_cluster, project):
     """distill on Ray before its inputs exist: the job raises the error, message and exit status of the stage in
     process, and is not run again (Ray's restart finds the recorded error and ends at once)."""
-    from kd_core.cluster.dispatch import run_training_job, training_on_ray
+    from kd_core.pipeline.cluster.dispatch import run_training_job, training_on_ray
     from kd_core.errors import MissingInput, exit_code
     from kd_core.pipeline.one_stage import run_stage
 

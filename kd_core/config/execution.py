@@ -11,10 +11,10 @@ Ray cluster (`engine: ray`), with the resources of each stage that runs there.
         evaluate: {workers: 2, cpus_per_worker: 1}
 
 A training stage named here (`train_teacher`, `distill`, `finetune`) runs as a Ray Train job of `workers`
-data-parallel workers (kd_core/cluster/train_job.py); an inference stage (`transfer`, `cache_teacher`, `evaluate`)
+data-parallel workers (kd_core/pipeline/cluster/train_job.py); an inference stage (`transfer`, `cache_teacher`, `evaluate`)
 fans its generations or teacher forwards out over `workers` Ray actors, one model load each
-(kd_core/cluster/shards.py). Validation here is what the file alone tells; `kd validate` also asks the cluster
-whether a node can offer each stage's workers (kd_core/cluster/check.py). The section changes where stages run,
+(kd_core/pipeline/cluster/shards.py). Validation here is what the file alone tells; `kd validate` also asks the cluster
+whether a node can offer each stage's workers (kd_core/pipeline/cluster/check.py). The section changes where stages run,
 never what they produce: it is not part of the config's fingerprint nor of any stage's DVC params.
 """
 

@@ -36,7 +36,7 @@ def _deepspeed_stage(path: str) -> int | None:
 class LauncherConfig(StrictModel):
     """How the flow runs a training stage as several processes of this machine: `kind` is the launcher (`torchrun`,
     or DeepSpeed's `deepspeed`), started by the stage's Prefect task as `<launcher> ... kd stage NAME --model KEY`
-    (kd_core/pipeline/launcher.py). Several nodes: `execution.engine: ray` (a Ray Train job, kd_core/cluster), or DeepSpeed's
+    (kd_core/pipeline/launcher.py). Several nodes: `execution.engine: ray` (a Ray Train job, kd_core/pipeline/cluster), or DeepSpeed's
     own launcher reaching the other nodes over ssh with a hostfile (`extra_args: [--hostfile, PATH]`, `master_addr`
     this node's address)."""
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from kd_core.cluster.dispatch import run_training_job, training_on_ray
+from kd_core.pipeline.cluster.dispatch import run_training_job, training_on_ray
 from kd_core.config import load_config
 from kd_core.pipeline import console
 from kd_core.pipeline.dag import Node, expand, producers
@@ -40,7 +40,7 @@ def launch(stage: str, key: str | None, cfg, params_path: str, overrides: dict |
     """Run a stage of the flow where it runs: as a Ray Train job (`execution.stages`), under its launcher (`training.launcher`: torchrun / deepspeed), as a
     `kd stage` process of its own when stages run side by side (torch's RNG is per process, not per thread), else
     in this process."""
-    on_ray = training_on_ray(stage, cfg, key)  # execution.stages names it: a Ray Train job (kd_core.cluster)
+    on_ray = training_on_ray(stage, cfg, key)  # execution.stages names it: a Ray Train job (kd_core.pipeline.cluster)
     if on_ray:
         run_training_job(stage, key, params_path, overrides, cfg, on_ray, log)
         return launched_result(stage, cfg, key)

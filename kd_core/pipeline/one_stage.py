@@ -3,7 +3,7 @@ worker all call (the checks and the lock around the stage's own function)."""
 
 from __future__ import annotations
 
-from kd_core.cluster.sharding import stage_shards
+from kd_core.pipeline.cluster.sharding import stage_shards
 from kd_core.errors import PreflightError
 from kd_core.pipeline.lock import run_lock
 from kd_core.run import RunPaths

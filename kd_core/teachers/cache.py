@@ -43,7 +43,7 @@ def build_cache(teacher: torch.nn.Module, dataset: EncodedDataset, pad_token_id:
 
     Position t of an example predicts token t + 1; the response tokens are those with labels[t + 1] !=
     IGNORE_INDEX, exactly the positions the training losses use. Inside a stage that runs on Ray (`execution`),
-    the batches are shared out among the stage's workers and their rows merged in order (kd_core/cluster/shards.py).
+    the batches are shared out among the stage's workers and their rows merged in order (kd_core/pipeline/cluster/shards.py).
     """
     if (shards := SHARDS.get()) is not None:
         return shards.build_cache(teacher, dataset, pad_token_id, vocab_size, temperature, top_k, batch_size)

@@ -15,7 +15,7 @@ def stage_shards(cfg, stage: str, key: str | None = None):
     if stage not in SHARDED_STAGES or cfg.execution.on_ray(stage, key) is None:
         yield
         return
-    from kd_core.cluster.shards import sharded
+    from kd_core.pipeline.cluster.shards import sharded
 
     with sharded(cfg, stage, key):
         yield

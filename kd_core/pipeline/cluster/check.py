@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from kd_core.cluster.connect import address_of, connect, node_capacities
+from kd_core.pipeline.cluster.connect import address_of, connect, node_capacities
 from kd_core.errors import ClusterUnreachable
 
 

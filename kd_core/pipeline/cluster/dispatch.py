@@ -21,8 +21,8 @@ def training_on_ray(stage: str, cfg, key: str | None):
 
 
 def run_training_job(stage: str, key: str | None, params_path, overrides: dict | None, cfg, resources, out) -> None:
-    """The stage as a Ray Train job (kd_core/cluster/train_job.py)."""
-    from kd_core.cluster.train_job import run_training_job as run
+    """The stage as a Ray Train job (kd_core/pipeline/cluster/train_job.py)."""
+    from kd_core.pipeline.cluster.train_job import run_training_job as run
 
     run(stage, key, params_path, overrides, cfg, resources, out)
 
@@ -32,14 +32,14 @@ def check_cluster(cfg) -> None:
     nothing to check). A local Ray started here is announced to the stages' own processes through RAY_ADDRESS."""
     if cfg.execution.engine != "ray":
         return
-    from kd_core.cluster.check import cluster_problems
+    from kd_core.pipeline.cluster.check import cluster_problems
     from kd_core.errors import ClusterUnreachable
 
     problems = cluster_problems(cfg)
     if problems:
         raise ClusterUnreachable("\n".join(problems))
     if cfg.execution.stages:  # joined (or started) once, here: the stages' own processes join the same Ray
-        from kd_core.cluster.connect import connect
+        from kd_core.pipeline.cluster.connect import connect
 
         connect(cfg.execution)
 

@@ -3,7 +3,7 @@
 process, HF Trainer / DeepSpeed inside) with torch.distributed set up by Ray (gloo on CPU, NCCL on GPUs) and the
 torchrun variables (RANK, WORLD_SIZE, ...) set, so rank 0 writes the outputs as under torchrun.
 
-- Where: the cluster of `execution` (kd_core/cluster/connect.py); each worker works in the submitting process's
+- Where: the cluster of `execution` (kd_core/pipeline/cluster/connect.py); each worker works in the submitting process's
   folder, which every node must see at the same path (a shared volume), with its environment (`worker_env`, set
   by the worker itself, so that Ray may give the job its idle worker processes).
 - Log: every line a worker prints or logs (prefixed `[rank N]:`) is streamed through a `LogChannel` actor into the
@@ -32,7 +32,7 @@ from pathlib import Path
 import ray
 
 from kd_core import errors
-from kd_core.cluster.connect import connect, worker_env
+from kd_core.pipeline.cluster.connect import connect, worker_env
 
 log = logging.getLogger("kd")
 DRAIN_INTERVAL_S = 0.5

@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 import torch
 
-from kd_core.cluster.connect import connect, worker_env
+from kd_core.pipeline.cluster.connect import connect, worker_env
 from kd_core.generation import SHARDS
 from kd_core.errors import Transient
 
