@@ -34,7 +34,7 @@ from kd_core.losses.fused import fused_rows
 from kd_core.losses.sparse import coarsen_to, spread_tail
 from kd_core.losses.tokens import logprobs
 from kd_core.teachers.signal import DenseTeacherSignal, TeacherSignal, TopKTeacherSignal
-from kd_core.teachers.source import TeacherSource
+from kd_core.teachers.source import SeveralTeachers, TeacherSource
 
 if TYPE_CHECKING:
     from kd_core.models.lm import HeadInputs
@@ -155,28 +155,17 @@ class MultiTeacherSignal(TeacherSignal):
         return min(s.shared_vocab_size(student_vocab) for s in self.signals)
 
 
-class TeacherEnsemble(TeacherSource):
+class TeacherEnsemble(SeveralTeachers):
     """A student's several teachers, with their weights (normalised by :class:`MultiTeacherSignal`) and the combine:
     ``members``: teacher name -> its :class:`~kd_core.teachers.source.TeacherSource` (a live model, the cache, a
     served teacher).
     ``signal(batch)`` is their combined signal; ``model``: the one of them that samples for on-policy methods
     (`students.<name>.teacher`) when it is a live model, else None."""
 
-    several = True
-
     def __init__(self, members: dict[str, TeacherSource], weights: list[float],
                  combine: Literal["sum", "mixture"] = "sum", model: torch.nn.Module | None = None):
-        self.names, self.members = list(members), list(members.values())
+        super().__init__(members)
         self.weights, self.combine, self.model = list(weights), combine, model
-
-    @property
-    def top_k_only(self) -> bool:
-        return any(m.top_k_only for m in self.members)
-
-    @property
-    def live_models(self) -> list[torch.nn.Module]:
-        """The live teachers (the trainer places them; each runs on every batch)."""
-        return [model for m in self.members for model in m.live_models]
 
     def signal(self, batch: Batch) -> MultiTeacherSignal:
         return MultiTeacherSignal([m.signal(batch) for m in self.members], self.weights, self.combine)

@@ -10,33 +10,22 @@ from kd_core.errors import DataError
 from kd_core.models.lm import HeadInputs
 from kd_core.teachers.routing import batch_keys
 from kd_core.teachers.signal import TeacherSignal
-from kd_core.teachers.source import TeacherSource
+from kd_core.teachers.source import SeveralTeachers, TeacherSource
 
 __all__ = ["RoutedTeachers", "RoutedTeacherSignal"]
 
 Batch = dict[str, Tensor]
 
 
-class RoutedTeachers(TeacherSource):
+class RoutedTeachers(SeveralTeachers):
     """A student's routed teachers for training: ``members`` (teacher name -> its
     :class:`~kd_core.teachers.source.TeacherSource`: a live model, a cache over its own rows, a served teacher) and
     each training example's teacher by content (``routed``: example key -> teacher name).
     ``signal(batch)`` is each row's own teacher's signal, put in place (:class:`RoutedTeacherSignal`)."""
 
-    several = True
-
     def __init__(self, members: dict[str, TeacherSource], routed: dict[bytes, str], route: dict | None = None):
-        self.names, self.members = list(members), list(members.values())
+        super().__init__(members)
         self.routed, self.route = routed, route
-
-    @property
-    def top_k_only(self) -> bool:
-        return any(m.top_k_only for m in self.members)
-
-    @property
-    def live_models(self) -> list[torch.nn.Module]:
-        """The live teachers (the trainer places them; each runs on the rows routed to it)."""
-        return [model for m in self.members for model in m.live_models]
 
     def signal(self, batch: Batch) -> RoutedTeacherSignal:
         owners = []

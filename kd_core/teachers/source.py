@@ -110,3 +110,23 @@ class CachedTeacher(TeacherSource):
 
     def describe(self) -> dict:
         return {"teacher_cache_top_k": self.cache.key["top_k"]}
+
+
+class SeveralTeachers(TeacherSource):
+    """Several teachers of one student: ``members``, teacher name -> its :class:`TeacherSource` (a live model, the
+    cache, a served teacher); how their signals combine is the subclass's (`ensemble`: weighted, `routed`: each
+    row its own)."""
+
+    several = True
+
+    def __init__(self, members: dict[str, TeacherSource]):
+        self.names, self.members = list(members), list(members.values())
+
+    @property
+    def top_k_only(self) -> bool:
+        return any(m.top_k_only for m in self.members)
+
+    @property
+    def live_models(self) -> list[torch.nn.Module]:
+        """The live teachers (the trainer freezes and places them)."""
+        return [model for m in self.members for model in m.live_models]
