@@ -179,7 +179,7 @@ def test_checkpoint_that_is_not_a_causal_lm(project):
 
 def test_student_with_another_tokenizer_fails_preflight(project):
     from kd_core.data.tokenize import train_bpe_tokenizer
-    from kd_core.models.build import build_from_config
+    from kd_core.models.build import build_from_config, count_parameters
 
     params = tiny_params()
     _, paths = _teacher_ready(project, params)
@@ -295,7 +295,7 @@ def test_tracking_store_and_outputs_must_be_writable(tmp_path):
     model = build_from_config(cfg.teacher.model.config, tok, 32, 0)
     with pytest.raises(PreflightError, match=rf"^preflight of train_teacher: output folder {blocker}/run/models is not "):
         preflight(cfg, "train_teacher", model=model, tokenizer=tok, training=cfg.teacher.training,
-                  out_dir=Path(cfg.run_dir) / "models" / "teacher")
+                  out_dir=Path(cfg.run_dir) / "models" / "teacher", n_parameters=count_parameters(model))
 
 
 def test_checkpoint_disk_estimate_and_shortage(tmp_path, monkeypatch):

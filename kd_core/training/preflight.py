@@ -111,19 +111,18 @@ def _cross_tokenizer_methods() -> list[str]:
 
 
 def preflight(cfg: PipelineConfig, stage: str, *, model, tokenizer, training: TrainingConfig, out_dir: Path,
-              teacher=None, student_source=None, teacher_tokenizer=None) -> None:
+              n_parameters: int, teacher=None, student_source=None, teacher_tokenizer=None) -> None:
     """All checks before a training stage (the tracking store was checked before the stage started); raises one
-    `PreflightError` naming the stage and the problem. `teacher_tokenizer`: the teacher's own, for a method that
-    distils across tokenizers (each model is checked against its own tokenizer)."""
-    from kd_core.models.build import count_parameters
-
+    `PreflightError` naming the stage and the problem. `n_parameters`: the model's (what its checkpoints weigh);
+    `teacher_tokenizer`: the teacher's own, for a method that distils across tokenizers (each model is checked
+    against its own tokenizer)."""
     try:
-        check_writable(Path(out_dir).parent, Path(cfg.run_dir) / "train_info")
         if teacher is not None or student_source is not None:
             try:
                 check_vocab_compatible(teacher, model, tokenizer, student_source, teacher_tokenizer)
             except ModelError as err:
                 raise PreflightError(str(err)) from None
-        check_disk(Path(out_dir), count_parameters(model), training)
+        check_disk(Path(out_dir), n_parameters, training)
+        check_writable(Path(out_dir).parent, Path(cfg.run_dir) / "train_info")
     except PreflightError as err:
         raise type(err)(f"preflight of {stage}: {err}") from None
