@@ -179,7 +179,7 @@ def test_checkpoint_that_is_not_a_causal_lm(project):
 
 def test_student_with_another_tokenizer_fails_preflight(project):
     from kd_core.data.tokenize import train_bpe_tokenizer
-    from kd_core.models.build import build_from_config, count_parameters
+    from kd_core.models.build import build_from_config
 
     params = tiny_params()
     _, paths = _teacher_ready(project, params)
@@ -286,7 +286,7 @@ def test_tracking_store_and_outputs_must_be_writable(tmp_path):
     check_tracking(f"sqlite:///{tmp_path}/store/mlflow.db")  # a missing folder is created
 
     from kd_core.data.tokenize import train_bpe_tokenizer
-    from kd_core.models.build import build_from_config
+    from kd_core.models.build import build_from_config, count_parameters
 
     params = tiny_params(run_dir=str(blocker / "run"))
     params["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
