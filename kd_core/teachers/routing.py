@@ -29,9 +29,11 @@ if TYPE_CHECKING:
 __all__ = ["route", "route_rows", "batch_keys"]
 
 
-def route(cfg, paths, student_cfg, tokenizer, dataset: EncodedDataset) -> tuple[dict[bytes, str], dict[str, EncodedDataset]]:
-    """The student's `route` over its training set `dataset`, in one place: ({content key of each training example:
-    its teacher} (:func:`route_rows`), {each of its `teachers`: the examples of `dataset` routed to it, in order})."""
+def route(cfg, paths, student_cfg, tokenizer,
+          dataset: EncodedDataset) -> tuple[dict[bytes, str], dict[str, EncodedDataset]]:
+    """The student's `route` over its training set `dataset`, in one place: ({content key of each training
+    example: its teacher} (:func:`route_rows`), {each of its `teachers`: the examples of `dataset` routed to it,
+    in order})."""
     routed = route_rows(cfg, paths, student_cfg, tokenizer)
     examples: dict[str, list] = {name: [] for name in student_cfg.teachers}
     for ex in dataset.examples:
