@@ -286,7 +286,7 @@ def test_tracking_store_and_outputs_must_be_writable(tmp_path):
     check_tracking(f"sqlite:///{tmp_path}/store/mlflow.db")  # a missing folder is created
 
     from kd_core.data.tokenize import train_bpe_tokenizer
-    from kd_core.models.build import build_from_config
+    from kd_core.models.build import build_from_config, count_parameters
 
     params = tiny_params(run_dir=str(blocker / "run"))
     params["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
@@ -295,7 +295,7 @@ def test_tracking_store_and_outputs_must_be_writable(tmp_path):
     model = build_from_config(cfg.teacher.model.config, tok, 32, 0)
     with pytest.raises(PreflightError, match=rf"^preflight of train_teacher: output folder {blocker}/run/models is not "):
         preflight(cfg, "train_teacher", model=model, tokenizer=tok, training=cfg.teacher.training,
-                  out_dir=Path(cfg.run_dir) / "models" / "teacher")
+                  out_dir=Path(cfg.run_dir) / "models" / "teacher", n_parameters=count_parameters(model))
 
 
 def test_checkpoint_disk_estimate_and_shortage(tmp_path, monkeypatch):

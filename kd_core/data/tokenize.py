@@ -7,6 +7,8 @@ stage (and every student) uses the same one.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -52,6 +54,12 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, gguf_file:
 class EncodedExample:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on prompt tokens
+
+
+def example_key(input_ids: list[int], labels: list[int]) -> bytes:
+    """Content key of one training example (its token ids and labels, unpadded)."""
+    return hashlib.blake2b(array("q", input_ids).tobytes() + b"|" + array("q", labels).tobytes(),
+                           digest_size=16).digest()
 
 
 def encode_example(row: dict, tokenizer: PreTrainedTokenizerBase, template: str, max_length: int,

@@ -18,27 +18,28 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     """Train one student with its method against the (frozen) teacher."""
     student_cfg = cfg.student(student_name)
     method = get_method(student_cfg.method)(student_cfg, student_cfg.method_args)
-    # across tokenizers (uld, gold): each model its own tokenizer, the data encoded under both
     teacher = teacher_model(cfg, paths, student_cfg, method.needs_teacher)  # (None: not needed here)
     seed, positions = training_seed(cfg, student_cfg.training.seed), n_positions(cfg)
+    # across tokenizers (uld, gold): each model its own tokenizer, the data encoded under both
     tokenizer = load_student_tokenizer(cfg, paths, student_cfg, method.cross_tokenizer)
     teacher_tokenizer = load_model_tokenizer(paths, student_cfg.teacher) if method.cross_tokenizer else None
-    if teacher_tokenizer is not None:
-        method.set_tokenizers(tokenizer, teacher_tokenizer)
     student = make_model(student_cfg.model, tokenizer, positions, seed, teacher=teacher)
     set_generation_defaults(student, tokenizer, cfg.evaluation.generation.max_new_tokens)
-    preflight(cfg, f"distill {student_cfg.name}", model=student, tokenizer=tokenizer, training=student_cfg.training,
-              out_dir=paths.distilled(student_cfg.name), teacher=teacher, student_source=student_cfg.model,
-              teacher_tokenizer=teacher_tokenizer)
+    n_parameters = count_parameters(student)
     offsets = method.cross_tokenizer and method.needs_text_offsets  # (character offsets: cross-tokenizer methods)
     ds, dropped = load_train_set(cfg, paths, tokenizer, student_cfg.train_data,
                                  loss_on_prompt=student_cfg.training.loss_on_prompt,
                                  teacher_tokenizer=teacher_tokenizer, with_offsets=offsets)
     source = teacher_source(cfg, paths, student_cfg, method.needs_teacher, ds, student, tokenizer, teacher)
+    preflight(cfg, f"distill {student_cfg.name}", model=student, tokenizer=tokenizer, training=student_cfg.training,
+              out_dir=paths.distilled(student_cfg.name), n_parameters=n_parameters, teacher=teacher,
+              student_source=student_cfg.model, teacher_tokenizer=teacher_tokenizer)
+    if teacher_tokenizer is not None:
+        method.set_tokenizers(tokenizer, teacher_tokenizer)
     info: dict = {"name": student_cfg.name, "method": student_cfg.method,
                   "divergence": student_cfg.divergence if method.needs_teacher else "",
                   "teacher": student_cfg.teacher, "train_data": student_cfg.train_data,
-                  "parameters": count_parameters(student), "teacher_cache_top_k": 0}
+                  "parameters": n_parameters, "teacher_cache_top_k": 0}
     info |= source.describe() if source is not None else {}
     params = student_cfg.model_dump(mode="json", exclude={"finetune"})
     with runs.stage_run(cfg, paths.root, "distill", student_cfg.name, params=params, main_only=True):

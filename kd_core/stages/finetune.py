@@ -28,13 +28,13 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     else:  # (torch, the trainer and MLflow only here: the stage of a student without fine-tuning starts light)
         from kd_core.tracking import runs
         from kd_core.methods import get_method
-        from kd_core.models.build import load_checkpoint
+        from kd_core.models.build import count_parameters, load_checkpoint
         from kd_core.training.trainer import train
 
         tokenizer = load_model_tokenizer(paths, student_cfg.name, src)  # the student's own (saved with it)
         model = load_checkpoint(src)
         preflight(cfg, f"finetune {student_cfg.name}", model=model, tokenizer=tokenizer, training=student_cfg.training,
-                  out_dir=paths.model(student_cfg.name))
+                  out_dir=paths.model(student_cfg.name), n_parameters=count_parameters(model))
         ds, _ = load_train_set(cfg, paths, tokenizer, loss_on_prompt=student_cfg.training.loss_on_prompt)
         lr = student_cfg.training.learning_rate * student_cfg.finetune.lr_scale
         with runs.stage_run(cfg, paths.root, "finetune", student_cfg.name, params=student_cfg.finetune.model_dump(),

@@ -43,8 +43,10 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
     seed = training_seed(cfg, teacher_cfg.training.seed)
     model = make_model(teacher_cfg.model, tokenizer, n_positions(cfg), seed)
     set_generation_defaults(model, tokenizer, cfg.evaluation.generation.max_new_tokens)
-    preflight(cfg, "train_teacher", model=model, tokenizer=tokenizer, training=teacher_cfg.training, out_dir=out_dir)
-    info: dict = {"name": teacher_cfg.name, "parameters": count_parameters(model), "trained": teacher_cfg.train,
+    n_parameters = count_parameters(model)
+    preflight(cfg, "train_teacher", model=model, tokenizer=tokenizer, training=teacher_cfg.training, out_dir=out_dir,
+              n_parameters=n_parameters)
+    info: dict = {"name": teacher_cfg.name, "parameters": n_parameters, "trained": teacher_cfg.train,
                   "finetune": teacher_cfg.finetune}
     with runs.stage_run(cfg, paths.root, "train_teacher", teacher_cfg.name, params=teacher_cfg.model_dump(mode="json")):
         if not teacher_cfg.train:

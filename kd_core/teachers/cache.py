@@ -18,15 +18,13 @@ micro-batching or data-parallel sharding finds its rows, and a row missing from 
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from kd_core.generation import SHARDS
-from kd_core.data.tokenize import IGNORE_INDEX, EncodedDataset, batches
+from kd_core.data.tokenize import IGNORE_INDEX, EncodedDataset, batches, example_key
 from kd_core.losses.tokens import logprobs
 from kd_core.losses.sparse import top_k_with_tail
 from kd_core.errors import CacheError
@@ -64,12 +62,6 @@ def build_cache(teacher: torch.nn.Module, dataset: EncodedDataset, pad_token_id:
 
 
 # ----------------------------------------------------------------------------------------------- read
-def example_key(input_ids: list[int], labels: list[int]) -> bytes:
-    """Content key of one training example (its token ids and labels, unpadded)."""
-    return hashlib.blake2b(array("q", input_ids).tobytes() + b"|" + array("q", labels).tobytes(),
-                           digest_size=16).digest()
-
-
 class TeacherLogitCache:
     """A student's cache in memory, indexed by example content; `rows_for(batch)` gives a batch's rows
     (:class:`kd_core.teachers.signal.TopKTeacherSignal` wraps them for the methods). `vocab_size`: the vocabulary

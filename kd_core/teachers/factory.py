@@ -73,17 +73,17 @@ def teacher_source(cfg: PipelineConfig, paths: RunPaths, student_cfg: StudentCon
 
     cached = student_cfg.teacher_cache.enabled
     shared_vocab = min(len(tokenizer), student.get_output_embeddings().weight.shape[0])
-    routed = None
+    routed, subsets = None, {}
     if student_cfg.route is not None:  # each row its own teacher (kd_core/teachers/routing.py)
-        from kd_core.teachers.routing import route_rows, routed_subset
+        from kd_core.teachers.routing import route
 
-        routed = route_rows(cfg, paths, student_cfg, tokenizer)
+        routed, subsets = route(cfg, paths, student_cfg, tokenizer, dataset)
     if student_cfg.teachers:
         weights = student_cfg.teacher_weights()
         members = {}
         for name in weights:
             if cached:
-                rows = dataset if routed is None else routed_subset(dataset, routed, name)
+                rows = subsets.get(name, dataset)
                 members[name] = CachedTeacher(load_cache(cfg, paths, student_cfg.name, rows, student, name))
             elif name == student_cfg.teacher and model is not None:
                 members[name] = LiveTeacher(model)
@@ -179,9 +179,10 @@ def _train_rows(cfg: PipelineConfig, paths: RunPaths, tokenizer, student_cfg, te
                            loss_on_prompt=student_cfg.training.loss_on_prompt)
     if student_cfg.route is None:
         return ds
-    from kd_core.teachers.routing import route_rows, routed_subset
+    from kd_core.teachers.routing import route
 
-    return routed_subset(ds, route_rows(cfg, paths, student_cfg, tokenizer), teacher)
+    _, subsets = route(cfg, paths, student_cfg, tokenizer, ds)
+    return subsets[teacher]
 
 
 def _save(out, key: dict, info: dict, student: str, tensors: dict, examples: int, start: float) -> dict:

@@ -20,14 +20,27 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from kd_core.data.tokenize import EncodedDataset, encode_example
+from kd_core.data.tokenize import EncodedDataset, encode_example, example_key
 from kd_core.errors import DataError
-from kd_core.teachers.cache import example_key
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["route_rows", "routed_subset", "batch_keys"]
+__all__ = ["route", "route_rows", "batch_keys"]
+
+
+def route(cfg, paths, student_cfg, tokenizer,
+          dataset: EncodedDataset) -> tuple[dict[bytes, str], dict[str, EncodedDataset]]:
+    """The student's `route` over its training set `dataset`, in one place: ({content key of each training
+    example: its teacher} (:func:`route_rows`), {each of its `teachers`: the examples of `dataset` routed to it,
+    in order})."""
+    routed = route_rows(cfg, paths, student_cfg, tokenizer)
+    examples: dict[str, list] = {name: [] for name in student_cfg.teachers}
+    for ex in dataset.examples:
+        teacher = routed.get(example_key(ex.input_ids, ex.labels))
+        if teacher in examples:
+            examples[teacher].append(ex)
+    return routed, {name: EncodedDataset(rows) for name, rows in examples.items()}
 
 
 def route_rows(cfg, paths, student_cfg, tokenizer) -> dict[bytes, str]:
@@ -55,11 +68,6 @@ def route_rows(cfg, paths, student_cfg, tokenizer) -> dict[bytes, str]:
         if ex is not None:
             routed.setdefault(example_key(ex.input_ids, ex.labels), teacher)
     return routed
-
-
-def routed_subset(dataset: EncodedDataset, routed: dict[bytes, str], teacher: str) -> EncodedDataset:
-    """The examples of `dataset` routed to `teacher`, in order (what its cache is built over and read with)."""
-    return EncodedDataset([ex for ex in dataset.examples if routed.get(example_key(ex.input_ids, ex.labels)) == teacher])
 
 
 def batch_keys(batch: dict[str, Tensor]) -> list[bytes]:

@@ -32,7 +32,7 @@ def parent_run_id(cfg: PipelineConfig, run_dir: Path) -> str:
     store or experiment, is not reused: a new parent is started."""
     uri = store.setup(cfg)
     saved = _saved_parent(run_dir, uri, cfg.tracking.experiment)
-    return saved if saved is not None else start_pipeline_run(cfg, run_dir)
+    return saved if saved is not None else _new_parent(cfg, run_dir, uri)
 
 
 def _saved_parent(run_dir: Path, uri: str, experiment: str) -> str | None:
@@ -63,6 +63,12 @@ def start_pipeline_run(cfg: PipelineConfig, run_dir: Path, name: str | None = No
     if previous is not None:
         _close_killed_runs(previous, experiment_of(previous))
         MlflowClient().set_terminated(previous, "KILLED")
+    return _new_parent(cfg, run_dir, uri, name)
+
+
+def _new_parent(cfg: PipelineConfig, run_dir: Path, uri: str, name: str | None = None) -> str:
+    """A new parent run in the store `uri` (set up already: :func:`kd_core.tracking.store.setup`), saved in the run
+    folder for its stages."""
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     run = MlflowClient().create_run(
         exp.experiment_id, run_name=name or f"pipeline:{run_dir.name}",

@@ -2,10 +2,10 @@
 training (an MLflow server that is down, a read-only or full disk, a student that cannot be compared with its
 teacher token by token) fails at once, with one message, and nothing is written or registered.
 
-`preflight()` (the folder, the models' vocabularies, the disk) is called by train_teacher, distill and finetune right
-after the models are built and before any MLflow call or training step; the tracking store was checked before the stage
-started (`kd_core.tracking.store.check_tracking`). A failure is a `PreflightError`: `kd` exits with status 2, the
-Prefect flow does not retry it.
+`preflight()` (the models' vocabularies, the disk, the folder) is called by train_teacher, distill and finetune once
+the models (and distill's teacher source) are ready, right before the stage's MLflow run and training; the tracking
+store was checked before the stage started (`kd_core.tracking.store.check_tracking`). A failure is a
+`PreflightError`: `kd` exits with status 2, the Prefect flow does not retry it.
 """
 
 from __future__ import annotations
@@ -111,19 +111,18 @@ def _cross_tokenizer_methods() -> list[str]:
 
 
 def preflight(cfg: PipelineConfig, stage: str, *, model, tokenizer, training: TrainingConfig, out_dir: Path,
-              teacher=None, student_source=None, teacher_tokenizer=None) -> None:
+              n_parameters: int, teacher=None, student_source=None, teacher_tokenizer=None) -> None:
     """All checks before a training stage (the tracking store was checked before the stage started); raises one
-    `PreflightError` naming the stage and the problem. `teacher_tokenizer`: the teacher's own, for a method that
-    distils across tokenizers (each model is checked against its own tokenizer)."""
-    from kd_core.models.build import count_parameters
-
+    `PreflightError` naming the stage and the problem. `n_parameters`: the model's (what its checkpoints weigh);
+    `teacher_tokenizer`: the teacher's own, for a method that distils across tokenizers (each model is checked
+    against its own tokenizer)."""
     try:
-        check_writable(Path(out_dir).parent, Path(cfg.run_dir) / "train_info")
         if teacher is not None or student_source is not None:
             try:
                 check_vocab_compatible(teacher, model, tokenizer, student_source, teacher_tokenizer)
             except ModelError as err:
                 raise PreflightError(str(err)) from None
-        check_disk(Path(out_dir), count_parameters(model), training)
+        check_disk(Path(out_dir), n_parameters, training)
+        check_writable(Path(out_dir).parent, Path(cfg.run_dir) / "train_info")
     except PreflightError as err:
         raise type(err)(f"preflight of {stage}: {err}") from None
