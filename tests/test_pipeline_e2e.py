@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_core.config import parse_config
 from kd_core.run import RunPaths
+from kd_core.tracking.registry import version_rows  # a version's tags and its lineage document, merged
 from tests.conftest import (copy_reproduced, dvc_project, dvc_status, registered_versions, reproduced_params, tiny_params,
                             write_params)
 
@@ -38,7 +39,8 @@ def _check_run(project: Path, cfg) -> None:
     fkl = students["fkl"]
     assert fkl.tags["kd.method"] == "kd" and fkl.tags["kd.divergence"] == "fkl"
     assert fkl.tags["kd.params_hash"] == cfg.fingerprint() and fkl.tags["kd.teacher"] == "teacher"
-    assert int(fkl.tags["kd.parameters"]) > 0 and fkl.tags["kd.data_version"]
+    lineage = {r["tags"]["kd.model"]: r["tags"] for r in version_rows("kd-student")}  # tags + the lineage document
+    assert int(lineage["fkl"]["kd.parameters"]) > 0 and fkl.tags["kd.data_version"]
     assert [v.tags["kd.role"] for v in registered_versions("kd-teacher")] == ["teacher"]
     champion = MlflowClient().get_model_version_by_alias("kd-student", "champion")
     rule = cfg.tracking.champion  # a first run: no earlier champion, so the best student by the rule's metric
@@ -178,8 +180,6 @@ def test_teacher_assistant_chain_and_seqkd_through_the_flow(project, empty_store
     assert 0 < len(transfer) <= n_train + 1 and all(r["generated_by"] == "teacher" for r in transfer)
     info = json.loads((project / "runs/tiny/train_info/small.json").read_text())
     assert info["teacher"] == "ta"
-    from kd_core.tracking.registry import version_rows  # a version's tags and its lineage (kd.train_data) merged
-
     versions = {r["tags"]["kd.model"]: r["tags"] for r in version_rows("kd-student")}
     assert versions["ta"]["kd.role"] == "assistant" and versions["small"]["kd.teacher"] == "ta"
     assert versions["seq"]["kd.train_data"] == "teacher_samples" and versions["seq"]["kd.method"] == "seqkd"

@@ -92,11 +92,13 @@ def ray_run(ray_cluster, harness, prepared_project, tmp_path_factory, empty_stor
     import flows.pipeline as pipeline
     import mlflow
 
+    from kd_core.pipeline import execute
+
     root = tmp_path_factory.mktemp("ray-run")
     copy_prepared(prepared_project, root, _params(engine="ray", stages=RAY_STAGES))
     uri = f"sqlite:///{empty_stores.seed_mlflow(root / 'mlflow.db')}"
     streamed: list[ListLog] = []
-    real = pipeline.run_training_job
+    real = execute.run_training_job
 
     def capturing(stage, key, params_path, overrides, cfg, resources, log):
         streamed.append(ListLog())
@@ -111,7 +113,7 @@ def ray_run(ray_cluster, harness, prepared_project, tmp_path_factory, empty_stor
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.setenv("DVC_SITE_CACHE_DIR", str(root / ".dvc-site-cache"))
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setattr(pipeline, "run_training_job", capturing)
+        mp.setattr(execute, "run_training_job", capturing)
         mlflow.set_tracking_uri(uri)
         try:
             result = pipeline.kd_pipeline(params_path=str(root / "params.yaml"))
@@ -125,7 +127,7 @@ def test_distill_on_two_ray_workers_equals_two_torchrun_processes(ray_run, prepa
     torchrun launch of the same stage: bit for bit (the same code, seeds, data shards and gloo all-reduce of 2
     ranks; only who starts the processes differs)."""
     from kd_core.pipeline.launcher import run_launched
-    from kd_core.prefect_server import free_port
+    from tests.conftest import free_port
     from kd_core.pipeline.one_stage import run_stage
 
     root, result, streamed = ray_run
