@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from kd_core.config import load_config, parse_config
 from kd_core.data.tokenize import CausalCollator, EncodedExample
 from kd_core.errors import ConfigError, DataError
-from kd_core.teachers.cache import example_key
+from kd_core.teachers.cache_key import example_key
 from kd_core.methods import StepContext, get_method
 from kd_core.teachers.routed import RoutedTeachers
 from kd_core.teachers.source import CachedTeacher, LiveTeacher
@@ -160,9 +160,9 @@ def test_a_routed_student_through_the_stages_live_and_on_caches_over_each_teache
         assert info["steps"] == 3 and info["final_loss"] > 0
     rows = [json.loads(line) for line in paths.split("train").read_text().splitlines()]
     tokenizer = load_run_tokenizer(paths)
-    routed = route_rows(cfg, paths, cfg.students["cached"], tokenizer)
-    assert set(routed.values()) == {"teacher", "ta"}
     ds, _ = load_train_set(cfg, paths, tokenizer, "train")
+    routed = route_rows(paths, cfg.students["cached"], ds)
+    assert set(routed.values()) == {"teacher", "ta"}
     arithmetic = sum(1 for r in rows if r["category"] == "arithmetic")
     caches = {t: TeacherLogitCache(paths.teacher_cache("cached") / t, _subset(ds, routed, t)) for t in ("teacher", "ta")}
     assert len(caches["teacher"].offsets) - 1 == arithmetic > 0
@@ -180,12 +180,12 @@ def test_a_routed_student_through_the_stages_live_and_on_caches_over_each_teache
     bad = _params(domains={"arithmetic": "teacher", "astrology": "teacher"})
     with pytest.raises(DataError, match=r"students.routed.route.domains.astrology: no row of 'train' has category "
                                         r"'astrology' \(its category values: 'arithmetic', "):
-        route_rows(parse_config(bad), paths, parse_config(bad).students["routed"], tokenizer)
+        route_rows(paths, parse_config(bad).students["routed"], ds)
     bad = _params(default=None)
     bad["students"]["routed"]["teacher"] = "teacher"  # (its only teacher now)
     with pytest.raises(DataError, match=r"students.routed.route: rows of category '\w+' \(e.g. row '[^']+'\) have no "
                                         r"teacher: add '\w+' to students.routed.route.domains or set"):
-        route_rows(parse_config(bad), paths, parse_config(bad).students["routed"], tokenizer)
+        route_rows(paths, parse_config(bad).students["routed"], ds)
 
 
 def _subset(ds, routed, teacher):

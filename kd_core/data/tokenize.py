@@ -7,8 +7,6 @@ stage (and every student) uses the same one.
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -56,12 +54,6 @@ class EncodedExample:
     labels: list[int]  # IGNORE_INDEX on prompt tokens
 
 
-def example_key(input_ids: list[int], labels: list[int]) -> bytes:
-    """Content key of one training example (its token ids and labels, unpadded)."""
-    return hashlib.blake2b(array("q", input_ids).tobytes() + b"|" + array("q", labels).tobytes(),
-                           digest_size=16).digest()
-
-
 def encode_example(row: dict, tokenizer: PreTrainedTokenizerBase, template: str, max_length: int,
                    overlong: str = "truncate", loss_on_prompt: bool = False) -> EncodedExample | None:
     """Prompt + response + EOS; labels cover the response and EOS (and the prompt if `loss_on_prompt`).
@@ -88,10 +80,12 @@ def encode_prompt(row: dict, tokenizer: PreTrainedTokenizerBase, template: str, 
 
 class EncodedDataset:
     """A map-style data set of encoded examples ({input_ids, labels} lists; torch's DataLoader and the Trainer take
-    it as is): no torch needed to build it, so the prepare stage does not import torch."""
+    it as is): no torch needed to build it, so the prepare stage does not import torch. `rows`: for each example,
+    the index of the row it was encoded from (:func:`encode_rows`; None when not known)."""
 
-    def __init__(self, examples: list[EncodedExample]):
+    def __init__(self, examples: list[EncodedExample], rows: list[int] | None = None):
         self.examples = examples
+        self.rows = rows
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -103,10 +97,10 @@ class EncodedDataset:
 
 def encode_rows(rows: list[dict], tokenizer, template: str, max_length: int, overlong: str,
                 loss_on_prompt: bool = False) -> tuple[EncodedDataset, int]:
-    """The encoded data set and the number of rows dropped for length."""
+    """The encoded data set (each example with the index of its row) and the number of rows dropped for length."""
     examples = [encode_example(r, tokenizer, template, max_length, overlong, loss_on_prompt) for r in rows]
-    kept = [e for e in examples if e is not None]
-    return EncodedDataset(kept), len(examples) - len(kept)
+    kept = [i for i, e in enumerate(examples) if e is not None]
+    return EncodedDataset([examples[i] for i in kept], kept), len(examples) - len(kept)
 
 
 @dataclass

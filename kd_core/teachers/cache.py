@@ -24,13 +24,13 @@ import torch
 from safetensors.torch import load_file
 
 from kd_core.generation import SHARDS
-from kd_core.data.tokenize import IGNORE_INDEX, EncodedDataset, batches, example_key
+from kd_core.data.tokenize import IGNORE_INDEX, EncodedDataset, batches
 from kd_core.losses.tokens import logprobs
 from kd_core.losses.sparse import top_k_with_tail
 from kd_core.errors import CacheError
 from kd_core.io import checksum_problem
 from kd_core.teachers.cache_encoding import decode_rows
-from kd_core.teachers.cache_key import TENSORS, read_manifest
+from kd_core.teachers.cache_key import TENSORS, example_key, read_manifest
 
 
 # ----------------------------------------------------------------------------------------------- build

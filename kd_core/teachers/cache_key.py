@@ -4,7 +4,9 @@ the `cache_teacher` stage of a student without a cache (a manifest only) starts 
 
 from __future__ import annotations
 
+import hashlib
 import json
+from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,13 @@ MANIFEST = "manifest.json"
 
 
 # ----------------------------------------------------------------------------------------------- keys
+def example_key(input_ids: list[int], labels: list[int]) -> bytes:
+    """Content key of one training example (its token ids and labels, unpadded): how the cache and the routing
+    (kd_core/teachers/routing.py) find a row of any batch, in any sampler order or sharding."""
+    return hashlib.blake2b(array("q", input_ids).tobytes() + b"|" + array("q", labels).tobytes(),
+                           digest_size=16).digest()
+
+
 def _vocab_of_checkpoint(source: str | Path, gguf_file: str | None = None, trust_remote_code: bool = False) -> int:
     from transformers import AutoConfig
 

@@ -77,7 +77,7 @@ def teacher_source(cfg: PipelineConfig, paths: RunPaths, student_cfg: StudentCon
     if student_cfg.route is not None:  # each row its own teacher (kd_core/teachers/routing.py)
         from kd_core.teachers.routing import route
 
-        routed, subsets = route(cfg, paths, student_cfg, tokenizer, dataset)
+        routed, subsets = route(paths, student_cfg, dataset)
     if student_cfg.teachers:
         weights = student_cfg.teacher_weights()
         members = {}
@@ -181,7 +181,7 @@ def _train_rows(cfg: PipelineConfig, paths: RunPaths, tokenizer, student_cfg, te
         return ds
     from kd_core.teachers.routing import route
 
-    _, subsets = route(cfg, paths, student_cfg, tokenizer, ds)
+    _, subsets = route(paths, student_cfg, ds)
     return subsets[teacher]
 
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from kd_core.data.tokenize import EncodedDataset, encode_example, example_key
+from kd_core.data.tokenize import EncodedDataset
 from kd_core.errors import DataError
+from kd_core.teachers.cache_key import example_key
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -29,12 +30,11 @@ if TYPE_CHECKING:
 __all__ = ["route", "route_rows", "batch_keys"]
 
 
-def route(cfg, paths, student_cfg, tokenizer,
-          dataset: EncodedDataset) -> tuple[dict[bytes, str], dict[str, EncodedDataset]]:
+def route(paths, student_cfg, dataset: EncodedDataset) -> tuple[dict[bytes, str], dict[str, EncodedDataset]]:
     """The student's `route` over its training set `dataset`, in one place: ({content key of each training
     example: its teacher} (:func:`route_rows`), {each of its `teachers`: the examples of `dataset` routed to it,
     in order})."""
-    routed = route_rows(cfg, paths, student_cfg, tokenizer)
+    routed = route_rows(paths, student_cfg, dataset)
     examples: dict[str, list] = {name: [] for name in student_cfg.teachers}
     for ex in dataset.examples:
         teacher = routed.get(example_key(ex.input_ids, ex.labels))
@@ -43,10 +43,11 @@ def route(cfg, paths, student_cfg, tokenizer,
     return routed, {name: EncodedDataset(rows) for name, rows in examples.items()}
 
 
-def route_rows(cfg, paths, student_cfg, tokenizer) -> dict[bytes, str]:
-    """{content key of each training example: its teacher}, the rows of the student's `train_data` encoded as
-    :func:`kd_core.run.load_train_set` encodes them. DataError for a domain of `route.domains` without rows and
-    for rows of another domain when `route.default` is null (the message names the student, the domain, a row)."""
+def route_rows(paths, student_cfg, dataset: EncodedDataset) -> dict[bytes, str]:
+    """{content key of each example of `dataset`: its teacher}: `dataset` is the student's `train_data` as
+    :func:`kd_core.run.load_train_set` encodes it (each example knows its row). DataError for a domain of
+    `route.domains` without rows and for rows of another domain when `route.default` is null (the message names the
+    student, the domain, a row)."""
     from kd_core.io import read_jsonl
 
     route, where = student_cfg.route, f"students.{student_cfg.name}.route"
@@ -56,17 +57,19 @@ def route_rows(cfg, paths, student_cfg, tokenizer) -> dict[bytes, str]:
         if not domains.get(domain):
             raise DataError(f"{where}.domains.{domain}: no row of {student_cfg.train_data!r} has {route.field} "
                             f"{domain!r} (its {route.field} values: {', '.join(map(repr, sorted(domains)))})")
-    routed: dict[bytes, str] = {}
+    teachers = []
     for row in rows:
         domain = str(row.get(route.field, ""))
         teacher = route.domains.get(domain, route.default)
         if teacher is None:
             raise DataError(f"{where}: rows of {route.field} {domain!r} (e.g. row {row.get('id', '?')!r}) have no "
                             f"teacher: add {domain!r} to {where}.domains or set {where}.default")
-        ex = encode_example(row, tokenizer, cfg.data.template, cfg.tokenizer.max_length, cfg.tokenizer.overlong,
-                            student_cfg.training.loss_on_prompt)
-        if ex is not None:
-            routed.setdefault(example_key(ex.input_ids, ex.labels), teacher)
+        teachers.append(teacher)
+    if dataset.rows is None or len(dataset.rows) != len(dataset):
+        raise ValueError("route_rows needs the rows each example was encoded from (kd_core.run.load_train_set)")
+    routed: dict[bytes, str] = {}
+    for ex, row in zip(dataset.examples, dataset.rows):
+        routed.setdefault(example_key(ex.input_ids, ex.labels), teachers[row])
     return routed
 
 
