@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kd_core.config import PipelineConfig
-from kd_core.errors import DataError, MissingInput
+from kd_core.errors import MissingInput
 
 
 @dataclass(frozen=True)
@@ -157,27 +157,23 @@ def load_student_tokenizer(cfg: PipelineConfig, paths: RunPaths, student_cfg, cr
     return load_run_tokenizer(paths)
 
 
-def load_train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, split: str = "train", loss_on_prompt: bool = False,
-                   teacher_tokenizer=None, with_offsets: bool = False):
-    """A split or transfer set encoded for training: (EncodedDataset, rows dropped as overlong). With
-    `teacher_tokenizer` (cross-tokenizer methods, `kd_core.data.paired`): encoded under the student's and the
-    teacher's tokenizers at once, (PairedDataset, rows dropped on either side)."""
-    from kd_core.data.paired import encode_paired_rows
-    from kd_core.data.tokenize import encode_rows
+def read_split(paths: RunPaths, split: str) -> list[dict]:
+    """The rows of a split (train / val / test) or a transfer set; MissingInput naming the stage that writes it."""
     from kd_core.io import read_jsonl
 
     maker = "prepare" if split in ("train", "val", "test") else f"transfer (--model {split})"
-    rows = read_jsonl(require(paths.split(split), f"data {split!r}", maker))
-    limit = cfg.tokenizer.max_length
-    if teacher_tokenizer is None:
-        ds, dropped = encode_rows(rows, tokenizer, cfg.data.template, limit, cfg.tokenizer.overlong, loss_on_prompt)
-    else:
-        ds, dropped = encode_paired_rows(rows, tokenizer, teacher_tokenizer, cfg.data.template, limit,
-                                         cfg.tokenizer.overlong, loss_on_prompt, with_offsets)
-    if len(ds) == 0:
-        either = "" if teacher_tokenizer is None else " under the student's or the teacher's tokenizer"
-        raise DataError(f"split {split!r}: every example is longer than tokenizer.max_length={limit}{either}")
-    return ds, dropped
+    return read_jsonl(require(paths.split(split), f"data {split!r}", maker))
+
+
+def load_train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, split: str = "train", loss_on_prompt: bool = False,
+                   teacher_tokenizer=None, with_offsets: bool = False):
+    """A split or transfer set read and encoded for training (:func:`kd_core.data.training_set.encode_training_set`):
+    (EncodedDataset, rows dropped as overlong); with `teacher_tokenizer` (cross-tokenizer methods) encoded under the
+    student's and the teacher's tokenizers at once, (PairedDataset, rows dropped on either side)."""
+    from kd_core.data.training_set import encode_training_set
+
+    return encode_training_set(read_split(paths, split), split, tokenizer, cfg.data.template, cfg.tokenizer.max_length,
+                               cfg.tokenizer.overlong, loss_on_prompt, teacher_tokenizer, with_offsets)
 
 
 def load_model(paths: RunPaths, name: str):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from kd_core.tracking import runs
 from kd_core.config import PipelineConfig
+from kd_core.data.training_set import encode_training_set
 from kd_core.io import write_json_atomic
 from kd_core.methods import get_method
 from kd_core.models.build import count_parameters, make_model, set_generation_defaults
-from kd_core.run import (RunPaths, is_main_process, load_model_tokenizer, load_student_tokenizer, load_train_set,
-                         n_positions, training_seed)
+from kd_core.run import (RunPaths, is_main_process, load_model_tokenizer, load_student_tokenizer, n_positions,
+                         read_split, training_seed)
 from kd_core.teachers.factory import teacher_model, teacher_source
 from kd_core.training.preflight import preflight
 from kd_core.training.trainer import train
@@ -20,20 +21,22 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     method = get_method(student_cfg.method)(student_cfg, student_cfg.method_args)
     teacher = teacher_model(cfg, paths, student_cfg, method.needs_teacher)  # (None: not needed here)
     seed, positions = training_seed(cfg, student_cfg.training.seed), n_positions(cfg)
+    rows = read_split(paths, student_cfg.train_data)
     # across tokenizers (uld, gold): each model its own tokenizer, the data encoded under both
-    tokenizer = load_student_tokenizer(cfg, paths, student_cfg, method.cross_tokenizer)
     teacher_tokenizer = load_model_tokenizer(paths, student_cfg.teacher) if method.cross_tokenizer else None
+    tokenizer = load_student_tokenizer(cfg, paths, student_cfg, method.cross_tokenizer)
+    offsets = method.cross_tokenizer and method.needs_text_offsets  # (character offsets: cross-tokenizer methods)
+    ds, dropped = encode_training_set(rows, student_cfg.train_data, tokenizer, cfg.data.template,
+                                      cfg.tokenizer.max_length, cfg.tokenizer.overlong,
+                                      student_cfg.training.loss_on_prompt, teacher_tokenizer, offsets)
     student = make_model(student_cfg.model, tokenizer, positions, seed, teacher=teacher)
     set_generation_defaults(student, tokenizer, cfg.evaluation.generation.max_new_tokens)
     n_parameters = count_parameters(student)
-    offsets = method.cross_tokenizer and method.needs_text_offsets  # (character offsets: cross-tokenizer methods)
-    ds, dropped = load_train_set(cfg, paths, tokenizer, student_cfg.train_data,
-                                 loss_on_prompt=student_cfg.training.loss_on_prompt,
-                                 teacher_tokenizer=teacher_tokenizer, with_offsets=offsets)
-    source = teacher_source(cfg, paths, student_cfg, method.needs_teacher, ds, student, tokenizer, teacher)
+    # what can fail before training fails before the teacher's cache is built
     preflight(cfg, f"distill {student_cfg.name}", model=student, tokenizer=tokenizer, training=student_cfg.training,
               out_dir=paths.distilled(student_cfg.name), n_parameters=n_parameters, teacher=teacher,
               student_source=student_cfg.model, teacher_tokenizer=teacher_tokenizer)
+    source = teacher_source(cfg, paths, student_cfg, method.needs_teacher, ds, student, tokenizer, teacher)
     if teacher_tokenizer is not None:
         method.set_tokenizers(tokenizer, teacher_tokenizer)
     info: dict = {"name": student_cfg.name, "method": student_cfg.method,
@@ -42,14 +45,13 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
                   "parameters": n_parameters, "teacher_cache_top_k": 0}
     info |= source.describe() if source is not None else {}
     params = student_cfg.model_dump(mode="json", exclude={"finetune"})
-    with runs.stage_run(cfg, paths.root, "distill", student_cfg.name, params=params, main_only=True):
+    with runs.stage_run(cfg, paths.root, "distill", student_cfg.name, params=params, main_only=True, result=info):
         result = train(student, ds, tokenizer, student_cfg.training, paths.distilled(student_cfg.name), method=method,
                        seed=seed, teacher=source, on_log=runs.log_step,
                        data_collator=method.collator(tokenizer, teacher_tokenizer) if teacher_tokenizer else None)
         info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
                     teacher_forward_passes=result.teacher_forward_passes, generated_tokens=result.generated_tokens,
                     dropped_overlong=dropped)
-        runs.log_metrics(info)
     if is_main_process():
         write_json_atomic(paths.train_info(f"{student_cfg.name}.distill"), info)
     return info

@@ -48,7 +48,8 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
               n_parameters=n_parameters)
     info: dict = {"name": teacher_cfg.name, "parameters": n_parameters, "trained": teacher_cfg.train,
                   "finetune": teacher_cfg.finetune}
-    with runs.stage_run(cfg, paths.root, "train_teacher", teacher_cfg.name, params=teacher_cfg.model_dump(mode="json")):
+    with runs.stage_run(cfg, paths.root, "train_teacher", teacher_cfg.name, params=teacher_cfg.model_dump(mode="json"),
+                        result=info):
         if not teacher_cfg.train:
             _save(model, tokenizer, out_dir)
             info.update(train_time_s=0.0, steps=0)
@@ -63,7 +64,6 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
                 _save(model.merge_and_unload(), tokenizer, out_dir)
             info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
                         dropped_overlong=dropped)
-        runs.log_metrics(info)
     if is_main_process():  # the folder's model card (this stage writes the folder: a DVC output of it)
         write_text_atomic(out_dir / "README.md", model_card(cfg, teacher_cfg.name, card_tags(cfg, teacher_cfg.name, info)))
     write_json_atomic(paths.train_info(teacher_cfg.name), info)

@@ -30,24 +30,26 @@ def parent_run_id(cfg: PipelineConfig, run_dir: Path) -> str:
     """The pipeline's parent run for this run folder: the flow's own (`start_pipeline_run`), else the one the
     folder's stages share while it is running (`dvc repro`, `kd stage`); a finished one, or one of another
     store or experiment, is not reused: a new parent is started."""
-    uri = store.setup(cfg)
-    saved = _saved_parent(run_dir, uri, cfg.tracking.experiment)
-    return saved if saved is not None else _new_parent(cfg, run_dir, uri)
+    store.setup(cfg)
+    saved = _saved_parent(run_dir, cfg.tracking.experiment)
+    return saved if saved is not None else _new_parent(cfg, run_dir)
 
 
-def _saved_parent(run_dir: Path, uri: str, experiment: str) -> str | None:
-    """The parent run saved in the run folder, while it is RUNNING in this store (`uri`) and `experiment`."""
+def _saved_parent(run_dir: Path, experiment: str) -> str | None:
+    """The parent run saved in the run folder, while it is RUNNING in `experiment` of the store set up now (the
+    store answers: a run of another store is not found in this one)."""
     path = _parent_file(run_dir)
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())
-    if saved.get("tracking_uri") != uri or saved.get("experiment") != experiment:
-        return None
+    run_id = json.loads(path.read_text())["run_id"]
     try:
-        run = MlflowClient().get_run(saved["run_id"])
+        run = MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        return None  # the store was reset
-    return saved["run_id"] if run.info.status == "RUNNING" else None
+        return None  # another store, or the store was reset
+    current = mlflow.get_experiment_by_name(experiment)
+    if current is None or run.info.experiment_id != current.experiment_id:
+        return None
+    return run_id if run.info.status == "RUNNING" else None
 
 
 def experiment_of(run_id: str) -> str:
@@ -58,24 +60,23 @@ def experiment_of(run_id: str) -> str:
 def start_pipeline_run(cfg: PipelineConfig, run_dir: Path, name: str | None = None) -> str:
     """A new parent run for the pipeline of this run folder; later stages of the folder nest under it. A parent
     left RUNNING by a killed pipeline is marked KILLED, with its stage runs that were still running."""
-    uri = store.setup(cfg)
-    previous = _saved_parent(run_dir, uri, cfg.tracking.experiment)
+    store.setup(cfg)
+    previous = _saved_parent(run_dir, cfg.tracking.experiment)
     if previous is not None:
         _close_killed_runs(previous, experiment_of(previous))
         MlflowClient().set_terminated(previous, "KILLED")
-    return _new_parent(cfg, run_dir, uri, name)
+    return _new_parent(cfg, run_dir, name)
 
 
-def _new_parent(cfg: PipelineConfig, run_dir: Path, uri: str, name: str | None = None) -> str:
-    """A new parent run in the store `uri` (set up already: :func:`kd_core.tracking.store.setup`), saved in the run
+def _new_parent(cfg: PipelineConfig, run_dir: Path, name: str | None = None) -> str:
+    """A new parent run in the store (set up already: :func:`kd_core.tracking.store.setup`), its id saved in the run
     folder for its stages."""
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     run = MlflowClient().create_run(
         exp.experiment_id, run_name=name or f"pipeline:{run_dir.name}",
         tags={"kd.role": "pipeline", "kd.run_dir": str(run_dir), "kd.params_hash": cfg.fingerprint()})
     MlflowClient().set_terminated(run.info.run_id, "RUNNING")
-    write_json_atomic(_parent_file(run_dir), {"run_id": run.info.run_id, "tracking_uri": uri,
-                                              "experiment": cfg.tracking.experiment})
+    write_json_atomic(_parent_file(run_dir), {"run_id": run.info.run_id})
     return run.info.run_id
 
 
@@ -110,9 +111,12 @@ def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def stage_run(cfg: PipelineConfig, run_dir: Path, stage: str, model_name: str | None = None,
-              params: dict | None = None, main_only: bool = False) -> Iterator[mlflow.ActiveRun | None]:
-    """A nested MLflow run for one stage; FAILED if the stage raises. `main_only`: under `torchrun` /
-    `deepspeed` only rank 0 tracks; the other ranks get no run (and the log_* calls below do nothing there)."""
+              params: dict | None = None, main_only: bool = False,
+              result: dict | None = None) -> Iterator[mlflow.ActiveRun | None]:
+    """A nested MLflow run for one stage; FAILED if the stage raises. `result`: the stage's result, which the block
+    may fill in, logged as the run's metrics (:func:`log_metrics`) when the block ends without error. `main_only`:
+    under `torchrun` / `deepspeed` only rank 0 tracks; the other ranks get no run (and the log_* calls below do
+    nothing there)."""
     if main_only and not is_main_process():
         yield None
         return
@@ -129,6 +133,7 @@ def stage_run(cfg: PipelineConfig, run_dir: Path, stage: str, model_name: str | 
             _flatten("", params, flat)
             mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
         yield run
+        log_metrics(result or {})
     except BaseException:
         # the store may be what failed (a server gone, a full disk): the stage's own error is the one reported;
         # a run left RUNNING is closed as KILLED by the next run of the stage
