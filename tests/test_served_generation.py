@@ -80,7 +80,9 @@ def test_a_transfer_set_through_the_server_equals_the_in_process_one(runs, name)
     theirs, ours = transfer(local, local_paths, name), transfer(remote, remote_paths, name)
     rows = read_jsonl(remote_paths.split(name))
     assert rows == read_jsonl(local_paths.split(name))
-    assert ours["rows"] == theirs["rows"] == len(rows) > 0 and ours["generated_tokens"] == theirs["generated_tokens"]
+    assert ours["rows"] == theirs["rows"] == len(rows) > 0
+    answers = ours["answered_prompts"] * SETS[name].get("n_samples", 1)  # the server's count has the EOS too
+    assert theirs["generated_tokens"] <= ours["generated_tokens"] <= theirs["generated_tokens"] + answers
     assert len({r["response"] for r in rows}) > 1  # answers in words, not all alike
     if name == "sampled":  # two samples per prompt, not the same
         assert sum(a["response"] != b["response"] for a, b in zip(rows, rows[len(rows) // 2:])) > 0
@@ -92,10 +94,10 @@ def test_the_served_teachers_evaluation_equals_the_in_process_one(runs):
     url = remote.teacher.model.endpoint.url
     assert {k: ours[k] for k in ("served", "endpoint", "model", "parameters")} == \
         {"served": True, "endpoint": url, "model": "tiny-teacher", "parameters": None}
-    generation = [k for k in theirs if k.startswith("test/") and not k.endswith("tokens_per_s")]
+    generation = [k for k in theirs if k.startswith("test/") and not k.endswith(("tokens_per_s", "/loss", "/ppl"))]
     assert "test/rougeL_greedy" in generation and "test/rougeL_sampled_mean" in generation
     assert {k: ours[k] for k in generation} == pytest.approx({k: theirs[k] for k in generation}, abs=1e-9)
-    assert "val/loss" in theirs and "val/loss" not in ours  # (needs every reference token's log-prob)
+    assert "val/loss" in theirs and not {"val/loss", "test/loss"} & set(ours)  # (every reference token's log-prob)
     per_prompt = [json.loads(line) for line in (remote_paths.generations("teacher") / "test.jsonl").open()]
     assert [p["greedy"] for p in per_prompt] == \
         [json.loads(line)["greedy"] for line in (local_paths.generations("teacher") / "test.jsonl").open()]

@@ -168,8 +168,10 @@ class ServedTeacher(TeacherSource):
         `endpoint.batch_size` prompts a request; a sampled prompt i goes alone with `seed: row_seed(seed, i)` (as
         the in-process row i's stream; vLLM seeds each request's sampler with it) unless `sampling_seed` is off.
         `chat` sends each prompt's text (as the run's template renders it) as the user message to
-        /v1/chat/completions, one a request. The texts are stripped; their token counts are the run tokenizer's
-        count of the text (`batch_size`, the local batch, is not used)."""
+        /v1/chat/completions, one a request. The texts are stripped; `token_ids` are the texts encoded again by the run
+        tokenizer; `new_tokens` is the server's count (`usage.completion_tokens`: vLLM's includes the EOS that ended
+        an answer, which the in-process count leaves out), else the count of those ids. `batch_size`, the local
+        batch, is not used."""
         from kd_core.generation import Generations, row_seed
 
         chat = self.endpoint.generate_api == "chat"
@@ -191,8 +193,10 @@ class ServedTeacher(TeacherSource):
         began = time.perf_counter()
         answers = self.client.post_all(url, bodies)
         seconds = time.perf_counter() - began
-        texts = []
+        texts, counted = [], 0
         for start, data in zip(range(0, len(prompts), step), answers):
+            usage = data.get("usage") if isinstance(data, dict) else None
+            counted += (usage or {}).get("completion_tokens") or 0
             for i, choice in enumerate(self._choices(data, min(step, len(prompts) - start))):
                 text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
                 if not isinstance(text, str):
@@ -200,7 +204,7 @@ class ServedTeacher(TeacherSource):
                     raise self.client.fail(EndpointError, url, f"choice {start + i} has no {where}")
                 texts.append(text.strip())
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return Generations(ids, texts, sum(len(x) for x in ids), seconds)
+        return Generations(ids, texts, counted or sum(len(x) for x in ids), seconds)
 
 
 def served_metrics(cfg: PipelineConfig) -> dict:
