@@ -236,3 +236,32 @@ def test_a_routed_cache_is_stale_for_the_same_student_without_its_route():
     key = {"teacher": "teacher", "top_k": 8, "logprobs": "float16"}
     routed = {"key": key | {"route": {"field": "category", "domains": {"arithmetic": "teacher"}, "default": "ta"}}}
     assert stale_fields(routed, key) == ["route"] and stale_fields({"key": key}, key) == []
+
+
+@pytest.mark.slow
+def test_a_routed_student_runs_through_the_flow(project, empty_stores):
+    """`kd run`'s flow on the tiny config with a routed student (arithmetic rows from the teacher, the rest from ta),
+    one live and one on caches: every stage runs, both are registered with their route, each cache holds its
+    teacher's rows."""
+    from flows.pipeline import kd_pipeline
+    from kd_core.run import RunPaths
+    from tests.conftest import registered_versions
+
+    params = _params()
+    params["students"]["cached"] = dict(params["students"]["routed"], teacher_cache={"enabled": True, "top_k": 8})
+    path = write_params(project, params)
+    with empty_stores.prefect_harness():
+        result = kd_pipeline(params_path=str(path))
+    paths = RunPaths.of(parse_config(params))
+    assert set(result["registered"]["versions"]) == {"teacher", "ta", "routed", "cached"}
+    assert {v.tags["kd.model"] for v in registered_versions("kd-student")} == {"ta", "routed", "cached"}
+    rows = [json.loads(line) for line in paths.split("train").read_text().splitlines()]
+    arithmetic = sum(r["category"] == "arithmetic" for r in rows)
+    for name in ("routed", "cached"):
+        info = json.loads(paths.train_info(name).read_text())
+        assert info["route"] == {"field": "category", "domains": {"arithmetic": "teacher"}, "default": "ta"}
+        assert info["steps"] == 3 and 0 <= json.loads(paths.metrics(name).read_text())["test/top1_agreement"] <= 1
+    manifests = {t: json.loads((paths.teacher_cache("cached") / t / "manifest.json").read_text())
+                 for t in ("teacher", "ta")}
+    assert manifests["teacher"]["stats"]["examples"] == arithmetic > 0
+    assert manifests["ta"]["stats"]["examples"] == len(rows) - arithmetic > 0

@@ -1,7 +1,7 @@
 """A whole `kd_pipeline` flow run whose teacher is served by another process (tests/vllm_stub.py serving the tiny
-teacher of an in-process run): the flow completes; the teacher's metrics say it is served (generation metrics through the endpoint); the students (one with
-the teacher cache, one live) are registered and the teacher is not; the students' top-1 agreement, asked of the
-endpoint, equals the in-process teacher's."""
+teacher of an in-process run): the flow completes; the teacher's metrics say it is served (its generation metrics
+through the endpoint); the students (one with the teacher cache, one live) are registered and the teacher is not;
+the students' top-1 agreement, asked of the endpoint, equals the in-process teacher's."""
 
 from __future__ import annotations
 

@@ -126,8 +126,8 @@ class ServedTeacher(TeacherSource):
         lps, ids, tails, counts = [], [], [], []
         step = self.endpoint.batch_size
         starts = range(0, len(examples), step)
-        answers = self.client.post_all(self.url, [self._request([list(map(int, x)) for x, _ in examples[s:s + step]], k)
-                                                  for s in starts])
+        bodies = [self._request([list(map(int, x)) for x, _ in examples[s:s + step]], k) for s in starts]
+        answers = self.client.post_all(self.url, bodies)
         for start, data in zip(starts, answers):
             chunk = examples[start:start + step]
             choices = self._choices(data, len(chunk))
