@@ -122,14 +122,20 @@ def generate_ids(model: PreTrainedModel, prompts: list[list[int]], *, max_new_to
     return out_ids
 
 
-def generate(model: PreTrainedModel, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
              do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              batch_size: int = 32) -> Generations:
     """Generate for each prompt (token ids). Sampling is pure temperature / nucleus sampling (top_k = 0), seeded
     per row (`generate_ids`): the same seed and prompts give the same outputs, whatever the batching across
     workers. Inside a stage that runs on Ray (`execution`), the batches are shared out among the stage's workers
     (kd_core/pipeline/cluster/shards.py) and their rows merged in order: the same outputs. On a GPU the decode step runs on
-    a static KV cache (`new_tokens`)."""
+    a static KV cache (`new_tokens`). A `model` that generates elsewhere, a teacher served by another process
+    (:class:`~kd_core.teachers.served.ServedTeacher`, any object with a `generations` method), is asked for them
+    with the same arguments."""
+    elsewhere = getattr(model, "generations", None)
+    if elsewhere is not None:
+        return elsewhere(tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
     args = dict(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id, do_sample=do_sample, temperature=temperature, top_p=top_p,
                 seed=seed, batch_size=batch_size)

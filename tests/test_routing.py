@@ -236,3 +236,35 @@ def test_a_routed_cache_is_stale_for_the_same_student_without_its_route():
     key = {"teacher": "teacher", "top_k": 8, "logprobs": "float16"}
     routed = {"key": key | {"route": {"field": "category", "domains": {"arithmetic": "teacher"}, "default": "ta"}}}
     assert stale_fields(routed, key) == ["route"] and stale_fields({"key": key}, key) == []
+
+
+@pytest.mark.slow
+def test_a_routed_student_runs_through_the_flow(project, empty_stores):
+    """`kd run`'s flow on the tiny config with a routed student (arithmetic rows from the teacher, the rest from ta),
+    one live and one on caches: every stage runs, both are registered with their route, each cache holds its
+    teacher's rows."""
+    from flows.pipeline import kd_pipeline
+    from kd_core.run import RunPaths, load_run_tokenizer, load_train_set
+    from kd_core.teachers.routing import route_rows
+    from tests.conftest import registered_versions
+
+    params = _params()
+    params["students"]["cached"] = dict(params["students"]["routed"], teacher_cache={"enabled": True, "top_k": 8})
+    path = write_params(project, params)
+    with empty_stores.prefect_harness():
+        result = kd_pipeline(params_path=str(path))
+    cfg = parse_config(params)
+    paths = RunPaths.of(cfg)
+    assert set(result["registered"]["versions"]) == {"teacher", "ta", "routed", "cached"}
+    assert {v.tags["kd.model"] for v in registered_versions("kd-student")} == {"ta", "routed", "cached"}
+    tokenizer = load_run_tokenizer(paths)
+    owner = route_rows(cfg, paths, cfg.students["cached"], tokenizer)  # example key -> its teacher
+    routed = [owner[example_key(e.input_ids, e.labels)] for e in load_train_set(cfg, paths, tokenizer)[0].examples]
+    for name in ("routed", "cached"):
+        info = json.loads(paths.train_info(name).read_text())
+        assert info["route"] == {"field": "category", "domains": {"arithmetic": "teacher"}, "default": "ta"}
+        assert info["steps"] == 3 and 0 <= json.loads(paths.metrics(name).read_text())["test/top1_agreement"] <= 1
+    manifests = {t: json.loads((paths.teacher_cache("cached") / t / "manifest.json").read_text())
+                 for t in ("teacher", "ta")}
+    assert manifests["teacher"]["stats"]["examples"] == routed.count("teacher") > 0  # the arithmetic rows
+    assert manifests["ta"]["stats"]["examples"] == routed.count("ta") > 0

@@ -1,7 +1,7 @@
 """A whole `kd_pipeline` flow run whose teacher is served by another process (tests/vllm_stub.py serving the tiny
-teacher of an in-process run): the flow completes; the teacher's metrics say it is served; the students (one with
-the teacher cache, one live) are registered and the teacher is not; the students' top-1 agreement, asked of the
-endpoint, equals the in-process teacher's."""
+teacher of an in-process run): the flow completes; the teacher's metrics say it is served (its generation metrics
+through the endpoint); the students (one with the teacher cache, one live) are registered and the teacher is not;
+the students' top-1 agreement, asked of the endpoint, equals the in-process teacher's."""
 
 from __future__ import annotations
 
@@ -46,8 +46,10 @@ def test_a_pipeline_with_a_served_teacher_runs_to_the_end(project, empty_stores)
     cfg = parse_config(params)
     paths = RunPaths.of(cfg)
 
-    assert json.loads(paths.metrics("teacher").read_text()) == {"served": True, "endpoint": url,
-                                                                "model": "tiny-teacher", "parameters": None}
+    teacher_metrics = json.loads(paths.metrics("teacher").read_text())  # generated through the endpoint
+    assert {k: teacher_metrics[k] for k in ("served", "endpoint", "model", "parameters")} == {
+        "served": True, "endpoint": url, "model": "tiny-teacher", "parameters": None}
+    assert "test/rougeL_greedy" in teacher_metrics and "val/loss" not in teacher_metrics
     assert set(result["registered"]["versions"]) == {"cached", "live"}
     assert "served by another process" in result["registered"]["not_registered"]["teacher"]
     assert json.loads(paths.registry.read_text())["not_registered"] == result["registered"]["not_registered"]

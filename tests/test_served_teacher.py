@@ -47,7 +47,8 @@ def _params(tmp, name: str, teacher_model: dict) -> dict:
 
 
 def _endpoint(url: str, **extra) -> dict:
-    return {"url": url, "model": "tiny-teacher", "top_k": K, "batch_size": 5, "auth_env": "STUB_KEY"} | extra
+    return {"url": url, "model": "tiny-teacher", "top_k": K, "batch_size": 5, "auth_env": "STUB_KEY",
+            "backoff_s": 0} | extra  # (retries without waiting)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,8 @@ def _served_params(tmp, url: str = "http://127.0.0.1:9") -> dict:
     (lambda p: p["teacher"]["model"].pop("tokenizer"), "teacher.model"),
     (lambda p: p["teacher"]["model"]["endpoint"].update(top_k="8"), "teacher.model.endpoint.top_k"),
     (lambda p: p["students"]["live"]["model"].update(endpoint=_endpoint("http://h")), "students.live.model"),
-    (lambda p: p.update(transfer_sets={"gen": {"source": "teacher", "max_new_tokens": 8}}), "transfer_sets.gen.source"),
+    (lambda p: p.update(transfer_sets={"gen": {"source": "teacher", "strategy": "confidence", "keep_fraction": 0.5}}),
+     "transfer_sets.gen.strategy"),
     (lambda p: p["tracking"]["champion"].update(metric="test/unc_bucket0_kl"), "tracking.champion.metric"),
 ])
 def test_config_rules_name_the_file_and_key(tmp_path, change, key):

@@ -1,15 +1,25 @@
-"""A stand-in for a vLLM server on loopback (tests only): `POST /v1/completions` on token-id prompts, answering the
-served model's top-k log-probs per prompt token as vLLM does, `prompt_logprobs: k` (one entry per prompt token, the
-first None, each {token_id: {logprob, rank, decoded_token}} with the top-k and the token itself) or `echo: true,
-logprobs: k` with `return_tokens_as_token_ids` (`logprobs.top_logprobs`, keys `token_id:<id>`, one more entry for
-the generated token).
+"""A stand-in for a vLLM server on loopback (tests and bench/served_generation.py only), over a small model of this
+project:
+
+* `POST /v1/completions` with `prompt_logprobs: k` or `echo: true, logprobs: k` (scoring): the served model's top-k
+  log-probs per prompt token as vLLM answers them, `prompt_logprobs` (one entry per prompt token, the first None,
+  each {token_id: {logprob, rank, decoded_token}} with the top-k and the token itself) or, with
+  `return_tokens_as_token_ids`, `logprobs.top_logprobs` (keys `token_id:<id>`, one more entry for the generated
+  token);
+* `POST /v1/completions` otherwise (generation): token-id prompts, `max_tokens`, `temperature` (0: greedy), `top_p`,
+  `seed`; the texts decoded as vLLM does (special tokens skipped, stopped at EOS, the EOS not in the text). Greedy
+  decoding is the in-process one (kd_core.generation.new_tokens, the prompts of a request as one batch); a seeded
+  sample draws from the generator seeded with `seed` (kd_core.generation.RowSeededSampling: the in-process row
+  whose row_seed it is, draws the same tokens);
+* `POST /v1/chat/completions`: one user message, its text encoded with the model's tokenizer, generated as above.
 
     python -m tests.vllm_stub MODEL_DIR NAME [API_KEY_ENV]
 
 prints `PORT <n>` once listening (`serving` runs it so for a test and gives its URL). Model names other than NAME,
 for the error tests: `no-logprobs` (a response without them), `short` (one entry too few), `http500` (a server
-error); anything else is 404, as in vLLM. With API_KEY_ENV, requests must carry `Authorization: Bearer
-$API_KEY_ENV` (else 401)."""
+error), `flaky-*` (its first request answered 503, its second 429 with Retry-After: 0, then served as NAME);
+anything else is 404, as in vLLM. With API_KEY_ENV, requests must carry `Authorization: Bearer $API_KEY_ENV`
+(else 401)."""
 
 from __future__ import annotations
 
@@ -18,11 +28,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from kd_core.data.tokenize import load_tokenizer
+from kd_core.generation import RowSeededSampling, new_tokens
 
 FAULTS = ("no-logprobs", "short", "http500")
 REPO = Path(__file__).resolve().parents[1]
@@ -62,16 +76,41 @@ def score(model, ids: list[int], k: int, echo: bool) -> list:
     return entries
 
 
+def generate(model, tokenizer, prompts: list[list[int]], body: dict) -> list[tuple[str, int]]:
+    """Per prompt, (its generated text, its new-token count) for one request's sampling parameters."""
+    temperature, top_p = float(body.get("temperature", 1.0)), float(body.get("top_p", 1.0))
+    processors = None
+    if temperature > 0:
+        processors = LogitsProcessorList([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        processors.append(RowSeededSampling([int(body.get("seed") or 0)] * len(prompts), torch.device("cpu")))
+    with torch.inference_mode():
+        rows = new_tokens(model, prompts, max_new_tokens=int(body.get("max_tokens", 16)),
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          static_cache=False, logits_processor=processors, do_sample=False)
+    out = []
+    for row in rows:
+        ids = row[:-1] if row and row[-1] == tokenizer.eos_token_id else row
+        out.append((tokenizer.decode(ids, skip_special_tokens=True), len(row)))
+    return out
+
+
 def main() -> None:
     folder, name = sys.argv[1], sys.argv[2]
     key = os.environ[sys.argv[3]] if len(sys.argv) > 3 else None
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = load_tokenizer(folder)
+    requests: dict[str, int] = {}  # model name -> requests so far (the flaky-* names)
+    lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
-        def _send(self, status: int, body: dict) -> None:
+        def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
+            for header, value in (headers or {}).items():
+                self.send_header(header, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -82,15 +121,34 @@ def main() -> None:
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if self.path != "/v1/completions":
+            if self.path not in ("/v1/completions", "/v1/chat/completions"):
                 return self._send(404, {"error": {"message": f"no route {self.path}"}})
             if key is not None and self.headers.get("Authorization") != f"Bearer {key}":
                 return self._send(401, {"error": {"message": "Unauthorized"}})
             served = body.get("model")
             if served == "http500":
                 return self._send(500, {"error": {"message": "engine dead"}})
+            if str(served).startswith("flaky-"):
+                with lock:
+                    requests[served] = seen = requests.get(served, 0) + 1
+                if seen == 1:
+                    return self._send(503, {"error": {"message": "warming up"}})
+                if seen == 2:
+                    return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+                served = name
             if served != name and served not in FAULTS:
                 return self._send(404, {"error": {"message": f"The model `{served}` does not exist."}})
+            if self.path == "/v1/chat/completions":
+                prompt = tokenizer(body["messages"][-1]["content"])["input_ids"]
+                (text, count), = generate(model, tokenizer, [prompt], body)
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                return self._send(200, {"object": "chat.completion", "model": served, "choices": [choice],
+                                        "usage": {"completion_tokens": count}})
+            if "prompt_logprobs" not in body and not body.get("echo"):
+                texts = generate(model, tokenizer, body["prompt"], body)
+                choices = [{"index": i, "text": text, "finish_reason": "stop"} for i, (text, _) in enumerate(texts)]
+                return self._send(200, {"object": "text_completion", "model": served, "choices": choices[::-1],
+                                        "usage": {"completion_tokens": sum(c for _, c in texts)}})
             echo = bool(body.get("echo"))
             k = body["logprobs"] if echo else body["prompt_logprobs"]
             choices = []

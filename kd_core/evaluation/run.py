@@ -18,7 +18,7 @@ from kd_core.evaluation.text_metrics import distinct_n, exact_match, references,
 from kd_core.generation import generate
 from kd_core.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from kd_core.models.lm import response_logprobs
-from kd_core.models.build import count_parameters, load_checkpoint
+from kd_core.models.build import count_parameters
 
 log = logging.getLogger("kd")
 
@@ -150,21 +150,24 @@ def evaluate_model(cfg, paths, model_name: str, model_dir) -> dict:
     student with another one."""
     from kd_core.run import load_model_tokenizer
 
-    if cfg.is_served(model_name):
+    from kd_core.teachers.factory import generator_of
+
+    tokenizer = load_model_tokenizer(paths, model_name, model_dir)
+    model = generator_of(cfg, paths, model_name, tokenizer)  # the model, or its endpoint (served elsewhere)
+    if isinstance(model, torch.nn.Module):
+        metrics: dict = {"parameters": count_parameters(model)}
+        for split in ("val", "test"):
+            ds = _encoded_split(cfg, paths, tokenizer, split)
+            if len(ds):
+                loss = validation_loss(model, ds, tokenizer.pad_token_id)
+                metrics[f"{split}/loss"], metrics[f"{split}/ppl"] = loss, math.exp(min(loss, 50.0))
+    else:
         from kd_core.teachers.served import served_metrics
 
-        log.info("%s: served by another process (%s): not evaluated here (no generation metrics)", model_name,
-                 (metrics := served_metrics(cfg))["endpoint"])
-        paths.generations(model_name).mkdir(parents=True, exist_ok=True)  # (the stage's output, empty)
-        return metrics
-    tokenizer = load_model_tokenizer(paths, model_name, model_dir)
-    model = load_checkpoint(model_dir)
-    metrics: dict[str, float] = {"parameters": count_parameters(model)}
-    for split in ("val", "test"):
-        ds = _encoded_split(cfg, paths, tokenizer, split)
-        if len(ds):
-            loss = validation_loss(model, ds, tokenizer.pad_token_id)
-            metrics[f"{split}/loss"], metrics[f"{split}/ppl"] = loss, math.exp(min(loss, 50.0))
+        metrics = served_metrics(cfg)
+        log.info("%s: served by another process (%s): generation metrics through it; no val/test loss (they need "
+                 "its log-prob of every reference token, which it is not asked for)", model_name, metrics["endpoint"])
+        paths.generations(model_name).mkdir(parents=True, exist_ok=True)  # (the stage's output, with no eval set)
     for set_name in cfg.evaluation.eval_sets:
         rows = read_jsonl(paths.eval_set(set_name))
         rows = rows[: cfg.evaluation.limit] if cfg.evaluation.limit else rows

@@ -88,10 +88,11 @@ def note(stage_name: str, result, champion_metric: str) -> str:
         return ""
     if stage_name in ("train_teacher", "distill") and isinstance(result.get("final_loss"), (int, float)):
         return f"loss {result['final_loss']:.3f}"
-    if stage_name == "evaluate" and result.get("served"):
-        return "served by another process: not evaluated here"
+    served = " (served by another process)" if stage_name == "evaluate" and result.get("served") else ""
     if stage_name == "evaluate" and isinstance(result.get(champion_metric), (int, float)):
-        return f"{champion_metric} {result[champion_metric]:.2f}"
+        return f"{champion_metric} {result[champion_metric]:.2f}{served}"
+    if served:
+        return served.strip(" ()")
     if stage_name == "register" and isinstance(result.get("versions"), dict):
         new = sum(1 for v in result["versions"].values() if v.get("new"))
         served = "".join(f"; {name} not registered (served by another process)" for name in

@@ -16,6 +16,7 @@ from kd_core.generation import generate
 from kd_core.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from kd_core.models.lm import response_logprobs
 from kd_core.run import RunPaths, load_model, load_model_tokenizer, require
+from kd_core.teachers.factory import generator_of
 from kd_core.tracking import runs
 
 
@@ -31,7 +32,7 @@ def transfer(cfg: PipelineConfig, paths: RunPaths, set_name: str) -> dict:
         raise KeyError(f"no transfer set {set_name!r} (transfer_sets: {', '.join(cfg.transfer_sets) or 'none'})")
     ts = cfg.transfer_sets[set_name]
     tokenizer = load_model_tokenizer(paths, ts.source)  # the source model's own (the run's, unless it has another)
-    model = load_model(paths, ts.source)
+    model = generator_of(cfg, paths, ts.source, tokenizer)  # the model, or its endpoint (served by another process)
     labeled = read_jsonl(require(paths.split("train"), "data 'train'", "prepare"))
     pool = [] if ts.prompts == "train" else read_jsonl(require(paths.split("unlabeled"), "unlabeled prompts", "prepare"))
     scope = ([] if ts.prompts == "unlabeled" else labeled) + pool
@@ -81,8 +82,9 @@ def response_scores(rows: list[dict], model, tokenizer, cfg: PipelineConfig) -> 
 
 
 class Writer:
-    """Runs the set's model: answers prompts and paraphrases instructions with the set's decoding settings,
-    counting empty outputs and generated tokens."""
+    """Runs the set's model (here, or a teacher served by another process: `generator_of`): answers prompts and
+    paraphrases instructions with the set's decoding settings, counting empty outputs and generated tokens; scores
+    rows with a model here."""
 
     def __init__(self, cfg: PipelineConfig, set_name: str, model, tokenizer):
         self.cfg, self.set_name, self.model, self.tokenizer = cfg, set_name, model, tokenizer

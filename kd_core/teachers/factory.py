@@ -1,6 +1,7 @@
 """Where a stage's teacher comes from, decided in one place: the kind of
 :class:`~kd_core.teachers.source.TeacherSource` a student trains with (:func:`teacher_source`: live, cached, served,
-several), the one teacher a stage scores data with (:func:`teacher_of`: the cache's builder, the evaluation), and
+several), the one teacher a stage scores data with (:func:`teacher_of`: the cache's builder, the evaluation), what
+generates as a model (:func:`generator_of`: the transfer sets, the evaluation; the model or its endpoint), and
 the teacher-logit cache kept current (:func:`ensure_cache`, the `cache_teacher` stage: reuse it, link another
 student's with the same key, or run the teacher once over the student's training data; a student with several
 teachers gets one cache per teacher, `teacher_cache/<student>/<teacher>/`). Whether a model is served by another
@@ -50,6 +51,13 @@ def teacher_of(cfg: PipelineConfig, paths: RunPaths, name: str, vocab_size: int)
     from kd_core.teachers.source import LiveTeacher
 
     return LiveTeacher(load_teacher_model(cfg, paths, name))
+
+
+def generator_of(cfg: PipelineConfig, paths: RunPaths, name: str, tokenizer):
+    """What generates as model `name` (transfer sets, evaluation), for :func:`kd_core.generation.generate`: the
+    model, loaded, or the client of its endpoint when it is served by another process."""
+    source = teacher_of(cfg, paths, name, len(tokenizer))
+    return source if source.model is None else source.model
 
 
 def teacher_model(cfg: PipelineConfig, paths: RunPaths, student_cfg: StudentConfig,

@@ -11,28 +11,29 @@ the token itself) or, with `api: echo`, `echo: true, logprobs: k, return_tokens_
 `choices[i].logprobs.top_logprobs`, keys `token_id:<id>`). Entry j (j >= 1) is the teacher's distribution of token j
 given tokens < j: the cache's row of position j − 1. The log-probs are the served model's own, at temperature 1, over
 its whole vocabulary; the endpoint must use the run's tokenizer (token ids mean the same on both sides).
+
+It also generates (transfer sets, its evaluation): :meth:`ServedTeacher.generations`. Requests go through
+:class:`~kd_core.teachers.served_http.EndpointClient` (key, retries, concurrency, rate limit).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import urllib.error
-import urllib.request
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
 from kd_core.data.tokenize import IGNORE_INDEX
-from kd_core.errors import EndpointError, EndpointUnreachable, UserError
+from kd_core.errors import EndpointError
+from kd_core.teachers.served_http import EndpointClient, api_url, shown
 from kd_core.teachers.signal import TopKTeacherSignal
 from kd_core.teachers.source import TeacherSource
 
 if TYPE_CHECKING:
     from kd_core.config import PipelineConfig
+    from kd_core.generation import Generations
     from kd_core.config.endpoint import EndpointConfig
     from kd_core.data.tokenize import EncodedDataset
     from kd_core.run import RunPaths
@@ -45,60 +46,26 @@ Example = tuple[list[int], list[int]]  # (input_ids, labels), unpadded
 
 def completions_url(base: str) -> str:
     """`<base>/v1/completions` (a base already ending in /v1 gets `/completions`)."""
-    base = base.rstrip("/")
-    return base + ("/completions" if base.endswith("/v1") else "/v1/completions")
-
-
-def _shown(url: str) -> str:
-    """The URL as messages show it: no user:password, no query."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), parts.path, "", ""))
+    return api_url(base, "completions")
 
 
 class ServedTeacher(TeacherSource):
     """The client of one endpoint, a :class:`~kd_core.teachers.source.TeacherSource` (its top-k per batch, no model
-    here). ``vocab_size``: the vocabulary shared with the student (the rows' normalisation, as the cache's); a
-    returned token id outside it is an error."""
+    here) that also generates (:meth:`generations`, what :func:`kd_core.generation.generate` asks of it).
+    ``vocab_size``: the vocabulary shared with the student (the rows' normalisation, as the cache's); a returned
+    token id outside it is an error."""
 
     top_k_only = True
     what = "a served teacher's top-k"
 
     def __init__(self, endpoint: EndpointConfig, vocab_size: int):
         self.endpoint, self.vocab_size = endpoint, int(vocab_size)
+        self.client = EndpointClient(endpoint)
         self.url = completions_url(endpoint.url)
-        self.shown = _shown(self.url)
-
-    # ---- HTTP
-    def _api_key(self) -> str | None:
-        env = self.endpoint.auth_env
-        if env is None:
-            return None
-        if not os.environ.get(env):
-            raise UserError(f"teacher.model.endpoint.auth_env: environment variable {env} is not set (it holds "
-                            f"the API key of {self.shown})")
-        return os.environ[env]
+        self.shown = shown(self.url)
 
     def _fail(self, cls: type[Exception], what: str, key: str | None) -> Exception:
-        text = " ".join(str(what).split())  # one line
-        return cls(f"teacher endpoint {self.shown}: {text.replace(key, '***') if key else text}")
-
-    def _post(self, body: dict) -> dict:
-        key = self._api_key()
-        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.endpoint.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as err:  # (before URLError: its subclass)
-            detail = err.read()[:300].decode("utf-8", "replace")
-            cls = EndpointUnreachable if err.code >= 500 or err.code == 429 else EndpointError
-            raise self._fail(cls, f"HTTP {err.code} {err.reason}: {detail}", key) from None
-        except (urllib.error.URLError, OSError) as err:  # refused, reset, unknown host, timed out
-            raise self._fail(EndpointUnreachable, f"not reachable ({getattr(err, 'reason', err)})", key) from None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise self._fail(EndpointError, "the response is not JSON", key) from None
+        return self.client.fail(cls, self.url, what, key)
 
     # ---- scoring
     def _request(self, prompts: list[list[int]], k: int) -> dict:
@@ -106,6 +73,14 @@ class ServedTeacher(TeacherSource):
         if self.endpoint.api == "echo":
             return body | {"echo": True, "logprobs": k, "return_tokens_as_token_ids": True}
         return body | {"prompt_logprobs": k}
+
+    def _choices(self, data, n: int) -> list[dict]:
+        """The `choices` of an answer to n prompts, in the prompts' order (by `index`)."""
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or len(choices) != n or any(not isinstance(c, dict) for c in choices):
+            got = len(choices) if isinstance(choices, list) else "no"
+            raise self._fail(EndpointError, f"{got} choices for {n} prompts", None)
+        return sorted(choices, key=lambda c: c.get("index", 0))
 
     def _entries(self, choice, n: int, i: int) -> list:
         """The n per-token log-prob maps of prompt i's choice (entry 0, the first token's, is None)."""
@@ -150,15 +125,12 @@ class ServedTeacher(TeacherSource):
         k = min(int(k), self.vocab_size)
         lps, ids, tails, counts = [], [], [], []
         step = self.endpoint.batch_size
-        for start in range(0, len(examples), step):
+        starts = range(0, len(examples), step)
+        bodies = [self._request([list(map(int, x)) for x, _ in examples[s:s + step]], k) for s in starts]
+        answers = self.client.post_all(self.url, bodies)
+        for start, data in zip(starts, answers):
             chunk = examples[start:start + step]
-            data = self._post(self._request([list(map(int, x)) for x, _ in chunk], k))
-            choices = data.get("choices") if isinstance(data, dict) else None
-            if not isinstance(choices, list) or len(choices) != len(chunk) \
-                    or any(not isinstance(c, dict) for c in choices):
-                got = len(choices) if isinstance(choices, list) else "no"
-                raise self._fail(EndpointError, f"{got} choices for {len(chunk)} prompts", None)
-            choices = sorted(choices, key=lambda c: c.get("index", 0))
+            choices = self._choices(data, len(chunk))
             for i, ((input_ids, labels), choice) in enumerate(zip(chunk, choices)):
                 entries = self._entries(choice, len(input_ids), start + i)
                 rows = [j for j in range(1, len(input_ids)) if labels[j] != IGNORE_INDEX]
@@ -187,12 +159,59 @@ class ServedTeacher(TeacherSource):
         device = batch["input_ids"].device
         return TopKTeacherSignal(lps.to(device), top_ids.to(device), tails.to(device), self.vocab_size, 1.0)
 
+    # ---- generation
+    def generations(self, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, do_sample: bool,
+                    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 32) -> Generations:
+        """The served model's answers to `prompts` (token ids of the run's tokenizer), as
+        :func:`kd_core.generation.generate` gives a local model's: greedy (`temperature: 0`) or sampled
+        (`temperature`, `top_p`; no top-k cut). `generate_api: completions` sends the token ids to /v1/completions,
+        `endpoint.batch_size` prompts a request; a sampled prompt i goes alone with `seed: row_seed(seed, i)` (as
+        the in-process row i's stream; vLLM seeds each request's sampler with it) unless `sampling_seed` is off.
+        `chat` sends each prompt's text (as the run's template renders it) as the user message to
+        /v1/chat/completions, one a request. The texts are stripped; `token_ids` are the texts encoded again by the run
+        tokenizer; `new_tokens` is the server's count (`usage.completion_tokens`: vLLM's includes the EOS that ended
+        an answer, which the in-process count leaves out), else the count of those ids. `batch_size`, the local
+        batch, is not used."""
+        from kd_core.generation import Generations, row_seed
+
+        chat = self.endpoint.generate_api == "chat"
+        url = api_url(self.endpoint.url, "chat/completions" if chat else "completions")
+        seeded = do_sample and self.endpoint.sampling_seed
+        step = 1 if chat or seeded else self.endpoint.batch_size
+        sampling = {"temperature": float(temperature), "top_p": float(top_p)} if do_sample else {"temperature": 0.0}
+        bodies = []
+        for start in range(0, len(prompts), step):
+            body = {"model": self.endpoint.model, "max_tokens": int(max_new_tokens), **sampling}
+            if chat:
+                body["messages"] = [{"role": "user", "content": tokenizer.decode(prompts[start],
+                                                                                 skip_special_tokens=True)}]
+            else:
+                body["prompt"] = [list(map(int, p)) for p in prompts[start:start + step]]
+            if seeded:
+                body["seed"] = row_seed(seed, start)
+            bodies.append(body)
+        began = time.perf_counter()
+        answers = self.client.post_all(url, bodies)
+        seconds = time.perf_counter() - began
+        texts, counted = [], 0
+        for start, data in zip(range(0, len(prompts), step), answers):
+            usage = data.get("usage") if isinstance(data, dict) else None
+            counted += (usage or {}).get("completion_tokens") or 0
+            for i, choice in enumerate(self._choices(data, min(step, len(prompts) - start))):
+                text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
+                if not isinstance(text, str):
+                    where = "message.content" if chat else "text"
+                    raise self.client.fail(EndpointError, url, f"choice {start + i} has no {where}")
+                texts.append(text.strip())
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return Generations(ids, texts, counted or sum(len(x) for x in ids), seconds)
+
 
 def served_metrics(cfg: PipelineConfig) -> dict:
-    """The evaluate stage's metrics of a served teacher: what is known of it, no generation metrics (generating
-    through the endpoint is not done here) and no parameter count (its weights are not here)."""
+    """What the evaluate stage knows of a served teacher besides its generation metrics: that it is served, where,
+    and no parameter count (its weights are not here)."""
     endpoint = cfg.teacher.model.endpoint
-    return {"served": True, "endpoint": _shown(endpoint.url), "model": endpoint.model, "parameters": None}
+    return {"served": True, "endpoint": shown(endpoint.url), "model": endpoint.model, "parameters": None}
 
 
 def save_served_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
@@ -203,7 +222,7 @@ def save_served_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
 
     endpoint = cfg.teacher.model.endpoint
     tokenizer = load_run_tokenizer(paths)
-    described = {"url": _shown(endpoint.url), "model": endpoint.model, "api": endpoint.api}
+    described = {"url": shown(endpoint.url), "model": endpoint.model, "api": endpoint.api}
     with atomic_dir(paths.model(cfg.teacher.name)) as tmp:
         write_json_atomic(Path(tmp) / ENDPOINT_FILE, described)
         tokenizer.save_pretrained(str(tmp))
