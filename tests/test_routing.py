@@ -258,8 +258,9 @@ def test_a_routed_student_runs_through_the_flow(project, empty_stores):
     assert set(result["registered"]["versions"]) == {"teacher", "ta", "routed", "cached"}
     assert {v.tags["kd.model"] for v in registered_versions("kd-student")} == {"ta", "routed", "cached"}
     tokenizer = load_run_tokenizer(paths)
-    owner = route_rows(cfg, paths, cfg.students["cached"], tokenizer)  # example key -> its teacher
-    routed = [owner[example_key(e.input_ids, e.labels)] for e in load_train_set(cfg, paths, tokenizer)[0].examples]
+    ds = load_train_set(cfg, paths, tokenizer)[0]
+    owner = route_rows(paths, cfg.students["cached"], ds)  # example key -> its teacher
+    routed = [owner[example_key(e.input_ids, e.labels)] for e in ds.examples]
     for name in ("routed", "cached"):
         info = json.loads(paths.train_info(name).read_text())
         assert info["route"] == {"field": "category", "domains": {"arithmetic": "teacher"}, "default": "ta"}
