@@ -21,7 +21,7 @@ from kd_core.models.build import build_from_config, count_parameters
 from kd_core.models.lm import lm_head_inputs
 from kd_core.teachers.source import LiveTeacher
 from kd_core.training.trainer import train
-from tests.conftest import TINY_MODEL, TINY_TRAINING, copy_prepared, tiny_params, write_params
+from tests.conftest import TINY_MODEL, TINY_TRAINING, copy_prepared, tiny_params
 from tests.method_harness import padded_batch, run_method, student_config, tiny_setup
 
 LORA = {"r": 4, "alpha": 8.0, "target_modules": ["c_attn", "lm_head"]}
@@ -228,12 +228,12 @@ def test_a_lora_student_through_the_flow_is_registered_merged(project, prepared_
     from tests.conftest import registered_versions
 
     params = tiny_params()
-    params["students"] = {"lora": {"method": "kd", "divergence": "fkl", "model": TINY_MODEL, "training": TINY_TRAINING,
-                                   "lora": LORA, "finetune": {"enabled": True, "epochs": 0.2, "lr_scale": 0.1}}}
-    copy_prepared(prepared_project, project, params)
-    path = write_params(project, params)
+    params["students"] = {"lora": {"method": "kd", "teacher": "teacher", "train_data": "train", "divergence": "fkl",
+                                   "model": TINY_MODEL, "training": TINY_TRAINING, "lora": LORA,
+                                   "finetune": {"enabled": True, "epochs": 0.2, "lr_scale": 0.1}}}
+    copy_prepared(prepared_project, project, params)  # data, tokenizer, teacher: made once a run (conftest)
     with empty_stores.prefect_harness():
-        kd_pipeline(params_path=str(path))
+        kd_pipeline(params_path=str(project / "params.yaml"))
     cfg = parse_config(params)
     paths = RunPaths.of(cfg)
     folder = project / paths.model("lora")
