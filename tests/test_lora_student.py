@@ -215,7 +215,7 @@ def test_the_saved_model_is_the_merged_lora_model_and_loads_back_for_more_traini
 # ----------------------------------------------------------------------------------------------- the flow
 @pytest.mark.slow
 def test_a_lora_student_through_the_flow_is_registered_merged(project, prepared_project, empty_stores):
-    """`kd run`'s flow with a LoRA student (KD, fine-tuned after distillation): the registered folder is the
+    """`kd run`'s flow with a LoRA student (KD on the teacher's cache, fine-tuned after distillation): the registered folder is the
     merged model, equal to the student's base built as distill builds it plus the saved adapter merged by hand;
     the card and the version say LoRA's r, α and targets; the adapter is logged beside the registered model."""
     from mlflow.tracking import MlflowClient
@@ -230,6 +230,7 @@ def test_a_lora_student_through_the_flow_is_registered_merged(project, prepared_
     params = tiny_params()
     params["students"] = {"lora": {"method": "kd", "teacher": "teacher", "train_data": "train", "divergence": "fkl",
                                    "model": TINY_MODEL, "training": TINY_TRAINING, "lora": LORA,
+                                   "teacher_cache": {"enabled": True, "top_k": 16},
                                    "finetune": {"enabled": True, "epochs": 0.2, "lr_scale": 0.1}}}
     copy_prepared(prepared_project, project, params)  # data, tokenizer, teacher: made once a run (conftest)
     with empty_stores.prefect_harness():
@@ -239,6 +240,7 @@ def test_a_lora_student_through_the_flow_is_registered_merged(project, prepared_
     folder = project / paths.model("lora")
     info = json.loads((project / paths.train_info("lora")).read_text())
     assert 0 < info["trainable_parameters"] < info["parameters"] and info["finetuned"] is True
+    assert info["teacher_cache_top_k"] == 16  # (distilled from the teacher's cache, the fused sparse loss)
     student_cfg = cfg.student("lora")
     tokenizer = load_run_tokenizer(paths)
     base = make_model(student_cfg.model, tokenizer, n_positions(cfg), training_seed(cfg, student_cfg.training.seed))
