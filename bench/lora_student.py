@@ -31,7 +31,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 VARIANTS = ("full", "lora", "lora-all")
@@ -47,14 +46,6 @@ class _Vocabulary:
 
     def __len__(self) -> int:
         return self.size
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _models(name: str):
@@ -85,6 +76,8 @@ def child(model_name: str, variant: str, batch: int, seq: int, steps: int) -> di
     from kd_core.models.adapters import trainable_parameters, with_lora
     from kd_core.models.build import count_parameters
 
+    from bench.loss_memory import _peak_bytes  # (imported with MALLOC_MMAP_THRESHOLD_ set: no re-exec)
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     student, teacher = _models(model_name)
     teacher.eval().requires_grad_(False)
@@ -102,20 +95,17 @@ def child(model_name: str, variant: str, batch: int, seq: int, steps: int) -> di
     labels = ids.clone()
     labels[:, : seq // 4] = IGNORE_INDEX  # a prompt, then the response
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-    base = _status("VmRSS")
-    start = time.perf_counter()
-    for _ in range(steps):
-        ctx = StepContext(student=student, batch=inputs, num_items=labels[:, 1:].ne(IGNORE_INDEX).sum(),
-                          teacher=teacher)
-        method.compute_loss(ctx).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    seconds = (time.perf_counter() - start) / steps
+    def train_steps() -> None:
+        for _ in range(steps):
+            ctx = StepContext(student=student, batch=inputs, num_items=labels[:, 1:].ne(IGNORE_INDEX).sum(),
+                              teacher=teacher)
+            method.compute_loss(ctx).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    peak, seconds = _peak_bytes(train_steps)  # (VmHWM − VmRSS around it, the peak counter reset first)
     return {"model": model_name, "variant": variant, "parameters": count_parameters(student),
-            "trainable": trainable_parameters(student), "peak_mib": (_status("VmHWM") - base) / 2**20,
-            "step_s": seconds}
+            "trainable": trainable_parameters(student), "peak_mib": peak / 2**20, "step_s": seconds / steps}
 
 
 def main() -> None:
