@@ -80,7 +80,7 @@ def _params() -> dict:
     params["students"] = {
         "fkl": {"method": "kd", "divergence": "fkl", "model": TINY_MODEL, "training": training},
         "okd": {"method": "okd", "method_args": {"lora_r": 4}, "model": TINY_MODEL, "training": training},
-        "lora": {"method": "kd", "divergence": "fkl", "model": TINY_MODEL, "training": training,
+        "lora": {"method": "kd", "divergence": "fkl", "model": TINY_MODEL, "training": dict(training),
                  "lora": {"r": 4, "alpha": 8.0, "target_modules": ["c_attn", "lm_head"]}},
     }
     return params
