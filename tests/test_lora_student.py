@@ -212,6 +212,66 @@ def test_the_saved_model_is_the_merged_lora_model_and_loads_back_for_more_traini
         torch.testing.assert_close(again.eval()(**batch).logits, saved_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_lora_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_ends(tmp_path):
+    """The trainer's checkpoints of a LoRA student (the adapters, the optimizer state) resume it: interrupted after
+    a checkpoint and restarted, it saves the same merged model and adapter as a run without interruption."""
+    from kd_core.training.trainer import last_complete_checkpoint
+    from tests.method_harness import Interrupted, interrupt_at
+
+    setup = tiny_setup()
+    cfg = TrainingConfig(max_steps=6, save_steps=2, learning_rate=5e-3, batch_size=16, warmup_ratio=0.0,
+                         logging_steps=6)
+    sc = student_config("kd", divergence="fkl")
+
+    steps: list[int] = []
+
+    def run(out_dir, stop_at=None):
+        method = get_method("kd")(sc, sc.method_args)
+        compute = method.compute_loss
+        method.compute_loss = lambda ctx: steps.append(ctx.trainer.state.global_step) or compute(ctx)
+        student = with_lora(setup.student(seed=1), LoraConfig(**LORA), "students.s.lora")
+        if stop_at is not None:
+            interrupt_at(method, stop_at)
+        try:
+            train(student, setup.train_set, setup.tokenizer, cfg, out_dir, method=method, seed=0,
+                  teacher=LiveTeacher(copy.deepcopy(setup.teacher)))
+        except Interrupted:
+            assert last_complete_checkpoint(out_dir.parent / f".{out_dir.name}-checkpoints").name == "checkpoint-4"
+            return False
+        return True
+
+    assert run(tmp_path / "straight" / "s")
+    assert not run(tmp_path / "resumed" / "s", stop_at=5)
+    steps.clear()
+    assert run(tmp_path / "resumed" / "s") and steps == [4, 5]  # from the checkpoint on, not from the start
+    batch = {k: v for k, v in setup.val_batches(8)[0].items() if k != "labels"}
+    with torch.no_grad():
+        straight, resumed = (AutoModelForCausalLM.from_pretrained(tmp_path / run_name / "s").eval()(**batch).logits
+                             for run_name in ("straight", "resumed"))
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_lora_teacher_is_saved_merged_with_its_adapter(project, prepared_project):
+    """`teacher.finetune: lora` goes through the same code: the teacher folder is the merged model, its adapter in
+    `adapter/`, its card saying LoRA."""
+    from kd_core.run import RunPaths
+    from kd_core.stages.train_teacher import train_teacher
+
+    params = tiny_params()
+    params["teacher"] |= {"finetune": "lora", "lora": {"r": 2, "alpha": 4.0, "target_modules": ["c_attn", "c_fc"]}}
+    copy_prepared(prepared_project, project, params)
+    cfg = parse_config(params)
+    paths = RunPaths.of(cfg)
+    info = train_teacher(cfg, paths)
+    folder = paths.model("teacher")
+    assert 0 < info["trainable_parameters"] < info["parameters"]
+    adapter = json.loads((folder / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and set(adapter["target_modules"]) == {"c_attn", "c_fc"}
+    AutoModelForCausalLM.from_pretrained(folder)  # a plain causal LM
+    assert "LoRA adapters only" in (folder / "README.md").read_text()
+
+
 # ----------------------------------------------------------------------------------------------- the flow
 @pytest.mark.slow
 def test_a_lora_student_through_the_flow_is_registered_merged(project, prepared_project, empty_stores):
