@@ -285,7 +285,7 @@ def test_a_lora_student_through_the_flow_is_registered_merged(project, prepared_
     from kd_core.models.build import make_model
     from kd_core.run import RunPaths, load_run_tokenizer, n_positions, training_seed
     from kd_core.tracking.registry import version_rows
-    from tests.conftest import registered_versions
+    from tests.conftest import dvc_status, registered_versions
 
     params = tiny_params()
     params["students"] = {"lora": {"method": "kd", "teacher": "teacher", "train_data": "train", "divergence": "fkl",
@@ -317,3 +317,4 @@ def test_a_lora_student_through_the_flow_is_registered_merged(project, prepared_
     assert row["tags"]["kd.trainable_parameters"] == str(info["trainable_parameters"])
     logged = [f.path for f in MlflowClient().list_artifacts(version.run_id, "lora/adapter")]
     assert "lora/adapter/adapter_config.json" in logged
+    assert dvc_status(project) == {}  # the flow recorded every stage in DVC: `dvc repro` finds nothing to do
