@@ -80,6 +80,8 @@ def _params() -> dict:
     params["students"] = {
         "fkl": {"method": "kd", "divergence": "fkl", "model": TINY_MODEL, "training": training},
         "okd": {"method": "okd", "method_args": {"lora_r": 4}, "model": TINY_MODEL, "training": training},
+        "lora": {"method": "kd", "divergence": "fkl", "model": TINY_MODEL, "training": dict(training),
+                 "lora": {"r": 4, "alpha": 8.0, "target_modules": ["c_attn", "lm_head"]}},
     }
     return params
 
@@ -140,6 +142,7 @@ def _val_batches(paths, cfg) -> list[dict]:
 @pytest.mark.parametrize("student, zero, extra", [
     ("fkl", "zero3", ["training.teacher_sharding=zero3"]),  # ZeRO-3 student (gathered at save), sharded teacher
     ("okd", "zero2", ["training.grad_accum=2"]),  # online module outside the engine; 2 ranks x 4 x 2 accumulation
+    ("lora", "zero2", []),  # LoRA student (adapters in the engine, saved merged by rank 0)
 ])
 def test_two_process_zero_run_matches_single_process(tiny_project, student, zero, extra):
     folder, paths, cfg = tiny_project
@@ -161,6 +164,11 @@ def test_two_process_zero_run_matches_single_process(tiny_project, student, zero
     initial = make_model(cfg.student(student).model, load_tokenizer(paths.tokenizer), _n_positions(cfg), cfg.seed)
     assert (reference - _logits(initial, batches)).abs().max() > 100 * TOLERANCE
 
+    if student == "lora":  # the adapter beside the merged model, as in one process
+        name = "adapter/adapter_model.safetensors"
+        ref, got = load_file(folder / "reference" / student / name), load_file(paths.distilled(student) / name)
+        assert ref.keys() == got.keys()
+        assert max((ref[k] - got[k]).abs().max().item() for k in ref) < TOLERANCE
     if student == "okd":  # the online module trained on both ranks equals the single-process one
         name = "okd_online_module/adapter_model.safetensors"
         ref, got = load_file(folder / "reference" / student / name), load_file(paths.distilled(student) / name)

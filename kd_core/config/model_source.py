@@ -43,6 +43,14 @@ class ArchConfig(StrictModel):
         return self
 
 
+# the layers LoRA can adapt (linear, Conv1D and embedding layers) of each buildable architecture, by their last name
+# (tests/test_lora_student.py checks them against the models transformers builds)
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc", "lm_head", "wte", "wpe"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"),
+}
+
+
 def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 

@@ -19,7 +19,7 @@ from kd_core.config import graph, methods, metrics
 from kd_core.config.base import StrictModel
 from kd_core.config.data import DataConfig
 from kd_core.config.execution import ExecutionConfig, check_execution
-from kd_core.config.model_source import ModelSource
+from kd_core.config.model_source import LORA_TARGETS, ModelSource
 from kd_core.config.routing import RouteConfig, check_routes, with_route_teachers
 from kd_core.config.tokenizers import check_shared_vocabulary
 from kd_core.config.tracking_store import unknown_scheme
@@ -107,10 +107,38 @@ class TrainingConfig(StrictModel):
 
 
 class LoraConfig(StrictModel):
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | None = Field(None, description="default: peft's choice for the architecture")
+    """LoRA adapters (peft): each targeted layer W x becomes W x + (alpha / r) · B A x with A [r, in], B [out, r] the
+    only trained weights (B starts at 0); the saved model is W + (alpha / r) · B A, merged (kd_core/models/adapters.py)."""
+
+    r: int = Field(8, ge=1, description="rank of the adapters")
+    alpha: float = Field(16, gt=0, description="scaling alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input (> 0: a LoRA on the LM head "
+                           "makes the fused losses fall back to the logits)")
+    target_modules: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, description="layer names (a name or a dotted suffix, e.g. c_attn, q_proj, lm_head); "
+                                        "default: peft's choice for the architecture")
+
+    def unknown_targets(self, source: ModelSource) -> str | None:
+        """`target_modules: ...` naming the targets a model built from `source.config` does not have, None when all
+        are there or the architecture is not known before the model is loaded (checked then)."""
+        if source.config is None or self.target_modules is None:
+            return None
+        layers = LORA_TARGETS[source.config.arch]
+        unknown = [t for t in self.target_modules if t.rsplit(".", 1)[-1] not in layers]
+        if not unknown:
+            return None
+        return (f"target_modules: {', '.join(unknown)}: no such layer in a {source.config.arch} model "
+                f"(allowed: {', '.join(layers)})")
+
+
+def _lora_problem(lora: LoraConfig, source: ModelSource, training: TrainingConfig) -> str | None:
+    """What makes a LoRA model's settings unusable before it is built (`lora.` keys first)."""
+    if (unknown := lora.unknown_targets(source)) is not None:
+        return f"lora.{unknown}"
+    if training.deepspeed and _deepspeed_stage(training.deepspeed) == 3:
+        return (f"lora: LoRA under ZeRO-3 ({training.deepspeed}) is not supported: the merge needs the full weights "
+                f"on one rank (use a ZeRO-2 config, e.g. infra/deepspeed/zero2.json)")
+    return None
 
 
 class TeacherConfig(StrictModel):
@@ -126,6 +154,8 @@ class TeacherConfig(StrictModel):
         if self.model.from_teacher_layers is not None:
             raise ValueError("model.from_teacher_layers: students only (the teacher has no teacher to be cut "
                              "from; allowed: config, checkpoint)")
+        if self.finetune == "lora" and self.train and (problem := _lora_problem(self.lora, self.model, self.training)):
+            raise ValueError(problem)
         return self
 
 
@@ -172,6 +202,9 @@ class StudentConfig(StrictModel):
     teacher_combine: Literal["sum", "mixture"] = Field(
         "sum", description="with `teachers`: sum = Σ_k w_k D(p_k || q), mixture = D(Σ_k w_k p_k || q)")
     route: RouteConfig | None = Field(None, description="per-row teacher by a data field (kd_core/config/routing.py)")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters only, with these settings (`{}`: the "
+                                    "defaults); the saved model is merged, the adapter kept in its `adapter/` folder; "
+                                    "null: every weight trains")
 
     def teacher_weights(self) -> dict[str, float]:
         """Every teacher of the student with its normalised weight (one teacher: {teacher: 1.0})."""
@@ -183,11 +216,17 @@ class StudentConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _method_default_divergence(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("finetune"), str):
+            raise ValueError(f"finetune: {data['finetune']!r}: a student's `finetune` is its post-distillation "
+                             f"fine-tuning (a mapping: enabled, epochs, lr_scale); a LoRA student is `lora: "
+                             f"{{r: 8, alpha: 16}}` (or `lora: {{}}` for the defaults)")
         return methods.with_default_divergence(with_route_teachers(data))
 
     @model_validator(mode="after")
     def _registered_names(self) -> StudentConfig:
         methods.check_student(self)
+        if self.lora is not None and (problem := _lora_problem(self.lora, self.model, self.training)):
+            raise ValueError(problem)
         return self
 
 

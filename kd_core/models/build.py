@@ -90,7 +90,8 @@ def make_model(source: ModelSource, tokenizer: PreTrainedTokenizerBase, n_positi
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """The model's parameters (tied ones once); of a LoRA model (peft) those of the merged model, adapters aside."""
+    return sum(p.numel() for name, p in model.named_parameters() if ".lora_" not in name)
 
 
 def set_generation_defaults(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> None:

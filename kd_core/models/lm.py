@@ -162,15 +162,27 @@ def lm_head_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     (`logits_to_keep=1`): the batch's logits are never formed. Runs under the caller's grad mode, through the
     wrapper (DDP, DeepSpeed, PEFT) like a plain forward, with the inputs `model_logits` passes.
 
+    A LoRA-adapted head (peft) is the projection by its adapted weight W + s · B A
+    (`kd_core.models.adapters.adapted_head`), with gradient to the adapters: a fused loss never ignores them.
+
     None when the logits are not that projection, and the caller uses the model's logits instead: no
-    `nn.Linear` output layer holding its weight (LoRA on the head, a head sharded by ZeRO-3), a config that scales
-    or soft-caps the logits, a forward without `logits_to_keep`, or (checked on the first call per model) a
-    kept last-position logit row that differs from the projection of the last hidden state.
+    `nn.Linear` output layer holding its weight (a head sharded by ZeRO-3, a LoRA head with adapter dropout), a
+    config that scales or soft-caps the logits, a forward without `logits_to_keep`, or (checked on the first call
+    per model) a kept last-position logit row that differs from the projection of the last hidden state.
     """
     inner = _unwrapped(model)
     get_head = getattr(inner, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if not isinstance(head, torch.nn.Linear) or head.weight.dim() != 2 or head.weight.numel() == 0:
+    if head is not None and not isinstance(head, torch.nn.Linear):  # (peft only when a head is not a plain layer)
+        from kd_core.models.adapters import adapted_head
+
+        projection = adapted_head(head)
+        if projection is None:
+            return None
+        weight, bias = projection
+    else:
+        weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0:
         return None
     cfg = getattr(inner, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -185,8 +197,8 @@ def lm_head_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     if plain is None:
         with torch.no_grad():
             kept = out.logits[:, -1].float()
-            projected = F.linear(hidden[:, -1], head.weight, head.bias).float()
+            projected = F.linear(hidden[:, -1], weight, bias).float()
             tol = 1e-4 if out.logits.dtype == hidden.dtype == torch.float32 else 2e-2
             plain = bool(torch.allclose(kept, projected, rtol=tol, atol=tol * max(1.0, float(kept.abs().max()))))
         _PLAIN_HEAD[inner] = plain
-    return HeadInputs(hidden, head.weight, head.bias) if plain else None
+    return HeadInputs(hidden, weight, bias) if plain else None

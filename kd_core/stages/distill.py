@@ -7,6 +7,7 @@ from kd_core.config import PipelineConfig
 from kd_core.data.training_set import encode_training_set
 from kd_core.io import write_json_atomic
 from kd_core.methods import get_method
+from kd_core.models.adapters import trainable_parameters, with_lora
 from kd_core.models.build import count_parameters, make_model, set_generation_defaults
 from kd_core.run import (RunPaths, is_main_process, load_model_tokenizer, load_student_tokenizer, n_positions,
                          read_split, training_seed)
@@ -31,6 +32,8 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
                                       student_cfg.training.loss_on_prompt, teacher_tokenizer, offsets)
     student = make_model(student_cfg.model, tokenizer, positions, seed, teacher=teacher)
     set_generation_defaults(student, tokenizer, cfg.evaluation.generation.max_new_tokens)
+    if student_cfg.lora is not None:  # adapters only (saved merged, the adapter in adapter/: kd_core/models/adapters.py)
+        student = with_lora(student, student_cfg.lora, f"students.{student_cfg.name}.lora")
     n_parameters = count_parameters(student)
     # what can fail before training fails before the teacher's cache is built
     preflight(cfg, f"distill {student_cfg.name}", model=student, tokenizer=tokenizer, training=student_cfg.training,
@@ -43,6 +46,8 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
                   "divergence": student_cfg.divergence if method.needs_teacher else "",
                   "teacher": student_cfg.teacher, "train_data": student_cfg.train_data,
                   "parameters": n_parameters, "teacher_cache_top_k": 0}
+    if student_cfg.lora is not None:
+        info["trainable_parameters"] = trainable_parameters(student)
     info |= source.describe() if source is not None else {}
     params = student_cfg.model_dump(mode="json", exclude={"finetune"})
     with runs.stage_run(cfg, paths.root, "distill", student_cfg.name, params=params, main_only=True, result=info):

@@ -28,11 +28,15 @@ def finetune(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     else:  # (torch, the trainer and MLflow only here: the stage of a student without fine-tuning starts light)
         from kd_core.tracking import runs
         from kd_core.methods import get_method
+        from kd_core.models.adapters import load_for_training
         from kd_core.models.build import count_parameters, load_checkpoint
         from kd_core.training.trainer import train
 
         tokenizer = load_model_tokenizer(paths, student_cfg.name, src)  # the student's own (saved with it)
-        model = load_checkpoint(src)
+        if student_cfg.lora is None:
+            model = load_checkpoint(src)
+        else:  # the same adapter trains on (its base recovered from the merged folder), saved merged again
+            model = load_for_training(src, f"students.{student_cfg.name}.lora")
         preflight(cfg, f"finetune {student_cfg.name}", model=model, tokenizer=tokenizer, training=student_cfg.training,
                   out_dir=paths.model(student_cfg.name), n_parameters=count_parameters(model))
         ds, _ = load_train_set(cfg, paths, tokenizer, loss_on_prompt=student_cfg.training.loss_on_prompt)

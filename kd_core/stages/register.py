@@ -38,7 +38,8 @@ def version_tags(cfg: PipelineConfig, paths: RunPaths, name: str, info: dict, te
             "kd.teacher_parameters": str(teacher_info.get("parameters") or ""),  # (none: a served teacher)
             "kd.parameters": str(info["parameters"]), "kd.params_hash": cfg.fingerprint(),
             "kd.data_version": version, "kd.run_dir": str(paths.root),
-            "kd.finetuned": str(info.get("finetuned", False)).lower()}
+            "kd.finetuned": str(info.get("finetuned", False)).lower()} | \
+        ({"kd.trainable_parameters": str(info["trainable_parameters"])} if "trainable_parameters" in info else {})
 
 
 def lineage_tags(cfg: PipelineConfig, name: str, lock_text: str | None) -> dict[str, str]:
@@ -124,6 +125,8 @@ def register(cfg: PipelineConfig, paths: RunPaths) -> dict:
                 per_prompt = paths.generations(name) / f"{set_name}.jsonl"
                 if per_prompt.is_file():
                     runs.log_artifact(per_prompt, "eval")
+            if (paths.model(name) / "adapter").is_dir():  # a LoRA model: its adapter (models.adapters.ADAPTER_DIR)
+                runs.log_artifacts(paths.model(name) / "adapter", f"{name}/adapter")
             if any(k.startswith("kd.dvc.") for k in tags):  # what `kd checkout` restores
                 runs.log_artifact(lock, "lineage")
             number = registry.log_model_and_register(

@@ -8,18 +8,12 @@ from kd_core.config import PipelineConfig
 from kd_core.io import atomic_dir, write_json_atomic, write_text_atomic
 from kd_core.methods import get_method
 from kd_core.tracking.model_card import card_tags, model_card
+from kd_core.models.adapters import trainable_parameters, with_lora
 from kd_core.models.build import count_parameters, make_model, set_generation_defaults
 from kd_core.training.preflight import preflight
 from kd_core.run import (RunPaths, is_main_process, load_run_tokenizer, load_source_tokenizer, load_train_set,
                          n_positions, training_seed)
 from kd_core.training.trainer import train
-
-
-def _with_lora(model, lora_cfg):
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(model, LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                                            target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM"))
 
 
 def _save(model, tokenizer, out_dir) -> None:
@@ -55,13 +49,11 @@ def train_teacher(cfg: PipelineConfig, paths: RunPaths) -> dict:
             info.update(train_time_s=0.0, steps=0)
         else:
             ds, dropped = load_train_set(cfg, paths, tokenizer, loss_on_prompt=teacher_cfg.training.loss_on_prompt)
-            lora = teacher_cfg.finetune == "lora"
-            if lora:
-                model = _with_lora(model, teacher_cfg.lora)
+            if teacher_cfg.finetune == "lora":  # saved merged (a plain causal LM), the adapter in adapter/
+                model = with_lora(model, teacher_cfg.lora, "teacher.lora")
+                info["trainable_parameters"] = trainable_parameters(model)
             result = train(model, ds, tokenizer, teacher_cfg.training, out_dir, method=get_method("sft")(None),
-                           seed=seed, on_log=runs.log_step, save=not lora)
-            if lora:  # merge the adapter so the teacher is a plain causal LM
-                _save(model.merge_and_unload(), tokenizer, out_dir)
+                           seed=seed, on_log=runs.log_step)
             info.update(train_time_s=result.wall_time_s, steps=result.steps, final_loss=result.final_loss,
                         dropped_overlong=dropped)
     if is_main_process():  # the folder's model card (this stage writes the folder: a DVC output of it)

@@ -40,6 +40,8 @@ def card_tags(cfg: PipelineConfig, name: str, info: dict) -> dict[str, str]:
     from its `train_info` (the teacher's, or a student's after finetune)."""
     is_teacher = name == cfg.teacher.name
     tags = {"kd.model": name, "kd.root_teacher": cfg.teacher.name, "kd.parameters": str(info.get("parameters", ""))}
+    if "trainable_parameters" in info:  # (LoRA: the adapters)
+        tags["kd.trainable_parameters"] = str(info["trainable_parameters"])
     if is_teacher:
         return tags | {"kd.role": "teacher", "kd.method": "teacher-sft", "kd.train_data": "train"}
     student = cfg.student(name)
@@ -85,6 +87,16 @@ def _training(training) -> str:
            f"{training.batch_size * training.grad_accum}, {training.precision}"
 
 
+def _weights_trained(lora, trainable: str | None) -> str:
+    """What training changed: every weight, or LoRA adapters (r, α, targets), merged into the saved weights."""
+    if lora is None:
+        return "all of them"
+    targets = ", ".join(f"`{t}`" for t in lora.target_modules) if lora.target_modules else "peft's default layers"
+    return (f"LoRA adapters only ({trainable + ' parameters; ' if trainable else ''}r = {lora.r}, α = {lora.alpha:g}, "
+            f"scaling α/r = {lora.alpha / lora.r:g}, dropout {lora.dropout:g}, on {targets}); merged into these "
+            f"weights, the adapter itself in `adapter/` (peft)")
+
+
 def _data(cfg: PipelineConfig) -> str:
     d = cfg.data
     source = {"builtin": f"the built-in synthetic tasks ({d.builtin_examples} examples)",
@@ -100,6 +112,10 @@ def model_card(cfg: PipelineConfig, name: str, tags: dict[str, str], metrics: di
     is_teacher = name == cfg.teacher.name
     student = None if is_teacher else cfg.student(name)
     model_cfg = cfg.teacher if is_teacher else student
+    if is_teacher:
+        lora = cfg.teacher.lora if cfg.teacher.train and cfg.teacher.finetune == "lora" else None
+    else:
+        lora = student.lora
     method = "teacher-sft" if is_teacher else student.method
     # the registry names are params of the register stage, not of the stages that save the folder: the folder's
     # card (metrics None) names the setting, so that renaming the registered model leaves the folder current
@@ -150,6 +166,7 @@ def model_card(cfg: PipelineConfig, name: str, tags: dict[str, str], metrics: di
              f"- **Initialisation**: {_source(model_cfg.model)}",
              f"- **Training data**: {data_line}",
              f"- **Training**: {_training(model_cfg.training) if not is_teacher or cfg.teacher.train else 'none'}",
+             f"- **Weights trained**: {_weights_trained(lora, tags.get('kd.trainable_parameters'))}",
              f"- **Produced by**: {produced}",
              "", "## How to prompt it", "",
              f"The model was trained and evaluated on prompts in the `{cfg.data.template}` template; an instruction "

@@ -176,6 +176,11 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+def log_artifacts(folder: Path, artifact_path: str) -> None:
+    """Every file of `folder` as artifacts of the active run under `artifact_path`."""
+    mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+
 @contextlib.contextmanager
 def downloaded_artifact(run_id: str, artifact_path: str) -> Iterator[Path | None]:
     """A run's artifact as a local file in a temporary folder that is removed when the block ends (MLflow's own

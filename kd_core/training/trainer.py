@@ -32,6 +32,7 @@ from kd_core.training.callbacks import (EXTRA_MODULES_FILE, ChecksumCheckpoint, 
                                         ExtraModulesStep, FaultHooks, MetricsCallback, ProgressBar, StopAtNextStep)
 from kd_core.errors import Cancelled, TrainingDiverged
 from kd_core.methods.base import Method, StepContext
+from kd_core.models.adapters import is_peft, save_merged
 
 if TYPE_CHECKING:
     from kd_core.teachers.source import TeacherSource
@@ -199,7 +200,9 @@ def zero3_inference_engine(teacher: PreTrainedModel, accelerator) -> torch.nn.Mo
 
 def _save_final(trainer: DistillationTrainer, out_dir: Path, tokenizer, method: Method) -> None:
     """Every rank calls `save_model` (ZeRO-3 gathers the sharded weights collectively); rank 0 writes into a
-    temporary folder that replaces `out_dir` once all ranks are done (nothing half-written is ever visible)."""
+    temporary folder that replaces `out_dir` once all ranks are done (nothing half-written is ever visible).
+    A LoRA model (peft; never under ZeRO-3, which config validation refuses) is saved by rank 0 alone, merged, with
+    its adapter in `adapter/` (`kd_core.models.adapters.save_merged`)."""
     from accelerate.utils import broadcast_object_list
 
     main = trainer.is_world_process_zero()
@@ -207,7 +210,11 @@ def _save_final(trainer: DistillationTrainer, out_dir: Path, tokenizer, method: 
         folder = [str(tmp) if main else None]
         if trainer.args.world_size > 1:
             broadcast_object_list(folder)  # ranks that write shards (ZeRO-3 without gathering) need the path
-        trainer.save_model(folder[0])
+        if is_peft(trainer.model):
+            if main:
+                save_merged(trainer.model, Path(folder[0]))
+        else:
+            trainer.save_model(folder[0])
         if main:
             tokenizer.save_pretrained(folder[0])
             method.save_artifacts(Path(folder[0]))
