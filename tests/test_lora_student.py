@@ -77,7 +77,9 @@ def test_the_table_of_lora_targets_is_what_transformers_builds(arch):
      "students.s.lora.target_modules: q_proj: no such layer in a gpt2 model (allowed: c_attn, c_proj, c_fc, "
      "lm_head, wte, wpe)"),
     ({"lora": {"rank": 8}}, "students.s.lora.rank: unknown key"),
-    ({"finetune": "lora"}, "students.s.finetune: 'lora': a student's `finetune` is its post-distillation"),
+    ({"finetune": "qlora"}, "students.s.finetune: 'qlora': allowed: full, lora (which weights train, as the "
+                            "teacher's), or a mapping"),
+    ({"finetune": "full", "lora": {"r": 4}}, "students.s.finetune: 'full' trains every weight, but lora settings"),
     ({"lora": {}, "training": dict(TINY_TRAINING, deepspeed="infra/deepspeed/zero3.json")},
      "students.s.lora: LoRA under ZeRO-3 (infra/deepspeed/zero3.json) is not supported"),
 ])
@@ -91,6 +93,18 @@ def test_bad_lora_settings_are_one_line_naming_the_key(student_fields, expected,
         parse_config(params)
     lines = str(err.value).splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"params.yaml: {expected}"), lines
+
+
+def test_the_teachers_spelling_finetune_lora_makes_a_lora_student():
+    """`finetune: lora` (as the teacher's) is a LoRA student with its `lora` settings or the defaults; `finetune: full`
+    is a student whose every weight trains; a mapping stays the post-distillation fine-tuning."""
+    params = tiny_params()
+    base = {"method": "kd", "model": TINY_MODEL, "training": TINY_TRAINING}
+    params["students"] = {"a": base | {"finetune": "lora"}, "b": base | {"finetune": "lora", "lora": {"r": 4}},
+                          "c": base | {"finetune": "full"}, "d": base | {"lora": {}, "finetune": {"enabled": True}}}
+    students = parse_config(params).students
+    assert students["a"].lora == LoraConfig() and students["b"].lora.r == 4 and students["c"].lora is None
+    assert students["a"].finetune.enabled is False and students["d"].finetune.enabled and students["d"].lora is not None
 
 
 def test_a_checkpoint_student_without_the_target_is_one_line_naming_the_key():

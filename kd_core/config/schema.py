@@ -179,6 +179,22 @@ class TeacherCacheConfig(StrictModel):
                                                     "per token at k = 64) or float32 (~516, exact at k = V)")
 
 
+def _weights_trained(data: Any) -> Any:
+    """A student's `finetune: full | lora`, the teacher's spelling of which weights train: `lora` is `lora: {}` (its
+    `lora` settings if given), `full` is no `lora`; a mapping is the post-distillation fine-tuning."""
+    if not isinstance(data, dict) or not isinstance(data.get("finetune"), str):
+        return data
+    mode, rest = data["finetune"], {k: v for k, v in data.items() if k != "finetune"}
+    if mode == "lora":
+        return rest | {"lora": rest.get("lora") or {}}
+    if mode == "full" and rest.get("lora") is None:
+        return rest
+    if mode == "full":
+        raise ValueError("finetune: 'full' trains every weight, but lora settings are given: drop one of them")
+    raise ValueError(f"finetune: {mode!r}: allowed: full, lora (which weights train, as the teacher's), or a "
+                     f"mapping (enabled, epochs, lr_scale: the post-distillation fine-tuning)")
+
+
 class StudentConfig(StrictModel):
     name: str = Field("", description="filled from the key under `students`")
     teacher: str = Field("teacher", description="who teaches it: the teacher, or another student (a teacher assistant)")
@@ -216,11 +232,7 @@ class StudentConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _method_default_divergence(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("finetune"), str):
-            raise ValueError(f"finetune: {data['finetune']!r}: a student's `finetune` is its post-distillation "
-                             f"fine-tuning (a mapping: enabled, epochs, lr_scale); a LoRA student is `lora: "
-                             f"{{r: 8, alpha: 16}}` (or `lora: {{}}` for the defaults)")
-        return methods.with_default_divergence(with_route_teachers(data))
+        return methods.with_default_divergence(with_route_teachers(_weights_trained(data)))
 
     @model_validator(mode="after")
     def _registered_names(self) -> StudentConfig:
