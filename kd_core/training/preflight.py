@@ -3,7 +3,8 @@ training (an MLflow server that is down, a read-only or full disk, a student tha
 teacher token by token) fails at once, with one message, and nothing is written or registered.
 
 `preflight()` (the models' vocabularies, the disk, the folder) is called by train_teacher, distill and finetune once
-the models (and distill's teacher source) are ready, right before the stage's MLflow run and training; the tracking
+the models are built, before distill's teacher source (whose cache may take a while to build) and before the stage's
+MLflow run and training; the tracking
 store was checked before the stage started (`kd_core.tracking.store.check_tracking`). A failure is a
 `PreflightError`: `kd` exits with status 2, the Prefect flow does not retry it.
 """
