@@ -68,8 +68,18 @@ def test_a_version_shows_a_handful_of_tags_and_kd_lineage_reads_the_rest(project
     new_run = client.create_run(experiment, tags=shown | {registry.LINEAGE_TAG: json.dumps(LINEAGE)}).info.run_id
     client.create_model_version("kd-student", source=f"runs:/{new_run}/fkl", run_id=new_run, tags=shown)
 
+    # a lineage over MLflow's 8,000 characters of a tag (many data files) goes into an artifact its tag names
+    many = LINEAGE | {f"kd.dvc.data.runs/tiny/data/eval/set{i:03d}.jsonl": f"{i:032x}" for i in range(200)}
+    import mlflow
+
+    with mlflow.start_run(experiment_id=experiment) as big:
+        mlflow.set_tags(shown | {registry.LINEAGE_TAG: registry._lineage_tag(json.dumps(many))})
+    client.create_model_version("kd-student", source=f"runs:/{big.info.run_id}/fkl", run_id=big.info.run_id,
+                                tags=shown)
+    assert len(json.dumps(many)) > 8000 and len(client.get_run(big.info.run_id).data.tags[registry.LINEAGE_TAG]) < 100
+
     assert len(client.get_model_version("kd-student", "2").tags) == len(registry.VERSION_TAGS) <= 10
-    assert [r["tags"] for r in registry.version_rows("kd-student")] == [LINEAGE, LINEAGE]
+    assert [r["tags"] for r in registry.version_rows("kd-student")] == [LINEAGE, LINEAGE, many]
     printed = []
     for version in (1, 2):
         out = CliRunner().invoke(app, ["lineage", f"kd-student:{version}"])

@@ -27,6 +27,7 @@ from kd_core import faults
 VERSION_TAGS = ("kd.role", "kd.model", "kd.method", "kd.divergence", "kd.teacher", "kd.data_version",
                 "kd.params_hash", "kd.git_commit", "kd.run_dir", "kd.model_hash")
 LINEAGE_TAG = "kd.lineage"  # a tag of the version's run: the version's full `kd.*` facts as one JSON object
+LINEAGE_FILE = "kd_lineage.json"  # the same document as an artifact of the run, when it is over MLflow's tag limit
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
 GENERATION_PARAMS = ("max_new_tokens", "do_sample", "temperature", "top_p")  # the params schema of a logged model
 
@@ -59,7 +60,7 @@ def log_model_and_register(model_dir: Path, registered_name: str, tags: dict[str
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
     shown = {k: tags[k] for k in VERSION_TAGS if k in tags}
-    mlflow.set_tags(shown | {LINEAGE_TAG: json.dumps(tags, sort_keys=True)})
+    mlflow.set_tags(shown | {LINEAGE_TAG: _lineage_tag(json.dumps(tags, sort_keys=True))})
     params = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_p": 1.0} | (generation or {})
     params = {k: params[k] for k in GENERATION_PARAMS}
     # fixed settings of the served pipeline (not request params): the evaluation's prompt encoding and sampling
@@ -119,10 +120,25 @@ def version_rows(registered_name: str) -> list[dict]:
     return rows
 
 
+def _lineage_tag(document: str) -> str:
+    """The `LINEAGE_TAG` value for the lineage `document` of the active run: the document itself, or where it is
+    longer than MLflow takes in a tag (8,000 characters: many teachers, eval sets, data files) the name of the
+    run's artifact `LINEAGE_FILE` that holds it."""
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    if len(document) <= MAX_TAG_VAL_LENGTH:
+        return document
+    mlflow.log_text(document, LINEAGE_FILE)
+    return json.dumps(LINEAGE_FILE)
+
+
 def _all_tags(version_tags: dict, run) -> dict[str, str]:
-    """A version's `kd.*` facts: its run's `LINEAGE_TAG` document (none for a version registered before it
-    existed) under the version's own tags (those set later win: `kd.last_seen_*`, the pending mark)."""
+    """A version's `kd.*` facts: its run's `LINEAGE_TAG` document (in the tag, or in the artifact it names; none for
+    a version registered before it existed) under the version's own tags (those set later win: `kd.last_seen_*`,
+    the pending mark)."""
     lineage = json.loads(run.data.tags.get(LINEAGE_TAG, "{}")) if run is not None else {}
+    if isinstance(lineage, str):  # the artifact's name
+        lineage = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{lineage}"))
     return lineage | dict(version_tags)
 
 
