@@ -202,12 +202,12 @@ def test_per_student_stages_depend_on_their_own_params_only():
 
 def test_stage_keys_are_checked_against_the_config():
     cfg = load_config(ROOT / "params.yaml")
-    check_key(STAGES["distill"], cfg, "jsd_labeled")
+    check_key(STAGES["distill"], cfg, "fkl")
     check_key(STAGES["evaluate"], cfg, cfg.teacher.name)
     check_key(STAGES["transfer"], cfg, "augmented")
-    with pytest.raises(KeyError, match=r"no student named 'nope' \(allowed: sft, seqkd, jsd_transfer, jsd_labeled\)"):
+    with pytest.raises(KeyError, match=r"no student named 'nope' \(allowed: sft, fkl, seqkd\)"):
         check_key(STAGES["distill"], cfg, "nope")
     with pytest.raises(KeyError, match="needs --model"):
         check_key(STAGES["finetune"], cfg, None)
     with pytest.raises(KeyError, match="takes no --model"):
-        check_key(STAGES["prepare"], cfg, "jsd_labeled")
+        check_key(STAGES["prepare"], cfg, "fkl")

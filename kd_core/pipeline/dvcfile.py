@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the project: kd_core/ and dvc.yaml
 HEADER = """\
 # Generated from the stage declarations in kd_core/stages/__init__.py by `kd dvc-yaml`: do not edit by hand.
 # `dvc repro` reproduces the pipeline (each stage runs `kd stage NAME`); a second `dvc repro` does nothing;
-# `dvc exp run -S students.jsd_labeled.temperature=2` works; changing one student's params reruns only its stages.
+# `dvc exp run -S students.fkl.temperature=2` works; changing one student's params reruns only its stages.
 """
 
 PLOTS = [
