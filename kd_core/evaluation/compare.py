@@ -1,7 +1,7 @@
-"""Comparison across the MLflow registry: a table of registered versions (teacher and students), each KD
-student against the SFT student of the same run and size (`sft_baseline`), a section per evaluated set (its
-metrics, and the paired comparison with the SFT student on its prompts), a size-versus-quality plot, as markdown,
-JSON and PNG.
+"""Comparison across the MLflow registry: a table of registered versions (teacher and students; a teacher served by
+another process, never registered, has its row from its metrics), each KD student against the SFT student of the
+same run and size (`sft_baseline`), a section per evaluated set (its metrics, and the paired comparison with the SFT
+student on its prompts), a size-versus-quality plot, as markdown, JSON and PNG.
 """
 
 from __future__ import annotations
