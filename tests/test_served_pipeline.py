@@ -1,7 +1,8 @@
 """A whole `kd_pipeline` flow run whose teacher is served by another process (tests/vllm_stub.py serving the tiny
 teacher of an in-process run): the flow completes; the teacher's metrics say it is served (its generation metrics
-through the endpoint); the students (one with the teacher cache, one live) are registered and the teacher is not;
-the students' top-1 agreement, asked of the endpoint, equals the in-process teacher's."""
+through the endpoint); the students (one with the teacher cache, one live) are registered and the teacher is not,
+but has its row (from its metrics) in the comparison report and the console's table; the students' top-1
+agreement, asked of the endpoint, equals the in-process teacher's."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ STUDENT = {"method": "kd", "teacher": "teacher", "train_data": "train", "diverge
 
 
 @pytest.mark.slow
-def test_a_pipeline_with_a_served_teacher_runs_to_the_end(project, empty_stores):
+def test_a_pipeline_with_a_served_teacher_runs_to_the_end(project, empty_stores, capsys):
     from flows.pipeline import kd_pipeline
+    from kd_core.cli import print_table
 
     local = parse_config(tiny_params(run_dir="runs/local"))
     local_paths = RunPaths.of(local)
@@ -56,7 +58,16 @@ def test_a_pipeline_with_a_served_teacher_runs_to_the_end(project, empty_stores)
     assert {v.tags["kd.model"] for v in registered_versions("kd-student")} == {"cached", "live"}
     assert registered_versions("kd-teacher") == []
     assert result["registered"]["champion"].get("version") is not None
-    assert "cached (kd-student" in (paths.reports / "compare.md").read_text()
+    report = (paths.reports / "compare.md").read_text()
+    assert "cached (kd-student" in report
+    # the served teacher (never registered) has its row, from metrics/teacher.json, in the report and the console
+    (served_row,) = [r for r in result["compare"]["rows"] if r.get("served")]
+    assert served_row["label"] == "teacher (served)" and served_row["served"] == url
+    assert served_row["metrics"]["test/rougeL_greedy"] == teacher_metrics["test/rougeL_greedy"]
+    assert f"| teacher (served) | teacher | served |  | {teacher_metrics['test/rougeL_sampled_mean']:.2f}" in report
+    print_table(result["compare"])
+    console = [line for line in capsys.readouterr().out.splitlines() if "teacher (served)" in line]
+    assert len(console) == 1 and f"{teacher_metrics['test/rougeL_greedy']:.2f}" in console[0]
 
     teacher = load_checkpoint(local_paths.model("teacher"))  # the weights the stub served
     for name in ("cached", "live"):

@@ -1,7 +1,7 @@
-"""Comparison across the MLflow registry: a table of registered versions (teacher and students), each KD
-student against the SFT student of the same run and size (`sft_baseline`), a section per evaluated set (its
-metrics, and the paired comparison with the SFT student on its prompts), a size-versus-quality plot, as markdown,
-JSON and PNG.
+"""Comparison across the MLflow registry: a table of registered versions (teacher and students; a teacher served by
+another process, never registered, has its row from its metrics), each KD student against the SFT student of the
+same run and size (`sft_baseline`), a section per evaluated set (its metrics, and the paired comparison with the SFT
+student on its prompts), a size-versus-quality plot, as markdown, JSON and PNG.
 """
 
 from __future__ import annotations
@@ -52,8 +52,30 @@ def format_metric(metrics: dict, key: str, fmt: str, ci: bool = True) -> str:
 
 
 def labelled(versions: list[dict]) -> list[dict]:
-    """The registered versions, each with its table label: `<model> (<registered name> v<version>)`."""
-    return [r | {"label": f"{r['tags'].get('kd.model', '?')} ({r['name']} v{r['version']})"} for r in versions]
+    """The rows of the table, each with its label: `<model> (<registered name> v<version>)` for a registered version,
+    `<model> (served)` for a teacher served by another process (`served_teacher_row`)."""
+    return [r | {"label": _label(r)} for r in versions]
+
+
+def _label(row: dict) -> str:
+    model = row["tags"].get("kd.model", "?")
+    return f"{model} (served)" if row.get("served") else f"{model} ({row['name']} v{row['version']})"
+
+
+def served_teacher_row(cfg, paths) -> dict | None:
+    """The comparison row of the run's teacher when another process serves it (teacher.model.endpoint): never
+    registered (its weights are not here), so its row comes from the run folder, `metrics/<teacher>.json` (its
+    generation metrics through the endpoint, the evaluate stage's), in the shape of a registered version's row
+    (`kd_core.tracking.registry.version_rows`) with no registered name, version or aliases and `served`: the
+    endpoint's URL. None for a teacher whose weights are here (its registered version is its row)."""
+    name = cfg.teacher.name
+    if not cfg.is_served(name):
+        return None
+    metrics = json.loads(paths.metrics(name).read_text(encoding="utf-8"))
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tags = {"kd.role": "teacher", "kd.model": name, "kd.method": "served", "kd.served_model": metrics["model"]}
+    return {"name": None, "version": None, "run_id": None, "tags": tags, "metrics": numbers, "aliases": [],
+            "served": metrics["endpoint"]}
 
 
 def _vs_sft(cfg, rows: list[dict], key: str) -> list[dict]:
@@ -111,7 +133,8 @@ def table(rows: list[dict], *, console: bool = False, eval_set: str = "test") ->
         if t.get("kd.divergence"):
             method += f" ({t['kd.divergence']})"
         if console:
-            row = [f"{t.get('kd.model', '?')} v{r['version']}", method, _parameters(t)]
+            name = r["label"] if r.get("served") else f"{t.get('kd.model', '?')} v{r['version']}"
+            row = [name, method, _parameters(t)]
             metrics = [format_metric(r["metrics"], k, f, ci=k.endswith("rougeL_sampled_mean")) for k, _, f in cols]
         else:
             row = [r["label"], t.get("kd.role", ""), method, t.get("kd.parameters", "")]
@@ -256,7 +279,8 @@ def build_report(cfg, paths, versions: list[dict], tracking_uri: str) -> dict:
     """The comparison report (`reports/compare.md` and `.json`, plots): the registered versions on the champion
     metric's eval set, the KD students against the SFT student, then a section per evaluated set (its metrics per
     version and the paired comparison with the SFT student on its prompts). `versions`: the teacher's and the
-    students' registered versions (`kd_core.tracking.registry.version_rows`), in the store at `tracking_uri`."""
+    students' registered versions (`kd_core.tracking.registry.version_rows`), in the store at `tracking_uri`, and a
+    served teacher's row (`served_teacher_row`)."""
     out_dir: Path = paths.reports
     rows = labelled(versions)
     if not any(r["name"] == cfg.tracking.registered_model for r in rows):  # (the teacher's alone: no comparison)
@@ -299,7 +323,8 @@ def build_report(cfg, paths, versions: list[dict], tracking_uri: str) -> dict:
     size_quality_plot(rows, key, out_dir / "size_vs_quality.png")
     # one field name whatever the metric, so dvc.yaml's plot definition does not depend on params
     points = [{"model": r["label"], "parameters": int(r["tags"].get("kd.parameters") or 0),
-               "champion_metric": r["metrics"][key], "metric": key} for r in rows if key in r["metrics"]]
+               "champion_metric": r["metrics"][key], "metric": key}
+              for r in rows if key in r["metrics"] and r["tags"].get("kd.parameters")]  # (a served teacher: unknown)
     write_json_atomic(out_dir / "plot_points.json", points)  # DVC plots (dvc.yaml)
     return {"rows": rows, "vs_sft": vs_sft, "paired_vs_sft": paired_champion, "paired_set": champion_set,
             "eval_sets": by_set, "markdown": str(out_dir / "compare.md"), "json": str(out_dir / "compare.json"),

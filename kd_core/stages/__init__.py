@@ -105,8 +105,9 @@ DECLARATIONS = (
     Stage("register", doc="register every model in MLflow; the champion rule",
           deps=(f"{R}/metrics", f"{R}/train_info"), params=("tracking",),
           outs=(Out(f"{R}/registry.json", cache=False),)),
-    Stage("compare", doc="the registered versions side by side: report and plots",
-          deps=(f"{R}/registry.json",), outs=(Out(f"{R}/reports", cache=False),)),
+    Stage("compare", doc="the registered versions side by side: report and plots (a served teacher's row: its "
+          "metrics)",
+          deps=(f"{R}/registry.json", f"{R}/metrics/${{teacher.name}}.json"), outs=(Out(f"{R}/reports", cache=False),)),
 )
 STAGES: dict[str, Stage] = {s.name: s for s in DECLARATIONS}
 
