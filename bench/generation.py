@@ -42,12 +42,18 @@ MODELS = {"2x128": ArchConfig(n_layer=2, hidden=128, n_head=4),
 BATCH_SIZES = (1, 8, 32)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def generation_args(description: str) -> argparse.ArgumentParser:
+    """The options every generation bench takes: repetitions, prompts, new tokens, model sizes."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--models", nargs="+", default=["2x128", "4x256"], choices=list(MODELS))
+    return ap
+
+
+def main() -> None:
+    ap = generation_args(__doc__.split("\n")[0])
     ap.add_argument("--decoders", action="store_true", help="compare the decoders instead of batch sizes")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

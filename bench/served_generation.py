@@ -16,7 +16,6 @@ answer has `--new-tokens` tokens). Client and server share the machine's cores; 
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import kd_core  # noqa: E402,F401  (offline defaults)
-from bench.generation import MODELS  # noqa: E402
+from bench.generation import MODELS, generation_args  # noqa: E402
 from bench.step_time import VOCAB, machine, word_tokenizer  # noqa: E402
 from kd_core.config.endpoint import EndpointConfig  # noqa: E402
 from kd_core.generation import generate  # noqa: E402
@@ -50,11 +49,7 @@ def runs(model, served: dict[int, ServedTeacher]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--models", nargs="+", default=["2x128", "4x256"], choices=list(MODELS))
+    ap = generation_args(__doc__.split("\n")[0])
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from tokenizers import pre_tokenizers
