@@ -189,7 +189,7 @@ def main() -> None:
 
 def objective(sc) -> str:
     """A student's method, with its divergence for the methods that read the teacher's distribution."""
-    return sc.method if sc.method in ("sft", "seqkd") else f"{sc.method} ({sc.divergence})"
+    return sc.method if sc.method in ("sft", "seqkd", "uld") else f"{sc.method} ({sc.divergence})"  # (ULD: W1)
 
 
 def student_line(sc) -> str:
