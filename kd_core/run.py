@@ -143,14 +143,18 @@ def load_source_tokenizer(cfg: PipelineConfig, source, key: str):
     return tok
 
 
-def load_student_tokenizer(cfg: PipelineConfig, paths: RunPaths, student_cfg, cross_tokenizer: bool):
+def load_student_tokenizer(cfg: PipelineConfig, paths: RunPaths, student_cfg):
     """The tokenizer a student trains with: its `model.tokenizer`; a checkpoint's own when its method distils across
-    tokenizers (`cross_tokenizer`; else the run's, which must then equal it: preflight checks); its teacher's when cut
-    `from_teacher_layers`; else (built from config) the run's."""
-    src = student_cfg.model
+    tokenizers (`uld`, `gold`) or reads no teacher distribution (`sft`, `seqkd`: text only, so a checkpoint of
+    another family keeps its tokenizer), else the run's, which must then equal it (preflight checks); its teacher's
+    when cut `from_teacher_layers`; else (built from config) the run's."""
+    from kd_core.config.methods import METHOD_SPECS
+
+    src, spec = student_cfg.model, METHOD_SPECS[student_cfg.method]
     if src.from_teacher_layers is not None:
         return load_model_tokenizer(paths, student_cfg.teacher)
-    if src.tokenizer is not None or (cross_tokenizer and src.checkpoint is not None):
+    own_checkpoint = spec.cross_tokenizer or not spec.needs_teacher
+    if src.tokenizer is not None or (own_checkpoint and src.checkpoint is not None):
         own = load_source_tokenizer(cfg, src, f"students.{student_cfg.name}.model.tokenizer")
         if own is not None:
             return own

@@ -121,7 +121,7 @@ def test_generation_metrics_the_evaluation_writes_are_the_ones_validate_expects(
     written = run._generation_metrics(cfg, None, tokenizer, "test", rows, tmp_path / "test.jsonl")
     assert written and all(metric_problem(cfg, key) is None for key in written)
     for name in ("rougeL_greedy", "exact_match_greedy", "gen_tokens_per_s", "rougeL_sampled_mean",
-                 "exact_match_sampled_ci_high", "distinct_2", "self_bleu", "rougeL_greedy_ci_low",
+                 "exact_match_sampled_ci_high", "distinct_2", "self_bleu", "function_words", "rougeL_greedy_ci_low",
                  "exact_match_greedy_ci_high", "n_prompts", "max_new_tokens", "ref_tokens_p95", "ref_tokens_max"):
         assert (metric_problem(cfg, f"test/{name}") is None) == (f"test/{name}" in written)
 

@@ -374,6 +374,40 @@ def test_validate_refuses_token_level_methods_across_tokenizers():
         parse_config(params)
 
 
+def test_a_student_checkpoint_of_another_family_keeps_its_tokenizer_without_a_teacher_distribution(tmp_path):
+    """A student checkpoint with another tokenizer than the run's (the teacher's): `sft` and `seqkd` (text only) and
+    `uld` / `gold` train with the checkpoint's own tokenizer; `kd` (token by token) gets the run's, which preflight
+    then refuses; a model cut from the teacher gets the teacher's."""
+    from kd_core.errors import ModelError
+    from kd_core.run import RunPaths, load_student_tokenizer
+    from kd_core.training.preflight import check_vocab_compatible
+
+    rows, run_tok, _ = two_tokenizers()
+    other_tok = train_bpe_tokenizer([(format_prompt(r, TEMPLATE) + r["response"]).upper()[::-1] for r in rows], 400)
+    other = tiny_lm(other_tok, seed=0)
+    other.save_pretrained(tmp_path / "other")
+    other_tok.save_pretrained(tmp_path / "other")
+    params = tiny_params(run_dir=str(tmp_path / "run"))
+    ckpt = {"checkpoint": str(tmp_path / "other")}
+    params["students"] = {"sft": {"method": "sft", "model": ckpt}, "seqkd": {"method": "seqkd", "model": ckpt},
+                          "uld": {"method": "uld", "model": ckpt}, "fkl": {"method": "kd", "model": ckpt},
+                          "cut": {"method": "kd", "model": {"from_teacher_layers": [0]}}}
+    params["transfer_sets"] = {"gen": {"source": "teacher", "max_new_tokens": 4}}
+    params["students"]["seqkd"]["train_data"] = "gen"
+    cfg = parse_config(params)
+    paths = RunPaths.of(cfg)
+    run_tok.save_pretrained(str(paths.tokenizer))
+    run_tok.save_pretrained(str(paths.model("teacher")))
+    for name in ("sft", "seqkd", "uld"):
+        tok = load_student_tokenizer(cfg, paths, cfg.students[name])
+        assert tok.get_vocab() == other_tok.get_vocab(), name
+        check_vocab_compatible(None, other, tok, cfg.students[name].model)  # what distill's preflight checks
+    for name in ("fkl", "cut"):
+        assert load_student_tokenizer(cfg, paths, cfg.students[name]).get_vocab() == run_tok.get_vocab(), name
+    with pytest.raises(ModelError, match="another tokenizer than the run's"):
+        check_vocab_compatible(tiny_lm(run_tok, seed=1), other, run_tok, cfg.students["fkl"].model)
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_teacher_and_student_with_no_shared_tokenizer_through_the_stages(project):

@@ -181,6 +181,22 @@ def test_real_model_profile_is_valid():
     assert {s.train_data for n, s in cfg.students.items() if n != "sft"} == set(cfg.transfer_sets)
 
 
+def test_cross_tokenizer_real_model_profile_is_valid():
+    """bench/gemma_smollm2.yaml: a GGUF teacher SFT'd with LoRA, GGUF students of another family with methods that
+    work across tokenizers (text only, or `cross_tokenizer`), every KD student on the teacher's answers."""
+    from kd_core.config import load_config
+    from kd_core.config.methods import METHOD_SPECS
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "bench/gemma_smollm2.yaml")
+    assert cfg.teacher.train and cfg.teacher.finetune == "lora" and cfg.teacher.model.gguf_file
+    for name, st in cfg.students.items():
+        spec = METHOD_SPECS[st.method]
+        assert st.model.gguf_file != cfg.teacher.model.gguf_file, name
+        assert spec.cross_tokenizer or not spec.needs_teacher, name
+        assert st.train_data == ("train" if st.method == "sft" else "teacher_responses"), name
+
+
 def test_rows_of_one_prompt_land_in_one_split():
     """Several answers to one prompt, or one row given twice: all in the same split (before, each row was split by
     its own id, and a test prompt was also a training prompt; 20 rows given four times put 11 of 11 test prompts

@@ -29,7 +29,8 @@ from kd_core.evaluation.teacher_forcing import (
     top1_agreement_tokens,
     unc_buckets,
 )
-from kd_core.evaluation.text_metrics import distinct_n, exact_match, normalize_answer, rouge_l, self_bleu
+from kd_core.evaluation.text_metrics import (distinct_n, exact_match, function_word_share, normalize_answer, rouge_l,
+                                             self_bleu)
 from kd_core.models.lm import causal_lm_logits
 
 transformers = pytest.importorskip("transformers")
@@ -125,6 +126,13 @@ def test_distinct_n_hand_case():
     # bigrams: ab ba ab | ab bc -> 5 total, {ab, ba, bc} unique (no bigram across texts)
     assert distinct_n(texts, 2) == pytest.approx(3 / 5)
     assert distinct_n(["a"], 2) == 0.0
+
+
+def test_function_word_share_hand_case():
+    # words: the cat sat on the mat | and it was ok -> 10 words; function words: the on the and it was -> 6
+    assert function_word_share(["The cat sat on the mat.", "And it, was OK!"]) == pytest.approx(6 / 10)
+    assert function_word_share(["-- ...", ""]) == 0.0  # punctuation only: no word
+    assert function_word_share(["the the of to"]) == 1.0
 
 
 def test_self_bleu():

@@ -18,7 +18,7 @@ AnswerRule = Literal["gsm8k", "last_number", "boxed", "choice"]
 REGISTER_METRICS = ("parameters", "train_time_s")
 SPLIT_METRIC = re.compile(r"loss|ppl")  # val/ and test/: teacher-forced on the splits, whatever eval_sets says
 GREEDY_METRIC = re.compile(r"(rougeL|exact_match)_greedy(_ci_low|_ci_high)?|gen_tokens_per_s")
-SAMPLED_METRIC = re.compile(r"(rougeL|exact_match)_sampled_(mean|std|ci_low|ci_high)|distinct_[12]|self_bleu")
+SAMPLED_METRIC = re.compile(r"(rougeL|exact_match)_sampled_(mean|std|ci_low|ci_high)|distinct_[12]|self_bleu|function_words")
 SET_METRIC = re.compile(r"n_prompts|max_new_tokens|ref_tokens_(p50|p90|p95|max)")  # every evaluated set
 AGREEMENT_METRIC = re.compile(r"top1_agreement(_tokens)?|kl_teacher_student(_topk)?")  # test/, students only
 SERVED_METRIC = re.compile(r"top1_agreement(_tokens)?|kl_teacher_student_topk")  # those of a served teacher's students
@@ -29,7 +29,7 @@ ANSWER_GREEDY_METRIC = re.compile(r"answer_match_greedy(_ci_low|_ci_high)?")
 ANSWER_SAMPLED_METRIC = re.compile(r"answer_match_sampled_(mean|std|ci_low|ci_high)|pass_at_(\d+)(_ci_low|_ci_high)?")
 ALLOWED = ("parameters, train_time_s, {val,test}/{loss,ppl}, <eval set>/{rougeL,exact_match}_greedy[_ci_low|"
            "_ci_high], <eval set>/gen_tokens_per_s, <eval set>/{rougeL,exact_match}_sampled_{mean,std,ci_low,ci_high}, "
-           "<eval set>/{distinct_1,distinct_2,self_bleu,n_prompts,max_new_tokens,ref_tokens_{p50,p90,p95,max}}, "
+           "<eval set>/{distinct_1,distinct_2,self_bleu,function_words,n_prompts,max_new_tokens,ref_tokens_{p50,p90,p95,max}}, "
            "test/{top1_agreement,top1_agreement_tokens,kl_teacher_student}, test/kl_teacher_student_topk (a served "
            "teacher), "
            "test/unc_bucket<i>_{top1_agreement,kl,logit_std}, test/exaccerr_l<l>[_ci_low|_ci_high], "
@@ -68,7 +68,7 @@ def metric_problem(cfg: PipelineConfigLike, metric: str) -> str | None:
     - `parameters`, `train_time_s`: always (the register stage logs them).
     - `val/{loss,ppl}`, `test/{loss,ppl}`: when that split is not empty (data.split.<split>_fraction > 0).
     - `<set>/<generation metric>`: `<set>` in evaluation.eval_sets; `*_greedy[_ci_*]` and `gen_tokens_per_s`
-      need evaluation.greedy; `*_sampled_*`, `distinct_*`, `self_bleu` need evaluation.sample_seeds;
+      need evaluation.greedy; `*_sampled_*`, `distinct_*`, `self_bleu`, `function_words` need evaluation.sample_seeds;
       `n_prompts`, `max_new_tokens`, `ref_tokens_*` need the set only; `answer_match_*` and `pass_at_<k>[_ci_*]`
       need `<set>` in evaluation.answers (and k in `EvaluationConfig.pass_ks`).
     - `test/top1_agreement[_tokens]`, `test/kl_teacher_student`, `test/unc_bucket<i>_*` (i < evaluation.unc_buckets),

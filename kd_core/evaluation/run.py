@@ -14,7 +14,8 @@ import torch
 from kd_core.data.tokenize import batches, encode_prompt, encode_rows
 from kd_core.evaluation.answers import answer_match, check_references, extract_answer, pass_at_k
 from kd_core.evaluation.stats import bootstrap_mean, summarize
-from kd_core.evaluation.text_metrics import distinct_n, exact_match, references, rouge_l, self_bleu
+from kd_core.evaluation.text_metrics import (distinct_n, exact_match, function_word_share, references, rouge_l,
+                                             self_bleu)
 from kd_core.generation import generate
 from kd_core.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from kd_core.models.lm import response_logprobs
@@ -103,6 +104,7 @@ def _generation_metrics(cfg, model, tokenizer, set_name: str, rows: list[dict], 
         metrics[f"{set_name}/distinct_1"] = distinct_n(first_seed_texts, 1)
         metrics[f"{set_name}/distinct_2"] = distinct_n(first_seed_texts, 2)
         metrics[f"{set_name}/self_bleu"] = self_bleu(first_seed_texts[:200])
+        metrics[f"{set_name}/function_words"] = function_word_share(first_seed_texts)
         for i, item in enumerate(per_prompt):
             item.update(rougeL_samples=rouge[:, i].tolist(), rougeL_sampled_mean=float(rouge[:, i].mean()),
                         exact_match_sampled_mean=float(em[:, i].mean()))

@@ -1,4 +1,4 @@
-"""Text-level metrics: exact match, ROUGE-L, distinct-n, self-BLEU.
+"""Text-level metrics: exact match, ROUGE-L, distinct-n, self-BLEU, function-word share.
 
 Conventions
 -----------
@@ -6,7 +6,8 @@ Conventions
   F-measure of the LCS between prediction and reference, scaled to 0..100. By default the Porter stemmer is
   on (``use_stemmer=True``), as in MiniLLM's ``rouge_metric.py``; its tokenizer lowercases and drops
   non-alphanumeric characters.
-- ``distinct_n`` and ``self_bleu`` tokenise on whitespace (``str.split()``) with no lowercasing.
+- ``distinct_n`` and ``self_bleu`` tokenise on whitespace (``str.split()``) with no lowercasing;
+  ``function_word_share`` lowercases and strips punctuation from each whitespace token.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import string
 from collections.abc import Sequence
 from functools import lru_cache
 
-__all__ = ["normalize_answer", "references", "exact_match", "rouge_l", "distinct_n", "self_bleu"]
+__all__ = ["normalize_answer", "references", "exact_match", "rouge_l", "distinct_n", "self_bleu", "function_word_share",
+           "FUNCTION_WORDS"]
 
 _PUNCT = string.punctuation
 
@@ -101,6 +103,22 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
         total += len(grams)
         unique.update(grams)
     return len(unique) / total if total else 0.0
+
+
+# 30 of the most frequent English function words (articles, conjunctions, prepositions, auxiliaries, pronouns)
+FUNCTION_WORDS = frozenset("the a an and or but of to in on for with at by from as is are was were be it this that "
+                           "not i you he she they".split())
+
+
+def function_word_share(texts: Sequence[str]) -> float:
+    """The share of words that are among `FUNCTION_WORDS`, pooled over all texts: a fluency check, since text
+    collapsed onto the most frequent tokens scores high here (the Dolly-test references: 0.32).
+
+    Words are ``text.split()`` lowercased with punctuation stripped at both ends (empty ones dropped). Returns 0.0
+    when there is no word.
+    """
+    words = [w for text in texts for w in (t.strip(_PUNCT).lower() for t in text.split()) if w]
+    return sum(w in FUNCTION_WORDS for w in words) / len(words) if words else 0.0
 
 
 def self_bleu(texts: Sequence[str], max_n: int = 4) -> float:

@@ -50,8 +50,11 @@ def load_checkpoint(source: str | Path, gguf_file: str | None = None, trust_remo
         raise ModelError(f"checkpoint {source!r} ({type(config).__name__}) is not a causal LM: {err}") from None
     except OSError as err:
         raise ModelError(f"checkpoint {source!r}: cannot load safetensors weights ({err})") from None
-    if gguf_file:  # dequantised weights: drop the quantizer so save_pretrained works (stack.md)
-        model.hf_quantizer = None
+    if gguf_file:  # dequantised fp32 weights: drop the quantizer (transformers' own removal: config, flags), else
+        # save_pretrained refuses (stack.md) and the Trainer refuses to train a model still marked `is_quantized`
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.hf_quantizer, model.is_quantized = None, False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model

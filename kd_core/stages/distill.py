@@ -25,7 +25,7 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     rows = read_split(paths, student_cfg.train_data)
     # across tokenizers (uld, gold): each model its own tokenizer, the data encoded under both
     teacher_tokenizer = load_model_tokenizer(paths, student_cfg.teacher) if method.cross_tokenizer else None
-    tokenizer = load_student_tokenizer(cfg, paths, student_cfg, method.cross_tokenizer)
+    tokenizer = load_student_tokenizer(cfg, paths, student_cfg)
     offsets = method.cross_tokenizer and method.needs_text_offsets  # (character offsets: cross-tokenizer methods)
     ds, dropped = encode_training_set(rows, student_cfg.train_data, tokenizer, cfg.data.template,
                                       cfg.tokenizer.max_length, cfg.tokenizer.overlong,
