@@ -2,38 +2,62 @@
 
     python bench/default_seeds.py [--seeds 0 1 2] [--out docs/results_seeds.md]
 
-Seed s runs the default pipeline (`kd run`, params.yaml as it is) into `runs/seed<s>` with every student's
-`training.seed` set to s (the teacher, the data and the transfer set are the same at every seed: their seeds are
-the pipeline's `seed`); a seed whose report exists is not run again (`--rerun` to force). Seed 0 is what `make run`
-computes: its report in params.yaml's `run_dir` is used when there is one. Then, from each run's `reports/compare.json`, each student
-against the SFT student of the same run on every eval set (paired bootstrap over prompts of the per-prompt ROUGE-L
-at T = 1 averaged over the sampling seeds): the validation/test split first (where the configuration is chosen),
-the pinned set second (where it is confirmed).
+Seed 0 is what `make run` computes: its run folder (params.yaml's `run_dir`) is read as it is (run `make run`
+first). Seed s > 0 goes into `runs/seed<s>`: the outputs that do not depend on the students' seeds (data, tokenizer,
+the trained teacher, its evaluation, the transfer sets: their seeds are the pipeline's `seed`) are copied from seed
+0's folder, then each student's stages (cache_teacher, distill, finetune, evaluate) run in this process, as the flow
+runs them, with every student's `training.seed` set to s; a student already evaluated is not trained again. Then
+each student against the SFT student of the same seed on every eval set (paired bootstrap over prompts of the
+per-prompt ROUGE-L at T = 1 averaged over the sampling seeds: `kd_core.evaluation.compare.paired_vs_sft`): the
+test split first (where the configuration is chosen), the pinned set second (where it is confirmed).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
-import sys
+import shutil
 import time
 from pathlib import Path
 
+import kd_core  # noqa: F401  (offline defaults)
 from kd_core.config import load_config
+from kd_core.evaluation.compare import paired_vs_sft
+from kd_core.pipeline.one_stage import run_stage
+from kd_core.run import RunPaths
 
-REPO = Path(__file__).resolve().parents[1]
+STUDENT_STAGES = ("cache_teacher", "distill", "finetune", "evaluate")
 
 
-def run_seed(params: Path, seed: int, run_dir: Path) -> float:
-    """`kd run` of the default pipeline with every student's training seed set to `seed`; its wall time (s)."""
-    cfg = load_config(params)
-    overrides = [f"run_dir={run_dir}"] + [f"students.{name}.training.seed={seed}" for name in cfg.students]
+def seed_config(params: Path, seed: int):
+    base = load_config(params)
+    if seed == 0:
+        return base
+    overrides = {"run_dir": f"runs/seed{seed}"} | {f"students.{n}.training.seed": seed for n in base.students}
+    return load_config(params, overrides)
+
+
+def shared_outputs(cfg, seed0: RunPaths, paths: RunPaths) -> None:
+    """Copy what the students' seed does not change from seed 0's run folder."""
+    copies = [seed0.data, seed0.tokenizer, seed0.model(cfg.teacher.name), seed0.generations(cfg.teacher.name),
+              seed0.metrics(cfg.teacher.name), seed0.train_info(cfg.teacher.name)]
+    copies += [seed0.train_info(f"transfer.{name}") for name in cfg.transfer_sets]
+    for src in copies:
+        dst = paths.root / src.relative_to(seed0.root)
+        if dst.exists() or not src.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
+
+
+def train_students(cfg, paths: RunPaths) -> float:
     start = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "kd"), "run", "--params", str(params),
-                    *[a for o in overrides for a in ("-S", o)]], check=True, cwd=REPO)
+    for name in cfg.students:
+        if paths.metrics(name).is_file():
+            continue
+        for stage in STUDENT_STAGES:
+            run_stage(stage, cfg, name)
     return time.perf_counter() - start
 
 
@@ -43,47 +67,42 @@ def cell(pair: dict) -> str:
     return f"{bold}{pair['mean_diff']:+.2f} [{pair['ci_low']:+.2f}, {pair['ci_high']:+.2f}], p {p}{bold}"
 
 
-def table(reports: dict[int, dict], eval_set: str, students: list[str]) -> list[str]:
-    lines = [f"| seed | SFT ROUGE-L | " + " | ".join(f"{s} Δ vs SFT [95% CI], p" for s in students) + " |",
-             "|---|---|" + "---|" * len(students)]
-    for seed, report in sorted(reports.items()):
-        pairs = {p["model"]: p for p in report["eval_sets"][eval_set]["paired_vs_sft"]}
-        sft = next((r for r in report["rows"] if r.get("label", "").split(" ")[0] == "sft"), None)
-        sft_value = sft["metrics"].get(f"{eval_set}/rougeL_sampled_mean") if sft else None
-        lines.append(f"| {seed} | {sft_value:.2f} | " if sft_value is not None else f"| {seed} | – | ")
-        lines[-1] += " | ".join(cell(pairs[s]) if s in pairs else "–" for s in students) + " |"
-    return lines
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", type=Path, default=REPO / "docs" / "results_seeds.md")
-    ap.add_argument("--rerun", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("docs/results_seeds.md"))
     args = ap.parse_args()
-    cfg = load_config(args.params)
-    walls, reports = {}, {}
-    made = REPO / cfg.run_dir / "reports" / "compare.json"  # `make run`'s own: seed 0 of the pipeline's settings
+    base = load_config(args.params)
+    seed0 = RunPaths.of(base)
+    if not seed0.metrics(base.teacher.name).is_file():
+        ap.error(f"{seed0.root}: no finished default run (seed 0): run `make run` first")
+    pairs, walls = {}, {}
     for seed in args.seeds:
-        run_dir = Path("runs") / f"seed{seed}"
-        report = REPO / run_dir / "reports" / "compare.json"
-        if seed == 0 and not report.is_file() and made.is_file() and not args.rerun:
-            report = made
-        if args.rerun or not report.is_file():
-            walls[seed] = run_seed(args.params, seed, run_dir)
-        reports[seed] = json.loads(report.read_text())
-    students = [s for s in cfg.students if cfg.students[s].method != "sft"]
+        cfg = seed_config(args.params, seed)
+        paths = RunPaths.of(cfg)
+        if seed:
+            shared_outputs(cfg, seed0, paths)
+            walls[seed] = train_students(cfg, paths)
+        pairs[seed] = {s: {p["model"]: p for p in paired_vs_sft(cfg, paths, s)} for s in cfg.evaluation.eval_sets}
+    kd = [n for n in base.students if base.students[n].method != "sft"]
     load = os.getloadavg()
     md = ["# The default scenario at three student training seeds", "",
           f"Generated by `python bench/default_seeds.py --seeds {' '.join(map(str, args.seeds))}` on "
-          f"{platform.machine()}, {os.cpu_count()} cores; load average at the end {load[0]:.1f} / {load[1]:.1f} / "
-          f"{load[2]:.1f}" + (f"; `kd run` wall time per seed: " + ", ".join(
-              f"{s}: {w / 60:.1f} min" for s, w in walls.items()) if walls else "") + ".", "",
-          "Each student against the SFT student of its own run (same seed), paired bootstrap over prompts, ROUGE-L "
-          "at T = 1 averaged over the sampling seeds; bold: better than SFT with p < 0.01.", ""]
-    for eval_set in cfg.evaluation.eval_sets:
-        md += [f"## `{eval_set}`", "", *table(reports, eval_set, students), ""]
+          f"{platform.machine()}, {os.cpu_count()} cores, after `make run` (seed 0); load average at the end "
+          f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; the students' stages per seed: "
+          + ", ".join(f"seed {s} {w / 60:.1f} min" for s, w in walls.items()) + ".", "",
+          "Each student against the SFT student of the same seed, paired bootstrap over prompts of the per-prompt "
+          "ROUGE-L at T = 1 averaged over the sampling seeds; bold: better than SFT with p < 0.01.", ""]
+    for eval_set in base.evaluation.eval_sets:
+        md += [f"## `{eval_set}`", "", "| training seed | " + " | ".join(f"{n} Δ vs SFT [95% CI], p" for n in
+                                                                        [base.teacher.name, *kd]) + " |",
+               "|---|" + "---|" * (len(kd) + 1)]
+        for seed in args.seeds:
+            row = pairs[seed][eval_set]
+            md.append(f"| {seed} | " + " | ".join(cell(row[n]) if n in row else "–" for n in [base.teacher.name, *kd])
+                      + " |")
+        md.append("")
     args.out.write_text("\n".join(md))
     print("\n".join(md))
 

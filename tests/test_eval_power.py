@@ -141,7 +141,7 @@ def test_compare_report_states_references_and_the_detectable_difference(tmp_path
             "test/ref_tokens_max": 14, "test/max_new_tokens": 9}
     write_json_atomic(paths.metrics("teacher"), refs | {"val/loss": 1.0})
 
-    paired = {p["model"]: p for p in compare._paired_vs_sft(cfg, paths, "test")}
+    paired = {p["model"]: p for p in compare.paired_vs_sft(cfg, paths, "test")}
     assert set(paired) == {"teacher", "fkl"}
     for name, p in paired.items():
         d = scores[name] - scores["sft"]
@@ -192,7 +192,7 @@ def test_each_student_is_paired_with_the_sft_student_of_its_size(tmp_path):
     for name, s in shift.items():
         write_jsonl_atomic(paths.generations(name) / "test.jsonl",
                            [{"id": f"p{i}", "rougeL_sampled_mean": float(i % 7 + s)} for i in range(40)])
-    paired = {p["model"]: p for p in compare._paired_vs_sft(cfg, paths, "test")}
+    paired = {p["model"]: p for p in compare.paired_vs_sft(cfg, paths, "test")}
     assert {m: (p["vs"], round(p["mean_diff"], 6)) for m, p in paired.items()} == {
         "teacher": ("sft", 20.0), "fkl": ("sft", 1.0), "fkl_big": ("sft_big", 2.0), "fkl_big2": ("sft_big", -1.0)}
     assert compare.sft_baseline(parse_config(tiny_params(students={"fkl": params["students"]["fkl"]})), "fkl") is None

@@ -189,7 +189,7 @@ def sft_baseline(cfg, name: str) -> str | None:
     return candidates[0].name if candidates else None
 
 
-def _paired_vs_sft(cfg, paths, set_name: str = "test") -> list[dict]:
+def paired_vs_sft(cfg, paths, set_name: str = "test") -> list[dict]:
     """Each model of this run against its SFT baseline (`sft_baseline`) on the same prompts (paired bootstrap over
     prompts of the per-prompt ROUGE-L averaged over sampling seeds): mean difference, 95% CI, p-value."""
     out, baselines = [], {}  # (each baseline's per-prompt file read once)
@@ -303,7 +303,7 @@ def build_report(cfg, paths, versions: list[dict], tracking_uri: str) -> dict:
     by_set: dict[str, dict] = {}
     for set_name in cfg.evaluation.eval_sets:
         n = _n_prompts(cfg, paths, set_name)
-        paired = [p | {"set": set_name} for p in _paired_vs_sft(cfg, paths, set_name)]
+        paired = [p | {"set": set_name} for p in paired_vs_sft(cfg, paths, set_name)]
         refs = reference_lengths(cfg, paths, set_name)
         mde = detectable([p for p in paired if p["model"] in cfg.students])
         by_set[set_name] = {"n_prompts": n, "references": refs, "detectable_difference": mde, "paired_vs_sft": paired}
@@ -312,7 +312,7 @@ def build_report(cfg, paths, versions: list[dict], tracking_uri: str) -> dict:
         if paired:
             md += _paired_section(set_name, paired, mde)
     paired_champion = by_set.get(champion_set, {}).get("paired_vs_sft") or \
-        [p | {"set": champion_set} for p in _paired_vs_sft(cfg, paths, champion_set)]
+        [p | {"set": champion_set} for p in paired_vs_sft(cfg, paths, champion_set)]
     out_dir.mkdir(parents=True, exist_ok=True)
     if _unc_plot(cfg, paths, out_dir):
         md += ["", "## Teacher-uncertainty buckets", "", "![UNC buckets](unc_buckets.png)"]
