@@ -102,7 +102,8 @@ def test_readme_table_is_generated_from_a_run_report_and_written_between_the_mar
     (run_dir / "reports").mkdir(parents=True)
 
     def row(model, name, version, method, divergence, mean, low, high):
-        return {"name": name, "version": version, "tags": {"kd.model": model, "kd.method": method,
+        role = "teacher" if model == "teacher" else "student"
+        return {"name": name, "version": version, "tags": {"kd.model": model, "kd.role": role, "kd.method": method,
                                                            "kd.divergence": divergence, "kd.git_commit": "412d2cf9e0"},
                 "metrics": {"pinned/rougeL_sampled_mean": mean, "pinned/rougeL_sampled_ci_low": low,
                             "pinned/rougeL_sampled_ci_high": high}}
@@ -115,9 +116,9 @@ def test_readme_table_is_generated_from_a_run_report_and_written_between_the_mar
     (run_dir / "reports/compare.json").write_text(json.dumps(
         {"rows": rows, "paired_vs_sft": paired, "metric": "pinned/rougeL_sampled_mean", "paired_set": "pinned",
          "eval_sets": {"pinned": {"n_prompts": 500}}}))
-    (run_dir / "registry.json").write_text(json.dumps({"versions": {
-        "teacher": {"registered_model": "kd-teacher", "version": 3}, "sft": {"registered_model": "kd-student", "version": 9},
-        "jsd_transfer": {"registered_model": "kd-student", "version": 10}}}))
+    (run_dir / "registry.json").write_text(json.dumps({"versions": {  # (sorted by name: the table orders by role)
+        "jsd_transfer": {"registered_model": "kd-student", "version": 10}, "sft": {"registered_model": "kd-student",
+        "version": 9}, "teacher": {"registered_model": "kd-teacher", "version": 3}}}))
     table = readme_table.run_table(run_dir)
     assert table.splitlines()[2:5] == [
         "| teacher | teacher-sft | 26.82 [25.10, 28.40] | +16.27 [+14.90, +17.60] | < 0.001 |",

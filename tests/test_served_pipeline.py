@@ -28,7 +28,7 @@ STUDENT = {"method": "kd", "teacher": "teacher", "train_data": "train", "diverge
 
 
 @pytest.mark.slow
-def test_a_pipeline_with_a_served_teacher_runs_to_the_end(project, empty_stores, capsys):
+def test_a_pipeline_with_a_served_teacher_runs_to_the_end(project, empty_stores, capsys, monkeypatch):
     from flows.pipeline import kd_pipeline
     from kd_core.cli import print_table
 
@@ -65,6 +65,7 @@ def test_a_pipeline_with_a_served_teacher_runs_to_the_end(project, empty_stores,
     assert served_row["label"] == "teacher (served)" and served_row["served"] == url
     assert served_row["metrics"]["test/rougeL_greedy"] == teacher_metrics["test/rougeL_greedy"]
     assert f"| teacher (served) | teacher | served |  | {teacher_metrics['test/rougeL_sampled_mean']:.2f}" in report
+    monkeypatch.delenv("COLUMNS", raising=False)  # a pipe: the table at its own width (pytest-xdist sets COLUMNS)
     print_table(result["compare"])
     console = [line for line in capsys.readouterr().out.splitlines() if "teacher (served)" in line]
     assert len(console) == 1 and f"{teacher_metrics['test/rougeL_greedy']:.2f}" in console[0]

@@ -23,7 +23,8 @@ def _p(p_value: float) -> str:
 
 
 def run_table(run_dir: Path) -> str:
-    """The markdown table of the run in `run_dir`, one row per model it registered (teacher first), then a line
+    """The markdown table of the run in `run_dir`, one row per model it registered (the teacher, the SFT students,
+    the KD students), then a line
     naming the metric, the eval set and its number of prompts."""
     report = json.loads((Path(run_dir) / "reports" / "compare.json").read_text(encoding="utf-8"))
     registered = json.loads((Path(run_dir) / "registry.json").read_text(encoding="utf-8"))["versions"]
@@ -32,10 +33,11 @@ def run_table(run_dir: Path) -> str:
     paired = {p["model"]: p for p in report["paired_vs_sft"]}
     lines = ["| model | method | ROUGE-L [95% CI] | Δ vs SFT [95% CI] | p |", "|---|---|---|---|---|"]
     commits = set()
-    for model, version in registered.items():
-        row = rows.get((version["registered_model"], version["version"]))
-        if row is None:
-            continue
+    found = [(model, rows.get((v["registered_model"], v["version"]))) for model, v in registered.items()]
+    found = [(model, row) for model, row in found if row is not None]
+    # the teacher first, then the SFT students, then the KD students (in the registry's order within each)
+    found.sort(key=lambda item: (item[1]["tags"].get("kd.role") != "teacher", item[1]["tags"].get("kd.method") != "sft"))
+    for model, row in found:
         commits.add(row["tags"].get("kd.git_commit") or "unknown")
         tags = row["tags"]
         method = tags.get("kd.method", "") + (f" ({tags['kd.divergence']})" if tags.get("kd.divergence") else "")
