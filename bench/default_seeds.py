@@ -1,6 +1,6 @@
 """The default scenario at several student training seeds: does a KD student beat SFT on each of them?
 
-    python bench/default_seeds.py [--seeds 0 1 2] [--out docs/results_seeds.md]
+    python bench/default_seeds.py [--seeds 0 1 2] [--out runs/results_seeds.md]   (docs/results.md quotes it)
 
 Seed 0 is what `make run` computes: its run folder (params.yaml's `run_dir`) is read as it is (run `make run`
 first). Seed s > 0 goes into `runs/seed<s>`: the outputs that do not depend on the students' seeds (data, tokenizer,
@@ -71,7 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", type=Path, default=Path("docs/results_seeds.md"))
+    ap.add_argument("--out", type=Path, default=Path("runs/results_seeds.md"))
     args = ap.parse_args()
     base = load_config(args.params)
     seed0 = RunPaths.of(base)
