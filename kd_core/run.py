@@ -176,8 +176,8 @@ def load_train_set(cfg: PipelineConfig, paths: RunPaths, tokenizer, split: str =
     student's and the teacher's tokenizers at once, (PairedDataset, rows dropped on either side)."""
     from kd_core.data.training_set import encode_training_set
 
-    return encode_training_set(read_split(paths, split), split, tokenizer, cfg.data.template, cfg.tokenizer.max_length,
-                               cfg.tokenizer.overlong, loss_on_prompt, teacher_tokenizer, with_offsets)
+    return encode_training_set(cfg, read_split(paths, split), split, tokenizer, loss_on_prompt, teacher_tokenizer,
+                               with_offsets)
 
 
 def load_model(paths: RunPaths, name: str):

@@ -27,9 +27,8 @@ def distill(cfg: PipelineConfig, paths: RunPaths, student_name: str) -> dict:
     teacher_tokenizer = load_model_tokenizer(paths, student_cfg.teacher) if method.cross_tokenizer else None
     tokenizer = load_student_tokenizer(cfg, paths, student_cfg)
     offsets = method.cross_tokenizer and method.needs_text_offsets  # (character offsets: cross-tokenizer methods)
-    ds, dropped = encode_training_set(rows, student_cfg.train_data, tokenizer, cfg.data.template,
-                                      cfg.tokenizer.max_length, cfg.tokenizer.overlong,
-                                      student_cfg.training.loss_on_prompt, teacher_tokenizer, offsets)
+    ds, dropped = encode_training_set(cfg, rows, student_cfg.train_data, tokenizer, student_cfg.training.loss_on_prompt,
+                                      teacher_tokenizer, offsets)
     student = make_model(student_cfg.model, tokenizer, positions, seed, teacher=teacher)
     set_generation_defaults(student, tokenizer, cfg.evaluation.generation.max_new_tokens)
     if student_cfg.lora is not None:  # adapters only (saved merged, the adapter in adapter/: kd_core/models/adapters.py)
